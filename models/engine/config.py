@@ -1,0 +1,53 @@
+"""Engine settings (the `engine:` block of the config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """How the Generator runs the big model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["torch", "vllm", "exllamav2"] = Field(
+        "torch", description="Engine implementation: the own torch engine, vLLM, or exllamav2."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; auto picks CUDA when a GPU is visible."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and activation dtype; auto = float32 on CPU, bfloat16 on CUDA."
+    )
+    block_size: int = Field(16, ge=1, le=256, description="Tokens per KV-cache block.")
+    num_kv_blocks: int | None = Field(
+        None, ge=2, description="KV-cache blocks; None sizes the cache from free memory."
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.85, gt=0, le=0.98, description="Share of free GPU memory the KV cache may take (CUDA)."
+    )
+    kv_cache_cpu_gib: float = Field(
+        0.5, gt=0, description="KV-cache size in GiB when running on CPU."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences in the running batch.")
+    max_num_batched_tokens: int = Field(
+        4096, ge=16, description="Most prompt tokens prefilled in one engine step."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context window (prompt + completion); None = the model's own."
+    )
+    max_queue_len: int = Field(
+        1024, ge=1, description="Waiting requests beyond which new ones get 429."
+    )
+    cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs (CUDA only).")
+    cuda_graph_batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128],
+        description="Batch-size buckets captured as CUDA graphs.",
+    )
+    max_adapters_per_replica: int = Field(
+        8, ge=0, description="LoRA adapters resident at once; least recently used are evicted."
+    )
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
+    seed: int = Field(0, description="Seed for requests that give none.")

@@ -1,0 +1,53 @@
+"""Steering settings (the `steering:` block of the config)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class VectorConfig(BaseModel):
+    """A steering vector for the big model: a file, or contrastive pairs to extract it from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Name used in requests.")
+    path: str | None = Field(None, description="GGUF control vector or safetensors file.")
+    positive: list[str] = Field(default_factory=list, description="Prompts showing the behaviour.")
+    negative: list[str] = Field(default_factory=list, description="Matching prompts without it.")
+    layers: list[int] | None = Field(None, description="Layers to extract at; None = middle half.")
+    method: Literal["mean", "pca"] = Field("mean", description="mean of differences, or PCA.")
+
+
+class PolicyConfig(BaseModel):
+    """A steering policy: built-in by name, or a user class by import path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Name used in requests.")
+    kind: str = Field(
+        description="vector_guard, proxy_tuning, contrastive, or an import path module:Class."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="Default parameters.")
+
+
+class SteeringConfig(BaseModel):
+    """The small model, the vectors and the policies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    small_model_source: str | None = Field(
+        None, description="Small model checkpoint; None = the small model of a builtin source."
+    )
+    expert_adapter: str | None = Field(
+        None, description="LoRA of the small model used as the proxy-tuning expert."
+    )
+    vectors: list[VectorConfig] = Field(default_factory=list, description="Steering vectors.")
+    policies: list[PolicyConfig] = Field(default_factory=list, description="Steering policies.")
+    default_mode: Literal["async", "sync", "colocated"] = Field(
+        "async", description="Mode for requests that name none."
+    )
+    timeout_s: float = Field(
+        2.0, gt=0, description="A Steerer call slower than this leaves the row unsteered."
+    )

@@ -1,0 +1,219 @@
+"""Steering protocol: the events a policy sees and the actions it may answer with.
+
+One legality table (`LEGAL_ACTIONS`) says which action may follow which event; `check_action`
+is the only place that enforces it. The engine emits events per steered row after each step and
+applies the actions it gets back; the Steerer (or a colocated runtime) turns events into actions.
+
+Step numbering: `step` is the index of the generated token a thing is about. ForwardPass(step=s)
+carries the logits from which generated token s is sampled; Sampled/Added(step=s) report it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+# ---- events ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Prefilled:
+    """The prompt has been prefilled; no token generated yet."""
+
+    prompt_ids: list[int]
+    step: int = 0
+
+
+@dataclass
+class ForwardPass:
+    """The big model ran for generated-token index `step`. logits: float32 [vocab], or None
+    when the row did not ask for them (async rows get no logits: they would be stale)."""
+
+    step: int
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+@dataclass
+class Sampled:
+    """The engine sampled `token_id` for generated-token index `step`."""
+
+    step: int
+    token_id: int
+
+
+@dataclass
+class Added:
+    """Tokens were appended to the sequence, starting at generated-token index `step`."""
+
+    step: int
+    token_ids: list[int]
+    forced: bool = False
+
+
+Event = Prefilled | ForwardPass | Sampled | Added
+
+# ---- actions ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Noop:
+    """Do nothing."""
+
+
+@dataclass
+class AdjustedPrefill:
+    """Replace the prompt before anything is generated."""
+
+    token_ids: list[int]
+
+
+@dataclass
+class AdjustedLogits:
+    """Change the logits from which generated token `step` is sampled.
+
+    `logits` replaces them outright; `delta` is added to them. Either may be a float tensor
+    [vocab]. `plausibility_alpha` (0..1), when set, first restricts the result to tokens whose
+    big-model probability is at least alpha times the most likely one's (the contrastive
+    decoding head). An adjustment that reaches the engine after step `step` was sampled is late:
+    it is dropped and reported as such.
+    """
+
+    step: int
+    logits: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+    plausibility_alpha: float | None = None
+
+
+@dataclass
+class SteerVector:
+    """Add coeff * vector to the big model's hidden states at `layers` from the next step on."""
+
+    name: str
+    coeff: float
+    layers: list[int] | None = None
+
+
+@dataclass
+class ClearSteer:
+    """Stop adding a steering vector (`name`), or all of them (None)."""
+
+    name: str | None = None
+
+
+@dataclass
+class ForceTokens:
+    """Append these tokens next instead of sampling."""
+
+    token_ids: list[int]
+
+
+@dataclass
+class Backtrack:
+    """Remove the last n generated tokens (their KV is rewound), then optionally append
+    `token_ids`."""
+
+    n: int
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ForceOutput:
+    """Finish the request now; its whole completion text becomes `text`."""
+
+    text: str
+
+
+@dataclass
+class EmitError:
+    """Finish the request with an error the client sees."""
+
+    message: str
+
+
+Action = (
+    Noop
+    | AdjustedPrefill
+    | AdjustedLogits
+    | SteerVector
+    | ClearSteer
+    | ForceTokens
+    | Backtrack
+    | ForceOutput
+    | EmitError
+)
+
+_ANYTIME = (Noop, SteerVector, ClearSteer, ForceOutput, EmitError)
+
+LEGAL_ACTIONS: dict[type, tuple[type, ...]] = {
+    Prefilled: _ANYTIME + (AdjustedPrefill, ForceTokens, AdjustedLogits),
+    ForwardPass: _ANYTIME + (AdjustedLogits, ForceTokens, Backtrack),
+    Sampled: _ANYTIME + (ForceTokens, Backtrack),
+    Added: _ANYTIME + (AdjustedLogits, ForceTokens, Backtrack),
+}
+
+
+class IllegalActionError(ValueError):
+    """A policy answered an event with an action the legality table does not allow."""
+
+
+def check_action(event: Event, action: Action) -> None:
+    """Raise IllegalActionError naming both when `action` may not follow `event`."""
+    allowed = LEGAL_ACTIONS[type(event)]
+    if not isinstance(action, allowed):
+        names = ", ".join(a.__name__ for a in allowed)
+        raise IllegalActionError(
+            f"action {type(action).__name__} is not allowed after event {type(event).__name__}"
+            f" (allowed: {names})"
+        )
+
+
+# ---- what travels between Generator and Steerer ----------------------------------------------
+
+SteeringMode = Literal["async", "sync", "colocated"]
+
+
+@dataclass
+class SteeringRequest:
+    """The `steering` object of one request, validated (see models.steering.config for parsing).
+
+    policy: a policy name from the config, or None for static vectors only.
+    mode: async (actions land when they arrive; the big model never waits), sync (each step
+    waits for its actions), colocated (the policy runs inside the Generator replica).
+    every: consult the policy every k generated tokens.
+    """
+
+    policy: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    mode: SteeringMode = "async"
+    every: int = 1
+    timeout_s: float = 2.0
+
+
+@dataclass
+class RowEvents:
+    """The events of one steered row after one engine step.
+
+    `token_ids` is the whole sequence so far (prompt + generated), sent when the Steerer may
+    not hold this request's state (first call, or on resync); otherwise None.
+    """
+
+    request_id: str
+    events: list[Event]
+    policy: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    num_prompt_tokens: int = 0
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class RowActions:
+    """The actions a policy answered for one row; `resync` asks the engine to resend the row
+    with its full token_ids (the Steerer replica did not hold its state)."""
+
+    request_id: str
+    actions: list[Action] = field(default_factory=list)
+    resync: bool = False
+    error: str | None = None
