@@ -1,0 +1,195 @@
+"""Ingress deployment: the OpenAI-compatible HTTP surface (CPU).
+
+Routes are thin: parse the body, call `OpenAIServing` (models/openai/serving.py) with Ray Serve
+handles as its backends, and answer JSON or server-sent events. Every failure leaves as
+OpenAI's error JSON with the right status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.config import TandemConfig
+from models.openai.errors import OpenAIError, to_openai_error
+from models.openai.serving import Backends, OpenAIServing, ServingLimits
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="Tandem", description="OpenAI-compatible API of Tandem")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    err = to_openai_error(exc)
+    if err.status_code >= 500:
+        logger.exception("request failed", exc_info=exc)
+    return JSONResponse(err.to_dict(), status_code=err.status_code)
+
+
+@app.exception_handler(OpenAIError)
+async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    return error_response(OpenAIError(f"invalid value for '{where}': {first['msg']}", 400, param=where))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(OpenAIError(str(exc.detail), exc.status_code))
+
+
+@app.exception_handler(Exception)
+async def _any_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON: 413 over the limit, 400 when it is not JSON."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise OpenAIError(f"request body is {length} bytes; the limit is {limit}", 413)
+    raw = await request.body()
+    if len(raw) > limit:
+        raise OpenAIError(f"request body is {len(raw)} bytes; the limit is {limit}", 413)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(f"the request body is not valid JSON: {exc}", 400) from None
+
+
+def _streaming(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    """OpenAI routes over the Router, Retriever and Generator deployments."""
+
+    def __init__(self, config: dict, generator: Any, router: Any, retriever: Any):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from models.builtin import resolve_source
+
+        self.config = TandemConfig.model_validate(config)
+        self.generator = generator
+        self.router = router
+        self.retriever = retriever
+        paths = resolve_source(self.config.model.source)
+        self.tokenizer = AutoTokenizer.from_pretrained(paths.big)
+        model_cfg = AutoConfig.from_pretrained(paths.big)
+        max_len = self.config.engine.max_model_len or model_cfg.max_position_embeddings
+        policies = {p.name: dict(p.params) for p in self.config.steering.policies}
+        self.serving = OpenAIServing(
+            model_name=self.config.model.name,
+            tokenizer=self.tokenizer,
+            backends=Backends(
+                generate=self._generate,
+                route=self._route,
+                search=self._search,
+                adapters=self._adapters,
+                vectors=self._vectors,
+            ),
+            limits=ServingLimits(
+                max_model_len=max_len,
+                vocab_size=model_cfg.vocab_size,
+                max_n=self.config.server.max_n,
+                default_max_tokens=self.config.server.default_max_tokens,
+                default_vector_store_ids=self.config.retrieval.default_vector_store_ids,
+                default_top_k=self.config.retrieval.default_top_k,
+                policies=policies,
+                default_steering_mode=self.config.steering.default_mode,
+                steering_timeout_s=self.config.steering.timeout_s,
+            ),
+        )
+        self._adapter_cache: tuple[float, list[str]] = (0.0, [])
+        self._include_files_api()
+
+    def _include_files_api(self) -> None:
+        from deployments.files_api import build_files_router
+
+        app.include_router(build_files_router(lambda: self.retriever))
+
+    # ---- backends for the serving layer -------------------------------------------------
+
+    async def _generate(self, request) -> AsyncIterator:
+        gen = self.generator.options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for out in gen:
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                gen.cancel()
+
+    async def _route(self, prompt: str) -> dict:
+        return await self.router.route.remote(prompt)
+
+    async def _search(self, query: str, store_ids: list[str], top_k: int, threshold: float | None):
+        return await self.retriever.search.remote(query, store_ids, top_k, threshold)
+
+    async def _adapters(self) -> list[str]:
+        fetched_at, names = self._adapter_cache
+        if time.monotonic() - fetched_at > 1.0:
+            names = await self.generator.adapters.remote()
+            self._adapter_cache = (time.monotonic(), names)
+        return names
+
+    async def _vectors(self) -> list[str]:
+        return [v["name"] for v in await self.generator.list_vectors.remote()]
+
+    def _check_auth(self, request: Request) -> None:
+        keys = self.config.server.api_keys
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or header.removeprefix("Bearer ").strip() not in keys:
+            raise OpenAIError("invalid or missing API key (send 'Authorization: Bearer <key>')", 401,
+                              code="invalid_api_key")
+
+    async def _answer(self, request: Request, handler) -> Any:
+        self._check_auth(request)
+        body = await read_json(request, self.config.server.max_request_bytes)
+        result = await asyncio.wait_for(handler(body), timeout=self.config.server.request_timeout_s)
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return _streaming(result)
+
+    # ---- routes -----------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._answer(request, self.serving.chat)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._answer(request, self.serving.completions)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._check_auth(request)
+        return JSONResponse(await self.serving.list_models())
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "model": self.config.model.name}

@@ -1,0 +1,605 @@
+"""The serving logic behind the OpenAI routes, free of Ray and HTTP so it runs in-process.
+
+`OpenAIServing` validates a request, asks the router and the retriever concurrently, builds the
+prompt (retrieved sources numbered [1], [2], ...), fans `n` out into engine requests and turns
+the engine's outputs into OpenAI responses or server-sent-event chunks. What it calls lives
+behind `Backends`: the Ingress deployment fills it with Ray Serve handles, tests with local
+objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from models.engine.types import (
+    GenerationRequest,
+    RequestOutput,
+    SamplingParams,
+    SteerVectorSpec,
+)
+from models.openai.errors import OpenAIError
+from models.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    new_id,
+    now,
+    usage,
+)
+
+logger = logging.getLogger("tandem.serving")
+
+
+@dataclass
+class Backends:
+    """What the serving layer calls. Each is an async callable; see OpenAIServing for use.
+
+    route(prompt) -> {"adapter": str|None, "confidence": float, "candidates": [[name, p]],
+                      "weights": {name: w} | None}
+    search(query, vector_store_ids, top_k, score_threshold) -> [hit dicts]
+    generate(GenerationRequest) -> async iterator of RequestOutput
+    adapters() -> [names the Generator can serve];  vectors() -> [steering vector names]
+    """
+
+    generate: Callable[[GenerationRequest], AsyncIterator[RequestOutput]]
+    route: Callable[[str], Awaitable[dict]] | None = None
+    search: Callable[..., Awaitable[list[dict]]] | None = None
+    adapters: Callable[[], Awaitable[list[str]]] | None = None
+    vectors: Callable[[], Awaitable[list[str]]] | None = None
+
+
+@dataclass
+class ServingLimits:
+    """Request limits and defaults the serving layer enforces."""
+
+    max_model_len: int
+    vocab_size: int
+    max_n: int = 8
+    default_max_tokens: int = 64
+    default_vector_store_ids: list[str] = field(default_factory=list)
+    default_top_k: int = 4
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> default params
+    default_steering_mode: str = "async"
+    steering_timeout_s: float = 2.0
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, resolved against router and retriever, ready for the engine."""
+
+    request_id: str
+    model: str
+    prompt_ids: list[list[int]]  # one per prompt (completions may batch prompts)
+    prompt_texts: list[str]
+    params: list[SamplingParams]  # one per choice within a prompt
+    adapter: str | None
+    adapter_weights: dict[str, float] | None
+    steer_vectors: list[SteerVectorSpec]
+    steering: dict[str, Any] | None
+    tandem: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    n: int
+
+
+class OpenAIServing:
+    """Chat and text completions over an engine, with routing and retrieval."""
+
+    def __init__(self, *, model_name: str, tokenizer: Any, backends: Backends, limits: ServingLimits):
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.backends = backends
+        self.limits = limits
+
+    # ---- public entry points ------------------------------------------------------------
+
+    async def chat(self, body: Any) -> dict | AsyncIterator[str]:
+        """A chat completion: a response dict, or an async iterator of SSE lines when streamed."""
+        req = _parse(ChatCompletionRequest, body)
+        messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
+        query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        prep = await self._prepare(req, query, lambda ctx: [self._chat_prompt(messages, ctx)])
+        if req.logprobs:
+            for p in prep.params:
+                p.logprobs = req.top_logprobs or 0
+        return await self._respond(prep, chat=True)
+
+    async def completions(self, body: Any) -> dict | AsyncIterator[str]:
+        """A text completion; `prompt` may be a string, strings, or token ids."""
+        req = _parse(CompletionRequest, body)
+        if req.suffix:
+            raise OpenAIError("suffix is not supported by this model", param="suffix")
+        prompts = req.prompts()
+        query = prompts[0] if isinstance(prompts[0], str) else self.tokenizer.decode(prompts[0])
+
+        def build(ctx: str) -> list[list[int]]:
+            return [self._text_prompt(p, ctx) for p in prompts]
+
+        prep = await self._prepare(req, query, build)
+        if req.logprobs is not None:
+            for p in prep.params:
+                p.logprobs = req.logprobs
+        prep.tandem["echo"] = req.echo
+        return await self._respond(prep, chat=False)
+
+    async def list_models(self) -> dict:
+        """GET /v1/models: the base, every `<base>:<adapter>`, and `<base>:auto`."""
+        names = await self._adapter_names()
+        created = now()
+        ids = [self.model_name, f"{self.model_name}:auto"] + [f"{self.model_name}:{a}" for a in names]
+        return {
+            "object": "list",
+            "data": [
+                {"id": i, "object": "model", "created": created, "owned_by": "tandem",
+                 "root": self.model_name, "parent": None if i == self.model_name else self.model_name}
+                for i in ids
+            ],
+        }
+
+    # ---- preparation --------------------------------------------------------------------
+
+    async def _prepare(
+        self, req: SamplingFields, query: str, build: Callable[[str], list[list[int]]]
+    ) -> PreparedRequest:
+        if unknown := req.unknown_fields():
+            logger.warning("ignoring unsupported request fields: %s", ", ".join(unknown))
+        if req.presence_penalty or req.frequency_penalty:
+            raise OpenAIError(
+                "presence_penalty and frequency_penalty are not supported; send 0",
+                param="presence_penalty" if req.presence_penalty else "frequency_penalty",
+            )
+        if req.n > self.limits.max_n:
+            raise OpenAIError(f"n must be at most {self.limits.max_n}, got {req.n}", param="n")
+        adapter_field = await self._adapter_request(req)
+        steer_vectors, steering = await self._steering(req)
+        route_task = self._route(adapter_field, query)
+        search_task = self._search(req, query)
+        decision, hits = await asyncio.gather(route_task, search_task)
+        context = self._format_sources(hits) if hits else ""
+        prompt_ids = build(context)
+        tandem: dict[str, Any] = {
+            "adapter": decision.get("adapter"),
+            "router": decision if adapter_field == "auto" else None,
+            "sources": self._sources_for_response(hits) if hits else [],
+            "interventions": [],
+        }
+        limit = req.completion_limit()
+        params = []
+        for i in range(req.n):
+            params.append(self._sampling(req, i, limit, max(len(p) for p in prompt_ids)))
+        return PreparedRequest(
+            request_id=new_id("chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl"),
+            model=req.model,
+            prompt_ids=prompt_ids,
+            prompt_texts=[],
+            params=params,
+            adapter=decision.get("adapter") if not decision.get("weights") else None,
+            adapter_weights=decision.get("weights"),
+            steer_vectors=steer_vectors,
+            steering=steering,
+            tandem=tandem,
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            n=req.n,
+        )
+
+    async def _adapter_request(self, req: SamplingFields) -> str | None:
+        """The adapter the request asks for: None (base), 'auto', or a name; 404 if unknown."""
+        base, _, suffix = req.model.partition(":")
+        if base != self.model_name:
+            raise OpenAIError(
+                f"model '{req.model}' does not exist; available: {self.model_name}, "
+                f"{self.model_name}:auto, {self.model_name}:<adapter>",
+                404, param="model", code="model_not_found",
+            )
+        wanted = req.adapter or suffix or None
+        if wanted in (None, "base"):
+            return None
+        if wanted == "auto":
+            return "auto"
+        names = await self._adapter_names()
+        if wanted not in names:
+            loaded = ", ".join(names) or "none"
+            raise OpenAIError(
+                f"adapter '{wanted}' is not loaded; loaded: {loaded}",
+                404, param="model", code="adapter_not_found",
+            )
+        return wanted
+
+    async def _route(self, adapter_field: str | None, query: str) -> dict:
+        if adapter_field != "auto":
+            return {"adapter": adapter_field, "confidence": 1.0, "candidates": [], "weights": None}
+        if self.backends.route is None:
+            return {"adapter": None, "confidence": 0.0, "candidates": [], "weights": None}
+        return await self.backends.route(query)
+
+    async def _search(self, req: SamplingFields, query: str) -> list[dict]:
+        rag = req.rag
+        store_ids = (rag.vector_store_ids if rag else []) or self.limits.default_vector_store_ids
+        if not store_ids or self.backends.search is None or not query.strip():
+            return []
+        top_k = (rag.top_k if rag and rag.top_k else None) or self.limits.default_top_k
+        threshold = rag.score_threshold if rag else None
+        return await self.backends.search(query, store_ids, top_k, threshold)
+
+    async def _steering(self, req: SamplingFields) -> tuple[list[SteerVectorSpec], dict | None]:
+        s = req.steering
+        if s is None:
+            return [], None
+        if s.vectors:
+            known = await self._vector_names()
+            for v in s.vectors:
+                if v.name not in known:
+                    raise OpenAIError(
+                        f"steering vector '{v.name}' does not exist; available: "
+                        f"{', '.join(known) or 'none'}",
+                        404, param="steering.vectors", code="vector_not_found",
+                    )
+        vectors = [SteerVectorSpec(v.name, v.coeff, v.layers) for v in s.vectors]
+        if s.policy is None:
+            return vectors, None
+        if s.policy not in self.limits.policies:
+            raise OpenAIError(
+                f"steering policy '{s.policy}' does not exist; available: "
+                f"{', '.join(self.limits.policies) or 'none'}",
+                404, param="steering.policy", code="policy_not_found",
+            )
+        params = {**self.limits.policies[s.policy], **s.params}
+        steering = {
+            "policy": s.policy,
+            "params": params,
+            "mode": s.mode or self.limits.default_steering_mode,
+            "every": s.every,
+            "timeout_s": self.limits.steering_timeout_s,
+        }
+        return vectors, steering
+
+    def _sampling(self, req: SamplingFields, i: int, limit: int | None, prompt_len: int) -> SamplingParams:
+        room = self.limits.max_model_len - prompt_len
+        if room < 1:
+            raise OpenAIError(
+                f"the prompt has {prompt_len} tokens but the model's context window is "
+                f"{self.limits.max_model_len}; shorten the prompt",
+                param="messages", code="context_length_exceeded",
+            )
+        if limit is None:
+            max_tokens = min(self.limits.default_max_tokens, room)
+        elif limit > room:
+            raise OpenAIError(
+                f"max_tokens is {limit} but only {room} tokens fit after the {prompt_len}-token "
+                f"prompt (context window {self.limits.max_model_len}); lower max_tokens",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        else:
+            max_tokens = limit
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            tid = int(key)
+            if not 0 <= tid < self.limits.vocab_size:
+                raise OpenAIError(
+                    f"logit_bias token id {tid} is outside the vocabulary (0..{self.limits.vocab_size - 1})",
+                    param="logit_bias",
+                )
+            bias[tid] = value
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=None if req.seed is None else req.seed + i,
+            stop=req.stop_list(),
+            ignore_eos=req.ignore_eos,
+            logit_bias=bias,
+        )
+
+    # ---- prompts --------------------------------------------------------------------------
+
+    def _chat_prompt(self, messages: list[dict], context: str) -> list[int]:
+        if context:
+            messages = [{"role": "system", "content": context}, *messages]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _text_prompt(self, prompt: str | list[int], context: str) -> list[int]:
+        if isinstance(prompt, list):
+            if any(not 0 <= t < self.limits.vocab_size for t in prompt):
+                raise OpenAIError("prompt token ids must be within the vocabulary", param="prompt")
+            ctx = self.tokenizer.encode(context + "\n\n", add_special_tokens=False) if context else []
+            return ctx + prompt
+        if not prompt:
+            raise OpenAIError("prompt must not be empty", param="prompt")
+        text = f"{context}\n\n{prompt}" if context else prompt
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def _format_sources(hits: list[dict]) -> str:
+        from models.retrieval.prompting import format_sources
+
+        return format_sources(hits)
+
+    @staticmethod
+    def _sources_for_response(hits: list[dict]) -> list[dict]:
+        from models.retrieval.prompting import sources_for_response
+
+        return sources_for_response(hits)
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def _engine_requests(self, prep: PreparedRequest) -> list[GenerationRequest]:
+        reqs = []
+        for p_idx, ids in enumerate(prep.prompt_ids):
+            for c_idx, params in enumerate(prep.params):
+                index = p_idx * prep.n + c_idx
+                reqs.append(
+                    GenerationRequest(
+                        request_id=f"{prep.request_id}-{index}",
+                        prompt_token_ids=ids,
+                        params=SamplingParams(**{**params.__dict__}),
+                        adapter=prep.adapter,
+                        adapter_weights=prep.adapter_weights,
+                        steer_vectors=list(prep.steer_vectors),
+                        steering=dict(prep.steering) if prep.steering else None,
+                    )
+                )
+        return reqs
+
+    async def _respond(self, prep: PreparedRequest, chat: bool) -> dict | AsyncIterator[str]:
+        reqs = self._engine_requests(prep)
+        streams = [_Stream(self.backends.generate(r)) for r in reqs]
+        # The first output of every choice arrives before we answer, so errors found at admission
+        # (adapter unknown, prompt too long, queue full) become proper HTTP errors, not broken SSE.
+        try:
+            await asyncio.gather(*(s.prime() for s in streams))
+        except BaseException:
+            await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+            raise
+        if prep.stream:
+            return self._sse(prep, streams, chat)
+        return await self._collect(prep, streams, chat)
+
+    async def _collect(self, prep: PreparedRequest, streams: list[_Stream], chat: bool) -> dict:
+        choices = await asyncio.gather(*(s.drain() for s in streams))
+        prompt_tokens = sum(len(ids) for ids in prep.prompt_ids)
+        completion_tokens = sum(c.num_generated for c in choices)
+        tandem = dict(prep.tandem)
+        echo = tandem.pop("echo", False)
+        tandem["interventions"] = _interventions(choices)
+        body: dict[str, Any] = {
+            "id": prep.request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": now(),
+            "model": prep.model,
+            "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens),
+            "tandem": tandem,
+        }
+        for i, c in enumerate(choices):
+            if chat:
+                body["choices"].append({
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                })
+            else:
+                prefix = self.tokenizer.decode(prep.prompt_ids[i // prep.n]) if echo else ""
+                body["choices"].append({
+                    "index": i,
+                    "text": prefix + c.text,
+                    "logprobs": self._text_logprobs(c.logprobs) if c.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                })
+        return body
+
+    async def _sse(self, prep: PreparedRequest, streams: list[_Stream], chat: bool) -> AsyncIterator[str]:
+        created = now()
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        tandem = {k: v for k, v in prep.tandem.items() if k != "echo"}
+        echo = prep.tandem.get("echo", False)
+
+        def chunk(choices: list[dict], **extra) -> str:
+            payload = {"id": prep.request_id, "object": obj, "created": created,
+                       "model": prep.model, "choices": choices, **extra}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}
+                                 for i in range(len(streams))], tandem=tandem)
+                elif echo:
+                    yield chunk([{"index": i, "text": self.tokenizer.decode(prep.prompt_ids[i // prep.n]),
+                                  "logprobs": None, "finish_reason": None}
+                                 for i in range(len(streams))], tandem=tandem)
+                async for index, out in _merge(streams):
+                    lp = None
+                    if out.logprobs:
+                        lp = self._chat_logprobs(out.logprobs) if chat else self._text_logprobs(out.logprobs)
+                    if out.text or out.finished or lp:
+                        body = {"delta": {"content": out.text}} if chat else {"text": out.text}
+                        choice = {"index": index, **body, "logprobs": lp,
+                                  "finish_reason": out.finish_reason if out.finished else None}
+                        extra = {}
+                        if out.finished and out.interventions:
+                            extra["tandem"] = {"interventions": [
+                                {"index": index, **_intervention(iv)} for iv in out.interventions]}
+                        yield chunk([choice], **extra)
+                if prep.include_usage:
+                    prompt_tokens = sum(len(ids) for ids in prep.prompt_ids)
+                    completion = sum(s.num_generated for s in streams)
+                    yield chunk([], usage=usage(prompt_tokens, completion))
+                yield "data: [DONE]\n\n"
+            except OpenAIError as exc:
+                yield f"data: {json.dumps(exc.to_dict())}\n\n"
+            finally:
+                await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+
+        return events()
+
+    # ---- logprobs ---------------------------------------------------------------------------
+
+    def _token(self, tid: int) -> str:
+        return self.tokenizer.decode([tid])
+
+    def _chat_logprobs(self, lps: list) -> dict:
+        content = []
+        for lp in lps:
+            tok = self._token(lp.token_id)
+            content.append({
+                "token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
+                "top_logprobs": [
+                    {"token": (t := self._token(tid)), "logprob": v, "bytes": list(t.encode())}
+                    for tid, v in lp.top
+                ],
+            })
+        return {"content": content}
+
+    def _text_logprobs(self, lps: list) -> dict:
+        tokens = [self._token(lp.token_id) for lp in lps]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{self._token(tid): v for tid, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    async def _adapter_names(self) -> list[str]:
+        return list(await self.backends.adapters()) if self.backends.adapters else []
+
+    async def _vector_names(self) -> list[str]:
+        return list(await self.backends.vectors()) if self.backends.vectors else []
+
+
+class _Stream:
+    """One choice's engine stream: primed (first output awaited) and drained into a result."""
+
+    def __init__(self, it: AsyncIterator[RequestOutput]):
+        self.it = it
+        self.first: RequestOutput | None = None
+        self.text = ""
+        self.num_generated = 0
+        self.finish_reason: str | None = None
+        self.logprobs: list | None = None
+        self.interventions: list = []
+
+    async def prime(self) -> None:
+        try:
+            self.first = await self.it.__anext__()
+        except StopAsyncIteration:
+            raise OpenAIError("the engine ended the request without output", 500) from None
+        _raise_if_error(self.first)
+
+    def absorb(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.num_generated = max(self.num_generated, out.num_generated_tokens)
+        if out.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(out.logprobs)
+        self.interventions.extend(out.interventions)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        if self.first is not None:
+            first, self.first = self.first, None
+            self.absorb(first)
+            yield first
+            if first.finished:
+                return
+        async for out in self.it:
+            _raise_if_error(out)
+            self.absorb(out)
+            yield out
+            if out.finished:
+                return
+
+    async def drain(self) -> _Stream:
+        async for _ in self.outputs():
+            pass
+        return self
+
+    async def close(self) -> None:
+        aclose = getattr(self.it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _merge(streams: list[_Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several choices' outputs as they arrive."""
+    if len(streams) == 1:
+        async for out in streams[0].outputs():
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, s: _Stream) -> None:
+        try:
+            async for out in s.outputs():
+                await queue.put((i, out))
+        except BaseException as exc:  # surface the failure in the consumer
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _raise_if_error(out: RequestOutput) -> None:
+    if out.finished and out.finish_reason == "error" and out.error and not out.token_ids and not out.text and out.num_generated_tokens == 0:
+        raise OpenAIError(out.error, 400, code="generation_error")
+
+
+def _intervention(iv: Any) -> dict:
+    return {"step": iv.step, "action": iv.action, **({"detail": iv.detail} if iv.detail else {})}
+
+
+def _interventions(choices: list[_Stream]) -> list[dict]:
+    return [{"index": i, **_intervention(iv)} for i, c in enumerate(choices) for iv in c.interventions]
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def _parse(model: type, body: Any):
+    if not isinstance(body, dict):
+        raise OpenAIError("the request body must be a JSON object", 400)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+        if err["type"] == "missing":
+            text = f"missing required field '{where}'"
+        else:
+            text = f"invalid value for '{where}': {msg}" if where else msg
+        raise OpenAIError(text + more, 400, param=where or None, code="invalid_value") from None
