@@ -1,0 +1,527 @@
+"""Fused GPU kernels of the torch engine (Triton), each with a plain torch twin.
+
+Every public function runs its Triton kernel when the tensors live on CUDA and Triton is
+importable, and its torch reference otherwise (CPU, tests). All of them are safe inside a CUDA
+graph: no host sync, no shape that depends on tensor values, outputs allocated by torch (which
+takes them from the graph's private pool during capture).
+
+KV-cache layout (fixed for the engine): per layer `k_cache`, `v_cache` of shape
+[num_blocks, block_size, num_kv_heads, head_dim]; `block_tables` int32 [batch, max_blocks];
+`context_lens` int32 [batch]; `slot_mapping` int64 [tokens] = block * block_size + offset, -1 for
+a padding token that writes nothing. Query head h reads KV head h // (num_heads // num_kv_heads).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines: the torch references below are used instead
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve this tensor (CUDA tensor and Triton installed)."""
+    return HAS_TRITON and t.is_cuda
+
+
+# ----------------------------------------------------------------------------- torch references
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention over a paged KV cache, one query token per row (torch, any device).
+
+    q [B, H, D]; returns [B, H, D] in q's dtype. A row with context length 0 gives zeros.
+    """
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        n = int(context_lens[b])
+        if n == 0:
+            continue
+        pos = torch.arange(n, device=q.device)
+        blocks = block_tables[b, pos // block_size].long()
+        k = k_cache[blocks, pos % block_size].float()  # [n, KVH, D]
+        v = v_cache[blocks, pos % block_size].float()
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def rms_norm_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    steer: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm with optional fused residual add and per-row steering add (torch).
+
+    With `residual`: h = x + residual (+ steer), residual is overwritten with h, and the norm of
+    h is returned with it. Rounding follows Hugging Face's Qwen3/Llama RMSNorm: the sum is
+    rounded to x's dtype before the norm, the normalized value before the weight multiply.
+    """
+    if residual is not None:
+        h = x + residual
+        if steer is not None:
+            h = h + steer
+        residual.copy_(h)
+        x = h
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype), residual
+
+
+def qk_norm_rope_store_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor | None,
+    v_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None,
+) -> None:
+    """Per-head RMSNorm of q and k (Qwen3; skipped when the weight is None), neox RoPE on both,
+    in place, then k and v written into the paged cache at `slot_mapping` (torch).
+
+    q [T, H, D], k and v [T, KVH, D] (views may be strided); cos/sin [max_pos, D/2] float32.
+    """
+    half = q.shape[-1] // 2
+    c = cos[positions.long()][:, None, :]
+    s = sin[positions.long()][:, None, :]
+    for x, w in ((q, q_norm_weight), (k, k_norm_weight)):
+        y = x
+        if w is not None:
+            y, _ = rms_norm_ref(x, w, eps)
+        y = y.float()
+        y1, y2 = y[..., :half], y[..., half:]
+        x.copy_(torch.cat([y1 * c - y2 * s, y2 * c + y1 * s], dim=-1))
+    if k_cache is not None and slot_mapping is not None:
+        store_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def store_kv_cache_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write k, v [T, KVH, D] into the paged cache at slot_mapping; slot -1 writes nothing."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+
+
+def silu_and_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (torch)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+        out_ptr, part_out_ptr, part_ml_ptr,
+        scale_log2,
+        stride_qb, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_bt, stride_ob, stride_oh,
+        num_heads, max_parts,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)
+        ctx = tl.load(context_lens_ptr + b)
+        start = part * PARTITION
+        if SPLIT:
+            if start >= ctx:
+                return
+        end = tl.minimum(start + PARTITION, ctx)
+
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kvh * GROUP + g
+        gmask = g < GROUP
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+            mask=gmask[:, None], other=0.0,
+        )
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        bt_row = block_tables_ptr + b * stride_bt
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            blk = tl.load(bt_row + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+            off = n % BLOCK_SIZE
+            k = tl.load(
+                k_cache_ptr + blk[:, None] * stride_kb + off[:, None] * stride_ks
+                + kvh * stride_kh + d[None, :],
+                mask=nmask[:, None], other=0.0,
+            )
+            v = tl.load(
+                v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs
+                + kvh * stride_vh + d[None, :],
+                mask=nmask[:, None], other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        if SPLIT:
+            row = (b * num_heads + heads) * max_parts + part
+            tl.store(
+                part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                acc / l_i[:, None], mask=gmask[:, None],
+            )
+            tl.store(part_ml_ptr + row * 2, m_i, mask=gmask)
+            tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=gmask)
+        else:
+            o = acc / tl.maximum(l_i, 1e-30)[:, None]
+            tl.store(
+                out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                o.to(out_ptr.dtype.element_ty), mask=gmask[:, None],
+            )
+
+    @triton.jit
+    def _paged_decode_reduce_kernel(
+        out_ptr, part_out_ptr, part_ml_ptr, context_lens_ptr,
+        stride_ob, stride_oh, num_heads, max_parts,
+        HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, PARTS_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        ctx = tl.load(context_lens_ptr + b)
+        num_parts = tl.cdiv(ctx, PARTITION)
+        p = tl.arange(0, PARTS_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        pmask = p < num_parts
+        row = (b * num_heads + h) * max_parts + p
+        m = tl.load(part_ml_ptr + row * 2, mask=pmask, other=float("-inf"))
+        l_part = tl.load(part_ml_ptr + row * 2 + 1, mask=pmask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(pmask, tl.math.exp2(m - m_max) * l_part, 0.0)
+        w_sum = tl.sum(w, 0)
+        o = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=pmask[:, None], other=0.0)
+        o = tl.sum(o * w[:, None], 0) / tl.maximum(w_sum, 1e-30)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr, res_ptr, steer_ptr, w_ptr, out_ptr,
+        stride_x, stride_r, stride_s, stride_o, n_cols, eps,
+        HAS_RES: tl.constexpr, HAS_STEER: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        dtype = x.dtype
+        if HAS_RES:
+            h = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+            if HAS_STEER:
+                s = tl.load(steer_ptr + row * stride_s + cols, mask=mask, other=0.0)
+                h = (h.to(tl.float32) + s.to(tl.float32)).to(dtype)
+            tl.store(res_ptr + row * stride_r + cols, h, mask=mask)
+            x = h
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, 0) / n_cols
+        y = (xf * tl.math.rsqrt(var + eps)).to(dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(dtype), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_store_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
+        k_cache_ptr, v_cache_ptr, slot_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_cb, stride_cs, stride_ch, stride_cos,
+        num_heads, eps,
+        HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HAS_NORM: tl.constexpr, STORE: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        is_q = head < num_heads
+        d = tl.arange(0, HALF)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        c = tl.load(cos_ptr + pos * stride_cos + d)
+        s = tl.load(sin_ptr + pos * stride_cos + d)
+        if is_q:
+            base = q_ptr + t * stride_qt + head * stride_qh
+            w_ptr = qw_ptr
+        else:
+            base = k_ptr + t * stride_kt + (head - num_heads) * stride_kh
+            w_ptr = kw_ptr
+        x1 = tl.load(base + d)
+        x2 = tl.load(base + HALF + d)
+        dtype = x1.dtype
+        if HAS_NORM:
+            f1 = x1.to(tl.float32)
+            f2 = x2.to(tl.float32)
+            r = tl.math.rsqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / (2 * HALF) + eps)
+            x1 = tl.load(w_ptr + d).to(tl.float32) * (f1 * r).to(dtype).to(tl.float32)
+            x2 = tl.load(w_ptr + HALF + d).to(tl.float32) * (f2 * r).to(dtype).to(tl.float32)
+            x1 = x1.to(dtype)
+            x2 = x2.to(dtype)
+        y1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(dtype)
+        y2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(dtype)
+        tl.store(base + d, y1)
+        tl.store(base + HALF + d, y2)
+        if STORE:
+            if not is_q:
+                slot = tl.load(slot_ptr + t)
+                if slot >= 0:
+                    kvh = head - num_heads
+                    blk = slot // BLOCK_SIZE
+                    off = slot % BLOCK_SIZE
+                    kc = k_cache_ptr + blk * stride_cb + off * stride_cs + kvh * stride_ch
+                    vc = v_cache_ptr + blk * stride_cb + off * stride_cs + kvh * stride_ch
+                    tl.store(kc + d, y1)
+                    tl.store(kc + HALF + d, y2)
+                    vb = v_ptr + t * stride_vt + kvh * stride_vh
+                    tl.store(vc + d, tl.load(vb + d))
+                    tl.store(vc + HALF + d, tl.load(vb + HALF + d))
+
+    @triton.jit
+    def _store_kv_cache_kernel(
+        k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+        stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
+        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:
+            d = tl.arange(0, HEAD_DIM)
+            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+            tl.store(k_cache_ptr + dst + d, tl.load(k_ptr + t * stride_kt + kvh * stride_kh + d))
+            tl.store(v_cache_ptr + dst + d, tl.load(v_ptr + t * stride_vt + kvh * stride_vh + d))
+
+    @triton.jit
+    def _silu_and_mul_kernel(
+        gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def decode_partition_size(batch: int, num_kv_heads: int, max_context: int) -> int:
+    """Tokens per split-K partition: small when few (row, KV head) pairs would leave the GPU
+    idle, and large enough that a row never needs more than 64 partitions."""
+    base = 128 if batch * num_kv_heads < 512 else 512
+    while max_context > 64 * base:
+        base *= 2
+    return base
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    partition_size: int | None = None,
+) -> torch.Tensor:
+    """Attention of one new query token per row over its paged KV cache (flash-decoding).
+
+    q [B, H, D] (D a power of two, H a multiple of the KV heads); k_cache/v_cache
+    [num_blocks, block_size, KVH, D]; block_tables int32 [B, max_blocks]; context_lens int32 [B]
+    (tokens to attend to, the new one included; 0 for a padding row, which gives zeros).
+    Long contexts are cut into partitions attended in parallel and merged by a second kernel;
+    the partition count depends only on shapes, so the call can be captured in a CUDA graph.
+    Returns [B, H, D] in q's dtype.
+    """
+    if not use_triton(q):
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    max_context = block_tables.shape[1] * block_size
+    partition = partition_size or decode_partition_size(batch, num_kv_heads, max_context)
+    max_parts = triton.cdiv(max_context, partition)
+    split = max_parts > 1
+    out = torch.empty_like(q)
+    if split:
+        part_out = torch.empty(batch, num_heads, max_parts, head_dim, device=q.device, dtype=torch.float32)
+        part_ml = torch.empty(batch, num_heads, max_parts, 2, device=q.device, dtype=torch.float32)
+    else:
+        part_out = part_ml = out
+    _paged_decode_kernel[(batch, num_kv_heads, max_parts)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_out, part_ml,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        num_heads, max_parts,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, PARTITION=partition, BLOCK_N=min(64, partition),
+        SPLIT=split, num_warps=4, num_stages=2,
+    )
+    if split:
+        _paged_decode_reduce_kernel[(batch, num_heads)](
+            out, part_out, part_ml, context_lens,
+            out.stride(0), out.stride(1), num_heads, max_parts,
+            HEAD_DIM=head_dim, PARTITION=partition, PARTS_PAD=triton.next_power_of_2(max_parts),
+            num_warps=4,
+        )
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    steer: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim, optionally fused with the residual add and a steering add.
+
+    x [T, N]. With `residual` [T, N]: h = x + residual (+ steer [T, N]) is written back into
+    `residual` (the new residual stream) and RMSNorm(h) is returned. Returns (normed, residual).
+    """
+    if not use_triton(x):
+        return rms_norm_ref(x, weight, eps, residual, steer)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    n_cols = shape[-1]
+    res2 = residual.view(-1, n_cols) if residual is not None else x2
+    steer2 = steer.view(-1, n_cols) if steer is not None else x2
+    block = triton.next_power_of_2(n_cols)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, res2, steer2, weight, out,
+        x2.stride(0), res2.stride(0), steer2.stride(0), out.stride(0), n_cols, eps,
+        HAS_RES=residual is not None, HAS_STEER=steer is not None, BLOCK=block,
+        num_warps=min(16, max(1, block // 256)),
+    )
+    return out.view(shape), residual
+
+
+def qk_norm_rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """In place: per-head RMSNorm of q and k (when weights are given), neox-style RoPE on both;
+    then k and v are written into the paged cache at slot_mapping (when a cache is given).
+
+    q [T, H, D], k and v [T, KVH, D] with unit stride in D (slices of a fused qkv output work);
+    positions [T]; cos/sin [max_pos, D/2] float32.
+    """
+    if not use_triton(q):
+        qk_norm_rope_store_ref(q, k, v, positions, cos, sin, q_norm_weight, k_norm_weight, eps,
+                               k_cache, v_cache, slot_mapping)
+        return
+    tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    store = k_cache is not None and slot_mapping is not None
+    has_norm = q_norm_weight is not None
+    cache = k_cache if store else q
+    _qk_norm_rope_store_kernel[(tokens, num_heads + num_kv_heads)](
+        q, k, v, positions, cos, sin,
+        q_norm_weight if has_norm else q, k_norm_weight if has_norm else q,
+        cache, v_cache if store else q, slot_mapping if store else positions,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cache.stride(0) if store else 0, cache.stride(1) if store else 0,
+        cache.stride(2) if store else 0, cos.stride(0),
+        num_heads, eps,
+        HALF=head_dim // 2, BLOCK_SIZE=k_cache.shape[1] if store else 1,
+        HAS_NORM=has_norm, STORE=store, num_warps=1,
+    )
+
+
+def store_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write k, v [T, KVH, D] into the paged cache at slot_mapping; slot -1 writes nothing.
+    k_cache and v_cache share their strides."""
+    if not use_triton(k):
+        store_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        return
+    tokens, num_kv_heads, head_dim = k.shape
+    _store_kv_cache_kernel[(tokens, num_kv_heads)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], num_warps=1,
+    )
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, fused. gate and up [T, I] (the two halves of a fused gate_up output
+    work: unit stride in the last dim is all that is needed)."""
+    if not use_triton(gate):
+        return silu_and_mul_ref(gate, up)
+    gate2 = gate.reshape(-1, gate.shape[-1])
+    up2 = up.reshape(-1, up.shape[-1])
+    n_cols = gate2.shape[-1]
+    out = torch.empty(gate2.shape, device=gate.device, dtype=gate.dtype)
+    block = min(2048, triton.next_power_of_2(n_cols))
+    _silu_and_mul_kernel[(gate2.shape[0], triton.cdiv(n_cols, block))](
+        gate2, up2, out, gate2.stride(0), up2.stride(0), out.stride(0), n_cols,
+        BLOCK=block, num_warps=4,
+    )
+    return out.view(gate.shape)

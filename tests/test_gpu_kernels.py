@@ -1,0 +1,190 @@
+"""The engine's fused kernels: torch references checked against plain math on CPU, Triton kernels
+checked against the references on CUDA (marked gpu, skipped without one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.engine import kernels
+from models.engine.cuda_graph import CudaGraphRunner
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+triton_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.HAS_TRITON), reason="needs CUDA and Triton"
+)
+
+
+def paged_cache(context_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=0):
+    """A random paged cache with shuffled blocks, its block tables, and each row's dense k/v."""
+    gen = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, max(math.ceil(n / block_size) for n in context_lens))
+    num_blocks = 1 + len(context_lens) * max_blocks
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).view(len(context_lens), max_blocks)
+    block_tables = order.to(device=device, dtype=torch.int32)
+    dense = []
+    for row, n in enumerate(context_lens):
+        blocks = block_tables[row].long()
+        dense.append((k_cache[blocks].flatten(0, 1)[:n], v_cache[blocks].flatten(0, 1)[:n]))
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+    return k_cache, v_cache, block_tables, lens, dense
+
+
+def test_paged_attention_reference_matches_dense_sdpa():
+    lens = [1, 17, 40]
+    heads, kv_heads, dim = 8, 2, 16
+    k_cache, v_cache, tables, ctx, dense = paged_cache(lens, kv_heads, dim, 4, torch.float32, "cpu")
+    q = torch.randn(len(lens), heads, dim)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, dim**-0.5)
+    for row, (k, v) in enumerate(dense):
+        k = k.transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+        v = v.transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+        want = F.scaled_dot_product_attention(q[row][:, None], k, v)[:, 0]
+        torch.testing.assert_close(out[row], want, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_reference_matches_hf_and_updates_residual():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    hf = Qwen3RMSNorm(32, eps=1e-6)
+    hf.weight.data = torch.randn(32)
+    x, res, steer = torch.randn(5, 32), torch.randn(5, 32), torch.randn(5, 32)
+    want_h = x + res + steer
+    out, new_res = kernels.rms_norm(x, hf.weight.data, 1e-6, residual=res.clone(), steer=steer)
+    torch.testing.assert_close(new_res, want_h)
+    torch.testing.assert_close(out, hf(want_h))
+
+
+def test_qk_norm_rope_reference_matches_hf_qwen3():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    tokens, heads, kv_heads, dim = 6, 4, 2, 16
+    positions = torch.tensor([0, 3, 5, 9, 10, 31])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.arange(64).float()[:, None] * inv_freq[None]
+    cos, sin = freqs.cos(), freqs.sin()
+    q, k, v = torch.randn(tokens, heads, dim), torch.randn(tokens, kv_heads, dim), torch.randn(tokens, kv_heads, dim)
+    qn, kn = Qwen3RMSNorm(dim), Qwen3RMSNorm(dim)
+    qn.weight.data, kn.weight.data = torch.randn(dim), torch.randn(dim)
+    full_cos = torch.cat([cos, cos], -1)[positions][None]
+    full_sin = torch.cat([sin, sin], -1)[positions][None]
+    want_q, want_k = apply_rotary_pos_emb(
+        qn(q).transpose(0, 1)[None], kn(k).transpose(0, 1)[None], full_cos, full_sin
+    )
+    k_cache = torch.zeros(4, 8, kv_heads, dim)
+    v_cache = torch.zeros(4, 8, kv_heads, dim)
+    slots = torch.tensor([8, 9, 10, -1, 16, 17])
+    kernels.qk_norm_rope_store(q, k, v, positions, cos, sin, qn.weight.data, kn.weight.data, 1e-6,
+                               k_cache, v_cache, slots)
+    torch.testing.assert_close(q, want_q[0].transpose(0, 1))
+    torch.testing.assert_close(k, want_k[0].transpose(0, 1))
+    torch.testing.assert_close(k_cache[1, 1], k[1])
+    torch.testing.assert_close(v_cache[2, 1], v[5])
+    assert k_cache[1, 3].abs().sum() == 0  # slot -1 wrote nothing
+
+
+def test_graph_runner_picks_the_smallest_bucket_that_fits():
+    runner = CudaGraphRunner(lambda views: views["x"], {"x": torch.zeros(8, 2)}, [4, 1, 8, 2])
+    assert [runner.bucket_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
+    with pytest.raises(ValueError, match="fewer than 16 rows"):
+        CudaGraphRunner(lambda views: views["x"], {"x": torch.zeros(8, 2)}, [16])
+
+
+@triton_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads", [(16, 8), (32, 8), (8, 8), (14, 2)])
+@pytest.mark.parametrize("lens,partition", [([1, 5, 16, 17], None), ([700, 0, 2000, 33], None),
+                                            ([3000, 511, 1], 128), ([64], 512)])
+def test_triton_paged_attention_matches_reference(heads, kv_heads, lens, partition):
+    dim, block = 128, 16
+    k_cache, v_cache, tables, ctx, _ = paged_cache(lens, kv_heads, dim, block, torch.bfloat16, "cuda")
+    q = torch.randn(len(lens), heads, dim, device="cuda", dtype=torch.bfloat16)
+    got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, dim**-0.5, partition)
+    want = kernels.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, dim**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert torch.isfinite(got).all()
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_triton_paged_attention_replays_in_a_cuda_graph_with_new_contexts():
+    dim, heads, kv_heads, block = 128, 16, 8, 16
+    k_cache, v_cache, tables, ctx, _ = paged_cache([300, 900], kv_heads, dim, block, torch.bfloat16, "cuda")
+    q = torch.randn(2, heads, dim, device="cuda", dtype=torch.bfloat16)
+    runner = CudaGraphRunner(
+        lambda b: kernels.paged_decode_attention(b["q"], k_cache, v_cache, b["tables"], b["ctx"], 0.1),
+        {"q": q.clone(), "tables": tables.clone(), "ctx": ctx.clone()}, [1, 2],
+    )
+    runner.capture()
+    for lens in ([5, 17], [900, 1], [640, 320]):
+        new_ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        new_q = torch.randn_like(q)
+        got = runner.run({"q": new_q, "tables": tables.flip(0), "ctx": new_ctx}).clone()
+        want = kernels.paged_decode_attention_ref(new_q, k_cache, v_cache, tables.flip(0), new_ctx, 0.1)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    one = runner.run({"q": q[:1], "tables": tables[:1], "ctx": ctx[:1]})
+    want = kernels.paged_decode_attention_ref(q[:1], k_cache, v_cache, tables[:1], ctx[:1], 0.1)
+    torch.testing.assert_close(one.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@triton_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_triton_rms_norm_matches_reference(with_residual):
+    x = torch.randn(7, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn_like(x) if with_residual else None
+    steer = torch.randn_like(x) if with_residual else None
+    got, got_res = kernels.rms_norm(x, w, 1e-6, res.clone() if res is not None else None, steer)
+    want, want_res = kernels.rms_norm_ref(x, w, 1e-6, res.clone() if res is not None else None, steer)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    if with_residual:
+        torch.testing.assert_close(got_res, want_res, atol=2e-2, rtol=2e-2)
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_triton_qk_norm_rope_store_matches_reference():
+    tokens, heads, kv_heads, dim = 9, 16, 8, 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    positions = torch.randint(0, 500, (tokens,), device="cuda")
+    freqs = torch.arange(512, device="cuda").float()[:, None] * (
+        1e6 ** (-torch.arange(0, dim, 2, device="cuda").float() / dim))[None]
+    cos_full = torch.cat([freqs.cos(), freqs.cos()], -1)  # the engine's [max_pos, D] layout
+    sin_full = torch.cat([freqs.sin(), freqs.sin()], -1)
+    qw = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+    kw = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(64, device="cuda")[:tokens]
+    slots[2] = -1
+    results = []
+    for fn in (kernels.qk_norm_rope_store, kernels.qk_norm_rope_store_ref):
+        buf = qkv.clone()
+        q, k, v = buf.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+        q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+        kc = torch.zeros(4, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+        vc = torch.zeros_like(kc)
+        fn(q, k, v, positions, cos_full[:, : dim // 2], sin_full[:, : dim // 2], qw, kw, 1e-6, kc, vc, slots)
+        results.append((buf, kc, vc))
+    for got, want in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_triton_store_kv_and_silu_and_mul_match_reference():
+    k = torch.randn(5, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slots = torch.tensor([3, 40, -1, 17, 63], device="cuda")
+    caches = [torch.zeros(4, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    kernels.store_kv_cache(k, v, caches[0], caches[1], slots)
+    kernels.store_kv_cache_ref(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    gate_up = torch.randn(6, 2 * 6144, device="cuda", dtype=torch.bfloat16)
+    gate, up = gate_up.chunk(2, -1)
+    torch.testing.assert_close(kernels.silu_and_mul(gate, up), kernels.silu_and_mul_ref(gate, up),
+                               atol=2e-2, rtol=2e-2)
