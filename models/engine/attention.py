@@ -1,0 +1,112 @@
+"""Attention over the paged KV cache, and the per-step batch layout every kernel agrees on.
+
+KV cache layout (fixed, so the torch reference and the CUDA/Triton kernels agree):
+
+- per layer `k_cache`, `v_cache`: [num_blocks, block_size, num_kv_heads, head_dim]
+- `block_tables`: int32 [batch, max_blocks]; row i lists the cache blocks of sequence i in
+  order, padded with 0 (block 0 is the null block: never handed to a sequence, so padded
+  rows of a CUDA-graph batch may write there freely)
+- `context_lens`: int32 [batch]; tokens of sequence i in the cache after this step's write
+- `slot_mapping`: int64 [num_tokens]; cache slot of each new token = block_id * block_size +
+  offset in the block
+
+`paged_attention` (one query per sequence: decode) is the single entry point a CUDA build
+swaps for a Triton kernel; `varlen_attention` serves prefill chunks and multi-token appends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ForwardBatch:
+    """The tensors one forward pass needs besides token ids and positions.
+
+    Decode batches (`is_decode`: every sequence adds exactly one token) have static shapes
+    once padded to a batch bucket, so the whole decode forward can be captured in a CUDA graph.
+    `token_rows` maps each token to its row (sequence) for per-row steering and LoRA.
+    """
+
+    is_decode: bool
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+    block_tables: torch.Tensor  # int32 [batch, max_blocks]
+    context_lens: torch.Tensor  # int32 [batch]
+    query_lens: list[int]  # new tokens per sequence (host side, prefill path only)
+    token_rows: torch.Tensor  # int64 [num_tokens]
+    steer_deltas: torch.Tensor | None = None  # [num_layers, batch, hidden]; zero = unsteered
+    lora_weights: torch.Tensor | None = None  # [batch, adapter_slots]; row's weight per slot
+
+
+def store_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new keys/values [num_tokens, num_kv_heads, head_dim] into their cache slots."""
+    num_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention: q [batch, num_heads, head_dim], one query per sequence, attending to
+    the first context_lens[i] cached tokens of its blocks. Returns [batch, num_heads, head_dim].
+
+    Pure tensor code with static shapes (gather + masked SDPA): graph-capturable reference.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    max_len = block_tables.shape[1] * k_cache.shape[1]
+    k = k_cache[block_tables.long()].reshape(batch, max_len, num_kv_heads, head_dim)
+    v = v_cache[block_tables.long()].reshape(batch, max_len, num_kv_heads, head_dim)
+    group = num_heads // num_kv_heads
+    k = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    v = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    positions = torch.arange(max_len, device=q.device)
+    mask = (positions[None, :] < context_lens[:, None]).view(batch, 1, 1, max_len)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale)
+    return out.squeeze(2)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for sequences adding several tokens (prefill chunks, forced tokens):
+    q [num_tokens, num_heads, head_dim], tokens of each sequence contiguous; the new tokens
+    are the last query_lens[i] of context_lens[i] cached ones. Returns q's shape."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    outputs = []
+    start = 0
+    for row, q_len in enumerate(batch.query_lens):
+        ctx = int(batch.context_lens[row])
+        blocks = batch.block_tables[row, : (ctx + block_size - 1) // block_size].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
+        k = k.transpose(0, 1).repeat_interleave(group, dim=0)
+        v = v.transpose(0, 1).repeat_interleave(group, dim=0)
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+        q_row = q[start : start + q_len].transpose(0, 1)
+        out = F.scaled_dot_product_attention(q_row, k, v, attn_mask=mask, scale=scale)
+        outputs.append(out.transpose(0, 1))
+        start += q_len
+    return torch.cat(outputs, dim=0)

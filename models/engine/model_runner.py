@@ -1,0 +1,126 @@
+"""Runs the model for one scheduled step: builds the flat batch, owns the KV cache.
+
+`decode(...)` is the static-shape entry a CUDA-graph runner captures: every input is a tensor
+whose shape depends only on the batch bucket (see models.engine.attention for the layout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.engine.attention import ForwardBatch
+from models.engine.config import EngineConfig
+from models.engine.llama import LlamaForCausalLM, load_llama
+from models.engine.scheduler import ScheduledSequence
+
+GIB = 1 << 30
+
+
+def pick_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.dtype)
+
+
+class ModelRunner:
+    """The model, its paged KV cache, and the conversion of a schedule into tensors."""
+
+    def __init__(self, config: EngineConfig, model_path: str | Path, max_model_len: int):
+        self.config = config
+        self.device = pick_device(config)
+        self.dtype = pick_dtype(config, self.device)
+        self.model: LlamaForCausalLM = load_llama(
+            model_path, self.device, self.dtype, max_model_len
+        )
+        self.args = self.model.args
+        self.block_size = config.block_size
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache()
+
+    def _block_bytes(self) -> int:
+        a = self.args
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.kv_cache_memory_fraction
+        else:
+            budget = self.config.kv_cache_cpu_gib * GIB
+        return max(2, int(budget // self._block_bytes()))
+
+    def _allocate_kv_cache(self) -> None:
+        a = self.args
+        shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        for attn in self.model.attention_layers():
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def prepare(
+        self,
+        scheduled: list[ScheduledSequence],
+        steer_deltas: torch.Tensor | None,
+        lora_weights: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
+        """Token ids, positions and the ForwardBatch of one step (rows in schedule order)."""
+        ids, positions, slots, rows, query_lens, context_lens = [], [], [], [], [], []
+        for row, item in enumerate(scheduled):
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_tokens
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(
+                seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                for p in range(start, end)
+            )
+            rows.extend([row] * item.num_tokens)
+            query_lens.append(item.num_tokens)
+            context_lens.append(end)
+        max_blocks = max(len(item.seq.block_table) for item in scheduled)
+        tables = [
+            item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))
+            for item in scheduled
+        ]
+        dev = self.device
+        batch = ForwardBatch(
+            is_decode=all(n == 1 for n in query_lens),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            query_lens=query_lens,
+            token_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
+            steer_deltas=None if steer_deltas is None else steer_deltas.to(dev, self.dtype),
+            lora_weights=None if lora_weights is None else lora_weights.to(dev, self.dtype),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        return input_ids, torch.tensor(positions, dtype=torch.int64, device=dev), batch
+
+    @torch.inference_mode()
+    def run(
+        self,
+        scheduled: list[ScheduledSequence],
+        steer_deltas: torch.Tensor | None = None,
+        lora_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run one step; float32 logits [rows, vocab] at each row's last new token."""
+        input_ids, positions, batch = self.prepare(scheduled, steer_deltas, lora_weights)
+        if batch.is_decode:
+            return self.decode(input_ids, positions, batch)
+        hidden = self.model(input_ids, positions, batch)
+        last = torch.tensor(batch.query_lens, device=self.device).cumsum(0) - 1
+        return self.model.compute_logits(hidden[last]).float()
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
+        """One token per row, static shapes: the function a CUDA graph captures."""
+        return self.model.compute_logits(self.model(input_ids, positions, batch)).float()

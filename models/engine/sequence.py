@@ -1,0 +1,90 @@
+"""One request's state inside the engine: its tokens, cache blocks, sampler and output cursor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from models.engine.types import GenerationRequest, Intervention, TokenLogprob
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt + generated tokens of one request.
+
+    `num_computed` tokens have their K/V in the cache; the rest (the last sampled token, forced
+    tokens, or a prompt not yet prefilled) are run by the next step that schedules this
+    sequence, and its last position's logits pick the next token.
+    """
+
+    request: GenerationRequest
+    generator: torch.Generator
+    arrival: int
+    token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    adapter_weights: dict[int, float] = field(default_factory=dict)  # LoRA slot -> weight
+    steer_vectors: dict[str, tuple[float, list[int] | None]] = field(default_factory=dict)
+    steering: Any = None  # models.engine.steering.RowSteering when request.steering is set
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per generated token
+    interventions: list[Intervention] = field(default_factory=list)  # not yet reported
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    forced_text: str | None = None  # ForceOutput: the whole completion text
+    stopped_by_token: bool = False  # finished on EOS / a stop token: its text is not returned
+    stop_text_index: int | None = None  # finished on a stop string starting at this character
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.request.prompt_token_ids)
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append(self, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> None:
+        self.token_ids.extend(token_ids)
+        self.logprobs.extend(logprobs)
+
+    def truncate(self, num_generated: int) -> None:
+        """Keep only the first `num_generated` generated tokens; their K/V stays valid except
+        for the last kept token, which the next step runs again to get its logits."""
+        self.token_ids = self.token_ids[: self.num_prompt_tokens + num_generated]
+        del self.logprobs[num_generated:]
+        self.num_computed = min(self.num_computed, len(self.token_ids) - 1)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: every token must be run again once it is rescheduled."""
+        self.num_computed = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING
