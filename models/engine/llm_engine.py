@@ -1,0 +1,284 @@
+"""LLMEngine: the synchronous core. add_request / abort / step() -> outputs, one thread.
+
+A step: apply async steering answers that arrived, schedule, run the model once for every
+scheduled row, make the step's observer call for steered rows, sample, check stops, and
+collect the final parts of each row's output. Not thread-safe: TorchEngine drives it from
+its own engine thread.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.engine.adapters import LoRAAdapters
+from models.engine.block_manager import BlockManager
+from models.engine.config import EngineConfig
+from models.engine.model_runner import ModelRunner
+from models.engine.output import OutputBuilder, finish
+from models.engine.sampler import sample
+from models.engine.scheduler import ScheduledSequence, Scheduler
+from models.engine.sequence import Sequence
+from models.engine.steering_hooks import RowSteering, SequenceEditor, SteeringHooks, parse_steering
+from models.engine.types import (
+    EngineError,
+    EngineOverloadedError,
+    EngineStats,
+    GenerationRequest,
+    PromptTooLongError,
+    RequestOutput,
+)
+from models.steering.protocol import Added, Sampled
+
+
+def load_tokenizer(model_path: str | Path) -> Any | None:
+    """The checkpoint's tokenizer, or None when the directory has none (token-level use)."""
+    path = Path(model_path)
+    if not any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def eos_token_ids(model_path: str | Path) -> set[int]:
+    """EOS ids from generation_config.json and config.json."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        file = Path(model_path) / name
+        if file.exists():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids
+
+
+class LLMEngine(SequenceEditor):
+    """Continuous-batching generation over a paged KV cache, with steering and LoRA hooks."""
+
+    def __init__(self, config: EngineConfig, model_path: str | Path, tokenizer: Any = "auto"):
+        self.config = config
+        self.tokenizer = load_tokenizer(model_path) if tokenizer == "auto" else tokenizer
+        args_len = json.loads((Path(model_path) / "config.json").read_text()).get(
+            "max_position_embeddings", 4096
+        )
+        self.max_model_len = config.max_model_len or args_len
+        self.runner = ModelRunner(config, model_path, self.max_model_len)
+        self.args = self.runner.args
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.outputs = OutputBuilder(self.tokenizer, eos_token_ids(model_path), self.max_model_len)
+        self.adapters = LoRAAdapters(self.runner.model, config)
+        self.steering = SteeringHooks(self)
+        self.vectors: dict[str, torch.Tensor] = {}
+        self.seqs: dict[str, Sequence] = {}
+        self._seed_source = random.Random(config.seed)
+        self._arrivals = 0
+        self._stats = EngineStats(total_blocks=self.blocks.num_usable)
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise the EngineError a request deserves, without changing anything."""
+        params, n = request.params, len(request.prompt_token_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty", param="prompt")
+        if params.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {params.max_tokens}", "max_tokens")
+        if (
+            max(request.prompt_token_ids) >= self.args.vocab_size
+            or min(request.prompt_token_ids) < 0
+        ):
+            raise EngineError(f"prompt token ids must lie in [0, {self.args.vocab_size})")
+        if n + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is "
+                f"{n + params.max_tokens} tokens; this model's context is {self.max_model_len}",
+                param="max_tokens",
+            )
+        blocks = self.blocks.blocks_for(n + params.max_tokens)
+        if blocks > self.blocks.num_usable:
+            raise PromptTooLongError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs {blocks} "
+                f"KV-cache blocks; the cache has {self.blocks.num_usable}",
+                param="max_tokens",
+            )
+        if request.request_id in self.seqs:
+            raise EngineError(f"request id '{request.request_id}' is already running")
+        if len(self.scheduler.waiting) >= self.config.max_queue_len:
+            raise EngineOverloadedError(
+                f"the engine queue is full ({self.config.max_queue_len} waiting); retry later"
+            )
+        for spec in request.steer_vectors:
+            self._check_vector(spec.name)
+        if request.steering is not None:
+            steering = parse_steering(request.steering)
+            if steering.policy is not None and self.steering.observer is None:
+                raise EngineError("steering policy requested but no step observer is set")
+        self.adapters.check(request)
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self.check_request(request)
+        seed = request.params.seed
+        if seed is None:
+            seed = self._seed_source.randrange(1 << 62)
+        seq = Sequence(request, torch.Generator().manual_seed(seed), self._arrivals)
+        self._arrivals += 1
+        seq.adapter_weights = self.adapters.acquire(request)
+        self.reset_vectors(seq)
+        if request.steering is not None:
+            steering = parse_steering(request.steering)
+            if steering.policy is not None:
+                seq.steering = RowSteering(steering)
+        self.seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def step(self) -> list[RequestOutput]:
+        self.steering.poll()
+        self._release_finished(drop=False)
+        scheduled = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        if scheduled:
+            self._run(scheduled)
+        for seq in list(self.seqs.values()):
+            held = seq.steering.held_tokens if seq.steering is not None else 0
+            out = self.outputs.collect(seq, held)
+            if out is not None:
+                outputs.append(out)
+        self._release_finished(drop=True)
+        self._update_stats(scheduled)
+        return outputs
+
+    def _run(self, scheduled: list[ScheduledSequence]) -> None:
+        seqs = [item.seq for item in scheduled]
+        logits = self.runner.run(scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs))
+        sampling = []
+        for row, item in enumerate(scheduled):
+            if item.samples:
+                sampling.append((item.seq, logits[row]))
+            item.seq.num_computed += item.num_tokens
+        self.steering.consult(sampling, self._stats.steps)
+        ready = [(s, self.steering.adjust_logits(s, lg)) for s, lg in sampling]
+        ready = [(s, lg) for s, lg in ready if not s.is_finished and s.num_uncomputed == 0]
+        if not ready:
+            return
+        tokens = sample(torch.stack([lg for _, lg in ready]), [s for s, _ in ready])
+        for (seq, _), (token, logprob) in zip(ready, tokens, strict=True):
+            step = seq.num_generated
+            seq.append([token], [logprob])
+            self.steering.record(seq, Sampled(step=step, token_id=token))
+            self.outputs.check_stop(seq, sampled=True)
+            self._stats.generated_tokens += 1
+
+    def _release_finished(self, drop: bool) -> None:
+        """Free the blocks and adapter slots of finished rows; `drop` forgets them (after
+        their final output was collected)."""
+        for seq in [s for s in self.seqs.values() if s.is_finished]:
+            self.scheduler.remove(seq)
+            self.adapters.release(seq)
+            if drop:
+                del self.seqs[seq.request_id]
+
+    def _update_stats(self, scheduled: list[ScheduledSequence]) -> None:
+        s = self._stats
+        if scheduled:
+            s.steps += 1
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.max_running_seen = max(s.max_running_seen, len(scheduled))
+        s.free_blocks = self.blocks.num_free
+        s.preemptions = self.scheduler.num_preemptions
+        s.observer_calls = self.steering.num_calls
+
+    def stats(self) -> EngineStats:
+        return EngineStats(**self._stats.__dict__)
+
+    def set_step_observer(self, observer: Any) -> None:
+        """`observer.on_step(list[RowEvents]) -> list[RowActions]` (a coroutine or not), once
+        per engine step for all steered rows that are due."""
+        self.steering.observer = observer
+
+    def register_vector(self, name: str, vector: torch.Tensor) -> None:
+        """A steering vector [num_layers, hidden]: row h_l += coeff * vector[l] after layer l."""
+        expected = (self.args.num_layers, self.args.hidden_size)
+        if tuple(vector.shape) != expected:
+            raise EngineError(
+                f"steering vector '{name}' has shape {tuple(vector.shape)}; this model needs "
+                f"[num_layers, hidden] = {list(expected)}"
+            )
+        self.vectors[name] = vector.detach().float().cpu()
+
+    def _check_vector(self, name: str) -> None:
+        if name not in self.vectors:
+            raise EngineError(
+                f"steering vector '{name}' is not registered; registered: "
+                f"{', '.join(sorted(self.vectors)) or 'none'}"
+            )
+
+    def _steer_deltas(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        if not any(s.steer_vectors for s in seqs):
+            return None
+        a = self.args
+        deltas = torch.zeros(a.num_layers, len(seqs), a.hidden_size)
+        for row, seq in enumerate(seqs):
+            for name, (coeff, layers) in seq.steer_vectors.items():
+                vec = self.vectors[name]
+                picked = range(a.num_layers) if layers is None else layers
+                for layer in picked:
+                    deltas[layer, row] += coeff * vec[layer]
+        return deltas
+
+    # SequenceEditor: what steering actions do to a sequence
+
+    def replace_prompt(self, seq: Sequence, token_ids: list[int]) -> None:
+        if seq.num_generated:
+            raise EngineError(
+                f"AdjustedPrefill arrived after {seq.num_generated} tokens were generated"
+            )
+        if not token_ids:
+            raise EngineError("AdjustedPrefill with an empty prompt")
+        self.blocks.release(seq)
+        seq.token_ids, seq.num_prompt_tokens, seq.num_computed = list(token_ids), len(token_ids), 0
+        seq.steering.prefilled_reported = False
+
+    def force_tokens(self, seq: Sequence, token_ids: list[int]) -> None:
+        room = seq.request.params.max_tokens - seq.num_generated
+        token_ids = list(token_ids)[:room]
+        step = seq.num_generated
+        seq.append(token_ids, [None] * len(token_ids))
+        self.steering.record(seq, Added(step=step, token_ids=token_ids, forced=True))
+        self.outputs.check_stop(seq, sampled=False)
+
+    def backtrack(self, seq: Sequence, n: int) -> None:
+        unsent = seq.num_generated - seq.num_sent_tokens
+        if n < 0 or n > unsent:
+            held = seq.steering.held_tokens if seq.steering is not None else 0
+            raise EngineError(
+                f"Backtrack({n}) reaches past what the client already received: only {unsent} "
+                f"generated tokens are unsent (steering params max_backtrack={held})"
+            )
+        seq.truncate(seq.num_generated - n)
+        self.blocks.shrink(seq, len(seq.token_ids))
+
+    def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None):
+        self._check_vector(name)
+        seq.steer_vectors[name] = (coeff, layers)
+
+    def clear_vector(self, seq: Sequence, name: str | None) -> None:
+        if name is None:
+            seq.steer_vectors.clear()
+        else:
+            seq.steer_vectors.pop(name, None)
+
+    def reset_vectors(self, seq: Sequence) -> None:
+        seq.steer_vectors = {s.name: (s.coeff, s.layers) for s in seq.request.steer_vectors}

@@ -1,0 +1,352 @@
+"""The engine side of steering: per-row state, the one observer call per step, and actions.
+
+Once per engine step, every steered row that is due (every k generated tokens, and no call of
+its own still in flight) contributes its events since its last call, ending with
+ForwardPass(step) for the token about to be sampled, to ONE `observer.on_step(rows)` call.
+`sync` and `colocated` rows wait for the answer before sampling (their ForwardPass carries
+logits); `async` rows never wait: their actions are applied at the first step after they
+arrive, and an AdjustedLogits for a token already sampled is dropped and reported as late.
+A call that raises or passes timeout_s leaves its rows unsteered, flagged by an Intervention
+"steerer_error" / "steerer_timeout". An action the legality table forbids after every event
+of its call finishes the row with finish_reason "error".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.engine.output import finish
+from models.engine.sequence import Sequence
+from models.engine.types import EngineError, Intervention
+from models.steering.protocol import (
+    Added,
+    AdjustedLogits,
+    AdjustedPrefill,
+    Backtrack,
+    ClearSteer,
+    EmitError,
+    Event,
+    ForceOutput,
+    ForceTokens,
+    ForwardPass,
+    IllegalActionError,
+    Noop,
+    Prefilled,
+    RowActions,
+    RowEvents,
+    Sampled,
+    SteeringRequest,
+    SteerVector,
+    check_action,
+)
+
+SYNC_MODES = ("sync", "colocated")
+
+
+def parse_steering(value: dict[str, Any] | SteeringRequest) -> SteeringRequest:
+    if isinstance(value, SteeringRequest):
+        return value
+    known = set(SteeringRequest.__dataclass_fields__)
+    unknown = set(value) - known
+    if unknown:
+        raise EngineError(
+            f"unknown steering keys: {', '.join(sorted(unknown))} (allowed: {', '.join(known)})",
+            param="steering",
+        )
+    req = SteeringRequest(**value)
+    if req.mode not in ("async", "sync", "colocated"):
+        raise EngineError(f"steering mode '{req.mode}' is not async, sync or colocated")
+    if req.every < 1:
+        raise EngineError(f"steering every must be >= 1, got {req.every}")
+    return req
+
+
+@dataclass
+class RowSteering:
+    """Steering state of one request inside the engine."""
+
+    request: SteeringRequest
+    enabled: bool = True
+    events: list[Event] = field(default_factory=list)  # since the last call
+    send_token_ids: bool = True  # first call, or the Steerer asked for a resync
+    prefilled_reported: bool = False
+    in_flight: bool = False
+    pending_logits: dict[int, AdjustedLogits] = field(default_factory=dict)
+
+    @property
+    def waits(self) -> bool:
+        return self.request.mode in SYNC_MODES
+
+    @property
+    def held_tokens(self) -> int:
+        """Tokens whose text is held back so a backtrack inside the window stays invisible."""
+        return int(self.request.params.get("max_backtrack", 0))
+
+
+@dataclass
+class ObserverCall:
+    future: concurrent.futures.Future
+    rows: dict[str, tuple[Sequence, list[Event]]]
+    deadline: float
+    started_step: int
+
+
+class CoroutineRunner:
+    """Runs observer coroutines on an event loop: the caller's (TorchEngine sets it) or a
+    private one in a daemon thread (a bare LLMEngine)."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+class SteeringHooks:
+    """Collects events, makes the per-step observer call, and applies actions to rows."""
+
+    def __init__(self, editor: SequenceEditor):
+        self.editor = editor
+        self.observer: Any | None = None
+        self.runner = CoroutineRunner()
+        self.in_flight: list[ObserverCall] = []
+        self.num_calls = 0
+
+    def record(self, seq: Sequence, event: Event) -> None:
+        if seq.steering is not None and seq.steering.enabled:
+            seq.steering.events.append(event)
+
+    def poll(self) -> None:
+        """Apply the answers of async calls that arrived; time out the overdue ones."""
+        still = []
+        for call in self.in_flight:
+            if call.future.done():
+                self._finish_call(call)
+            elif time.monotonic() > call.deadline:
+                call.future.cancel()
+                self._fail_call(call, "steerer_timeout", "the steerer did not answer in time")
+            else:
+                still.append(call)
+        self.in_flight = still
+
+    def consult(self, rows: list[tuple[Sequence, torch.Tensor]], step_index: int) -> None:
+        """Make this step's observer call for the due rows among `rows` (seq, logits), wait
+        for it when a sync row is in it, and apply what came back."""
+        due = [(s, lg) for s, lg in rows if self._due(s)]
+        if not due or self.observer is None:
+            return
+        call_rows: dict[str, tuple[Sequence, list[Event]]] = {}
+        batch = []
+        for seq, logits in due:
+            st: RowSteering = seq.steering
+            if not st.prefilled_reported and seq.num_generated == 0:
+                st.events.append(Prefilled(prompt_ids=seq.token_ids[: seq.num_prompt_tokens]))
+                st.prefilled_reported = True
+            st.events.append(
+                ForwardPass(step=seq.num_generated, logits=logits.float() if st.waits else None)
+            )
+            batch.append(
+                RowEvents(
+                    request_id=seq.request_id,
+                    events=st.events,
+                    policy=st.request.policy,
+                    params=st.request.params,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    token_ids=list(seq.token_ids) if st.send_token_ids else None,
+                )
+            )
+            call_rows[seq.request_id] = (seq, st.events)
+            st.events, st.send_token_ids, st.in_flight = [], False, True
+        timeout = max(s.steering.request.timeout_s for s, _ in due)
+        call = ObserverCall(self._submit(batch), call_rows, time.monotonic() + timeout, step_index)
+        self.num_calls += 1
+        if any(s.steering.waits for s, _ in due):
+            try:
+                call.future.result(timeout=timeout)
+            except concurrent.futures.TimeoutError:
+                call.future.cancel()
+                self._fail_call(call, "steerer_timeout", f"no answer within {timeout} s")
+                return
+            except Exception:  # reported by _finish_call
+                pass
+            self._finish_call(call)
+        else:
+            self.in_flight.append(call)
+
+    def adjust_logits(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """Apply an AdjustedLogits waiting for the token about to be sampled."""
+        st: RowSteering | None = seq.steering
+        if st is None or not st.pending_logits:
+            return logits
+        for step in [s for s in st.pending_logits if s < seq.num_generated]:
+            self._late(seq, st.pending_logits.pop(step))
+        action = st.pending_logits.pop(seq.num_generated, None)
+        if action is None:
+            return logits
+        out = action.logits.to(logits) if action.logits is not None else logits
+        if action.delta is not None:
+            out = out + action.delta.to(logits)
+        if action.plausibility_alpha is not None:
+            probs = logits.float().softmax(-1)
+            out = out.masked_fill(probs < action.plausibility_alpha * probs.max(), float("-inf"))
+        return out
+
+    def _due(self, seq: Sequence) -> bool:
+        st: RowSteering | None = seq.steering
+        return (
+            st is not None
+            and st.enabled
+            and not st.in_flight
+            and not seq.is_finished
+            and seq.num_generated % st.request.every == 0
+        )
+
+    def _submit(self, batch: list[RowEvents]) -> concurrent.futures.Future:
+        try:
+            result = self.observer.on_step(batch)
+        except Exception as exc:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_exception(exc)
+            return future
+        if inspect.isawaitable(result):
+            return self.runner.submit(_awaited(result))
+        future = concurrent.futures.Future()
+        future.set_result(result)
+        return future
+
+    def _finish_call(self, call: ObserverCall) -> None:
+        exc = call.future.exception() if not call.future.cancelled() else None
+        if call.future.cancelled() or exc is not None:
+            self._fail_call(call, "steerer_error", f"the steerer failed: {exc!r}")
+            return
+        answered = {}
+        for row_actions in call.future.result() or []:
+            answered[row_actions.request_id] = row_actions
+        for request_id, (seq, events) in call.rows.items():
+            seq.steering.in_flight = False
+            row_actions = answered.get(request_id)
+            if row_actions is None or seq.is_finished:
+                continue
+            self._apply_row(seq, events, row_actions)
+
+    def _fail_call(self, call: ObserverCall, kind: str, message: str) -> None:
+        for seq, _ in call.rows.values():
+            self._unsteer(seq, kind, message)
+
+    def _unsteer(self, seq: Sequence, kind: str, message: str) -> None:
+        st: RowSteering = seq.steering
+        st.enabled, st.in_flight = False, False
+        st.pending_logits.clear()
+        self.editor.reset_vectors(seq)
+        seq.interventions.append(Intervention(seq.num_generated, kind, {"message": message}))
+
+    def _apply_row(self, seq: Sequence, events: list[Event], row_actions: RowActions) -> None:
+        if row_actions.resync:
+            seq.steering.send_token_ids = True
+        if row_actions.error:
+            self._unsteer(seq, "steerer_error", row_actions.error)
+            return
+        for action in row_actions.actions:
+            if seq.is_finished:
+                return
+            try:
+                _check_legal(events, action)
+                self._apply(seq, action)
+            except (IllegalActionError, EngineError) as exc:
+                finish(seq, "error", f"steering: {exc}")
+                return
+
+    def _apply(self, seq: Sequence, action: Any) -> None:
+        if isinstance(action, Noop):
+            return
+        step = seq.num_generated
+        detail: dict[str, Any] = {}
+        if isinstance(action, AdjustedLogits):
+            if action.step < step:
+                return self._late(seq, action)
+            seq.steering.pending_logits[action.step] = action
+            detail = {"for_step": action.step}
+        elif isinstance(action, AdjustedPrefill):
+            self.editor.replace_prompt(seq, action.token_ids)
+            detail = {"num_tokens": len(action.token_ids)}
+        elif isinstance(action, SteerVector):
+            self.editor.set_vector(seq, action.name, action.coeff, action.layers)
+            detail = {"name": action.name, "coeff": action.coeff, "layers": action.layers}
+        elif isinstance(action, ClearSteer):
+            self.editor.clear_vector(seq, action.name)
+            detail = {"name": action.name}
+        elif isinstance(action, ForceTokens):
+            self.editor.force_tokens(seq, action.token_ids)
+            detail = {"token_ids": list(action.token_ids)}
+        elif isinstance(action, Backtrack):
+            self.editor.backtrack(seq, action.n)
+            if action.token_ids:
+                self.editor.force_tokens(seq, action.token_ids)
+            detail = {"n": action.n, "token_ids": list(action.token_ids)}
+        elif isinstance(action, ForceOutput):
+            seq.forced_text = action.text
+            finish(seq, "stop")
+        elif isinstance(action, EmitError):
+            finish(seq, "error", action.message)
+            detail = {"message": action.message}
+        seq.interventions.append(Intervention(step, type(action).__name__, detail))
+
+    def _late(self, seq: Sequence, action: AdjustedLogits) -> None:
+        seq.interventions.append(
+            Intervention(
+                seq.num_generated,
+                "AdjustedLogits",
+                {"dropped": "late", "for_step": action.step},
+            )
+        )
+
+
+def _check_legal(events: list[Event], action: Any) -> None:
+    """Legal when some event of the call allows it; else the error names the last event."""
+    error = None
+    for event in events:
+        try:
+            check_action(event, action)
+            return
+        except IllegalActionError as exc:
+            error = exc
+    if error is not None:
+        raise error
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+class SequenceEditor:
+    """What actions may do to a sequence; implemented by the engine (tokens, blocks, vectors)."""
+
+    def replace_prompt(self, seq: Sequence, token_ids: list[int]) -> None: ...
+    def force_tokens(self, seq: Sequence, token_ids: list[int]) -> None: ...
+    def backtrack(self, seq: Sequence, n: int) -> None: ...
+    def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None): ...
+    def clear_vector(self, seq: Sequence, name: str | None) -> None: ...
+    def reset_vectors(self, seq: Sequence) -> None: ...
+
+
+__all__ = [
+    "Added",
+    "Callable",
+    "RowSteering",
+    "Sampled",
+    "SequenceEditor",
+    "SteeringHooks",
+    "parse_steering",
+]

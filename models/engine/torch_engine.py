@@ -1,0 +1,166 @@
+"""TorchEngine: the async `Engine` protocol over LLMEngine, stepped by one engine thread.
+
+Callers on the event loop never touch LLMEngine directly: requests, aborts and adapter
+changes go through an inbox the engine thread drains between steps, and each step's
+outputs are handed back to the per-request asyncio queues with call_soon_threadsafe. Step
+observer coroutines run on the caller's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.engine.config import EngineConfig
+from models.engine.llm_engine import LLMEngine
+from models.engine.types import (
+    EngineCapabilities,
+    EngineError,
+    EngineStats,
+    GenerationRequest,
+    RequestOutput,
+)
+
+
+class TorchEngine:
+    """The own torch engine: continuous batching, paged KV, steering hooks, per-row LoRA."""
+
+    capabilities = EngineCapabilities(
+        token_events=True,
+        hidden_state_steering=True,
+        per_row_lora=True,
+        backtrack=True,
+        logits_access=True,
+    )
+
+    def __init__(self, config: EngineConfig, model_path: str | Path, tokenizer: Any = "auto"):
+        self.core = LLMEngine(config, model_path, tokenizer)
+        self.tokenizer = self.core.tokenizer
+        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failure: BaseException | None = None
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.core.steering.runner.loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._inbox.put(lambda: None)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs token by token; the last has finished=True."""
+        await self.start()
+        self._raise_if_failed()
+        self.core.check_request(request)
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (loop, stream)
+        self._inbox.put(lambda: self._add(request))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self._inbox.put(lambda: self.core.abort(request.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(lambda: self.core.abort(request_id))
+
+    async def check_health(self) -> None:
+        self._raise_if_failed()
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            raise EngineError("the engine thread is not running")
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self._in_engine_thread(lambda: self.core.adapters.load(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._in_engine_thread(lambda: self.core.adapters.unload(name))
+
+    def adapters(self) -> list[str]:
+        return self.core.adapters.names()
+
+    def register_vector(self, name: str, vector: torch.Tensor) -> None:
+        """A steering vector [num_layers, hidden] for SteerVector actions and steer_vectors."""
+        self.core.register_vector(name, vector)  # one dict store: safe beside the engine thread
+
+    def set_step_observer(self, observer: Any) -> None:
+        """See LLMEngine.set_step_observer; its coroutines run on the caller's event loop."""
+        self.core.set_step_observer(observer)
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    async def _in_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        await self.start()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        self._inbox.put(call)
+        return await asyncio.wrap_future(done)
+
+    def _add(self, request: GenerationRequest) -> None:
+        try:
+            self.core.add_request(request)
+        except EngineError as exc:
+            self._deliver(request.request_id, exc)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox(block=not self.core.has_unfinished())
+                if self.core.has_unfinished():
+                    for out in self.core.step():
+                        self._deliver(out.request_id, out)
+        except BaseException as exc:
+            self._failure = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineError(f"the engine failed: {exc!r}"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            task = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            task()
+            try:
+                task = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise EngineError(f"the engine failed: {self._failure!r}")
