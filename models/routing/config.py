@@ -33,3 +33,19 @@ class RouterConfig(BaseModel):
         default_factory=list,
         description="Directories under which /v1/load_lora_adapter may load adapters.",
     )
+    base_class: bool = Field(
+        True,
+        description="Train a 'base' class on generic prompts (chit-chat, general questions) "
+        "beside the adapters, so unrelated prompts go to the base model; off = threshold only.",
+    )
+    base_examples: list[str] = Field(
+        default_factory=list,
+        description="Extra generic prompts for the base class, added to the built-in set "
+        "(models/routing/base_prompts.py): requests the base model should keep.",
+    )
+    regularization: float = Field(
+        32.0,
+        gt=0,
+        description="Inverse L2 strength C of the logistic-regression head (larger = sharper "
+        "probabilities; 32 measured best on tests/data/router_heldout.jsonl).",
+    )
