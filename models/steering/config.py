@@ -51,3 +51,14 @@ class SteeringConfig(BaseModel):
     timeout_s: float = Field(
         2.0, gt=0, description="A Steerer call slower than this leaves the row unsteered."
     )
+    vector_dir: str | None = Field(
+        None,
+        description="Directory of the steering-vector library (extracted vectors are cached "
+        "there); None = $TANDEM_CACHE/vectors/<big model>.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the small model runs; auto picks CUDA when a GPU is visible."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Small-model dtype; auto = float32 on CPU, bfloat16 on CUDA."
+    )

@@ -1,0 +1,46 @@
+"""Contrastive decoding: prefer what the big model knows and the small model does not."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.steering.policies.base import Policy, adjust_step, check_same_tokenizer
+from models.steering.protocol import Action, AdjustedLogits, Event
+from models.steering.state import BASE, RequestState
+
+
+class ContrastiveParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.5, ge=0, description="Weight of the small model's logits subtracted.")
+    plausibility_alpha: float = Field(
+        0.1, ge=0, le=1,
+        description="Keep only tokens with big-model probability >= alpha * the top one's.",
+    )  # fmt: skip
+
+
+class Contrastive(Policy):
+    """logits_big - beta * logits_small, restricted to the big model's plausible tokens (the
+    engine applies the head: AdjustedLogits.plausibility_alpha)."""
+
+    Params = ContrastiveParams
+
+    @property
+    def variants(self) -> list[str]:
+        return [BASE]
+
+    def start(self) -> None:
+        check_same_tokenizer(self.context, self.name)
+
+    def on_event(self, state: RequestState, event: Event) -> list[Action]:
+        step = adjust_step(state, event)
+        if step is None:
+            return []
+        delta = -state.params.beta * state.output(BASE).logits
+        return [
+            AdjustedLogits(
+                step=step,
+                delta=self.big_vocab_delta(delta),
+                plausibility_alpha=state.params.plausibility_alpha,
+            )
+        ]

@@ -1,0 +1,62 @@
+"""Proxy tuning: steer the big model by how a LoRA-tuned small model differs from its base."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.steering.policies.base import Policy, adjust_step, check_same_tokenizer
+from models.steering.protocol import Action, AdjustedLogits, Event
+from models.steering.state import BASE, RequestState
+
+
+class ProxyTuningParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(1.0, description="Weight of (expert - base) small-model logits.")
+    expert: str | None = Field(
+        None, description="Small-model LoRA used as the expert; None = steering.expert_adapter."
+    )
+
+
+class ProxyTuning(Policy):
+    """logits_big + alpha * (logits_small_expert - logits_small_base), every step.
+
+    The expert is the small model with its LoRA, the base the same model without; both read the
+    request's tokens in the same batched forward.
+    """
+
+    Params = ProxyTuningParams
+
+    @property
+    def expert(self) -> str:
+        expert = self.defaults.expert or self.context.expert_adapter
+        if not expert:
+            raise ValueError(
+                f"policy '{self.name}' needs an expert adapter: set steering.expert_adapter or "
+                "params.expert"
+            )
+        return expert
+
+    @property
+    def variants(self) -> list[str]:
+        return [BASE, self.expert]
+
+    def start(self) -> None:
+        check_same_tokenizer(self.context, self.name)
+        self.context.small_model.check_variant(self.expert)
+
+    def params_for(self, request_params: dict) -> BaseModel:
+        params = super().params_for(request_params)
+        if params.expert not in (None, self.expert):
+            raise ValueError(
+                f"policy '{self.name}' uses expert '{self.expert}'; a request cannot choose another"
+            )
+        return params
+
+    def on_event(self, state: RequestState, event: Event) -> list[Action]:
+        step = adjust_step(state, event)
+        if step is None:
+            return []
+        expert, base = state.output(self.expert), state.output(BASE)
+        delta = state.params.alpha * (expert.logits - base.logits)
+        return [AdjustedLogits(step=step, delta=self.big_vocab_delta(delta))]

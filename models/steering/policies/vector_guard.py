@@ -1,0 +1,100 @@
+"""Vector guard: the small model watches the running text for a concept and, once it shows,
+turns on a steering vector in the big model (and may take back the last tokens)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.steering.policies.base import Policy
+from models.steering.protocol import Action, Backtrack, ClearSteer, Event, Prefilled, SteerVector
+from models.steering.state import BASE, RequestState
+
+
+class VectorGuardParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vector: str = Field(description="Big-model steering vector to turn on (a configured name).")
+    coeff: float = Field(4.0, description="Its coefficient: h_l += coeff * v_l.")
+    layers: list[int] | None = Field(None, description="Big-model layers; None = all it has.")
+    threshold: float = Field(
+        0.5, description="Concept score (-1 = like the negative prompts, +1 = like the positive "
+        "ones) above which the vector turns on.",
+    )  # fmt: skip
+    release_below: float | None = Field(
+        None, description="Turn the vector off again when the score falls below this."
+    )
+    backtrack: int = Field(0, ge=0, description="Generated tokens to take back on triggering.")
+    concept_layer: int | None = Field(
+        None, description="Small-model block whose output is scored; None = the middle one."
+    )
+    positive: list[str] = Field(
+        default_factory=list, description="Concept prompts; empty = the vector's positive pairs."
+    )
+    negative: list[str] = Field(
+        default_factory=list, description="Counter prompts; empty = the vector's negative pairs."
+    )
+
+
+class VectorGuard(Policy):
+    """Scores the small model's last-token state at `concept_layer` against the concept:
+    score = (h - midpoint) . d / (|d|^2 / 2) with d = mean(positive) - mean(negative), so +1 sits
+    on the positive mean, -1 on the negative one. Above `threshold` it answers
+    SteerVector(vector, coeff, layers) and, once, Backtrack(backtrack)."""
+
+    Params = VectorGuardParams
+
+    @property
+    def variants(self) -> list[str]:
+        return [BASE]
+
+    def start(self) -> None:
+        small = self.context.small_model
+        if small is None:
+            raise ValueError(f"policy '{self.name}' needs a small model; none is configured")
+        p = self.defaults
+        spec = self.context.vectors.get(p.vector)
+        positive = p.positive or (spec.positive if spec else [])
+        negative = p.negative or (spec.negative if spec else [])
+        if not positive or len(positive) != len(negative):
+            raise ValueError(
+                f"policy '{self.name}' needs matching concept prompts: give params.positive and "
+                f"params.negative, or pairs on steering vector '{p.vector}'"
+            )
+        self.layer = p.concept_layer if p.concept_layer is not None else small.num_layers // 2
+        hidden = small.base_hidden_states(positive + negative)[:, self.layer]
+        pos, neg = hidden[: len(positive)].mean(0), hidden[len(positive) :].mean(0)
+        self.direction = pos - neg
+        self.midpoint = (pos + neg) / 2
+
+    def score(self, state: RequestState) -> float:
+        """The concept score of the request's running text (last token, small model)."""
+        h = state.output(BASE).hidden[self.layer + 1].to(self.direction.device)
+        return concept_score(h, self.direction, self.midpoint)
+
+    def on_event(self, state: RequestState, event: Event) -> list[Action]:
+        if state.scratch.get("scored_at") == len(state.tokens):
+            return []  # one decision per call, whatever the number of events
+        state.scratch["scored_at"] = len(state.tokens)
+        p = state.params
+        score = self.score(state)
+        state.scratch["score"] = score
+        active = state.scratch.get("active", False)
+        if not active and score > p.threshold:
+            state.scratch["active"] = True
+            actions: list[Action] = [SteerVector(name=p.vector, coeff=p.coeff, layers=p.layers)]
+            n = min(p.backtrack, state.next_step)
+            if n and not state.scratch.get("backtracked") and not isinstance(event, Prefilled):
+                state.scratch["backtracked"] = True
+                actions.append(Backtrack(n=n))
+            return actions
+        if active and p.release_below is not None and score < p.release_below:
+            state.scratch["active"] = False
+            return [ClearSteer(name=p.vector)]
+        return []
+
+
+def concept_score(hidden: torch.Tensor, direction: torch.Tensor, midpoint: torch.Tensor) -> float:
+    """The score VectorGuard uses, for one hidden state [hidden]."""
+    half = float(direction.dot(direction)) / 2 or 1.0
+    return float((hidden - midpoint).dot(direction)) / half

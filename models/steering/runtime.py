@@ -1,0 +1,251 @@
+"""SteeringRuntime: the small model and the policies, turning one engine step's events into
+actions. The same object runs colocated (the engine's step observer inside the Generator) and
+remote (inside the Steerer deployment)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.steering.config import SteeringConfig
+from models.steering.policies import Policy, PolicyContext, policy_class
+from models.steering.protocol import (
+    Action,
+    Added,
+    ForwardPass,
+    Prefilled,
+    RowActions,
+    RowEvents,
+    Sampled,
+    check_action,
+)
+from models.steering.state import RequestState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeStats:
+    """Counters for metrics and tests."""
+
+    calls: int = 0
+    rows: int = 0
+    small_model_reads: int = 0
+    resyncs: int = 0
+    errors: int = 0
+    live_requests: int = 0
+
+
+class SteeringRuntime:
+    """Holds the small model and the configured policies; keeps per-request state by id.
+
+    config: the `steering:` block. big_model_path: the big model's checkpoint (its tokenizer and
+    vocab size are checked against the small model's). small_model_path: the steering model;
+    small_adapters: its LoRA adapters by name (the proxy-tuning expert among them).
+    """
+
+    def __init__(
+        self,
+        config: SteeringConfig,
+        big_model_path: str | None,
+        small_model_path: str | None = None,
+        small_adapters: dict[str, str] | None = None,
+    ):
+        self.config = config
+        self.states: dict[str, RequestState] = {}
+        self._stats = RuntimeStats()
+        self._lock = asyncio.Lock()
+        self.small_model = None
+        expert = config.expert_adapter
+        adapters = dict(small_adapters or {})
+        if expert and expert not in adapters:
+            if not Path(expert).is_dir():
+                raise ValueError(
+                    f"steering.expert_adapter '{expert}' is neither a small-model adapter "
+                    f"({', '.join(adapters) or 'none known'}) nor a directory"
+                )
+            adapters = {Path(expert).name: expert}
+            expert = Path(expert).name
+        elif expert:
+            adapters = {expert: adapters[expert]}
+        else:
+            adapters = {}
+        if config.policies:
+            if small_model_path is None:
+                raise ValueError(
+                    "steering policies are configured but there is no small model: set "
+                    "steering.small_model_source or use a builtin model source"
+                )
+            from models.steering.small_model import SmallModel
+
+            self.small_model = SmallModel(
+                small_model_path, adapters, device=config.device, dtype=config.dtype
+            )
+        self.context = PolicyContext(
+            small_model=self.small_model,
+            big_model_path=big_model_path,
+            big_vocab_size=_vocab_size(big_model_path, self.small_model),
+            big_tokenizer=_tokenizer(big_model_path),
+            vectors={v.name: v for v in config.vectors},
+            expert_adapter=expert,
+        )
+        self.policies: dict[str, Policy] = {}
+        for spec in config.policies:
+            policy = policy_class(spec.kind)(spec.name, spec.params, self.context)
+            policy.start()
+            self.policies[spec.name] = policy
+
+    @classmethod
+    def from_source(cls, config: SteeringConfig, model_source: str) -> SteeringRuntime:
+        """Build from the config and the big model's `model.source` (builtin:… or a directory)."""
+        from models.builtin import resolve_source
+
+        paths = resolve_source(model_source)
+        small, adapters = paths.small, paths.small_adapters
+        if config.small_model_source:
+            own = resolve_source(config.small_model_source)
+            small, adapters = own.big, own.adapters
+        return cls(config, paths.big, small, adapters)
+
+    async def process(self, batch: list[RowEvents]) -> list[RowActions]:
+        """The actions for every row of one engine step; one small-model forward for all rows
+        that need it. A row's failure is reported on that row (RowActions.error) only."""
+        async with self._lock:
+            return await asyncio.to_thread(self.process_now, batch)
+
+    async def on_step(self, batch: list[RowEvents]) -> list[RowActions]:
+        """The engine's step-observer hook (colocated mode): same as `process`."""
+        return await self.process(batch)
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Forget finished requests (their caches are freed)."""
+        for request_id in request_ids:
+            self.states.pop(request_id, None)
+
+    def stats(self) -> RuntimeStats:
+        self._stats.live_requests = len(self.states)
+        return RuntimeStats(**vars(self._stats))
+
+    def process_now(self, batch: list[RowEvents]) -> list[RowActions]:
+        """`process` without the lock and thread hop (for callers that own both)."""
+        self._stats.calls += 1
+        self._stats.rows += len(batch)
+        answers: list[RowActions | None] = [None] * len(batch)
+        live: list[tuple[int, RowEvents, RequestState, Policy]] = []
+        for i, row in enumerate(batch):
+            try:
+                prepared = self._prepare(row)
+            except Exception as exc:  # noqa: BLE001 - reported on the row
+                answers[i] = self._error(row, exc)
+                continue
+            if isinstance(prepared, RowActions):
+                answers[i] = prepared
+            else:
+                live.append((i, row, *prepared))
+        reads = [(state, variant) for _, _, state, policy in live for variant in policy.variants]
+        try:
+            if reads:
+                self._stats.small_model_reads += 1
+                self.small_model.read(reads)
+        except Exception as exc:  # noqa: BLE001 - every row that needed it learns why
+            log.exception("small-model forward failed")
+            for i, row, _, _ in live:
+                answers[i] = self._error(row, exc)
+            live = []
+        for i, row, state, policy in live:
+            try:
+                answers[i] = RowActions(row.request_id, self._decide(row, state, policy))
+            except Exception as exc:  # noqa: BLE001 - reported on the row
+                answers[i] = self._error(row, exc)
+        return [a for a in answers if a is not None]
+
+    def _prepare(self, row: RowEvents) -> RowActions | tuple[RequestState, Policy]:
+        """Bring the request's state up to date with the row, or answer it right away."""
+        if row.policy is None:
+            return RowActions(row.request_id)  # static vectors only: nothing to decide
+        policy = self.policies.get(row.policy)
+        if policy is None:
+            raise ValueError(
+                f"steering policy '{row.policy}' is not configured; configured: "
+                f"{', '.join(self.policies) or 'none'}"
+            )
+        state = self.states.get(row.request_id)
+        if row.token_ids is not None:
+            if state is None or state.policy != row.policy:
+                state = self._new_state(row, policy)
+            n = row.num_prompt_tokens
+            state.reset(row.token_ids[:n], row.token_ids[n:])
+        elif state is None:
+            if not (row.events and isinstance(row.events[0], Prefilled)):
+                self._stats.resyncs += 1
+                return RowActions(row.request_id, resync=True)
+            state = self._new_state(row, policy)
+        try:
+            _apply_token_events(state, row.events)
+        except LookupError:
+            self.states.pop(row.request_id, None)
+            self._stats.resyncs += 1
+            return RowActions(row.request_id, resync=True)
+        return state, policy
+
+    def _new_state(self, row: RowEvents, policy: Policy) -> RequestState:
+        state = RequestState(row.request_id, row.policy, params=policy.params_for(row.params))
+        self.states[row.request_id] = state
+        return state
+
+    def _decide(self, row: RowEvents, state: RequestState, policy: Policy) -> list[Action]:
+        actions: list[Action] = []
+        for event in row.events:
+            for action in policy.on_event(state, event):
+                check_action(event, action)
+                actions.append(action)
+        return actions
+
+    def _error(self, row: RowEvents, exc: Exception) -> RowActions:
+        self._stats.errors += 1
+        return RowActions(row.request_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def _apply_token_events(state: RequestState, events: list) -> None:
+    """Update the request's tokens from Prefilled / Sampled / Added; a ForwardPass for a step
+    whose earlier tokens were never reported raises LookupError (the engine must resync)."""
+    for event in events:
+        if isinstance(event, Prefilled):
+            state.reset(event.prompt_ids, [])
+        elif isinstance(event, Sampled):
+            state.set_generated(event.step, [event.token_id])
+        elif isinstance(event, Added):
+            state.set_generated(event.step, event.token_ids)
+        elif isinstance(event, ForwardPass) and event.step > state.next_step:
+            raise LookupError(f"request {state.request_id}: step {event.step} arrived early")
+    if not state.tokens:
+        raise LookupError(f"request {state.request_id}: no tokens known")
+
+
+def _vocab_size(big_model_path: str | None, small_model: Any) -> int:
+    if big_model_path:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(big_model_path).vocab_size
+    return small_model.config.vocab_size if small_model is not None else 0
+
+
+def _tokenizer(path: str | None) -> Any:
+    if not path:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def default_vector_dir(big_model_path: str) -> str:
+    """$TANDEM_CACHE/vectors/<hash of the big model's path>: one library per big model."""
+    root = os.environ.get("TANDEM_CACHE") or os.path.expanduser("~/.cache/tandem/models")
+    key = hashlib.sha256(str(Path(big_model_path).resolve()).encode()).hexdigest()[:12]
+    return str(Path(root) / "vectors" / key)

@@ -1,0 +1,97 @@
+"""Per-request state the Steerer keeps between engine steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+BASE = "base"  # the small-model variant without any LoRA
+
+
+@dataclass
+class KVState:
+    """One request's KV cache in one small-model variant: per layer (keys, values), each
+    [kv_heads, length, head_dim]. A paged runner would hold block ids here instead."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    length: int = 0
+
+    def crop(self, length: int) -> None:
+        length = max(length, 0)
+        if length >= self.length:
+            return
+        self.layers = [(k[:, :length], v[:, :length]) for k, v in self.layers] if length else []
+        self.length = length
+
+
+@dataclass
+class SmallOutput:
+    """The small model's view after reading the whole sequence: next-token logits [vocab] and
+    each block's output at the last token [num_blocks + 1, hidden] (index 0 = embeddings)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    length: int  # tokens read; the output is current while the sequence has this many
+
+
+@dataclass
+class RequestState:
+    """What the Steerer knows of one request: its tokens, small-model caches and outputs,
+    validated policy params, and `scratch` for the policy's own per-request memory."""
+
+    request_id: str
+    policy: str | None
+    params: Any = None
+    prompt_ids: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    kv: dict[str, KVState] = field(default_factory=dict)
+    outputs: dict[str, SmallOutput] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    @property
+    def next_step(self) -> int:
+        """Index of the generated token the current small-model outputs predict."""
+        return len(self.generated)
+
+    def reset(self, prompt_ids: list[int], generated: list[int]) -> None:
+        """The sequence is now prompt_ids + generated; caches keep the prefix that still holds."""
+        self._keep_prefix(self._common_prefix(self.tokens, list(prompt_ids) + list(generated)))
+        self.prompt_ids = list(prompt_ids)
+        self.generated = list(generated)
+
+    def set_generated(self, step: int, token_ids: list[int]) -> None:
+        """Generated tokens from index `step` on are now `token_ids` (later ones are gone: a
+        backtrack, or a rewrite). Raises LookupError when tokens before `step` are unknown."""
+        if step > len(self.generated):
+            raise LookupError(
+                f"request {self.request_id}: tokens {len(self.generated)}..{step - 1} were never "
+                "reported"
+            )
+        same = self._common_prefix(self.generated[step:], token_ids)
+        self._keep_prefix(len(self.prompt_ids) + step + same)
+        self.generated = self.generated[:step] + list(token_ids)
+
+    def output(self, variant: str) -> SmallOutput | None:
+        """The small model's output for `variant` if it has read exactly the current tokens."""
+        out, kv, n = self.outputs.get(variant), self.kv.get(variant), len(self.tokens)
+        # a rewrite of the same length crops the cache, so both must still cover every token
+        return out if out is not None and kv is not None and out.length == kv.length == n else None
+
+    def _keep_prefix(self, length: int) -> None:
+        for kv in self.kv.values():
+            kv.crop(length)
+
+    @staticmethod
+    def _common_prefix(a: list[int], b: list[int]) -> int:
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
