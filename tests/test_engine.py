@@ -1,0 +1,243 @@
+"""The torch engine against transformers on tiny random checkpoints (CPU, float32)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from models.engine import build_engine
+from models.engine.config import EngineConfig
+from models.engine.llm_engine import LLMEngine
+from models.engine.tiny_checkpoint import build_tiny_checkpoint
+from models.engine.types import (
+    EngineOverloadedError,
+    GenerationRequest,
+    PromptTooLongError,
+    SamplingParams,
+)
+
+PROMPT_LENGTHS = (3, 17, 9, 30, 5)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def checkpoint(request, tmp_path_factory):
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("qwen3_only"), "qwen3", seed=1)
+
+
+def prompts(n: int = len(PROMPT_LENGTHS), seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (k,), generator=g).tolist() for k in PROMPT_LENGTHS[:n]]
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def engine(path, **config) -> LLMEngine:
+    config.setdefault("num_kv_blocks", 128)
+    config.setdefault("block_size", 4)
+    return LLMEngine(EngineConfig(**config), path)
+
+
+def run_all(eng: LLMEngine, requests: list[GenerationRequest], join_every: int = 0) -> dict:
+    """Add requests (one per `join_every` steps, or all at once) and step until done;
+    request id -> (tokens, outputs)."""
+    tokens: dict[str, list[int]] = {}
+    outs: dict[str, list] = {}
+    pending = list(requests)
+    while pending or eng.has_unfinished():
+        if pending:
+            for _ in range(1 if join_every else len(pending)):
+                eng.add_request(pending.pop(0))
+        for _ in range(max(join_every, 1)):
+            for out in eng.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+                outs.setdefault(out.request_id, []).append(out)
+    return {rid: (tokens[rid], outs[rid]) for rid in tokens}
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
+
+
+def test_greedy_matches_transformers_with_staggered_joins(checkpoint):
+    path, hf = checkpoint
+    eng = engine(path, max_num_batched_tokens=16)  # the 30-token prompt is prefilled in chunks
+    reqs = [GenerationRequest(str(i), p, greedy(12)) for i, p in enumerate(prompts())]
+    got = run_all(eng, reqs, join_every=2)
+    for i, p in enumerate(prompts()):
+        assert got[str(i)][0] == hf_greedy(hf, p, 12), f"request {i} (prompt {len(p)} tokens)"
+    assert eng.stats().max_running_seen > 1
+    assert eng.stats().free_blocks == eng.stats().total_blocks
+
+
+def test_preemption_with_a_tiny_cache_keeps_greedy_tokens(checkpoint):
+    path, hf = checkpoint
+    eng = engine(path, num_kv_blocks=16)  # 15 usable blocks of 4 tokens for ~5 x 8 blocks
+    reqs = [GenerationRequest(str(i), p, greedy(16)) for i, p in enumerate(prompts(4))]
+    got = run_all(eng, reqs)
+    assert eng.stats().preemptions > 0
+    for i, p in enumerate(prompts(4)):
+        assert got[str(i)][0] == hf_greedy(hf, p, 16)
+        assert got[str(i)][1][-1].finish_reason == "length"
+    assert eng.stats().free_blocks == eng.stats().total_blocks
+
+
+def test_same_seed_same_tokens_alone_and_in_a_busy_batch(qwen3):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=1234)
+    alone = run_all(engine(qwen3), [GenerationRequest("x", [5, 6, 7], params)])["x"][0]
+    others = [
+        GenerationRequest(f"o{i}", p, SamplingParams(max_tokens=12, temperature=1.0))
+        for i, p in enumerate(prompts(4, seed=3))
+    ]
+    busy = run_all(
+        engine(qwen3), others[:2] + [GenerationRequest("x", [5, 6, 7], params)] + others[2:]
+    )
+    assert busy["x"][0] == alone
+    reseeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=99)
+    other = run_all(engine(qwen3), [GenerationRequest("y", [5, 6, 7], reseeded)])["y"][0]
+    assert other != alone
+
+
+def test_top_k_1_is_greedy(qwen3):
+    p = prompts(1)[0]
+    top1 = SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=7)
+    a = run_all(engine(qwen3), [GenerationRequest("a", p, top1)])["a"][0]
+    b = run_all(engine(qwen3), [GenerationRequest("b", p, greedy(10))])["b"][0]
+    assert a == b
+
+
+def test_stop_token_and_max_tokens(qwen3):
+    p = prompts(2)[1]
+    ref = run_all(engine(qwen3), [GenerationRequest("r", p, greedy(12))])["r"]
+    assert len(ref[0]) == 12 and ref[1][-1].finish_reason == "length"
+    stop_at = next(i for i, t in enumerate(ref[0]) if i > 0 and t not in ref[0][:i])
+    got = run_all(
+        engine(qwen3), [GenerationRequest("s", p, greedy(12, stop_token_ids=[ref[0][stop_at]]))]
+    )["s"]
+    assert got[0] == ref[0][: stop_at + 1]
+    assert got[1][-1].finish_reason == "stop" and got[1][-1].finished
+
+
+def test_eos_from_generation_config_and_ignore_eos(qwen3, tmp_path):
+    p = prompts(2)[1]
+    ref = run_all(engine(qwen3), [GenerationRequest("r", p, greedy(12))])["r"][0]
+    stop_at = next(i for i, t in enumerate(ref) if i > 0 and t not in ref[:i])
+    ckpt = shutil.copytree(qwen3, tmp_path / "eos")
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [ref[stop_at]]}))
+    got = run_all(engine(ckpt), [GenerationRequest("e", p, greedy(12))])["e"]
+    assert got[0] == ref[: stop_at + 1] and got[1][-1].finish_reason == "stop"
+    ignored = run_all(engine(ckpt), [GenerationRequest("i", p, greedy(12, ignore_eos=True))])["i"]
+    assert ignored[0] == ref and ignored[1][-1].finish_reason == "length"
+
+
+def test_logprobs_shape_sign_and_sampled_token(checkpoint):
+    path, hf = checkpoint
+    p = prompts(1)[0]
+    got = run_all(engine(path), [GenerationRequest("l", p, greedy(6, logprobs=3))])["l"]
+    logprobs = [lp for out in got[1] for lp in out.logprobs]
+    assert [lp.token_id for lp in logprobs] == got[0]
+    with torch.no_grad():
+        first = hf(torch.tensor([p])).logits[0, -1].log_softmax(-1)
+    assert logprobs[0].logprob == pytest.approx(float(first[got[0][0]]), abs=1e-4)
+    for lp in logprobs:
+        assert len(lp.top) == 3 and all(v <= 0 for _, v in lp.top) and lp.logprob <= 0
+        assert lp.top[0] == (lp.token_id, pytest.approx(lp.logprob))  # greedy: the top one
+
+
+def test_logit_bias_forces_a_token(qwen3):
+    got = run_all(
+        engine(qwen3), [GenerationRequest("b", [1, 2, 3], greedy(5, logit_bias={42: 100.0}))]
+    )
+    assert got["b"][0] == [42] * 5
+
+
+def test_abort_frees_blocks_and_reports_abort(qwen3):
+    eng = engine(qwen3)
+    eng.add_request(GenerationRequest("keep", [1, 2, 3], greedy(8)))
+    eng.add_request(GenerationRequest("drop", [4, 5, 6, 7, 8, 9], greedy(50)))
+    eng.step()
+    eng.step()
+    assert eng.stats().free_blocks < eng.stats().total_blocks
+    eng.abort("drop")
+    finals = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out.finish_reason
+    assert finals == {"keep": "length", "drop": "abort"}
+    assert eng.stats().free_blocks == eng.stats().total_blocks
+
+
+def test_request_errors_name_the_numbers(qwen3):
+    eng = engine(qwen3, max_model_len=64, max_queue_len=1)
+    with pytest.raises(PromptTooLongError, match=r"60 tokens.*max_tokens \(10\).*70.*64"):
+        eng.add_request(GenerationRequest("long", [1] * 60, greedy(10)))
+    small = engine(qwen3, num_kv_blocks=4)
+    with pytest.raises(PromptTooLongError, match="KV-cache blocks"):
+        small.add_request(GenerationRequest("big", [1] * 20, greedy(10)))
+    eng.add_request(GenerationRequest("a", [1, 2], greedy(4)))
+    with pytest.raises(EngineOverloadedError, match="queue is full"):
+        eng.add_request(GenerationRequest("b", [1, 2], greedy(4)))
+
+
+def test_torch_engine_streams_concurrent_requests(qwen3):
+    async def main():
+        eng = build_engine(EngineConfig(num_kv_blocks=64, block_size=4), str(qwen3))
+        await eng.start()
+
+        async def one(i: int):
+            outs = [
+                o async for o in eng.generate(GenerationRequest(str(i), [1, 2, 3 + i], greedy(8)))
+            ]
+            return outs
+
+        results = await asyncio.gather(*[one(i) for i in range(6)])
+        await eng.check_health()
+        stats = eng.stats()
+        eng.shutdown()
+        return results, stats
+
+    results, stats = asyncio.run(main())
+    alone = run_all(engine(qwen3), [GenerationRequest("3", [1, 2, 6], greedy(8))])["3"][0]
+    for outs in results:
+        assert [len(o.token_ids) for o in outs] == [1] * 8  # token by token
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        assert all(not o.finished for o in outs[:-1])
+    assert [t for o in results[3] for t in o.token_ids] == alone
+    assert stats.max_running_seen > 1
+
+
+def test_build_engine_names_the_missing_extra(qwen3):
+    with pytest.raises(NotImplementedError, match="optional extra 'vllm"):
+        build_engine(EngineConfig(kind="vllm"), str(qwen3))
+
+
+def test_stop_strings_hold_back_and_cut_text():
+    builtin = pytest.importorskip("models.builtin")
+    path = builtin.resolve_source("builtin:tiny").big
+    eng = LLMEngine(EngineConfig(num_kv_blocks=64), path)
+    tok = eng.tokenizer
+    prompt = tok.encode("the cat sat on the mat and")
+    ref = run_all(eng, [GenerationRequest("r", prompt, greedy(24))])["r"]
+    text = "".join(o.text for o in ref[1])
+    assert text == tok.decode(ref[0], skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    got = run_all(eng, [GenerationRequest("s", prompt, greedy(24, stop=[stop]))])["s"]
+    streamed = "".join(o.text for o in got[1])
+    assert streamed == text[: text.index(stop)]
+    assert got[1][-1].finish_reason == "stop"
