@@ -1,0 +1,62 @@
+"""Ray Serve deployment of the adapter router (CPU): prompt -> adapter decision, batched.
+
+Built from the config's `adapters:` list and `router:` block (plain dicts, as serve_config.yaml
+passes them), e.g. `Router.options(**opts).bind(adapters=[...], router={...})`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+from ray.serve import metrics
+
+from models.routing.config import AdapterConfig, RouterConfig
+from models.routing.router import AdapterRouter
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Router:
+    """Routes prompts to LoRA adapters; concurrent calls share one embedding batch."""
+
+    def __init__(
+        self, adapters: list[dict[str, Any]] | None = None, router: dict[str, Any] | None = None
+    ):
+        self.config = RouterConfig.model_validate(router or {})
+        configs = [AdapterConfig.model_validate(a) for a in adapters or []]
+        self.router = AdapterRouter(configs, self.config)  # loads the embedder only if needed
+        self.batches = 0
+        self.max_batch_size_seen = 0
+        self.decisions = metrics.Counter(
+            "tandem_router_decisions",
+            description="Prompts routed, by chosen adapter ('base' for the base model).",
+            tag_keys=("adapter",),
+        )
+
+    async def route(self, prompt: str) -> dict[str, Any]:
+        """One prompt's decision: adapter (None = base), confidence, candidates, weights."""
+        if not self.router.routable:
+            self.decisions.inc(tags={"adapter": "base"})
+            return {"adapter": None, "confidence": 0.0, "candidates": [], "weights": None}
+        return await self._route_batch(prompt)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _route_batch(self, prompts: list[str]) -> list[dict[str, Any]]:
+        self.batches += 1
+        self.max_batch_size_seen = max(self.max_batch_size_seen, len(prompts))
+        # embedding is CPU-bound: off the event loop, so the next batch can gather meanwhile
+        decisions = await asyncio.to_thread(self.router.route, prompts)
+        for d in decisions:
+            self.decisions.inc(tags={"adapter": d.adapter or "base"})
+        return [d.to_dict() for d in decisions]
+
+    def info(self) -> dict[str, Any]:
+        """The adapters this router knows, its settings, and batching counters."""
+        return {
+            "adapters": self.router.info(),
+            "router": self.config.model_dump(),
+            "embedder_loaded": self.router.embedder is not None,
+            "batches": self.batches,
+            "max_batch_size_seen": self.max_batch_size_seen,
+        }
