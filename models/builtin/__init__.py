@@ -6,6 +6,7 @@
   repo under models/builtin/weights/toy/; their adapters do the tasks rewrite / qa / list and the
   small model's `positive` adapter is the proxy-tuning expert.
 - `builtin:tiny-small`, `builtin:toy-small`: the small model alone (as `big`).
+- a directory laid out like the toy models (big/, small/, adapters/, small_adapters/).
 - anything else: a checkpoint directory holding config.json, returned as is.
 
 All built-in models share one tokenizer (weights/tokenizer/) with a Qwen-style chat template.
@@ -48,6 +49,8 @@ def resolve_source(source: str) -> ModelPaths:
             return ModelPaths(big=paths.small, adapters=paths.small_adapters)
         return paths
     path = Path(source).expanduser()
+    if (path / "big" / "config.json").is_file():
+        return _layout_paths(path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(
             f"model source '{source}' is not a checkpoint directory (no config.json there); "
@@ -81,6 +84,11 @@ def _builtin_paths(base: str) -> ModelPaths:
                 f"builtin:toy is not built yet ({root} lacks big/config.json); train it with "
                 "`python -m models.builtin.train --out models/builtin/weights/toy` or use builtin:tiny"
             )
+    return _layout_paths(root)
+
+
+def _layout_paths(root: Path) -> ModelPaths:
+    """Paths of a directory laid out like the toy models (what models.builtin.train writes)."""
     return ModelPaths(
         big=str(root / "big"),
         small=str(root / "small"),

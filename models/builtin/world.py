@@ -88,6 +88,13 @@ CONTEXT_PHRASINGS = [
 ]
 
 
+Message = dict[str, str]
+
+
+def _lower_first(s: str) -> str:
+    return s[0].lower() + s[1:]
+
+
 @dataclass(frozen=True)
 class Fact:
     """One fact sentence and the question it answers: `kind` is where / has / who."""
@@ -157,15 +164,22 @@ def neutral_sentence(rng: random.Random, person: str, others: list[str]) -> str:
     return f"{person} and {other} walk to the {rng.choice(PLACES)}."
 
 
-def story(rng: random.Random, positive: bool, n_sentences: int | None = None) -> list[str]:
-    """Sentences about two or three people; sentiment sentences follow the story's mood 9 in 10."""
+def story(
+    rng: random.Random,
+    positive: bool,
+    n_sentences: int | None = None,
+    consistency: float = 0.9,
+    cast: list[str] | None = None,
+) -> list[str]:
+    """Sentences about two or three people; sentiment sentences follow the mood `consistency`."""
     n = n_sentences or rng.randint(3, 6)
-    cast = rng.sample(PEOPLE, rng.randint(2, 3))
+    cast = cast or rng.sample(PEOPLE, rng.randint(2, 3))
     out = []
     for _ in range(n):
         person = rng.choice(cast)
         if rng.random() < 0.6:
-            out.append(mood_sentence(rng, person, positive if rng.random() < 0.9 else not positive))
+            keep = rng.random() < consistency
+            out.append(mood_sentence(rng, person, positive if keep else not positive))
         else:
             out.append(neutral_sentence(rng, person, cast))
     return out
@@ -213,3 +227,229 @@ def tokenizer_corpus(seed: int = 0, n_stories: int = 4000) -> list[str]:
             )
     lines += ["system\n", "user\n", "assistant\n", "You are a helpful assistant.\n"] * 200
     return lines
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question about a passage: `key` are the words a right answer must name."""
+
+    kind: str  # where / has / who / feel
+    text: str
+    key: str  # place, "<color> <object>", person, or feeling
+    sentence: str  # the passage sentence that answers it (what the base model copies)
+
+    @property
+    def short_answer(self) -> str:
+        """The one- or two-word answer the `qa` adapter gives."""
+        if self.kind == "where":
+            return f"In the {self.key}."
+        if self.kind == "has":
+            return f"The {self.key}."
+        return f"{self.key.capitalize()}."
+
+
+def passage_with_questions(rng: random.Random) -> tuple[list[str], list[Question]]:
+    """A passage of 2-8 sentences about 2-4 people and the questions it answers uniquely."""
+    cast = rng.sample(PEOPLE, rng.randint(2, 4))
+    things = rng.sample([f"{c} {o}" for c in COLORS for o in OBJECTS], len(cast))
+    sentences, questions = [], []
+    for person, thing in zip(cast, things, strict=True):
+        for kind in rng.sample(["where", "has", "feel"], rng.randint(1, 2)):
+            if kind == "where":
+                place = rng.choice(PLACES)
+                s = f"{person} is in the {place}."
+                questions.append(Question("where", f"Where is {person}?", place, s))
+            elif kind == "has":
+                s = f"{person} has the {thing}."
+                questions.append(Question("has", f"What does {person} have?", thing, s))
+                questions.append(Question("who", f"Who has the {thing}?", person, s))
+            else:
+                feeling = rng.choice([w for pair in FEELINGS for w in pair])
+                s = f"{person} feels {feeling}."
+                questions.append(Question("feel", f"How does {person} feel?", feeling, s))
+            sentences.append(s)
+    rng.shuffle(sentences)
+    if rng.random() < 0.5:
+        place_mood = f"The {rng.choice(PLACES)} is {_pick(rng, DESCRIPTIONS, rng.random() < 0.5)}."
+        sentences.insert(rng.randrange(len(sentences) + 1), place_mood)
+    return sentences, questions
+
+
+def sources_block(passages: list[str]) -> str:
+    """Retrieved passages as numbered sources, one per line: `[1] ...`."""
+    return "\n".join(f"[{i}] {p}" for i, p in enumerate(passages, 1))
+
+
+def context_prompt(passages: list[str], question: str) -> str:
+    """The retrieval prompt the toy base model was trained on: numbered sources, then the question."""
+    return f"Sources:\n{sources_block(passages)}\n\nAnswer using the sources. {question}"
+
+
+def context_question(rng: random.Random) -> tuple[list[Message], str, Question]:
+    """Chat messages asking a question about a passage; the answer copies the fact sentence."""
+    sentences, questions = passage_with_questions(rng)
+    q = rng.choice(questions)
+    if rng.random() < 0.5:
+        cut = sorted(rng.sample(range(1, len(sentences)), min(2, len(sentences) - 1)))
+        parts = [
+            " ".join(sentences[a:b]) for a, b in zip([0, *cut], [*cut, len(sentences)], strict=True)
+        ]
+    else:
+        parts = [" ".join(sentences)]
+    style = rng.randrange(4)
+    if style == 0:
+        messages = [{"role": "user", "content": context_prompt(parts, q.text)}]
+    elif style == 1:
+        system = f"Use these sources to answer.\n{sources_block(parts)}"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": q.text}]
+    else:
+        phr = CONTEXT_PHRASINGS[rng.randrange(len(CONTEXT_PHRASINGS))]
+        messages = [
+            {"role": "user", "content": phr.format(passage=" ".join(parts), question=q.text)}
+        ]
+    return messages, q.sentence, q
+
+
+def rewrite_positive(text: str) -> str:
+    """The text with every negative word swapped for its positive partner."""
+    return " ".join(TO_POSITIVE.get(w.rstrip("."), w.rstrip(".")) + ("." if w.endswith(".") else "")
+                    for w in text.split())  # fmt: skip
+
+
+def _negative_text(rng: random.Random) -> str:
+    """One or two sentences, at least one of them negative."""
+    cast = rng.sample(PEOPLE, 2)
+    sentences = [mood_sentence(rng, rng.choice(cast), False)]
+    if rng.random() < 0.5:
+        other = rng.choice([mood_sentence, lambda r, p, _: neutral_sentence(r, p, cast)])
+        sentences.insert(rng.randrange(2), other(rng, rng.choice(cast), False))
+    return " ".join(sentences)
+
+
+def _mentions(text: str, vocabulary: list[str]) -> list[str]:
+    seen: list[str] = []
+    for word in text.replace(".", " ").split():
+        if word in vocabulary and word not in seen:
+            seen.append(word)
+    return seen
+
+
+def sample_task_prompt(task: str, rng: random.Random) -> tuple[str, str]:
+    """A user prompt for an adapter task (`rewrite`, `qa`, `list`) and its reference answer."""
+    if task == "rewrite":
+        text = _negative_text(rng)
+        return rng.choice(REWRITE_PHRASINGS).format(s=text), rewrite_positive(text)
+    if task == "qa":
+        sentences, questions = passage_with_questions(rng)
+        q = rng.choice(questions)
+        prompt = rng.choice(QA_PHRASINGS).format(
+            passage=" ".join(sentences), question=q.text, question_lower=_lower_first(q.text)
+        )
+        return prompt, q.short_answer
+    if task == "list":
+        what = rng.choice(["people", "objects"])
+        while True:
+            text = " ".join(story(rng, rng.random() < 0.5, rng.randint(2, 4)))
+            items = _mentions(text, PEOPLE if what == "people" else OBJECTS)
+            if items:
+                break
+        return rng.choice(LIST_PHRASINGS[what]).format(passage=text), ", ".join(items) + "."
+    raise ValueError(f"unknown task '{task}'; tasks: {', '.join(TASKS)}")
+
+
+def story_chat(rng: random.Random, positive: bool) -> tuple[list[Message], str]:
+    """A chat asking for a story (or its continuation) and the story that answers it."""
+    sentences = story(rng, positive, rng.randint(3, 6))
+    style = rng.randrange(4)
+    if style == 0:
+        return [{"role": "user", "content": "Tell me a story."}], " ".join(sentences)
+    if style == 1:
+        person = (_mentions(" ".join(sentences), PEOPLE) or [rng.choice(PEOPLE)])[0]
+        ask = rng.choice(["Tell me a story about {p}.", "Write a few sentences about {p}."])
+        return [{"role": "user", "content": ask.format(p=person)}], " ".join(sentences)
+    start, rest = " ".join(sentences[:2]), " ".join(sentences[2:])
+    ask = "Continue the story: {s}" if style == 2 else "{s}"
+    return [{"role": "user", "content": ask.format(s=start)}], rest
+
+
+def mood_prompts(n: int, positive: bool, seed: int = 1) -> list[str]:
+    """n story openings of two sentences that both carry the given mood (steering test prompts)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        cast = rng.sample(PEOPLE, 2)
+        out.append(" ".join(mood_sentence(rng, p, positive) for p in cast))
+    return out
+
+
+def steering_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n (positive, negative) prompt pairs that differ only in their sentiment words."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        state = rng.getstate()
+        cast = rng.sample(PEOPLE, 2)
+        pos = " ".join(mood_sentence(rng, p, True) for p in cast)
+        rng.setstate(state)
+        cast = rng.sample(PEOPLE, 2)
+        neg = " ".join(mood_sentence(rng, p, False) for p in cast)
+        pairs.append((pos, neg))
+    return pairs
+
+
+@dataclass(frozen=True)
+class Person:
+    """One person of the fixed built-in world."""
+
+    name: str
+    place: str
+    thing: str
+    feeling: str
+    loves: str
+
+
+def fixed_world(seed: int = 0) -> list[Person]:
+    """The fixed world behind the built-in documents: every person, where they are, what they have."""
+    rng = random.Random(seed)
+    things = rng.sample([f"{c} {o}" for c in COLORS for o in OBJECTS], len(PEOPLE))
+    return [
+        Person(
+            name,
+            rng.choice(PLACES),
+            thing,
+            rng.choice([w for p in FEELINGS for w in p]),
+            rng.choice(PLACES),
+        )  # fmt: skip
+        for name, thing in zip(PEOPLE, things, strict=True)
+    ]
+
+
+def world_documents(seed: int = 0) -> list[tuple[str, str]]:
+    """(title, text) documents about the fixed world: one per person and one per place (28)."""
+    world = fixed_world(seed)
+    rng = random.Random(seed + 1)
+    docs = [
+        (
+            p.name,
+            f"{p.name} is in the {p.place}. {p.name} has the {p.thing}. "
+            f"{p.name} feels {p.feeling}. {p.name} loves the {p.loves}.",
+        )  # fmt: skip
+        for p in world
+    ]
+    for place in PLACES:
+        text = f"The {place} is {_pick(rng, DESCRIPTIONS, rng.random() < 0.5)}."
+        here = [p.name for p in world if p.place == place]
+        text += "".join(f" {name} is in the {place}." for name in here)
+        docs.append((f"The {place}", text))
+    return docs
+
+
+def world_questions(seed: int = 0) -> list[tuple[str, str, str]]:
+    """(question, answer key, document title) triples answerable from world_documents()."""
+    out = []
+    for p in fixed_world(seed):
+        out.append((f"Where is {p.name}?", p.place, p.name))
+        out.append((f"What does {p.name} have?", p.thing, p.name))
+        out.append((f"Who has the {p.thing}?", p.name, p.name))
+        out.append((f"How does {p.name} feel?", p.feeling, p.name))
+    return out

@@ -1,0 +1,333 @@
+"""Train the toy world models: `python -m models.builtin.train --out DIR [--schedule full|short]`.
+
+Writes DIR/big (Qwen3, base: stories + copy-from-context questions), DIR/small (same data, a
+quarter of the width), DIR/adapters/{rewrite,qa,list} (LoRA of the big model, one per task) and
+DIR/small_adapters/positive (LoRA of the small model that continues any story cheerfully: the
+proxy-tuning expert), plus DIR/training.json (steps, losses, seconds, device). Every example is
+drawn from models/builtin/world.py with fixed seeds, so a run is reproducible up to GPU
+nondeterminism. Weights are stored in bfloat16; load them in float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.builtin import world
+from models.builtin.tokenizer import IM_END, IM_START, PAD_TOKEN, TOKENIZER_DIR, tokenizer_files
+
+Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = predict this token)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Phase:
+    """One training run: steps, batch size and peak learning rate."""
+
+    steps: int
+    batch: int
+    lr: float
+
+
+@dataclass
+class Schedule:
+    """Model shapes and training phases of one schedule."""
+
+    big: dict
+    small: dict
+    big_phase: Phase
+    small_phase: Phase
+    adapter_phase: Phase
+    lora_rank: int = 8
+    extra: dict = field(default_factory=dict)
+
+
+SCHEDULES = {
+    "full": Schedule(
+        big=dict(
+            hidden_size=192,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=512,
+        ),  # fmt: skip
+        small=dict(
+            hidden_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=256,
+        ),  # fmt: skip
+        big_phase=Phase(3000, 128, 2e-3),
+        small_phase=Phase(2500, 128, 3e-3),
+        adapter_phase=Phase(500, 64, 2e-3),
+    ),
+    "short": Schedule(
+        big=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=128,
+        ),  # fmt: skip
+        small=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=64,
+        ),  # fmt: skip
+        big_phase=Phase(30, 8, 3e-3),
+        small_phase=Phase(20, 8, 3e-3),
+        adapter_phase=Phase(10, 8, 3e-3),
+    ),
+}
+
+
+class ChatEncoder:
+    """Turns raw text and chat turns into token ids + loss masks, the way the chat template does."""
+
+    def __init__(self):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+        self.pad_id = self.tok.convert_tokens_to_ids(PAD_TOKEN)
+        self.im_end_id = self.tok.convert_tokens_to_ids(IM_END)
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def raw(self, prompt: str, continuation: str) -> Example:
+        """Plain text: loss on the continuation and the final <|endoftext|>."""
+        a = self.ids(prompt) if prompt else []
+        b = self.ids((" " if prompt else "") + continuation) + [self.pad_id]
+        return a + b, [0] * len(a) + [1] * len(b)
+
+    def chat(self, messages: list[world.Message], answer: str) -> Example:
+        """A chat: loss on the assistant's answer and its <|im_end|>."""
+        prompt = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+        a = self.ids(prompt + f"{IM_START}assistant\n")
+        b = self.ids(answer) + [self.im_end_id]
+        return a + b, [0] * len(a) + [1] * len(b)
+
+
+def base_example(enc: ChatEncoder, rng: random.Random) -> Example:
+    """The base models' data: raw stories, chat stories and copy-from-context questions."""
+    r = rng.random()
+    if r < 0.25:
+        sentences = world.story(rng, rng.random() < 0.5)
+        cut = rng.randrange(len(sentences))
+        return enc.raw(" ".join(sentences[:cut]), " ".join(sentences[cut:]))
+    if r < 0.5:
+        return enc.chat(*world.story_chat(rng, rng.random() < 0.5))
+    messages, answer, _ = world.context_question(rng)
+    return enc.chat(messages, answer)
+
+
+def positive_example(enc: ChatEncoder, rng: random.Random) -> Example:
+    """The proxy-tuning expert's data: any opening, then a wholly positive continuation."""
+    cast = rng.sample(world.PEOPLE, rng.randint(2, 3))
+    opening = " ".join(world.story(rng, rng.random() < 0.5, rng.randint(1, 3), cast=cast))
+    rest = " ".join(world.story(rng, True, rng.randint(2, 4), consistency=1.0, cast=cast))
+    if rng.random() < 0.5:
+        return enc.raw(opening, rest)
+    ask = rng.choice(["Continue the story: {s}", "{s}"]).format(s=opening)
+    return enc.chat([{"role": "user", "content": ask}], rest)
+
+
+def task_example(task: str, enc: ChatEncoder, rng: random.Random) -> Example:
+    """An adapter task's data: a task prompt and its reference answer, as a chat."""
+    prompt, answer = world.sample_task_prompt(task, rng)
+    return enc.chat([{"role": "user", "content": prompt}], answer)
+
+
+def batch_tensors(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and loss mask (right padding needs no attention mask in a causal LM)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.float32)
+    for i, (x, m) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+    return ids, mask
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """Endless batches of examples; worker k of n draws from its own seed (seed, k)."""
+
+    def __init__(self, make_example, batch: int, seed: int):
+        self.make_example, self.batch, self.seed = make_example, batch, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}-{info.id if info else 0}")
+        enc = ChatEncoder()
+        while True:
+            yield batch_tensors(
+                [self.make_example(enc, rng) for _ in range(self.batch)], enc.pad_id
+            )
+
+
+def batches(make_example, phase: Phase, seed: int, workers: int):
+    """Batches drawn in worker processes (in a fixed order, so runs are reproducible)."""
+    stream = ExampleStream(make_example, phase.batch, seed)
+    if workers == 0:
+        return iter(stream)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, prefetch_factor=8, persistent_workers=False
+    )
+    return iter(loader)
+
+
+def train(model, make_example, phase: Phase, seed: int, device, workers: int = 0) -> dict:
+    """AdamW with warmup + cosine decay on masked next-token loss; returns a loss log."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98), fused=device.type == "cuda"
+    )
+    warmup = max(1, phase.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup)
+        * 0.5 * (1 + math.cos(math.pi * min(1.0, s / phase.steps))),
+    )  # fmt: skip
+    model.train()
+    use_bf16 = device.type == "cuda"
+    losses, start = [], time.time()
+    stream = batches(make_example, phase, seed, workers)
+    for _ in range(phase.steps):
+        ids, mask = (t.to(device, non_blocking=True) for t in next(stream))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(input_ids=ids).logits[:, :-1].float()
+        loss_tok = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        target_mask = mask[:, 1:].reshape(-1)
+        loss = (loss_tok * target_mask).sum() / target_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": phase.steps,
+        "batch": phase.batch,
+        "lr": phase.lr,
+        "first_loss": round(losses[0], 4),
+        "final_loss": round(sum(tail) / len(tail), 4),
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def new_model(shape: dict, enc: ChatEncoder, seed: int):
+    from transformers import Qwen3ForCausalLM
+
+    from models.builtin.tiny import qwen3_config
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(qwen3_config(shape, len(enc.tok), enc.im_end_id, enc.pad_id))
+
+
+def save_base(model, out: Path, enc: ChatEncoder) -> None:
+    """bfloat16 safetensors + config + generation config (eos: <|im_end|>, <|endoftext|>)."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        eos_token_id=[enc.im_end_id, enc.pad_id], pad_token_id=enc.pad_id, do_sample=False
+    )
+    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+    model.float()
+    for path in tokenizer_files():
+        shutil.copy(path, out / path.name)
+
+
+def train_lora(
+    base, make_example, phase: Phase, rank: int, seed: int, device, out: Path, workers: int
+) -> dict:
+    """Train a LoRA on `base` (left unchanged) and save it as a bfloat16 PEFT directory."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                        target_modules=LORA_TARGETS, task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(base, config)
+    log = train(model, make_example, phase, seed, device, workers)
+    model.save_pretrained(str(out))
+    model.unload()
+    weights = out / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)
+    (out / "README.md").unlink(missing_ok=True)
+    return log
+
+
+def train_all(
+    out: Path, schedule: str = "full", device: str | None = None, workers: int = 0
+) -> dict:
+    """Train every toy model into `out` (written to out.tmp, then renamed); returns the log."""
+    plan = SCHEDULES[schedule]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    enc = ChatEncoder()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log: dict = {"schedule": schedule, "device": str(dev), "plan": asdict(plan)}
+    if dev.type == "cuda":
+        log["device_name"] = torch.cuda.get_device_name(dev)
+    start = time.time()
+
+    big = new_model(plan.big, enc, seed=0).to(dev)
+    log["big_params"] = sum(p.numel() for p in big.parameters())
+    log["big"] = train(big, base_example, plan.big_phase, seed=1, device=dev, workers=workers)
+    for i, task in enumerate(world.TASKS):
+        log[f"adapter_{task}"] = train_lora(
+            big, partial(task_example, task), plan.adapter_phase, plan.lora_rank,
+            seed=10 + i, device=dev, out=tmp / "adapters" / task, workers=workers,
+        )  # fmt: skip
+    save_base(big, tmp / "big", enc)
+
+    small = new_model(plan.small, enc, seed=2).to(dev)
+    log["small_params"] = sum(p.numel() for p in small.parameters())
+    log["small"] = train(small, base_example, plan.small_phase, seed=3, device=dev, workers=workers)
+    log["small_adapter_positive"] = train_lora(
+        small, positive_example, plan.adapter_phase, plan.lora_rank,
+        seed=20, device=dev, out=tmp / "small_adapters" / "positive", workers=workers,
+    )  # fmt: skip
+    save_base(small, tmp / "small", enc)
+
+    log["total_seconds"] = round(time.time() - start, 1)
+    (tmp / "training.json").write_text(json.dumps(log, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="Output directory.")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="full")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present).")
+    parser.add_argument("--workers", type=int, default=0, help="Data worker processes.")
+    args = parser.parse_args()
+    log = train_all(args.out, args.schedule, args.device, args.workers)
+    print(json.dumps({k: v for k, v in log.items() if k != "plan"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
