@@ -8,9 +8,12 @@ Steerer (remote, one batched call per engine step) or to a colocated steering ru
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -19,6 +22,16 @@ from models.config import TandemConfig
 from models.engine.types import AdapterNotFoundError, GenerationRequest, RequestOutput
 
 logger = logging.getLogger("ray.serve")
+
+
+class VectorUploadError(ValueError):
+    """A steering vector upload or extraction that cannot be used (bad file, wrong shape)."""
+
+    def __init__(self, message: str, status_code: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = "invalid_steering_vector"
 
 
 class _SteeringObserver:
@@ -65,8 +78,27 @@ class Generator:
         self.engine = build_engine(self.config.engine, self.paths.big)
         self.steerer = steerer
         self.adapter_paths = self._configured_adapters()
+        self.vectors = self._vector_library()
+        self._registered_vectors: set[str] = set()
+        self._observer: _SteeringObserver | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
+
+    def _colocated_runtime(self):
+        """The steering runtime inside this replica, for requests in `colocated` mode."""
+        from models.steering.runtime import SteeringRuntime
+
+        return SteeringRuntime.from_source(self.config.steering, self.config.model.source)
+
+    def _vector_library(self):
+        from models.steering.runtime import default_vector_dir
+        from models.steering.vectors import VectorLibrary, ensure_default_vectors
+
+        shape = json.loads((Path(self.paths.big) / "config.json").read_text())
+        root = self.config.steering.vector_dir or default_vector_dir(self.paths.big)
+        library = VectorLibrary(root, shape["num_hidden_layers"], shape["hidden_size"])
+        ensure_default_vectors(self.config.steering, self.paths.big, library)
+        return library
 
     def _configured_adapters(self) -> dict[str, str]:
         paths = {}
@@ -90,15 +122,29 @@ class Generator:
             if self._started:
                 return
             await self.engine.start()
+            self._sync_vectors()
             for name, path in self.adapter_paths.items():
                 await self.engine.load_adapter(name, path)
-            if self.steerer is not None and hasattr(self.engine, "set_step_observer"):
-                self.engine.set_step_observer(_SteeringObserver(self.steerer, None))
+            if self.config.steering.policies:
+                self._observer = _SteeringObserver(self.steerer, self._colocated_runtime())
+                self.engine.set_step_observer(self._observer)
             self._started = True
+
+    def _sync_vectors(self) -> None:
+        """Register with the engine every library vector it does not have yet."""
+        for name in self.vectors.list():
+            if name not in self._registered_vectors:
+                vector = self.vectors.get(name)
+                self.engine.register_vector(name, vector.as_tensor(self.vectors.num_layers))
+                self._registered_vectors.add(name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream the engine's outputs for one request; abort it if the caller goes away."""
         await self._ensure_started()
+        if any(v.name not in self._registered_vectors for v in request.steer_vectors):
+            self._sync_vectors()
+        if request.steering and self._observer is not None:
+            self._observer.modes[request.request_id] = request.steering.get("mode", "async")
         if request.adapter and request.adapter not in self.adapter_paths:
             raise AdapterNotFoundError(
                 f"adapter '{request.adapter}' is not loaded; loaded: "
@@ -112,6 +158,9 @@ class Generator:
         finally:
             if not finished:
                 await self.engine.abort(request.request_id)
+            if request.steering and self._observer is not None:
+                self._observer.modes.pop(request.request_id, None)
+                await self._observer.release([request.request_id])
 
     async def adapters(self) -> list[str]:
         return sorted(self.adapter_paths)
@@ -128,6 +177,66 @@ class Generator:
             )
         await self.engine.unload_adapter(name)
         del self.adapter_paths[name]
+
+    async def list_vectors(self) -> list[dict]:
+        """The steering vectors this replica can apply, OpenAI-list style objects."""
+        out = []
+        for name in self.vectors.list():
+            v = self.vectors.get(name)
+            out.append({"id": name, "object": "steering.vector", "name": name, "layers": v.layers,
+                        "hidden_size": v.hidden_size, "model_hint": v.model_hint,
+                        "metadata": v.metadata})
+        return out
+
+    async def add_vector(self, name: str, data: bytes, filename: str) -> dict:
+        """Validate and store an uploaded GGUF or safetensors vector, then apply it here."""
+        from models.steering.vectors import load_vector
+
+        suffix = Path(filename).suffix.lower()
+        if suffix not in (".gguf", ".safetensors"):
+            raise VectorUploadError(
+                f"steering vector files must be .gguf or .safetensors, got '{filename}'", 415
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(data)
+            try:
+                vector = load_vector(path, name)
+            except Exception as exc:
+                raise VectorUploadError(f"cannot read steering vector '{filename}': {exc}") from None
+        try:
+            self.vectors.add(vector)
+        except ValueError as exc:
+            raise VectorUploadError(str(exc)) from None
+        self._registered_vectors.discard(name)
+        if self._started:
+            self._sync_vectors()
+        return next(v for v in await self.list_vectors() if v["name"] == name)
+
+    async def extract_vector(self, name: str, positive: list[str], negative: list[str],
+                             layers: list[int] | None, method: str) -> bytes:
+        """Extract a vector from contrastive pairs on the big model; returns it as GGUF bytes."""
+        from models.steering.vectors import (
+            _load_model,
+            extract_vector,
+            save_gguf,
+            transformers_hidden_states,
+        )
+
+        def run() -> bytes:
+            model, tokenizer = _load_model(self.paths.big)
+            vector = extract_vector(name, transformers_hidden_states(model, tokenizer), positive,
+                                    negative, layers=layers, method=method,
+                                    model_hint=getattr(model.config, "model_type", ""))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "v.gguf"
+                save_gguf(vector, path)
+                return path.read_bytes()
+
+        try:
+            return await asyncio.to_thread(run)
+        except ValueError as exc:
+            raise VectorUploadError(str(exc)) from None
 
     async def stats(self) -> dict:
         s = self.engine.stats()

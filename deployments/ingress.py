@@ -12,11 +12,12 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -70,6 +71,14 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OpenAIError(f"the request body is not valid JSON: {exc}", 400) from None
+
+
+def _field(body: Any, name: str) -> str:
+    """A required non-empty string field of a JSON body."""
+    value = body.get(name) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        raise OpenAIError(f"'{name}' is required and must be a non-empty string", param=name)
+    return value.strip()
 
 
 def _streaming(events: AsyncIterator[str]) -> StreamingResponse:
@@ -189,6 +198,96 @@ class Ingress:
     async def models(self, request: Request):
         self._check_auth(request)
         return JSONResponse(await self.serving.list_models())
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request):
+        """vLLM's route: {"lora_name", "lora_path"}; the path must lie under router.adapter_roots."""
+        from models.routing.adapter_paths import inspect_adapter_dir, resolve_adapter_path
+
+        self._check_auth(request)
+        body = await read_json(request, self.config.server.max_request_bytes)
+        name, path = _field(body, "lora_name"), _field(body, "lora_path")
+        if ":" in name or name in ("auto", "base"):
+            raise OpenAIError(f"'{name}' cannot name an adapter (reserved, or contains ':')",
+                              param="lora_name")
+        resolved = str(resolve_adapter_path(path, self.config.router.adapter_roots))
+        inspect_adapter_dir(resolved)
+        await self.generator.broadcast("load_adapter", name, resolved).results_async()
+        self._adapter_cache = (0.0, [])
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request):
+        """vLLM's route: {"lora_name"}."""
+        self._check_auth(request)
+        body = await read_json(request, self.config.server.max_request_bytes)
+        name = _field(body, "lora_name")
+        await self.generator.broadcast("unload_adapter", name).results_async()
+        self._adapter_cache = (0.0, [])
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.get("/v1/steering/vectors")
+    async def list_vectors(self, request: Request):
+        self._check_auth(request)
+        return {"object": "list", "data": await self.generator.list_vectors.remote()}
+
+    @app.post("/v1/steering/vectors")
+    async def upload_vector(self, request: Request):
+        """Multipart upload: `file` (GGUF control vector or safetensors) and optional `name`."""
+        self._check_auth(request)
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise OpenAIError("send the vector as a multipart field named 'file'", param="file")
+        data = await upload.read()
+        if len(data) > self.config.server.max_request_bytes * 64:
+            raise OpenAIError(f"vector file is {len(data)} bytes; too large", 413)
+        name = str(form.get("name") or PurePath(upload.filename or "vector").stem)
+        results = await self.generator.broadcast(
+            "add_vector", name, data, upload.filename or "vector.gguf").results_async()
+        return results[0]
+
+    @app.post("/v1/steering/vectors/extract")
+    async def extract_vector(self, request: Request):
+        """{"name", "positive": [...], "negative": [...], "layers"?, "method"?: mean|pca}."""
+        self._check_auth(request)
+        body = await read_json(request, self.config.server.max_request_bytes)
+        name = _field(body, "name")
+        pos, neg = body.get("positive"), body.get("negative")
+        if not (isinstance(pos, list) and isinstance(neg, list) and pos and len(pos) == len(neg)
+                and all(isinstance(t, str) and t for t in pos + neg)):
+            raise OpenAIError("'positive' and 'negative' must be equally long, non-empty lists "
+                              "of non-empty strings (contrastive pairs)", param="positive")
+        method = body.get("method", "mean")
+        if method not in ("mean", "pca"):
+            raise OpenAIError("method must be 'mean' or 'pca'", param="method")
+        layers = body.get("layers")
+        if layers is not None and not (isinstance(layers, list) and all(isinstance(x, int) for x in layers)):
+            raise OpenAIError("layers must be a list of integers", param="layers")
+        data = await self.generator.extract_vector.remote(name, pos, neg, layers, method)
+        results = await self.generator.broadcast("add_vector", name, data, f"{name}.gguf").results_async()
+        return results[0]
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        """all-MiniLM-L6-v2 embeddings (384 dims, normalised) of `input` (string or strings)."""
+        self._check_auth(request)
+        body = await read_json(request, self.config.server.max_request_bytes)
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t for t in texts)):
+            raise OpenAIError("'input' must be a non-empty string or list of non-empty strings",
+                              param="input")
+        if len(texts) > 2048:
+            raise OpenAIError("at most 2048 inputs per request", param="input")
+        vectors = await self.retriever.embed.remote(texts)
+        return {
+            "object": "list",
+            "model": body.get("model") or "all-MiniLM-L6-v2",
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        }
 
     @app.get("/healthz")
     async def healthz(self):

@@ -26,7 +26,7 @@ def base_url(tmp_path_factory):
 
     args = default_app_args()
     args.setdefault("retrieval", {})["data_dir"] = str(tmp_path_factory.mktemp("retrieval"))
-    args.setdefault("steering", {})["library_dir"] = str(tmp_path_factory.mktemp("vectors"))
+    args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

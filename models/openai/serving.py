@@ -322,13 +322,13 @@ class OpenAIServing:
 
     @staticmethod
     def _format_sources(hits: list[dict]) -> str:
-        from models.retrieval.prompting import format_sources
+        from models.retrieval.prompt import format_sources
 
         return format_sources(hits)
 
     @staticmethod
     def _sources_for_response(hits: list[dict]) -> list[dict]:
-        from models.retrieval.prompting import sources_for_response
+        from models.retrieval.prompt import sources_for_response
 
         return sources_for_response(hits)
 
@@ -400,7 +400,7 @@ class OpenAIServing:
                 })
         return body
 
-    async def _sse(self, prep: PreparedRequest, streams: list[_Stream], chat: bool) -> AsyncIterator[str]:
+    def _sse(self, prep: PreparedRequest, streams: list[_Stream], chat: bool) -> AsyncIterator[str]:
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
         tandem = {k: v for k, v in prep.tandem.items() if k != "echo"}
