@@ -24,7 +24,7 @@ from models.engine.types import (
     SamplingParams,
     SteerVectorSpec,
 )
-from models.openai.errors import OpenAIError
+from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -359,15 +359,20 @@ class OpenAIServing:
         # (adapter unknown, prompt too long, queue full) become proper HTTP errors, not broken SSE.
         try:
             await asyncio.gather(*(s.prime() for s in streams))
-        except BaseException:
+        except BaseException as exc:
             await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+            if isinstance(exc, Exception):
+                raise to_openai_error(exc) from exc
             raise
         if prep.stream:
             return self._sse(prep, streams, chat)
         return await self._collect(prep, streams, chat)
 
     async def _collect(self, prep: PreparedRequest, streams: list[_Stream], chat: bool) -> dict:
-        choices = await asyncio.gather(*(s.drain() for s in streams))
+        try:
+            choices = await asyncio.gather(*(s.drain() for s in streams))
+        finally:  # on cancellation (client gone) too: the engine stops work on every choice
+            await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
         prompt_tokens = sum(len(ids) for ids in prep.prompt_ids)
         completion_tokens = sum(c.num_generated for c in choices)
         tandem = dict(prep.tandem)
