@@ -56,6 +56,10 @@ class SteeringConfig(BaseModel):
         description="Directory of the steering-vector library (extracted vectors are cached "
         "there); None = $TANDEM_CACHE/vectors/<big model>.",
     )
+    max_live_requests: int = Field(
+        4096, ge=1, description="Requests whose state (small-model KV) the Steerer keeps; the "
+        "least recently seen beyond this are dropped and resync if they come back.",
+    )  # fmt: skip
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the small model runs; auto picks CUDA when a GPU is visible."
     )

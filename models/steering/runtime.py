@@ -8,6 +8,8 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +60,9 @@ class SteeringRuntime:
         small_adapters: dict[str, str] | None = None,
     ):
         self.config = config
-        self.states: dict[str, RequestState] = {}
+        self.states: OrderedDict[str, RequestState] = OrderedDict()  # least recent first
         self._stats = RuntimeStats()
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()  # one step at a time, whichever event loop calls
         self.small_model = None
         expert = config.expert_adapter
         adapters = dict(small_adapters or {})
@@ -116,8 +118,7 @@ class SteeringRuntime:
     async def process(self, batch: list[RowEvents]) -> list[RowActions]:
         """The actions for every row of one engine step; one small-model forward for all rows
         that need it. A row's failure is reported on that row (RowActions.error) only."""
-        async with self._lock:
-            return await asyncio.to_thread(self.process_now, batch)
+        return await asyncio.to_thread(self._process_locked, batch)
 
     async def on_step(self, batch: list[RowEvents]) -> list[RowActions]:
         """The engine's step-observer hook (colocated mode): same as `process`."""
@@ -132,8 +133,12 @@ class SteeringRuntime:
         self._stats.live_requests = len(self.states)
         return RuntimeStats(**vars(self._stats))
 
+    def _process_locked(self, batch: list[RowEvents]) -> list[RowActions]:
+        with self._lock:
+            return self.process_now(batch)
+
     def process_now(self, batch: list[RowEvents]) -> list[RowActions]:
-        """`process` without the lock and thread hop (for callers that own both)."""
+        """`process` in the caller's thread, without the lock (for callers that own both)."""
         self._stats.calls += 1
         self._stats.rows += len(batch)
         answers: list[RowActions | None] = [None] * len(batch)
@@ -176,6 +181,8 @@ class SteeringRuntime:
                 f"{', '.join(self.policies) or 'none'}"
             )
         state = self.states.get(row.request_id)
+        if state is not None:
+            self.states.move_to_end(row.request_id)
         if row.token_ids is not None:
             if state is None or state.policy != row.policy:
                 state = self._new_state(row, policy)
@@ -195,8 +202,15 @@ class SteeringRuntime:
         return state, policy
 
     def _new_state(self, row: RowEvents, policy: Policy) -> RequestState:
-        state = RequestState(row.request_id, row.policy, params=policy.params_for(row.params))
+        state = RequestState(
+            row.request_id,
+            row.policy,
+            params=policy.params_for(row.params),
+            max_backtrack=int(row.params.get("max_backtrack", 0)),
+        )
         self.states[row.request_id] = state
+        while len(self.states) > self.config.max_live_requests:
+            self.states.popitem(last=False)  # never released (engine lost it?): resyncs if seen
         return state
 
     def _decide(self, row: RowEvents, state: RequestState, policy: Policy) -> list[Action]:
@@ -222,8 +236,12 @@ def _apply_token_events(state: RequestState, events: list) -> None:
             state.set_generated(event.step, [event.token_id])
         elif isinstance(event, Added):
             state.set_generated(event.step, event.token_ids)
-        elif isinstance(event, ForwardPass) and event.step > state.next_step:
-            raise LookupError(f"request {state.request_id}: step {event.step} arrived early")
+        elif isinstance(event, ForwardPass):
+            # the engine is about to sample token `step`: exactly `step` tokens exist (fewer
+            # than we know after a backtrack, which the engine reports no other way)
+            if event.step > state.next_step:
+                raise LookupError(f"request {state.request_id}: step {event.step} arrived early")
+            state.set_generated(event.step, [])
     if not state.tokens:
         raise LookupError(f"request {state.request_id}: no tokens known")
 

@@ -44,6 +44,7 @@ class RequestState:
     request_id: str
     policy: str | None
     params: Any = None
+    max_backtrack: int = 0  # generated tokens the engine still holds back (steering params)
     prompt_ids: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     kv: dict[str, KVState] = field(default_factory=dict)

@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict
 from models.steering.protocol import Action, Event
 from models.steering.state import RequestState
 
+ENGINE_PARAMS = ("max_backtrack",)
+"""Keys of `steering.params` the engine reads itself (max_backtrack: tokens whose text it holds
+back so a Backtrack stays invisible); every policy accepts them."""
+
 
 class NoParams(BaseModel):
     """A policy without parameters."""
@@ -56,8 +60,10 @@ class Policy:
         """Check what the policy needs and precompute; raise with a clear message if unusable."""
 
     def params_for(self, request_params: dict[str, Any]) -> BaseModel:
-        """The config's defaults overridden by the request's `steering.params`."""
-        return self.Params.model_validate({**self.defaults.model_dump(), **request_params})
+        """The config's defaults overridden by the request's `steering.params` (less the keys
+        the engine owns)."""
+        own = {k: v for k, v in request_params.items() if k not in ENGINE_PARAMS}
+        return self.Params.model_validate({**self.defaults.model_dump(), **own})
 
     def on_event(self, state: RequestState, event: Event) -> list[Action]:
         raise NotImplementedError

@@ -24,7 +24,10 @@ class VectorGuardParams(BaseModel):
     release_below: float | None = Field(
         None, description="Turn the vector off again when the score falls below this."
     )
-    backtrack: int = Field(0, ge=0, description="Generated tokens to take back on triggering.")
+    backtrack: int = Field(
+        0, ge=0, description="Generated tokens to take back on triggering; at most the "
+        "request's `max_backtrack` (the tokens the engine holds back from the client).",
+    )  # fmt: skip
     concept_layer: int | None = Field(
         None, description="Small-model block whose output is scored; None = the middle one."
     )
@@ -83,7 +86,7 @@ class VectorGuard(Policy):
         if not active and score > p.threshold:
             state.scratch["active"] = True
             actions: list[Action] = [SteerVector(name=p.vector, coeff=p.coeff, layers=p.layers)]
-            n = min(p.backtrack, state.next_step)
+            n = min(p.backtrack, state.max_backtrack, state.next_step)
             if n and not state.scratch.get("backtracked") and not isinstance(event, Prefilled):
                 state.scratch["backtracked"] = True
                 actions.append(Backtrack(n=n))
