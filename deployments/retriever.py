@@ -1,0 +1,108 @@
+"""The Retriever deployment (CPU): a thin Ray Serve shell over models.retrieval.RetrieverService.
+
+Concurrent `search` calls are batched (one embedder call and one FAISS search per store for the
+batch); everything blocking runs in a worker thread so the replica keeps accepting requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ray import serve
+
+from models.retrieval.records import SearchHit
+from models.retrieval.service import RetrieverService
+from models.retrieval.store import SearchRequest
+
+SEARCH_BATCH_SIZE = 32
+SEARCH_BATCH_WAIT_S = 0.003
+
+
+def set_threads(threads: int) -> int:
+    """Threads for torch and FAISS: `threads`, else OMP_NUM_THREADS (Ray sets it), else 1."""
+    n = threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    n = max(1, min(n, os.cpu_count() or 1))
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Retriever:
+    """Documents, vector stores and search; the constructor takes RetrievalConfig as a dict."""
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        config = config or {}
+        self.threads = set_threads(int(config.get("threads", 0) or 0))
+        self.service = RetrieverService(config)
+
+    async def search(
+        self,
+        query: str,
+        vector_store_ids: Sequence[str] | None = None,
+        top_k: int | None = None,
+        score_threshold: float = 0.0,
+    ) -> list[SearchHit]:
+        """Top chunks for a prompt (default stores and top_k from the config when not given)."""
+        request = self.service.search_request(query, vector_store_ids, top_k, score_threshold)
+        return await self._search_batched(request)
+
+    @serve.batch(max_batch_size=SEARCH_BATCH_SIZE, batch_wait_timeout_s=SEARCH_BATCH_WAIT_S)
+    async def _search_batched(self, requests: list[SearchRequest]) -> list[list[SearchHit]]:
+        return await asyncio.to_thread(self.service.search_batch, requests)
+
+    async def create_file(self, filename: str, data: bytes, purpose: str = "assistants") -> dict:
+        return await asyncio.to_thread(self.service.create_file, filename, data, purpose)
+
+    async def list_files(self, **page: Any) -> dict:
+        return await asyncio.to_thread(self.service.list_files, **page)
+
+    async def retrieve_file(self, file_id: str) -> dict:
+        return await asyncio.to_thread(self.service.retrieve_file, file_id)
+
+    async def file_content(self, file_id: str) -> tuple[str, bytes]:
+        return await asyncio.to_thread(self.service.file_content, file_id)
+
+    async def delete_file(self, file_id: str) -> dict:
+        return await asyncio.to_thread(self.service.delete_file, file_id)
+
+    async def create_vector_store(self, **params: Any) -> dict:
+        return await asyncio.to_thread(self.service.create_vector_store, **params)
+
+    async def list_vector_stores(self, **page: Any) -> dict:
+        return await asyncio.to_thread(self.service.list_vector_stores, **page)
+
+    async def retrieve_vector_store(self, vector_store_id: str) -> dict:
+        return await asyncio.to_thread(self.service.retrieve_vector_store, vector_store_id)
+
+    async def delete_vector_store(self, vector_store_id: str) -> dict:
+        return await asyncio.to_thread(self.service.delete_vector_store, vector_store_id)
+
+    async def attach_file(self, vector_store_id: str, file_id: str, **params: Any) -> dict:
+        return await asyncio.to_thread(self.service.attach_file, vector_store_id, file_id, **params)
+
+    async def list_vector_store_files(self, vector_store_id: str, **page: Any) -> dict:
+        return await asyncio.to_thread(
+            self.service.list_vector_store_files, vector_store_id, **page
+        )
+
+    async def retrieve_vector_store_file(self, vector_store_id: str, file_id: str) -> dict:
+        return await asyncio.to_thread(
+            self.service.retrieve_vector_store_file, vector_store_id, file_id
+        )
+
+    async def detach_file(self, vector_store_id: str, file_id: str) -> dict:
+        return await asyncio.to_thread(self.service.detach_file, vector_store_id, file_id)
+
+    async def search_vector_store(self, vector_store_id: str, **params: Any) -> dict:
+        return await asyncio.to_thread(self.service.search_vector_store, vector_store_id, **params)
+
+    def check_health(self) -> None:
+        """Ray Serve's health probe: the database answers."""
+        self.service.store.list_vector_stores()
