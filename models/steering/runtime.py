@@ -63,6 +63,7 @@ class SteeringRuntime:
         self.states: OrderedDict[str, RequestState] = OrderedDict()  # least recent first
         self._stats = RuntimeStats()
         self._lock = threading.Lock()  # one step at a time, whichever event loop calls
+        self._released: list[str] = []
         self.small_model = None
         expert = config.expert_adapter
         adapters = dict(small_adapters or {})
@@ -125,9 +126,18 @@ class SteeringRuntime:
         return await self.process(batch)
 
     def release(self, request_ids: Iterable[str]) -> None:
-        """Forget finished requests (their caches are freed)."""
-        for request_id in request_ids:
-            self.states.pop(request_id, None)
+        """Forget finished requests (their caches are freed). Never blocks: while a step is
+        being processed the ids wait for the next one."""
+        self._released.extend(request_ids)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_released()
+            finally:
+                self._lock.release()
+
+    def _drop_released(self) -> None:
+        while self._released:
+            self.states.pop(self._released.pop(), None)
 
     def stats(self) -> RuntimeStats:
         self._stats.live_requests = len(self.states)
@@ -139,6 +149,7 @@ class SteeringRuntime:
 
     def process_now(self, batch: list[RowEvents]) -> list[RowActions]:
         """`process` in the caller's thread, without the lock (for callers that own both)."""
+        self._drop_released()
         self._stats.calls += 1
         self._stats.rows += len(batch)
         answers: list[RowActions | None] = [None] * len(batch)
