@@ -1,0 +1,171 @@
+"""The adapter router on CPU: latency, batched throughput, and accuracy of its two modes.
+
+In one run, in-process (no Ray): start-up (embed the examples, fit the head); p50/p99 latency
+of routing one prompt against the bare MiniLM embedding of the same prompt (baseline, ratio);
+throughput of 32 prompts routed as one batch against 32 one-by-one calls (ratio); accuracy on
+tests/data/router_heldout.jsonl with the base class and with the threshold alone, and on the
+toy world's task prompts when models/builtin/world.py has them. Prints a table, writes JSON.
+
+    python bench/router.py                       # writes bench/results/router.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from models.embedding import shared_embedder  # noqa: E402
+from models.routing.config import AdapterConfig, RouterConfig  # noqa: E402
+from models.routing.router import AdapterRouter  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+
+
+def load_adapters() -> list[AdapterConfig]:
+    doc = yaml.safe_load((DATA / "router_adapters.yaml").read_text())
+    return [AdapterConfig.model_validate(a) for a in doc["adapters"]]
+
+
+def load_heldout() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "router_heldout.jsonl").read_text().splitlines()]
+
+
+def world_rows(per_task: int = 100) -> list[dict]:
+    """The toy world's own task prompts, if its generator exists."""
+    try:
+        from models.builtin.world import TASKS, sample_task_prompt
+    except ImportError:
+        return []
+    rng = random.Random(0)
+    return [
+        {"prompt": sample_task_prompt(t, rng)[0], "label": t}
+        for t in TASKS
+        for _ in range(per_task)
+    ]
+
+
+def timed_ms(fn, repeats: int) -> np.ndarray:
+    """Wall time of each of `repeats` calls, in ms."""
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - start) * 1000)
+    return np.array(times)
+
+
+def accuracy(router: AdapterRouter, rows: list[dict], threshold: float) -> float:
+    """Share of rows routed to their label, at `threshold`, from one batched probability call."""
+    adapter_p, base_p = router.adapter_probabilities([r["prompt"] for r in rows])
+    router.config.threshold = threshold
+    hits = 0
+    for i, row in enumerate(rows):
+        d = router._decide(adapter_p[i], None if base_p is None else float(base_p[i]))
+        hits += (d.adapter or "base") == row["label"]
+    return hits / len(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200, help="Single-prompt calls timed.")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "router.json"))
+    args = parser.parse_args()
+
+    adapters, heldout = load_adapters(), load_heldout()
+    prompts = [r["prompt"] for r in heldout]
+    embedder = shared_embedder()
+    embedder.embed(prompts[:8])  # warm-up
+
+    start = time.perf_counter()
+    router = AdapterRouter(adapters, RouterConfig(), embedder=embedder)
+    startup_s = time.perf_counter() - start
+    router.route(prompts[:8])
+
+    embed_ms = timed_ms(lambda i: embedder.embed([prompts[i % len(prompts)]]), args.repeats)
+    route_ms = timed_ms(lambda i: router.route([prompts[i % len(prompts)]]), args.repeats)
+    batch = [prompts[(7 * i) % len(prompts)] for i in range(32)]
+    batched_ms = timed_ms(lambda i: router.route(batch), 10)
+    one_by_one_ms = timed_ms(lambda i: [router.route([p]) for p in batch], 3)
+
+    thresholds = [0.3, 0.4, 0.5, 0.6, 0.7]
+    with_base = AdapterRouter(adapters, RouterConfig(base_class=True), embedder=embedder)
+    threshold_only = AdapterRouter(adapters, RouterConfig(base_class=False), embedder=embedder)
+    world = world_rows()
+    modes = {}
+    for mode, r in (("base_class", with_base), ("threshold_only", threshold_only)):
+        modes[mode] = {
+            "heldout": {t: accuracy(r, heldout, t) for t in thresholds},
+            "world_tasks": {t: accuracy(r, world, t) for t in thresholds} if world else None,
+        }
+
+    result = {
+        "startup_s": startup_s,
+        "num_examples": sum(len(a.examples) for a in adapters),
+        "single_prompt_ms": {
+            "route_p50": float(np.percentile(route_ms, 50)),
+            "route_p99": float(np.percentile(route_ms, 99)),
+            "embed_only_p50": float(np.percentile(embed_ms, 50)),
+            "embed_only_p99": float(np.percentile(embed_ms, 99)),
+            "route_over_embed_p50": float(np.median(route_ms) / np.median(embed_ms)),
+        },
+        "batch_of_32": {
+            "batched_ms_p50": float(np.median(batched_ms)),
+            "batched_prompts_per_s": 32 * 1000 / float(np.median(batched_ms)),
+            "one_by_one_ms": float(np.median(one_by_one_ms)),
+            "one_by_one_prompts_per_s": 32 * 1000 / float(np.median(one_by_one_ms)),
+            "batching_speedup": float(np.median(one_by_one_ms) / np.median(batched_ms)),
+        },
+        "accuracy": modes,
+        "heldout_size": len(heldout),
+        "world_tasks_size": len(world),
+        "cpu_threads": __import__("torch").get_num_threads(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result, thresholds)
+
+
+def print_table(r: dict, thresholds: list[float]) -> None:
+    s, b = r["single_prompt_ms"], r["batch_of_32"]
+    rows = [
+        ("start-up (embed examples + fit head)", f"{r['startup_s']:.2f} s"),
+        ("one prompt: route p50 / p99", f"{s['route_p50']:.1f} / {s['route_p99']:.1f} ms"),
+        (
+            "one prompt: embed only p50 / p99",
+            f"{s['embed_only_p50']:.1f} / {s['embed_only_p99']:.1f} ms",
+        ),
+        ("route / embed (p50)", f"{s['route_over_embed_p50']:.2f}x"),
+        (
+            "32 prompts batched",
+            f"{b['batched_ms_p50']:.0f} ms = {b['batched_prompts_per_s']:.0f}/s",
+        ),
+        (
+            "32 prompts one by one",
+            f"{b['one_by_one_ms']:.0f} ms = {b['one_by_one_prompts_per_s']:.0f}/s",
+        ),
+        ("batching speed-up", f"{b['batching_speedup']:.2f}x"),
+    ]
+    for mode, acc in r["accuracy"].items():
+        for name, by_t in acc.items():
+            if by_t:
+                cells = "  ".join(f"{t}:{by_t[t]:.3f}" for t in thresholds)
+                rows.append((f"accuracy {mode}, {name} (threshold:acc)", cells))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
