@@ -168,7 +168,7 @@ def test_a_failing_steerer_leaves_the_generation_complete_and_flagged(tiny, runt
     # the small model itself failing: the same, for every row of that step
     small = runtime.small_model
     original = small.read
-    small.read = lambda items: (_ for _ in ()).throw(RuntimeError("small model on fire"))
+    small.read = lambda items, **kw: (_ for _ in ()).throw(RuntimeError("small model on fire"))
     try:
         got = run_all(
             engine(tiny, runtime), [request("y", PROMPTS[1], {"policy": "proxy", "mode": "sync"})]

@@ -71,9 +71,11 @@ def tiny():
     return resolve_source("builtin:tiny")
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny):
-    return SteeringRuntime.from_source(SteeringConfig.model_validate(CONFIG), "builtin:tiny")
+@pytest.fixture(scope="module", params=["engine", "transformers"])
+def runtime(request):
+    """The runtime with the small model on the engine's paged runner, or on transformers."""
+    config = SteeringConfig.model_validate({**CONFIG, "small_model_runner": request.param})
+    return SteeringRuntime.from_source(config, "builtin:tiny")
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +260,21 @@ def test_unknown_policy_kind_and_missing_expert_are_clear(tiny):
     config = SteeringConfig.model_validate({"policies": [{"name": "p", "kind": "proxy_tuning"}]})
     with pytest.raises(ValueError, match="needs an expert adapter"):
         SteeringRuntime(config, tiny.big, tiny.small, tiny.small_adapters)
+
+
+def test_released_requests_give_their_cache_back(runtime):
+    small = runtime.small_model
+    blocks = getattr(small, "blocks", None)
+    free_before = blocks.num_free if blocks else None
+    rows = [
+        RowEvents(f"k{i}", [Prefilled(list(range(3, 40))), ForwardPass(0)], "proxy")
+        for i in range(3)
+    ]
+    run(runtime, rows)
+    assert all(len(runtime.states[f"k{i}"].kv) == 2 for i in range(3))  # base and expert
+    if blocks:
+        assert blocks.num_free < free_before
+    runtime.release([f"k{i}" for i in range(3)])
+    assert not any(f"k{i}" in runtime.states for i in range(3))
+    if blocks:
+        assert blocks.num_free == free_before

@@ -60,6 +60,14 @@ class SteeringConfig(BaseModel):
         4096, ge=1, description="Requests whose state (small-model KV) the Steerer keeps; the "
         "least recently seen beyond this are dropped and resync if they come back.",
     )  # fmt: skip
+    small_model_runner: Literal["auto", "engine", "transformers"] = Field(
+        "auto",
+        description="Who runs the small model: the torch engine's paged runner (Llama family), "
+        "transformers (any causal LM), or auto = the engine when it can load the checkpoint.",
+    )
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="Size of the small model's paged KV cache (engine runner)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the small model runs; auto picks CUDA when a GPU is visible."
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -85,11 +86,7 @@ class SteeringRuntime:
                     "steering policies are configured but there is no small model: set "
                     "steering.small_model_source or use a builtin model source"
                 )
-            from models.steering.small_model import SmallModel
-
-            self.small_model = SmallModel(
-                small_model_path, adapters, device=config.device, dtype=config.dtype
-            )
+            self.small_model = load_small_model(config, small_model_path, adapters)
         self.context = PolicyContext(
             small_model=self.small_model,
             big_model_path=big_model_path,
@@ -137,7 +134,12 @@ class SteeringRuntime:
 
     def _drop_released(self) -> None:
         while self._released:
-            self.states.pop(self._released.pop(), None)
+            self._forget(self._released.pop())
+
+    def _forget(self, request_id: str) -> None:
+        state = self.states.pop(request_id, None)
+        if state is not None and self.small_model is not None:
+            self.small_model.free(state)
 
     def stats(self) -> RuntimeStats:
         self._stats.live_requests = len(self.states)
@@ -165,10 +167,11 @@ class SteeringRuntime:
             else:
                 live.append((i, row, *prepared))
         reads = [(state, variant) for _, _, state, policy in live for variant in policy.variants]
+        hidden = any(policy.needs_hidden for *_, policy in live)
         try:
             if reads:
                 self._stats.small_model_reads += 1
-                self.small_model.read(reads)
+                self.small_model.read(reads, hidden=hidden)
         except Exception as exc:  # noqa: BLE001 - every row that needed it learns why
             log.exception("small-model forward failed")
             for i, row, _, _ in live:
@@ -207,7 +210,7 @@ class SteeringRuntime:
         try:
             _apply_token_events(state, row.events)
         except LookupError:
-            self.states.pop(row.request_id, None)
+            self._forget(row.request_id)
             self._stats.resyncs += 1
             return RowActions(row.request_id, resync=True)
         return state, policy
@@ -221,7 +224,7 @@ class SteeringRuntime:
         )
         self.states[row.request_id] = state
         while len(self.states) > self.config.max_live_requests:
-            self.states.popitem(last=False)  # never released (engine lost it?): resyncs if seen
+            self._forget(next(iter(self.states)))  # never released: resyncs if seen again
         return state
 
     def _decide(self, row: RowEvents, state: RequestState, policy: Policy) -> list[Action]:
@@ -257,12 +260,32 @@ def _apply_token_events(state: RequestState, events: list) -> None:
         raise LookupError(f"request {state.request_id}: no tokens known")
 
 
+ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what the torch engine loads
+
+
+def load_small_model(config: SteeringConfig, path: str, adapters: dict[str, str]) -> Any:
+    """The small model on the engine's paged runner when it can load it, else transformers."""
+    runner = config.small_model_runner
+    if runner == "auto":
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        runner = "engine" if model_type in ENGINE_MODEL_TYPES else "transformers"
+    if runner == "engine":
+        from models.steering.paged_small_model import PagedSmallModel
+
+        return PagedSmallModel(
+            path, adapters, config.device, config.dtype, kv_cache_gib=config.kv_cache_gib
+        )
+    from models.steering.small_model import SmallModel
+
+    return SmallModel(path, adapters, device=config.device, dtype=config.dtype)
+
+
 def _vocab_size(big_model_path: str | None, small_model: Any) -> int:
     if big_model_path:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(big_model_path).vocab_size
-    return small_model.config.vocab_size if small_model is not None else 0
+    return small_model.vocab_size if small_model is not None else 0
 
 
 def _tokenizer(path: str | None) -> Any:

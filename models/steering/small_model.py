@@ -49,6 +49,7 @@ class SmallModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self.config = model.config
         self.num_layers = model.config.num_hidden_layers
+        self.vocab_size = model.config.vocab_size
         self.variants = [BASE, *(adapters or {})]
         if adapters:
             model = _with_adapters(model, adapters)
@@ -71,14 +72,20 @@ class SmallModel:
         from models.steering.vectors import transformers_hidden_states
 
         read = transformers_hidden_states(self.model, self.tokenizer, pool="last")
+        # PEFT keeps LoRA layers in place: turn them off to read the base model
         if not self._has_adapters:
             return read(texts)
         with self.model.disable_adapter():
             return read(texts)
 
+    def free(self, state: RequestState) -> None:
+        """Drop the request's caches (plain tensors: freed when unreferenced)."""
+        state.kv.clear()
+
     @torch.no_grad()
-    def read(self, items: list[tuple[RequestState, str]]) -> None:
-        """Make `state.output(variant)` current for every pair, reading only unread tokens."""
+    def read(self, items: list[tuple[RequestState, str]], hidden: bool = False) -> None:
+        """Make `state.output(variant)` current for every pair, reading only unread tokens;
+        `hidden` also keeps each block's output at the last token."""
         todo = []
         for state, variant in items:
             self.check_variant(variant)
@@ -93,12 +100,12 @@ class SmallModel:
             todo.append((state, variant))
         short = [item for item in todo if _unread(item) <= LONG_READ]
         if short:
-            self._forward(short)
+            self._forward(short, hidden)
         for item in todo:
             if _unread(item) > LONG_READ:
-                self._forward([item])
+                self._forward([item], hidden)
 
-    def _forward(self, items: list[tuple[RequestState, str]]) -> None:
+    def _forward(self, items: list[tuple[RequestState, str]], hidden: bool) -> None:
         from transformers import DynamicCache
 
         kvs = [state.kv[variant] for state, variant in items]
@@ -129,10 +136,11 @@ class SmallModel:
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             use_cache=True,
-            output_hidden_states=True,
+            output_hidden_states=hidden,
             **kwargs,
         )
-        hidden = torch.stack(out.hidden_states, dim=1)  # [rows, blocks + 1, width, hidden]
+        # [rows, blocks + 1, width, hidden]
+        states = torch.stack(out.hidden_states, dim=1) if hidden else None
         for i, ((state, variant), kv, ids) in enumerate(zip(items, kvs, new, strict=True)):
             last = len(ids) - 1
             kv.layers = [
@@ -143,7 +151,7 @@ class SmallModel:
             kv.length += len(ids)
             state.outputs[variant] = SmallOutput(
                 logits=out.logits[i, last].float(),
-                hidden=hidden[i, :, last].float(),
+                hidden=states[i, :, last].float() if states is not None else None,
                 length=kv.length,
             )
 

@@ -10,7 +10,7 @@ import torch
 BASE = "base"  # the small-model variant without any LoRA
 
 
-@dataclass
+@dataclass(eq=False)
 class KVState:
     """One request's KV cache in one small-model variant: per layer (keys, values), each
     [kv_heads, length, head_dim]. A paged runner would hold block ids here instead."""
@@ -28,11 +28,12 @@ class KVState:
 
 @dataclass
 class SmallOutput:
-    """The small model's view after reading the whole sequence: next-token logits [vocab] and
-    each block's output at the last token [num_blocks + 1, hidden] (index 0 = embeddings)."""
+    """The small model's view after reading the whole sequence: next-token logits [vocab] and,
+    when asked for, each block's output at the last token [num_blocks + 1, hidden] (index 0 =
+    embeddings)."""
 
     logits: torch.Tensor
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None
     length: int  # tokens read; the output is current while the sequence has this many
 
 

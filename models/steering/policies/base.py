@@ -46,6 +46,7 @@ class Policy:
     """
 
     Params: ClassVar[type[BaseModel]] = NoParams
+    needs_hidden: ClassVar[bool] = False  # reads SmallOutput.hidden, not only the logits
 
     def __init__(self, name: str, defaults: dict[str, Any], context: PolicyContext):
         self.name = name
@@ -104,7 +105,12 @@ def check_same_tokenizer(context: PolicyContext, policy: str) -> None:
     if small is None:
         raise ValueError(f"policy '{policy}' needs a small model; none is configured")
     big = context.big_tokenizer
-    if big is None:
+    if big is None or small.tokenizer is None:  # token-level checkpoints: sizes must agree
+        if small.vocab_size != context.big_vocab_size:
+            raise TokenizerMismatchError(
+                f"policy '{policy}': the small model ({small.path}) has {small.vocab_size} "
+                f"token ids, the big model ({context.big_model_path}) {context.big_vocab_size}"
+            )
         return
     small_vocab, big_vocab = small.tokenizer.get_vocab(), big.get_vocab()
     if small_vocab != big_vocab:

@@ -46,6 +46,7 @@ class VectorGuard(Policy):
     SteerVector(vector, coeff, layers) and, once, Backtrack(backtrack)."""
 
     Params = VectorGuardParams
+    needs_hidden = True
 
     @property
     def variants(self) -> list[str]:

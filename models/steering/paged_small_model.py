@@ -1,0 +1,222 @@
+"""The small model on the torch engine's own model runner: paged KV cache, per-row LoRA slots.
+
+Same interface as `SmallModel` (read / base_hidden_states / check_variant / free), for the
+Llama-family checkpoints the engine loads natively. Every (request, variant) pair is one
+sequence in the runner's paged cache; one step runs all pairs that have unread tokens in one
+forward, the expert rows and base rows told apart only by their LoRA slot weights. Hidden
+states, when a policy needs them, are read by hooks on the decoder blocks at each row's last
+token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.steering.state import BASE, RequestState, SmallOutput
+
+
+@dataclass(eq=False)
+class PagedKV:
+    """One request's cache in one variant: the tokens it holds and their blocks. Duck-types the
+    engine Sequence fields the model runner and block manager read."""
+
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.num_computed
+
+    def crop(self, length: int) -> None:
+        self.num_computed = min(self.num_computed, max(length, 0))
+
+
+class PagedSmallModel:
+    """The steering model run by models.engine.model_runner.ModelRunner.
+
+    path: checkpoint directory (Llama family). adapters: variant name -> PEFT adapter directory.
+    kv_cache_gib: size of its own paged KV cache.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        adapters: dict[str, str] | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        kv_cache_gib: float = 1.0,
+        block_size: int = 16,
+    ):
+        from models.engine.adapters import LoRAAdapters
+        from models.engine.block_manager import BlockManager
+        from models.engine.config import EngineConfig
+        from models.engine.model_runner import ModelRunner
+
+        adapters = dict(adapters or {})
+        self.path = path
+        self.config_dict = json.loads((Path(path) / "config.json").read_text())
+        max_len = min(int(self.config_dict.get("max_position_embeddings", 4096)), 32768)
+        config = EngineConfig(
+            device=device,
+            dtype=dtype,
+            block_size=block_size,
+            kv_cache_cpu_gib=kv_cache_gib,
+            max_adapters_per_replica=max(len(adapters), 1),
+            max_lora_rank=max([_lora_rank(p) for p in adapters.values()] or [1]),
+        )
+        self.runner = ModelRunner(
+            config.model_copy(update={"num_kv_blocks": _num_blocks(path, config, kv_cache_gib)}),
+            path,
+            max_len,
+        )
+        self.device = self.runner.device
+        self.num_layers = self.runner.args.num_layers
+        self.vocab_size = self.runner.args.vocab_size
+        self.blocks = BlockManager(self.runner.num_blocks, block_size)
+        self.lora = LoRAAdapters(self.runner.model, config)
+        for name, adapter_path in adapters.items():
+            self.lora.load(name, adapter_path)
+        self.variants = [BASE, *adapters]
+        self.tokenizer = _tokenizer(path)
+
+    def check_variant(self, variant: str) -> None:
+        if variant not in self.variants:
+            raise ValueError(
+                f"small-model variant '{variant}' is not loaded; loaded: {', '.join(self.variants)}"
+            )
+
+    def free(self, state: RequestState) -> None:
+        """Return the request's cache blocks."""
+        for kv in state.kv.values():
+            if isinstance(kv, PagedKV):
+                self.blocks.release(kv)
+        state.kv.clear()
+
+    def base_hidden_states(self, texts: list[str]) -> torch.Tensor:
+        """Each block's output at the last token of each text, without LoRA:
+        float32 [num_texts, num_blocks, hidden]."""
+        if self.tokenizer is None:
+            raise ValueError(f"the small model {self.path} has no tokenizer to read texts with")
+        states = [RequestState(f"text-{i}", None) for i in range(len(texts))]
+        for state, text in zip(states, texts, strict=True):
+            state.reset(self.tokenizer(text).input_ids, [])
+        try:
+            self.read([(s, BASE) for s in states], hidden=True)
+            return torch.stack([s.outputs[BASE].hidden[1:] for s in states]).cpu()
+        finally:
+            for state in states:
+                self.free(state)
+
+    @torch.inference_mode()
+    def read(self, items: list[tuple[RequestState, str]], hidden: bool = False) -> None:
+        """Make `state.output(variant)` current for every pair, in one forward."""
+        from models.engine.scheduler import ScheduledSequence
+
+        scheduled, rows = [], []
+        for state, variant in items:
+            self.check_variant(variant)
+            if state.output(variant) is not None or any(
+                s is state and v == variant for s, v in rows
+            ):
+                continue
+            kv = state.kv.setdefault(variant, PagedKV())
+            tokens = state.tokens
+            if not tokens:
+                raise ValueError(f"request {state.request_id} has no tokens to read")
+            kv.num_computed = min(kv.num_computed, _common_prefix(kv.token_ids, tokens))
+            kv.num_computed = min(kv.num_computed, len(tokens) - 1)  # re-read the last token
+            kv.token_ids = list(tokens)
+            self.blocks.shrink(kv, kv.num_computed)
+            if not self.blocks.can_grow(kv, len(tokens)):
+                raise RuntimeError(
+                    f"the small model's KV cache is full ({self.blocks.num_usable} blocks); "
+                    "raise steering.kv_cache_gib"
+                )
+            self.blocks.grow(kv, len(tokens))
+            scheduled.append(ScheduledSequence(kv, len(tokens) - kv.num_computed))
+            rows.append((state, variant))
+        if not scheduled:
+            return
+        captured = self._capture_hidden(scheduled) if hidden else None
+        try:
+            logits = self.runner.run(scheduled, None, self._lora_weights(rows))
+        finally:
+            if captured is not None:
+                for handle in captured["handles"]:
+                    handle.remove()
+        for i, ((state, variant), item) in enumerate(zip(rows, scheduled, strict=True)):
+            item.seq.num_computed = len(item.seq.token_ids)
+            per_block = None
+            if captured is not None:
+                per_block = torch.stack([h[i] for h in captured["hidden"]]).float()
+            state.outputs[variant] = SmallOutput(
+                logits=logits[i], hidden=per_block, length=item.seq.num_computed
+            )
+
+    def _lora_weights(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor | None:
+        if all(v == BASE for _, v in rows):
+            return None
+        weights = torch.zeros(len(rows), self.lora.num_slots)
+        for row, (_, variant) in enumerate(rows):
+            if variant != BASE:
+                weights[row, self.lora.slots.index(variant)] = 1.0
+        return weights
+
+    def _capture_hidden(self, scheduled: list) -> dict[str, Any]:
+        """Hooks that keep the embedding and every block's output at each row's last token."""
+        last = torch.tensor([item.num_tokens for item in scheduled]).cumsum(0) - 1
+        last = last.to(self.device)
+        captured: dict[str, Any] = {"hidden": [], "handles": []}
+
+        def keep(_module, _inputs, output):
+            if isinstance(output, tuple):  # (block output before its residual add, residual)
+                block_out, residual = output
+                captured["hidden"].append(
+                    block_out.index_select(0, last) + residual.index_select(0, last)
+                )
+            else:
+                captured["hidden"].append(output.index_select(0, last))
+
+        model = self.runner.model
+        captured["handles"].append(model.embed_tokens.register_forward_hook(keep))
+        for layer in model.layers:
+            captured["handles"].append(layer.register_forward_hook(keep))
+        return captured
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _lora_rank(path: str) -> int:
+    return int(json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 8))
+
+
+def _num_blocks(path: str, config: Any, gib: float) -> int:
+    from models.engine.llama import read_model_args
+    from models.engine.model_runner import pick_device, pick_dtype
+
+    args = read_model_args(path)
+    dtype = pick_dtype(config, pick_device(config))
+    elem = torch.empty((), dtype=dtype).element_size()
+    block_bytes = 2 * args.num_layers * config.block_size * args.num_kv_heads * args.head_dim * elem
+    return max(4, int(gib * (1 << 30) // block_bytes))
+
+
+def _tokenizer(path: str) -> Any:
+    if not any((Path(path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
