@@ -5,8 +5,8 @@ handles as its backends, and answer JSON or server-sent events. Every failure le
 OpenAI's error JSON with the right status.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI resolves the route methods' annotations
+# at import, and on Serve's wrapped class methods postponed ones turn `Request` into a query field.
 import asyncio
 import json
 import logging
