@@ -66,15 +66,16 @@ def timed_ms(fn, repeats: int) -> np.ndarray:
     return np.array(times)
 
 
-def accuracy(router: AdapterRouter, rows: list[dict], threshold: float) -> float:
-    """Share of rows routed to their label, at `threshold`, from one batched probability call."""
-    adapter_p, base_p = router.adapter_probabilities([r["prompt"] for r in rows])
-    router.config.threshold = threshold
-    hits = 0
-    for i, row in enumerate(rows):
-        d = router._decide(adapter_p[i], None if base_p is None else float(base_p[i]))
-        hits += (d.adapter or "base") == row["label"]
-    return hits / len(rows)
+def accuracy(router: AdapterRouter, rows: list[dict], thresholds: list[float]) -> dict:
+    """Share of rows routed to their label, per threshold, from one embedding pass."""
+    probabilities = router.adapter_probabilities([r["prompt"] for r in rows])
+    out = {}
+    for t in thresholds:
+        router.config = router.config.model_copy(update={"threshold": t})
+        decisions = router.decide(*probabilities)
+        hits = [(d.adapter or "base") == r["label"] for d, r in zip(decisions, rows, strict=True)]
+        out[t] = sum(hits) / len(rows)
+    return out
 
 
 def main() -> None:
@@ -106,8 +107,8 @@ def main() -> None:
     modes = {}
     for mode, r in (("base_class", with_base), ("threshold_only", threshold_only)):
         modes[mode] = {
-            "heldout": {t: accuracy(r, heldout, t) for t in thresholds},
-            "world_tasks": {t: accuracy(r, world, t) for t in thresholds} if world else None,
+            "heldout": accuracy(r, heldout, thresholds),
+            "world_tasks": accuracy(r, world, thresholds) if world else None,
         }
 
     result = {

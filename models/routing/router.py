@@ -113,13 +113,19 @@ class AdapterRouter:
             return []
         if not self.routable:
             return [RouteDecision(adapter=None, confidence=0.0, candidates=[]) for _ in prompts]
-        adapter_p, base_p = self.adapter_probabilities(prompts)
+        return self.decide(*self.adapter_probabilities(prompts))
+
+    def decide(self, adapter_p: np.ndarray, base_p: np.ndarray | None) -> list[RouteDecision]:
+        """Decisions from `adapter_probabilities` output, at the current config's threshold.
+
+        Split from `route` so a caller can compare thresholds without embedding again.
+        """
         return [
-            self._decide(adapter_p[i], None if base_p is None else float(base_p[i]))
-            for i in range(len(prompts))
+            self._decide_one(adapter_p[i], None if base_p is None else float(base_p[i]))
+            for i in range(len(adapter_p))
         ]
 
-    def _decide(self, adapter_p: np.ndarray, base_p: float | None) -> RouteDecision:
+    def _decide_one(self, adapter_p: np.ndarray, base_p: float | None) -> RouteDecision:
         order = np.argsort(-adapter_p)[: self.config.top_k]
         candidates = [(self.routable[j].name, float(adapter_p[j])) for j in order]
         best_name, best_p = candidates[0]
