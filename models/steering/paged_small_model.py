@@ -19,6 +19,8 @@ import torch
 
 from models.steering.state import BASE, RequestState, SmallOutput
 
+MAX_ROWS = 128  # (request, variant) rows in one decode step that CUDA graphs cover
+
 
 @dataclass(eq=False)
 class PagedKV:
@@ -61,13 +63,14 @@ class PagedSmallModel:
         adapters = dict(adapters or {})
         self.path = path
         self.config_dict = json.loads((Path(path) / "config.json").read_text())
-        max_len = min(int(self.config_dict.get("max_position_embeddings", 4096)), 32768)
+        max_len = min(int(self.config_dict.get("max_position_embeddings", 4096)), 16384)
         config = EngineConfig(
             device=device,
             dtype=dtype,
             block_size=block_size,
             kv_cache_cpu_gib=kv_cache_gib,
             max_adapters_per_replica=max(len(adapters), 1),
+            max_num_seqs=MAX_ROWS,
             max_lora_rank=max([_lora_rank(p) for p in adapters.values()] or [1]),
         )
         self.runner = ModelRunner(
@@ -84,6 +87,8 @@ class PagedSmallModel:
             self.lora.load(name, adapter_path)
         self.variants = [BASE, *adapters]
         self.tokenizer = _tokenizer(path)
+        if hasattr(self.runner, "capture_graphs"):  # CUDA: decode steps replay from graphs
+            self.runner.capture_graphs()
 
     def check_variant(self, variant: str) -> None:
         if variant not in self.variants:
@@ -144,10 +149,14 @@ class PagedSmallModel:
         if not scheduled:
             return
         captured = self._capture_hidden(scheduled) if hidden else None
+        graphs = getattr(self.runner, "graphs", None)
         try:
+            if captured is not None:
+                self.runner.graphs = None  # hooks only run in the eager forward
             logits = self.runner.run(scheduled, None, self._lora_weights(rows))
         finally:
             if captured is not None:
+                self.runner.graphs = graphs
                 for handle in captured["handles"]:
                     handle.remove()
         for i, ((state, variant), item) in enumerate(zip(rows, scheduled, strict=True)):

@@ -118,9 +118,10 @@ class SteeringRuntime:
         that need it. A row's failure is reported on that row (RowActions.error) only."""
         return await asyncio.to_thread(self._process_locked, batch)
 
-    async def on_step(self, batch: list[RowEvents]) -> list[RowActions]:
-        """The engine's step-observer hook (colocated mode): same as `process`."""
-        return await self.process(batch)
+    def on_step(self, batch: list[RowEvents]) -> list[RowActions]:
+        """The engine's step-observer hook when colocated: runs in the caller's thread (the
+        engine's, which waits for the answer anyway), so no event-loop hop per step."""
+        return self._process_locked(batch)
 
     def release(self, request_ids: Iterable[str]) -> None:
         """Forget finished requests (their caches are freed). Never blocks: while a step is
