@@ -155,6 +155,8 @@ class Ingress:
         return await self.router.route.remote(prompt)
 
     async def _search(self, query: str, store_ids: list[str], top_k: int, threshold: float | None):
+        if threshold is None:
+            return await self.retriever.search.remote(query, store_ids, top_k)
         return await self.retriever.search.remote(query, store_ids, top_k, threshold)
 
     async def _adapters(self) -> list[str]:

@@ -18,7 +18,20 @@ MODEL = "tandem"
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
+def adapter_root(tmp_path_factory):
+    """A directory the app may load adapters from, holding a copy of the built-in qa adapter."""
+    import shutil
+
+    from models.builtin import resolve_source
+
+    root = tmp_path_factory.mktemp("adapters")
+    source = default_app_args()["model"]["source"]
+    shutil.copytree(resolve_source(source).adapters["qa"], root / "qa_copy")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory, adapter_root):
     import ray
     from ray import serve
 
@@ -27,6 +40,7 @@ def base_url(tmp_path_factory):
     args = default_app_args()
     args.setdefault("retrieval", {})["data_dir"] = str(tmp_path_factory.mktemp("retrieval"))
     args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
+    args.setdefault("router", {})["adapter_roots"] = [str(adapter_root)]
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -182,3 +196,132 @@ def test_sixteen_concurrent_streams_batch_together(aclient):
     counts = asyncio.run(all16())
     assert all(c > 0 for c in counts)
     assert generator_stats()["max_running_seen"] > 1
+
+
+# ---- adapters and routing ----------------------------------------------------------------
+
+
+def test_models_list_the_configured_adapters(client):
+    ids = {m.id for m in client.models.list().data}
+    assert {f"{MODEL}:rewrite", f"{MODEL}:qa", f"{MODEL}:list"} <= ids
+
+
+def test_auto_picks_the_adapter_for_the_task(client):
+    r = chat(client, "Rewrite in a positive tone: the old dog is sad near the lake.",
+             model=f"{MODEL}:auto", max_tokens=4)
+    tandem = r.model_extra["tandem"]
+    assert tandem["adapter"] == "rewrite" and tandem["router"]["confidence"] >= 0.5
+    r = chat(client, "How are you doing today, friend?", model=f"{MODEL}:auto", max_tokens=4)
+    assert r.model_extra["tandem"]["adapter"] is None
+
+
+def test_adapter_changes_greedy_output(client):
+    prompt = "Mia has the red ball. Question: who has the red ball?"
+    base = chat(client, prompt, temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+    qa = chat(client, prompt, model=f"{MODEL}:qa", temperature=0, max_tokens=8,
+              extra_body={"ignore_eos": True})
+    assert qa.model_extra["tandem"]["adapter"] == "qa"
+    assert qa.choices[0].message.content != base.choices[0].message.content
+
+
+def test_load_and_unload_lora_adapter(base_url, client, adapter_root):
+    r = httpx.post(f"{base_url}/v1/load_lora_adapter",
+                   json={"lora_name": "qa2", "lora_path": "qa_copy"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert f"{MODEL}:qa2" in {m.id for m in client.models.list().data}
+    prompt = "Mia has the red ball. Question: who has the red ball?"
+    a = chat(client, prompt, model=f"{MODEL}:qa", temperature=0, max_tokens=6)
+    b = chat(client, prompt, model=f"{MODEL}:qa2", temperature=0, max_tokens=6)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    escape = httpx.post(f"{base_url}/v1/load_lora_adapter",
+                        json={"lora_name": "evil", "lora_path": "../../etc"}, timeout=60)
+    assert escape.status_code in (400, 403, 404) and "error" in escape.json()
+    missing = httpx.post(f"{base_url}/v1/load_lora_adapter",
+                         json={"lora_name": "gone", "lora_path": "nothing_here"}, timeout=60)
+    assert missing.status_code == 404
+    r = httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": "qa2"}, timeout=60)
+    assert r.status_code == 200, r.text
+    time.sleep(1.1)  # the Ingress caches the adapter list for a second
+    with pytest.raises(openai.NotFoundError):
+        chat(client, prompt, model=f"{MODEL}:qa2", max_tokens=2)
+    assert chat(client, prompt, model=f"{MODEL}:qa", max_tokens=2).choices  # others still serve
+
+
+# ---- retrieval ------------------------------------------------------------------------------
+
+
+def test_rag_answers_cite_uploaded_documents(client, tmp_path):
+    doc = tmp_path / "harbour.txt"
+    doc.write_text("The lighthouse keeper Orla paints the harbour boats blue every spring.")
+    f = client.files.create(file=doc.open("rb"), purpose="assistants")
+    store = client.vector_stores.create(name="harbour", file_ids=[f.id])
+    hits = client.vector_stores.search(store.id, query="Who paints the boats?")
+    assert hits.data and hits.data[0].file_id == f.id
+    r = chat(client, "Who paints the harbour boats?", max_tokens=4,
+             extra_body={"rag": {"vector_store_ids": [store.id], "top_k": 2}})
+    sources = r.model_extra["tandem"]["sources"]
+    assert sources and sources[0]["filename"] == "harbour.txt" and "Orla" in sources[0]["text"]
+    assert r.usage.prompt_tokens > chat(client, "Who paints the harbour boats?", max_tokens=1).usage.prompt_tokens
+    assert "world" in {s.id for s in client.vector_stores.list().data}
+
+
+def test_embeddings_route(client):
+    r = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a red kite", "a blue kite"])
+    assert len(r.data) == 2 and len(r.data[0].embedding) == 384
+
+
+# ---- steering --------------------------------------------------------------------------------
+
+
+def test_steering_vectors_list_extract_upload(base_url, tmp_path):
+    listed = httpx.get(f"{base_url}/v1/steering/vectors").json()
+    assert listed["object"] == "list" and "positive" in {v["id"] for v in listed["data"]}
+    r = httpx.post(f"{base_url}/v1/steering/vectors/extract", timeout=120, json={
+        "name": "cheer", "positive": ["Mia is happy.", "The park is lovely."],
+        "negative": ["Mia is sad.", "The park is awful."], "method": "pca"})
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "cheer"
+    import torch
+
+    from models.steering.vectors import SteeringVector, save_gguf
+
+    shape = next(v for v in listed["data"] if v["id"] == "positive")
+    good = tmp_path / "calm.gguf"
+    save_gguf(SteeringVector("calm", {1: torch.randn(shape["hidden_size"])}), good)
+    r = httpx.post(f"{base_url}/v1/steering/vectors", files={"file": ("calm.gguf", good.read_bytes())})
+    assert r.status_code == 200, r.text
+    bad = tmp_path / "wide.gguf"
+    save_gguf(SteeringVector("wide", {1: torch.randn(shape["hidden_size"] + 3)}), bad)
+    r = httpx.post(f"{base_url}/v1/steering/vectors", files={"file": ("wide.gguf", bad.read_bytes())})
+    assert r.status_code == 400 and "hidden" in r.json()["error"]["message"]
+    r = httpx.post(f"{base_url}/v1/steering/vectors", files={"file": ("x.txt", b"hello")})
+    assert r.status_code == 415
+    names = {v["id"] for v in httpx.get(f"{base_url}/v1/steering/vectors").json()["data"]}
+    assert {"positive", "cheer", "calm"} <= names
+
+
+def test_static_vector_changes_output(client):
+    plain = chat(client, temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
+    steered = chat(client, temperature=0, max_tokens=10, extra_body={
+        "ignore_eos": True, "steering": {"vectors": [{"name": "positive", "coeff": 12.0}]}})
+    assert steered.choices[0].message.content != plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("mode", ["sync", "colocated", "async"])
+def test_policies_run_in_every_mode(client, mode):
+    before = generator_stats()["observer_calls"]
+    r = chat(client, temperature=0, max_tokens=8, extra_body={
+        "ignore_eos": True, "steering": {"policy": "proxy", "mode": mode}})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    calls = generator_stats()["observer_calls"] - before
+    assert 1 <= calls <= 8 + 1  # one call per engine step, not per token per request
+    if mode != "async":
+        kinds = {i["action"] for i in r.model_extra["tandem"]["interventions"]}
+        assert "AdjustedLogits" in kinds
+
+
+def test_sync_proxy_tuning_differs_from_plain(client):
+    plain = chat(client, temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
+    proxied = chat(client, temperature=0, max_tokens=10, extra_body={
+        "ignore_eos": True, "steering": {"policy": "proxy", "mode": "sync", "params": {"alpha": 4.0}}})
+    assert proxied.choices[0].message.content != plain.choices[0].message.content
