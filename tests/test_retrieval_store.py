@@ -347,8 +347,9 @@ def test_process_killed_mid_transaction_keeps_previous_state(tmp_path, embedder)
         DocumentStore({data_dir!r}, shared_embedder()).attach_file({vs_id!r}, {late.id!r})
         """
     )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_torch_thread
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=120
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, timeout=120
     )
     assert proc.returncode == 17, proc.stderr.decode()[-2000:]
     reopened = DocumentStore(data_dir, embedder)
