@@ -1,0 +1,286 @@
+"""Steering benchmark: what the small model in the loop costs the big model's decode step.
+
+`gpu`: in-process, one GPU, no Ray. Qwen3-1.7B-shaped big model and Qwen3-0.6B-shaped small
+model with random bf16 weights (speed does not depend on the values) and a random rank-16
+expert LoRA on the small model. The torch engine decodes B streams; per-step time is compared,
+in the same run, between unsteered, a static steering vector on 4 layers, and proxy tuning
+colocated (the engine waits each step for the small model's base + expert forward). Targets:
+vector <= 1.03x, proxy tuning colocated <= 1.5x.
+
+`serve`: tokens/s of 16 concurrent streams through the running app's HTTP API (openai client,
+`extra_body={"steering": ...}`): unsteered vs async vs sync vs colocated.
+
+    PYTHONUNBUFFERED=1 python3 bench/steering.py gpu --out $OUT             # H200
+    python bench/steering.py gpu --tiny --device cpu                         # logic check
+    python bench/steering.py serve --base-url http://127.0.0.1:8000 --policy proxy
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "qwen3-1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=6144,
+                       vocab_size=151936),
+    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                       vocab_size=151936),
+    "tiny-big": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, intermediate_size=256, vocab_size=512),
+    "tiny-small": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=512),
+}  # fmt: skip
+TARGETS = {"vector_ratio": 1.03, "proxy_colocated_ratio": 1.5}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- GPU, in process --------------------------------------------------------------------------
+
+
+def write_lora(path: Path, shape: dict, rank: int = 16, seed: int = 2) -> Path:
+    """A PEFT LoRA directory with random non-zero A and B on q/k/v/o of every layer."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    h, d = shape["hidden_size"], shape["head_dim"]
+    outs = {"q_proj": shape["num_attention_heads"] * d, "k_proj": shape["num_key_value_heads"] * d,
+            "v_proj": shape["num_key_value_heads"] * d, "o_proj": h}  # fmt: skip
+    ins = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": shape["num_attention_heads"] * d}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(shape["num_hidden_layers"]):
+        for name, out in outs.items():
+            key = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, ins[name], generator=g) * 0.02
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.02
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()},
+              str(path / "adapter_model.safetensors"))  # fmt: skip
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": list(outs), "bias": "none"}  # fmt: skip
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def decode_step_ms(engine, requests, warmup_steps: int = 3) -> tuple[float, int]:
+    """Median ms per engine step once every request is decoding; and the steps measured."""
+    for request in requests:
+        engine.add_request(request)
+    times = []
+    step = 0
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        engine.step()
+        if step >= warmup_steps:
+            times.append((time.perf_counter() - start) * 1000)
+        step += 1
+    return statistics.median(times), len(times)
+
+
+def bench_gpu(args) -> dict:
+    from bench.engine_gpu import build_checkpoint
+    from models.engine.config import EngineConfig
+    from models.engine.llm_engine import LLMEngine
+    from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSpec
+    from models.steering.config import SteeringConfig
+    from models.steering.runtime import SteeringRuntime
+
+    device = torch.device(args.device)
+    big_shape = SHAPES["tiny-big" if args.tiny else "qwen3-1.7b"]
+    small_shape = SHAPES["tiny-small" if args.tiny else "qwen3-0.6b"]
+    work = Path(args.work)
+    t = time.perf_counter()
+    big = work / "big"
+    small = work / "small"
+    build_checkpoint(big, big_shape, device, seed=0)
+    build_checkpoint(small, small_shape, device, seed=1)
+    expert = write_lora(work / "expert", small_shape)
+    log(f"checkpoints ready in {time.perf_counter() - t:.1f} s")
+
+    max_batch = max(args.batch_sizes)
+    max_len = args.prompt_len + args.new_tokens + 16
+    engine_config = EngineConfig(
+        device=device.type, max_num_seqs=max_batch, max_model_len=max_len,
+        num_kv_blocks=1 + max_batch * (-(-max_len // 16)) * 2,
+    )  # fmt: skip
+    t = time.perf_counter()
+    engine = LLMEngine(engine_config, big, tokenizer=None)
+    if hasattr(engine.runner, "capture_graphs"):
+        engine.runner.capture_graphs()
+    log(f"engine ready in {time.perf_counter() - t:.1f} s")
+    layers = big_shape["num_hidden_layers"]
+    g = torch.Generator().manual_seed(3)
+    engine.register_vector("v", torch.randn(layers, big_shape["hidden_size"], generator=g) * 0.05)
+    steer_layers = list(range(layers // 2 - 2, layers // 2 + 2))
+
+    steering = SteeringConfig(
+        expert_adapter="expert",
+        device=device.type,
+        kv_cache_gib=2.0 if device.type == "cuda" else 0.1,
+        policies=[{"name": "proxy", "kind": "proxy_tuning", "params": {"alpha": 1.0}},
+                  {"name": "contrast", "kind": "contrastive"}],
+    )  # fmt: skip
+    t = time.perf_counter()
+    runtime = SteeringRuntime(steering, str(big), str(small), {"expert": str(expert)})
+    engine.set_step_observer(runtime)
+    log(f"steering runtime ready in {time.perf_counter() - t:.1f} s")
+
+    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                     "big": "tiny-big" if args.tiny else "qwen3-1.7b",
+                     "small": "tiny-small" if args.tiny else "qwen3-0.6b",
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": []}  # fmt: skip
+    vocab = big_shape["vocab_size"]
+    modes = {
+        "unsteered": {},
+        "vector_4_layers": {"steer_vectors": [SteerVectorSpec("v", 1.0, steer_layers)]},
+        "proxy_colocated": {"steering": {"policy": "proxy", "mode": "colocated"}},
+        "contrastive_colocated": {"steering": {"policy": "contrast", "mode": "colocated"}},
+        "proxy_async": {"steering": {"policy": "proxy", "mode": "async"}},
+    }
+    for batch in args.batch_sizes:
+        prompts = torch.randint(2, vocab, (batch, args.prompt_len), generator=g).tolist()
+        row = {"batch": batch}
+        for repeat in range(args.repeats):
+            for mode, extra in modes.items():
+                params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+                reqs = [GenerationRequest(f"{mode}-{batch}-{repeat}-{i}", p, params, **extra)
+                        for i, p in enumerate(prompts)]  # fmt: skip
+                ms, steps = decode_step_ms(engine, reqs)
+                runtime.release([r.request_id for r in reqs])
+                row[f"{mode}_ms"] = min(ms, row.get(f"{mode}_ms", float("inf")))
+                log(f"bs {batch} {mode}: {ms:.3f} ms/step ({steps} steps)")
+        base = row["unsteered_ms"]
+        for mode in modes:
+            if mode != "unsteered":
+                row[f"{mode}_ratio"] = round(row[f"{mode}_ms"] / base, 3)
+        results["rows"].append(row)
+    return results
+
+
+def print_gpu_table(results: dict) -> None:
+    modes = [k[:-3] for k in results["rows"][0] if k.endswith("_ms")]
+    print(f"\nsteering cost per decode step, {results['big']} + {results['small']} "
+          f"on {results['device']} (ms/step, ratio to unsteered)")  # fmt: skip
+    print("| batch | " + " | ".join(modes) + " |")
+    print("|---|" + "---|" * len(modes))
+    for row in results["rows"]:
+        cells = [f"{row[m + '_ms']:.2f}" + ("" if m == "unsteered" else f" ({row[m + '_ratio']:.2f}x)")
+                 for m in modes]  # fmt: skip
+        print(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    print(f"targets: {TARGETS}")
+
+
+# ---- through the HTTP API ---------------------------------------------------------------------
+
+
+async def one_stream(client, model: str, i: int, max_tokens: int, steering: dict | None):
+    start = time.perf_counter()
+    extra = {"ignore_eos": True}
+    if steering:
+        extra["steering"] = steering
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": f"Tell me about Mia, part {i}."}],
+        max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra,
+    )  # fmt: skip
+    tokens, interventions = 0, 0
+    async for chunk in stream:
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        tandem = (chunk.model_extra or {}).get("tandem") or {}
+        interventions += len(tandem.get("interventions") or [])
+    return tokens, interventions, time.perf_counter() - start
+
+
+async def bench_serve_mode(args, steering: dict | None) -> dict:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{args.base_url}/v1", api_key=args.api_key,
+                                  max_retries=0, timeout=600) as client:  # fmt: skip
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, args.model, i, args.max_tokens,
+                                                    steering) for i in range(args.streams)))  # fmt: skip
+        wall = time.perf_counter() - start
+    tokens = sum(r[0] for r in results)
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "interventions": sum(r[1] for r in results)}  # fmt: skip
+
+
+def bench_serve(args) -> dict:
+    modes = {"unsteered": None}
+    for mode in ("async", "sync", "colocated"):
+        modes[mode] = {"policy": args.policy, "mode": mode}
+    out: dict = {"base_url": args.base_url, "streams": args.streams, "max_tokens": args.max_tokens,
+                 "policy": args.policy, "modes": {}}  # fmt: skip
+    asyncio.run(bench_serve_mode(args, None))  # warm-up
+    for name, steering in modes.items():
+        out["modes"][name] = asyncio.run(bench_serve_mode(args, steering))
+        log(f"{name}: {out['modes'][name]}")
+    base = out["modes"]["unsteered"]["tokens_per_s"]
+    for row in out["modes"].values():
+        row["ratio_to_unsteered"] = round(row["tokens_per_s"] / base, 3) if base else None
+    return out
+
+
+def print_serve_table(results: dict) -> None:
+    print(f"\n{results['streams']} concurrent streams x {results['max_tokens']} tokens, "
+          f"policy '{results['policy']}' (tokens/s through HTTP)")  # fmt: skip
+    print("| mode | tokens/s | ratio | interventions |")
+    print("|---|---|---|---|")
+    for name, row in results["modes"].items():
+        print(f"| {name} | {row['tokens_per_s']} | {row['ratio_to_unsteered']} | "
+              f"{row['interventions']} |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    gpu = sub.add_parser("gpu", help="in-process step time on one device")
+    gpu.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gpu.add_argument("--tiny", action="store_true", help="tiny shapes (logic check on CPU)")
+    gpu.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    gpu.add_argument("--prompt-len", type=int, default=128)
+    gpu.add_argument("--new-tokens", type=int, default=64)
+    gpu.add_argument("--repeats", type=int, default=2)
+    gpu.add_argument("--work", default="/tmp/tandem-steering-bench")
+    gpu.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    serve = sub.add_parser("serve", help="tokens/s through the running app's HTTP API")
+    serve.add_argument("--base-url", default="http://127.0.0.1:8000")
+    serve.add_argument("--api-key", default="unused")
+    serve.add_argument("--model", default="tandem")
+    serve.add_argument("--policy", default="proxy", help="a policy of the app's config")
+    serve.add_argument("--streams", type=int, default=16)
+    serve.add_argument("--max-tokens", type=int, default=32)
+    serve.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.part == "gpu":
+        results = bench_gpu(args)
+        name = "steering_gpu_tiny.json" if args.tiny else "steering_gpu.json"
+        print_gpu_table(results)
+    else:
+        results = bench_serve(args)
+        name = "steering_serve.json"
+        print_serve_table(results)
+    (out / name).write_text(json.dumps(results, indent=1))
+    log(f"wrote {out / name}")
+
+
+if __name__ == "__main__":
+    main()
