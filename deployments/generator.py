@@ -81,6 +81,7 @@ class Generator:
         self.vectors = self._vector_library()
         self._registered_vectors: set[str] = set()
         self._observer: _SteeringObserver | None = None
+        self._requests_served = 0
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -151,6 +152,7 @@ class Generator:
                 f"{', '.join(self.adapter_paths) or 'none'}"
             )
         finished = False
+        self._requests_served += 1
         try:
             async for out in self.engine.generate(request):
                 finished = out.finished
@@ -239,8 +241,10 @@ class Generator:
             raise VectorUploadError(str(exc)) from None
 
     async def stats(self) -> dict:
+        """Engine counters plus this replica's identity and request count."""
         s = self.engine.stats()
-        return dict(s.__dict__)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {**s.__dict__, "replica": replica, "requests_served": self._requests_served}
 
     async def check_health(self) -> None:
         if self._started:
