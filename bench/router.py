@@ -56,14 +56,19 @@ def world_rows(per_task: int = 100) -> list[dict]:
     ]
 
 
-def timed_ms(fn, repeats: int) -> np.ndarray:
-    """Wall time of each of `repeats` calls, in ms."""
-    times = []
+def timed_ms(fn, repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """Wall time and process CPU time of each of `repeats` calls, in ms.
+
+    CPU time is the figure that survives a shared, busy machine: wall time there includes
+    waiting for a core.
+    """
+    wall, cpu = [], []
     for i in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn(i)
-        times.append((time.perf_counter() - start) * 1000)
-    return np.array(times)
+        wall.append((time.perf_counter() - start) * 1000)
+        cpu.append((time.process_time() - start_cpu) * 1000)
+    return np.array(wall), np.array(cpu)
 
 
 def accuracy(router: AdapterRouter, rows: list[dict], thresholds: list[float]) -> dict:
@@ -82,7 +87,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="Single-prompt calls timed.")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "router.json"))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (a Router replica with num_cpus < 2 has 1).",
+    )
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     adapters, heldout = load_adapters(), load_heldout()
     prompts = [r["prompt"] for r in heldout]
@@ -94,11 +109,15 @@ def main() -> None:
     startup_s = time.perf_counter() - start
     router.route(prompts[:8])
 
-    embed_ms = timed_ms(lambda i: embedder.embed([prompts[i % len(prompts)]]), args.repeats)
-    route_ms = timed_ms(lambda i: router.route([prompts[i % len(prompts)]]), args.repeats)
+    embed_ms, embed_cpu = timed_ms(
+        lambda i: embedder.embed([prompts[i % len(prompts)]]), args.repeats
+    )
+    route_ms, route_cpu = timed_ms(
+        lambda i: router.route([prompts[i % len(prompts)]]), args.repeats
+    )
     batch = [prompts[(7 * i) % len(prompts)] for i in range(32)]
-    batched_ms = timed_ms(lambda i: router.route(batch), 10)
-    one_by_one_ms = timed_ms(lambda i: [router.route([p]) for p in batch], 3)
+    batched_ms, batched_cpu = timed_ms(lambda i: router.route(batch), 10)
+    one_by_one_ms, one_by_one_cpu = timed_ms(lambda i: [router.route([p]) for p in batch], 3)
 
     thresholds = [0.3, 0.4, 0.5, 0.6, 0.7]
     with_base = AdapterRouter(adapters, RouterConfig(base_class=True), embedder=embedder)
@@ -117,21 +136,28 @@ def main() -> None:
         "single_prompt_ms": {
             "route_p50": float(np.percentile(route_ms, 50)),
             "route_p99": float(np.percentile(route_ms, 99)),
+            "route_cpu_p50": float(np.percentile(route_cpu, 50)),
+            "route_cpu_p99": float(np.percentile(route_cpu, 99)),
             "embed_only_p50": float(np.percentile(embed_ms, 50)),
             "embed_only_p99": float(np.percentile(embed_ms, 99)),
+            "embed_only_cpu_p50": float(np.percentile(embed_cpu, 50)),
             "route_over_embed_p50": float(np.median(route_ms) / np.median(embed_ms)),
         },
         "batch_of_32": {
             "batched_ms_p50": float(np.median(batched_ms)),
             "batched_prompts_per_s": 32 * 1000 / float(np.median(batched_ms)),
+            "batched_cpu_ms_p50": float(np.median(batched_cpu)),
             "one_by_one_ms": float(np.median(one_by_one_ms)),
+            "one_by_one_cpu_ms": float(np.median(one_by_one_cpu)),
             "one_by_one_prompts_per_s": 32 * 1000 / float(np.median(one_by_one_ms)),
             "batching_speedup": float(np.median(one_by_one_ms) / np.median(batched_ms)),
         },
         "accuracy": modes,
         "heldout_size": len(heldout),
         "world_tasks_size": len(world),
-        "cpu_threads": __import__("torch").get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "machine_cores": os.cpu_count(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -147,7 +173,12 @@ def print_table(r: dict, thresholds: list[float]) -> None:
             "one prompt: embed only p50 / p99",
             f"{s['embed_only_p50']:.1f} / {s['embed_only_p99']:.1f} ms",
         ),
-        ("route / embed (p50)", f"{s['route_over_embed_p50']:.2f}x"),
+        (
+            "one prompt: route CPU time p50 / p99",
+            f"{s['route_cpu_p50']:.1f} / {s['route_cpu_p99']:.1f} ms",
+        ),
+        ("one prompt: embed only CPU time p50", f"{s['embed_only_cpu_p50']:.1f} ms"),
+        ("route / embed (wall p50)", f"{s['route_over_embed_p50']:.2f}x"),
         (
             "32 prompts batched",
             f"{b['batched_ms_p50']:.0f} ms = {b['batched_prompts_per_s']:.0f}/s",
@@ -156,7 +187,15 @@ def print_table(r: dict, thresholds: list[float]) -> None:
             "32 prompts one by one",
             f"{b['one_by_one_ms']:.0f} ms = {b['one_by_one_prompts_per_s']:.0f}/s",
         ),
-        ("batching speed-up", f"{b['batching_speedup']:.2f}x"),
+        (
+            "32 prompts CPU time batched / one by one",
+            f"{b['batched_cpu_ms_p50']:.0f} / {b['one_by_one_cpu_ms']:.0f} ms",
+        ),
+        ("batching speed-up (wall)", f"{b['batching_speedup']:.2f}x"),
+        (
+            "load average before / after, cores",
+            f"{r['load_average_1min']['before']:.1f} / {r['load_average_1min']['after']:.1f}, {r['machine_cores']}",
+        ),
     ]
     for mode, acc in r["accuracy"].items():
         for name, by_t in acc.items():
