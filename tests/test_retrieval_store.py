@@ -411,3 +411,37 @@ def _text_pdf(lines: list[str]) -> bytes:
         xref,
     )
     return bytes(out)
+
+
+def test_two_processes_sharing_a_data_dir_see_each_others_writes(tmp_path, embedder):
+    """Two DocumentStores on one data_dir stand for two Retriever replicas."""
+    data_dir = str(tmp_path / "data")
+    replica_a = DocumentStore(data_dir, embedder)
+    replica_b = DocumentStore(data_dir, embedder)
+    vs_id = replica_a.create_vector_store("shared").id
+    cars = replica_a.create_file("cars.txt", CARS.encode())
+    replica_a.attach_file(vs_id, cars.id)
+    assert replica_b.search([vs_id], "tyre tread depth", 1)[0].file_id == cars.id
+
+    garden = replica_b.create_file("garden.txt", GARDEN.encode())
+    replica_b.attach_file(vs_id, garden.id)
+    replica_a.attach_file(vs_id, replica_a.create_file("kitchen.md", KITCHEN.encode()).id)
+    for replica in (replica_a, replica_b):
+        assert replica.chunk_count(vs_id) == 3
+        assert replica.search([vs_id], "tomato rot", 1)[0].file_id == garden.id
+
+    replica_b.delete_file(cars.id)
+    assert all(h.file_id != cars.id for h in replica_a.search([vs_id], "tyre tread depth", 3))
+    replica_a.close()
+    replica_b.close()
+
+
+def test_chunks_embedded_elsewhere_can_be_attached(store, embedder):
+    vs = store.create_vector_store("imported")
+    f = store.create_file("import.txt", b"placeholder")
+    texts = ["Otters hold hands while sleeping.", "Glass is made from sand."]
+    with pytest.raises(InvalidRequest):
+        store.attach_embedded_chunks(vs.id, f.id, texts, np.zeros((1, 384), np.float32))
+    record = store.attach_embedded_chunks(vs.id, f.id, texts, embedder.embed(texts))
+    assert record.chunk_count == 2 and record.chunking_strategy == {"type": "other"}
+    assert store.search([vs.id], "sea animals sleeping", 1)[0].text == texts[0]

@@ -27,12 +27,16 @@ _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 class ChunkingStrategy(BaseModel):
     """A resolved chunking strategy: what was asked and the sizes used, in word pieces."""
 
-    type: Literal["auto", "static"] = Field(description="auto: sentence-aware; static: windows.")
+    type: Literal["auto", "static", "other"] = Field(
+        description="auto: sentence-aware; static: windows; other: chunked outside this store."
+    )
     max_chunk_size_tokens: int = Field(description="Largest chunk, in embedder word pieces.")
     chunk_overlap_tokens: int = Field(description="Word pieces shared by neighbouring chunks.")
 
     def to_openai(self) -> dict[str, Any]:
         """The `chunking_strategy` object of a vector store file (auto reports its sizes)."""
+        if self.type == "other":
+            return {"type": "other"}
         return {
             "type": "static",
             "static": {

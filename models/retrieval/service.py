@@ -190,9 +190,14 @@ def ensure_builtin_store(store: DocumentStore, documents: Sequence[Any] | None =
     for n, doc in enumerate(documents):
         name, text = _name_and_text(doc, n)
         file_ids.append(store.create_file(name, text.encode(), "assistants").id)
-    store.create_vector_store(
-        "world", file_ids, metadata={"builtin": "true"}, vector_store_id=BUILTIN_STORE_ID
-    )
+    try:
+        store.create_vector_store(
+            "world", file_ids, metadata={"builtin": "true"}, vector_store_id=BUILTIN_STORE_ID
+        )
+    except InvalidRequest:  # another replica created it first
+        for file_id in file_ids:
+            store.delete_file(file_id)
+        return False
     log.info(
         "created built-in vector store '%s' from %d documents", BUILTIN_STORE_ID, len(file_ids)
     )

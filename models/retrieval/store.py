@@ -11,6 +11,10 @@ index that lags the database, and loading reconciles them (adds missing ids from
 embeddings, drops ids the database no longer has), so the last committed state is what a restart
 sees. Attaching holds a lock per vector store from commit to index save, so concurrent uploads
 to one store lose nothing; embedding runs outside that lock.
+
+Several processes (Retriever replicas) may share one data_dir: every write bumps the store's
+version in the database, and a process whose in-memory index is behind reloads it before
+searching.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from models.retrieval.records import (
 log = logging.getLogger(__name__)
 
 PURPOSES = ("assistants", "user_data")
-EMBED_BATCH = 256  # chunks per embedder call; progress is logged per batch for large files
+EMBED_BATCH = 256
+ORPHAN_AGE_S = 3600  # leftover files older than this are removed on start  # chunks per embedder call; progress is logged per batch for large files
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -52,7 +57,8 @@ CREATE TABLE IF NOT EXISTS files (
     created_at INTEGER NOT NULL, purpose TEXT NOT NULL, text TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vector_stores (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at INTEGER NOT NULL,
-    last_active_at INTEGER NOT NULL, metadata TEXT NOT NULL, index_kind TEXT NOT NULL);
+    last_active_at INTEGER NOT NULL, metadata TEXT NOT NULL, index_kind TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS vector_store_files (
     vector_store_id TEXT NOT NULL REFERENCES vector_stores(id) ON DELETE CASCADE,
     file_id TEXT NOT NULL REFERENCES files(id) ON DELETE CASCADE,
@@ -115,6 +121,7 @@ class DocumentStore:
             os.path.join(self.data_dir, "retrieval.sqlite3"),
             check_same_thread=False,
             isolation_level=None,
+            timeout=30,  # other replicas may hold the write lock while they commit
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -122,6 +129,7 @@ class DocumentStore:
         self._locks_lock = threading.Lock()
         self._store_locks: dict[str, threading.Lock] = {}
         self._indexes: dict[str, VectorIndex] = {}
+        self._versions: dict[str, int] = {}  # the database version each in-memory index holds
         self._load()
 
     @classmethod
@@ -200,9 +208,10 @@ class DocumentStore:
             if not db.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone():
                 raise NotFoundError(f"no file with id '{file_id}'", param="file_id")
             removed = self._chunk_ids_by_store(db, "file_id = ?", (file_id,))
+            versions = {s: _bump_version(db, s) for s in removed}
             db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         for store_id, ids in removed.items():
-            self._remove_from_index(store_id, ids)
+            self._remove_from_index(store_id, ids, versions[store_id])
         _unlink_quietly(self._file_path(file_id))
 
     # Vector stores
@@ -231,6 +240,7 @@ class DocumentStore:
             )
         with self._store_lock(store_id):
             self._indexes[store_id] = VectorIndex(self.index_kind)
+            self._versions[store_id] = 0
             self._save_index(store_id)
         for file_id in file_ids:
             self._attach(store_id, file_id, strategy, {})
@@ -291,6 +301,7 @@ class DocumentStore:
             db.execute("DELETE FROM vector_stores WHERE id = ?", (vector_store_id,))
         with self._store_lock(vector_store_id):
             self._indexes.pop(vector_store_id, None)
+            self._versions.pop(vector_store_id, None)
             _unlink_quietly(self._index_path(vector_store_id))
 
     # Files in vector stores
@@ -307,6 +318,30 @@ class DocumentStore:
         self.retrieve_file(file_id)
         return self._attach(
             vector_store_id, file_id, self._strategy(chunking_strategy), attributes or {}
+        )
+
+    def attach_embedded_chunks(
+        self,
+        vector_store_id: str,
+        file_id: str,
+        chunks: list[str],
+        vectors: np.ndarray,
+        attributes: dict[str, Any] | None = None,
+    ) -> VectorStoreFileRecord:
+        """Attach a file as chunks embedded elsewhere (imports, benchmarks); `vectors` (n, dim)
+        must be L2-normalised float32 from the same embedder."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(chunks), self.embedder.dim):
+            raise InvalidRequest(
+                f"vectors must have shape ({len(chunks)}, {self.embedder.dim}), got {vectors.shape}"
+            )
+        self.retrieve_vector_store(vector_store_id)
+        self.retrieve_file(file_id)
+        strategy = ChunkingStrategy(
+            type="other", max_chunk_size_tokens=self.chunk_max_tokens, chunk_overlap_tokens=0
+        )
+        return self._index_chunks(
+            vector_store_id, file_id, chunks, vectors, strategy, attributes or {}
         )
 
     def list_vector_store_files(
@@ -341,12 +376,13 @@ class DocumentStore:
             removed = self._chunk_ids_by_store(
                 db, "vector_store_id = ? AND file_id = ?", (vector_store_id, file_id)
             )
+            version = _bump_version(db, vector_store_id)
             db.execute(
                 "DELETE FROM vector_store_files WHERE vector_store_id = ? AND file_id = ?",
                 (vector_store_id, file_id),
             )
         for store_id, ids in removed.items():
-            self._remove_from_index(store_id, ids)
+            self._remove_from_index(store_id, ids, version)
 
     # Search
 
@@ -375,14 +411,13 @@ class DocumentStore:
     ) -> list[list[SearchHit]]:
         """Search with query embeddings already computed; `vectors[i]` is `requests[i]`'s."""
         store_ids = sorted({s for r in requests for s in r.vector_store_ids})
-        for store_id in store_ids:
-            self.retrieve_vector_store(store_id)
+        versions = self._store_versions(store_ids)
         candidates: list[list[tuple[float, int]]] = [[] for _ in requests]
         for store_id in store_ids:
             rows = [i for i, r in enumerate(requests) if store_id in r.vector_store_ids]
             k = max(requests[i].max_num_results for i in rows)
             with self._store_lock(store_id):
-                index = self._indexes.get(store_id)
+                index = self._current_index(store_id, versions[store_id])
                 if index is None:
                     continue
                 scores, ids = index.search(vectors[rows], k)
@@ -404,9 +439,9 @@ class DocumentStore:
 
     def chunk_count(self, vector_store_id: str) -> int:
         """Chunks indexed in a vector store."""
-        self.retrieve_vector_store(vector_store_id)
+        version = self._store_versions([vector_store_id])[vector_store_id]
         with self._store_lock(vector_store_id):
-            index = self._indexes.get(vector_store_id)
+            index = self._current_index(vector_store_id, version)
             return len(index) if index else 0
 
     # Internals: attaching
@@ -432,11 +467,29 @@ class DocumentStore:
         filename, text = rows[0]
         chunks = chunk_text(text, self.embedder.tokenizer, strategy)
         vectors = self._embed_chunks(chunks, f"{file_id} ({filename})")
+        return self._index_chunks(store_id, file_id, chunks, vectors, strategy, attributes)
+
+    def _index_chunks(
+        self,
+        store_id: str,
+        file_id: str,
+        chunks: list[str],
+        vectors: np.ndarray,
+        strategy: ChunkingStrategy,
+        attributes: dict[str, Any],
+    ) -> VectorStoreFileRecord:
         with self._store_lock(store_id):
-            ids = self._commit_chunks(store_id, file_id, chunks, vectors, strategy, attributes)
-            if ids is not None:
-                self._indexes[store_id].add(ids, vectors)
-                self._save_index(store_id)
+            committed = self._commit_chunks(
+                store_id, file_id, chunks, vectors, strategy, attributes
+            )
+            if committed is not None:
+                ids, version = committed
+                if self._versions.get(store_id) == version:
+                    self._indexes[store_id].add(ids, vectors)
+                    self._versions[store_id] = version + 1
+                    self._save_index(store_id)
+                else:  # another process wrote in between: the database has both
+                    self._reload_index(store_id)
         return self.retrieve_vector_store_file(store_id, file_id)
 
     def _embed_chunks(self, chunks: list[str], label: str) -> np.ndarray:
@@ -458,8 +511,9 @@ class DocumentStore:
         vectors: np.ndarray,
         strategy: ChunkingStrategy,
         attributes: dict[str, Any],
-    ) -> np.ndarray | None:
-        """One transaction: the attachment row and its chunks. None if already attached."""
+    ) -> tuple[np.ndarray, int] | None:
+        """One transaction: the attachment row and its chunks; returns their ids and the store's
+        version before it. None if already attached."""
         usage = sum(len(c.encode()) for c in chunks) + vectors.nbytes
         with self._transaction() as db:
             if not db.execute("SELECT 1 FROM vector_stores WHERE id = ?", (store_id,)).fetchone():
@@ -489,8 +543,9 @@ class DocumentStore:
                 ),
             )
             ids = self._insert_chunks(db, store_id, file_id, chunks, vectors)
+            version = _bump_version(db, store_id)
             db.execute("UPDATE vector_stores SET last_active_at = ? WHERE id = ?", (now, store_id))
-        return ids
+        return ids, version
 
     def _insert_chunks(
         self, db: sqlite3.Connection, store_id: str, file_id: str, chunks: list[str], vectors
@@ -512,32 +567,59 @@ class DocumentStore:
 
     # Internals: indexes
 
-    def _remove_from_index(self, store_id: str, ids: np.ndarray) -> None:
+    def _remove_from_index(self, store_id: str, ids: np.ndarray, version: int) -> None:
         with self._store_lock(store_id):
             index = self._indexes.get(store_id)
             if index is None:
+                return
+            if self._versions.get(store_id) != version:
+                self._reload_index(store_id)
                 return
             if index.supports_remove:
                 index.remove(ids)
             else:
                 index.reset(*self._stored_vectors(store_id))
+            self._versions[store_id] = version + 1
             self._save_index(store_id)
+
+    def _reload_index(self, store_id: str) -> None:
+        """Load the store's index again, reconciled with the database (caller holds its lock)."""
+        rows = self._query(
+            "SELECT index_kind, version FROM vector_stores WHERE id = ?", (store_id,)
+        )
+        if not rows:
+            self._indexes.pop(store_id, None)
+            self._versions.pop(store_id, None)
+            return
+        kind, version = rows[0]
+        self._indexes[store_id] = self._load_index(store_id, kind)
+        self._versions[store_id] = version
+
+    def _current_index(self, store_id: str, version: int) -> VectorIndex | None:
+        """The store's index, reloaded first if the database is at another version."""
+        if self._versions.get(store_id) != version:
+            self._reload_index(store_id)
+        return self._indexes.get(store_id)
 
     def _save_index(self, store_id: str) -> None:
         self._indexes[store_id].save(self._index_path(store_id))
 
     def _load(self) -> None:
         """Load every store's index and reconcile it with the database."""
-        for store_id, kind in self._query("SELECT id, index_kind FROM vector_stores"):
+        for store_id, kind, version in self._query(
+            "SELECT id, index_kind, version FROM vector_stores"
+        ):
             self._indexes[store_id] = self._load_index(store_id, kind)
+            self._versions[store_id] = version
         known = {f"{s}.faiss" for s in self._indexes}
-        for name in os.listdir(self._indexes_dir):
-            if name not in known:  # a deleted store's index, or a crashed save's temp file
-                _unlink_quietly(os.path.join(self._indexes_dir, name))
         files = {r[0] for r in self._query("SELECT id FROM files")}
-        for name in os.listdir(self._files_dir):
-            if name not in files:  # bytes written by an upload that crashed before commit
-                _unlink_quietly(os.path.join(self._files_dir, name))
+        # Orphans: a deleted store's index, a crashed save's temp file, the bytes of an upload
+        # that crashed before its commit. Only old ones: another replica may be mid-write.
+        for directory, keep in ((self._indexes_dir, known), (self._files_dir, files)):
+            for name in os.listdir(directory):
+                path = os.path.join(directory, name)
+                if name not in keep and _age_s(path) > ORPHAN_AGE_S:
+                    _unlink_quietly(path)
 
     def _load_index(self, store_id: str, kind: str) -> VectorIndex:
         path = self._index_path(store_id)
@@ -640,6 +722,21 @@ class DocumentStore:
             for row in rows
         }
 
+    def _store_versions(self, store_ids: Sequence[str]) -> dict[str, int]:
+        """Database version of each store; NotFoundError names the first that does not exist."""
+        marks = ",".join("?" * len(store_ids))
+        found = dict(
+            self._query(
+                f"SELECT id, version FROM vector_stores WHERE id IN ({marks})", tuple(store_ids)
+            )
+        )
+        for store_id in store_ids:
+            if store_id not in found:
+                raise NotFoundError(
+                    f"no vector store with id '{store_id}'", param="vector_store_ids"
+                )
+        return found
+
     def _store_lock(self, store_id: str) -> threading.Lock:
         with self._locks_lock:
             return self._store_locks.setdefault(store_id, threading.Lock())
@@ -671,6 +768,15 @@ def _attachment(row: tuple) -> VectorStoreFileRecord:
     )
 
 
+def _bump_version(db: sqlite3.Connection, store_id: str) -> int:
+    """Increment a store's version inside a write transaction; returns the version before."""
+    version = db.execute("SELECT version FROM vector_stores WHERE id = ?", (store_id,)).fetchone()[
+        0
+    ]
+    db.execute("UPDATE vector_stores SET version = ? WHERE id = ?", (version + 1, store_id))
+    return version
+
+
 def _check_search_args(request: SearchRequest) -> None:
     if not request.vector_store_ids:
         raise InvalidRequest("name at least one vector store to search", param="vector_store_ids")
@@ -694,6 +800,13 @@ def _write_atomically(path: str, data: bytes) -> None:
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def _age_s(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return 0.0
 
 
 def _unlink_quietly(path: str) -> None:
