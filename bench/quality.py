@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.builtin import quality, world  # noqa: E402
 
-STEER_COEFFS = [0.0, 1.0, 2.0, 4.0, 8.0]
+STEER_COEFFS = [0.0, 4.0, 8.0, 16.0, 32.0]
 PROXY_ALPHAS = [0.0, 1.0, 2.0, 4.0]
 
 

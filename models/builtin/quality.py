@@ -179,10 +179,10 @@ def extract_vector(
     m: ToyModels, pairs: list[tuple[str, str]], layers: list[int]
 ) -> dict[int, torch.Tensor]:
     """Per layer, mean over pairs of (positive - negative) hidden state, each averaged over
-    the positions of the chat-templated prompt."""
+    the positions of the pair's text."""
 
     def mean_states(text: str) -> list[torch.Tensor]:
-        ids = m.tok(chat_text(f"Continue the story: {text}"), return_tensors="pt").to(m.device)
+        ids = m.tok(text, return_tensors="pt").to(m.device)
         hs = m.big(**ids, output_hidden_states=True).hidden_states
         return [hs[layer + 1][0].mean(0) for layer in layers]  # +1: hidden_states[0] = embeddings
 

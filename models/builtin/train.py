@@ -70,9 +70,9 @@ SCHEDULES = {
             head_dim=32,
             intermediate_size=256,
         ),  # fmt: skip
-        big_phase=Phase(3000, 128, 2e-3),
-        small_phase=Phase(2500, 128, 3e-3),
-        adapter_phase=Phase(500, 64, 2e-3),
+        big_phase=Phase(2500, 512, 3e-3),
+        small_phase=Phase(1500, 512, 3e-3),
+        adapter_phase=Phase(300, 256, 3e-3),
     ),
     "short": Schedule(
         big=dict(
@@ -216,8 +216,10 @@ def train(model, make_example, phase: Phase, seed: int, device, workers: int = 0
         loss_tok = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
         )
-        target_mask = mask[:, 1:].reshape(-1)
-        loss = (loss_tok * target_mask).sum() / target_mask.sum()
+        target_mask = mask[:, 1:]
+        # Each example weighs the same, so short answers count as much as long stories.
+        per_example = (loss_tok.view_as(target_mask) * target_mask).sum(1) / target_mask.sum(1)
+        loss = per_example.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -168,16 +168,18 @@ def story(
     rng: random.Random,
     positive: bool,
     n_sentences: int | None = None,
-    consistency: float = 0.9,
+    consistency: float = 0.95,
     cast: list[str] | None = None,
+    mood_share: float = 0.8,
 ) -> list[str]:
-    """Sentences about two or three people; sentiment sentences follow the mood `consistency`."""
+    """Sentences about two or three people: `mood_share` of them carry sentiment, and those
+    follow the story's mood with probability `consistency`."""
     n = n_sentences or rng.randint(3, 6)
     cast = cast or rng.sample(PEOPLE, rng.randint(2, 3))
     out = []
     for _ in range(n):
         person = rng.choice(cast)
-        if rng.random() < 0.6:
+        if rng.random() < mood_share:
             keep = rng.random() < consistency
             out.append(mood_sentence(rng, person, positive if keep else not positive))
         else:
@@ -202,7 +204,10 @@ def random_facts(rng: random.Random, n: int) -> list[Fact]:
 def tokenizer_corpus(seed: int = 0, n_stories: int = 4000) -> list[str]:
     """Text the shared tokenizer is trained on: stories plus every task phrasing."""
     rng = random.Random(seed)
-    lines = [" ".join(story(rng, rng.random() < 0.5)) for _ in range(n_stories)]
+    lines = [
+        " ".join(story(rng, rng.random() < 0.5, consistency=0.9, mood_share=0.6))
+        for _ in range(n_stories)
+    ]
     for _ in range(n_stories // 4):
         facts = random_facts(rng, 3)
         passage = " ".join(f.sentence for f in facts)
@@ -218,7 +223,7 @@ def tokenizer_corpus(seed: int = 0, n_stories: int = 4000) -> list[str]:
         lines.append(f.short_answer)
     for phr in REWRITE_PHRASINGS + LIST_PHRASINGS["people"] + LIST_PHRASINGS["objects"]:
         for _ in range(50):
-            s = " ".join(story(rng, False, 2))
+            s = " ".join(story(rng, False, 2, consistency=0.9, mood_share=0.6))
             lines.append(phr.format(s=s, passage=s))
     for phr in STORY_PHRASINGS:
         for _ in range(50):
@@ -359,7 +364,7 @@ def sample_task_prompt(task: str, rng: random.Random) -> tuple[str, str]:
 
 def story_chat(rng: random.Random, positive: bool) -> tuple[list[Message], str]:
     """A chat asking for a story (or its continuation) and the story that answers it."""
-    sentences = story(rng, positive, rng.randint(3, 6))
+    sentences = story(rng, positive, rng.randint(4, 7))
     style = rng.randrange(4)
     if style == 0:
         return [{"role": "user", "content": "Tell me a story."}], " ".join(sentences)
@@ -367,7 +372,8 @@ def story_chat(rng: random.Random, positive: bool) -> tuple[list[Message], str]:
         person = (_mentions(" ".join(sentences), PEOPLE) or [rng.choice(PEOPLE)])[0]
         ask = rng.choice(["Tell me a story about {p}.", "Write a few sentences about {p}."])
         return [{"role": "user", "content": ask.format(p=person)}], " ".join(sentences)
-    start, rest = " ".join(sentences[:2]), " ".join(sentences[2:])
+    cut = rng.randint(1, 2)
+    start, rest = " ".join(sentences[:cut]), " ".join(sentences[cut:])
     ask = "Continue the story: {s}" if style == 2 else "{s}"
     return [{"role": "user", "content": ask.format(s=start)}], rest
 
