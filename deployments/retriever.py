@@ -57,10 +57,9 @@ class Retriever:
     async def _search_batched(self, requests: list[SearchRequest]) -> list[list[SearchHit]]:
         return await asyncio.to_thread(self.service.search_batch, requests)
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """all-MiniLM-L6-v2 embeddings (normalised, 384 floats each), for POST /v1/embeddings."""
-        vectors = await asyncio.to_thread(self.service.store.embedder.embed, list(texts))
-        return vectors.tolist()
+        return await asyncio.to_thread(self.service.embed, texts)
 
     async def create_file(self, filename: str, data: bytes, purpose: str = "assistants") -> dict:
         return await asyncio.to_thread(self.service.create_file, filename, data, purpose)

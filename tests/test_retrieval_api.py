@@ -156,6 +156,14 @@ def test_errors_have_openai_shape_and_status(client):
     assert info.value.body["param"] == "max_num_results"
 
 
+def test_embed_for_the_embeddings_route(service):
+    vectors = service.embed(["a red kite", "a blue kite", "tax law"])
+    assert len(vectors) == 3 and len(vectors[0]) == 384
+    similar = sum(a * b for a, b in zip(vectors[0], vectors[1], strict=True))
+    unrelated = sum(a * b for a, b in zip(vectors[0], vectors[2], strict=True))
+    assert similar > unrelated
+
+
 def test_builtin_store_is_created_once_and_persists(tmp_path):
     from models.retrieval.store import DocumentStore
 

@@ -369,6 +369,9 @@ def test_sources_are_numbered_for_the_prompt_and_the_response(store):
     assert [s["id"] for s in sources] == [h.chunk_id for h in hits]
     assert set(sources[0]) == {"id", "file_id", "filename", "score", "text"}
     assert format_sources([]) == ""
+    as_dicts = [{**h.__dict__} for h in hits]  # hits that crossed a JSON boundary
+    assert format_sources(as_dicts) == prompt
+    assert sources_for_response(as_dicts) == sources
 
 
 def test_large_file_logs_embedding_progress(store, caplog, monkeypatch):

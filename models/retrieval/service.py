@@ -70,6 +70,12 @@ class RetrieverService:
             results[i] = hits
         return results
 
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Normalised all-MiniLM-L6-v2 embeddings (384 floats each), for /v1/embeddings."""
+        if not texts:
+            raise InvalidRequest("give at least one text to embed", param="input")
+        return self.store.embedder.embed(list(texts)).tolist()
+
     # Files
 
     def create_file(self, filename: str, data: bytes, purpose: str = "assistants") -> dict:

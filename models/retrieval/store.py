@@ -596,8 +596,9 @@ class DocumentStore:
         self._versions[store_id] = version
 
     def _current_index(self, store_id: str, version: int) -> VectorIndex | None:
-        """The store's index, reloaded first if the database is at another version."""
-        if self._versions.get(store_id) != version:
+        """The store's index, reloaded first if the database is ahead of it (versions only grow;
+        an index already past `version` was updated by this process since it was read)."""
+        if self._versions.get(store_id, -1) < version:
             self._reload_index(store_id)
         return self._indexes.get(store_id)
 
