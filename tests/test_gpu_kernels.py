@@ -23,8 +23,12 @@ def paged_cache(context_lens, num_kv_heads, head_dim, block_size, dtype, device,
     gen = torch.Generator().manual_seed(seed)
     max_blocks = max(1, max(math.ceil(n / block_size) for n in context_lens))
     num_blocks = 1 + len(context_lens) * max_blocks
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
-    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(
+        device, dtype
+    )
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(
+        device, dtype
+    )
     order = (torch.randperm(num_blocks - 1, generator=gen) + 1).view(len(context_lens), max_blocks)
     block_tables = order.to(device=device, dtype=torch.int32)
     dense = []
@@ -68,7 +72,11 @@ def test_qk_norm_rope_reference_matches_hf_qwen3():
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
     freqs = torch.arange(64).float()[:, None] * inv_freq[None]
     cos, sin = freqs.cos(), freqs.sin()
-    q, k, v = torch.randn(tokens, heads, dim), torch.randn(tokens, kv_heads, dim), torch.randn(tokens, kv_heads, dim)
+    q, k, v = (
+        torch.randn(tokens, heads, dim),
+        torch.randn(tokens, kv_heads, dim),
+        torch.randn(tokens, kv_heads, dim),
+    )
     qn, kn = Qwen3RMSNorm(dim), Qwen3RMSNorm(dim)
     qn.weight.data, kn.weight.data = torch.randn(dim), torch.randn(dim)
     full_cos = torch.cat([cos, cos], -1)[positions][None]
@@ -79,8 +87,9 @@ def test_qk_norm_rope_reference_matches_hf_qwen3():
     k_cache = torch.zeros(4, 8, kv_heads, dim)
     v_cache = torch.zeros(4, 8, kv_heads, dim)
     slots = torch.tensor([8, 9, 10, -1, 16, 17])
-    kernels.qk_norm_rope_store(q, k, v, positions, cos, sin, qn.weight.data, kn.weight.data, 1e-6,
-                               k_cache, v_cache, slots)
+    kernels.qk_norm_rope_store(
+        q, k, v, positions, cos, sin, qn.weight.data, kn.weight.data, 1e-6, k_cache, v_cache, slots
+    )
     torch.testing.assert_close(q, want_q[0].transpose(0, 1))
     torch.testing.assert_close(k, want_k[0].transpose(0, 1))
     torch.testing.assert_close(k_cache[1, 1], k[1])
@@ -98,11 +107,15 @@ def test_graph_runner_picks_the_smallest_bucket_that_fits():
 @triton_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,kv_heads", [(16, 8), (32, 8), (8, 8), (14, 2)])
-@pytest.mark.parametrize("lens,partition", [([1, 5, 16, 17], None), ([700, 0, 2000, 33], None),
-                                            ([3000, 511, 1], 128), ([64], 512)])
+@pytest.mark.parametrize(
+    "lens,partition",
+    [([1, 5, 16, 17], None), ([700, 0, 2000, 33], None), ([3000, 511, 1], 128), ([64], 512)],
+)
 def test_triton_paged_attention_matches_reference(heads, kv_heads, lens, partition):
     dim, block = 128, 16
-    k_cache, v_cache, tables, ctx, _ = paged_cache(lens, kv_heads, dim, block, torch.bfloat16, "cuda")
+    k_cache, v_cache, tables, ctx, _ = paged_cache(
+        lens, kv_heads, dim, block, torch.bfloat16, "cuda"
+    )
     q = torch.randn(len(lens), heads, dim, device="cuda", dtype=torch.bfloat16)
     got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, dim**-0.5, partition)
     want = kernels.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, dim**-0.5)
@@ -114,18 +127,25 @@ def test_triton_paged_attention_matches_reference(heads, kv_heads, lens, partiti
 @pytest.mark.gpu
 def test_triton_paged_attention_replays_in_a_cuda_graph_with_new_contexts():
     dim, heads, kv_heads, block = 128, 16, 8, 16
-    k_cache, v_cache, tables, ctx, _ = paged_cache([300, 900], kv_heads, dim, block, torch.bfloat16, "cuda")
+    k_cache, v_cache, tables, ctx, _ = paged_cache(
+        [300, 900], kv_heads, dim, block, torch.bfloat16, "cuda"
+    )
     q = torch.randn(2, heads, dim, device="cuda", dtype=torch.bfloat16)
     runner = CudaGraphRunner(
-        lambda b: kernels.paged_decode_attention(b["q"], k_cache, v_cache, b["tables"], b["ctx"], 0.1),
-        {"q": q.clone(), "tables": tables.clone(), "ctx": ctx.clone()}, [1, 2],
+        lambda b: kernels.paged_decode_attention(
+            b["q"], k_cache, v_cache, b["tables"], b["ctx"], 0.1
+        ),
+        {"q": q.clone(), "tables": tables.clone(), "ctx": ctx.clone()},
+        [1, 2],
     )
     runner.capture()
     for lens in ([5, 17], [900, 1], [640, 320]):
         new_ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
         new_q = torch.randn_like(q)
         got = runner.run({"q": new_q, "tables": tables.flip(0), "ctx": new_ctx}).clone()
-        want = kernels.paged_decode_attention_ref(new_q, k_cache, v_cache, tables.flip(0), new_ctx, 0.1)
+        want = kernels.paged_decode_attention_ref(
+            new_q, k_cache, v_cache, tables.flip(0), new_ctx, 0.1
+        )
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     one = runner.run({"q": q[:1], "tables": tables[:1], "ctx": ctx[:1]})
     want = kernels.paged_decode_attention_ref(q[:1], k_cache, v_cache, tables[:1], ctx[:1], 0.1)
@@ -141,7 +161,9 @@ def test_triton_rms_norm_matches_reference(with_residual):
     res = torch.randn_like(x) if with_residual else None
     steer = torch.randn_like(x) if with_residual else None
     got, got_res = kernels.rms_norm(x, w, 1e-6, res.clone() if res is not None else None, steer)
-    want, want_res = kernels.rms_norm_ref(x, w, 1e-6, res.clone() if res is not None else None, steer)
+    want, want_res = kernels.rms_norm_ref(
+        x, w, 1e-6, res.clone() if res is not None else None, steer
+    )
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     if with_residual:
         torch.testing.assert_close(got_res, want_res, atol=2e-2, rtol=2e-2)
@@ -153,8 +175,10 @@ def test_triton_qk_norm_rope_store_matches_reference():
     tokens, heads, kv_heads, dim = 9, 16, 8, 128
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
     positions = torch.randint(0, 500, (tokens,), device="cuda")
-    freqs = torch.arange(512, device="cuda").float()[:, None] * (
-        1e6 ** (-torch.arange(0, dim, 2, device="cuda").float() / dim))[None]
+    freqs = (
+        torch.arange(512, device="cuda").float()[:, None]
+        * (1e6 ** (-torch.arange(0, dim, 2, device="cuda").float() / dim))[None]
+    )
     cos_full = torch.cat([freqs.cos(), freqs.cos()], -1)  # the engine's [max_pos, D] layout
     sin_full = torch.cat([freqs.sin(), freqs.sin()], -1)
     qw = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
@@ -165,10 +189,27 @@ def test_triton_qk_norm_rope_store_matches_reference():
     for fn in (kernels.qk_norm_rope_store, kernels.qk_norm_rope_store_ref):
         buf = qkv.clone()
         q, k, v = buf.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
-        q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+        q, k, v = (
+            q.view(tokens, heads, dim),
+            k.view(tokens, kv_heads, dim),
+            v.view(tokens, kv_heads, dim),
+        )
         kc = torch.zeros(4, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
         vc = torch.zeros_like(kc)
-        fn(q, k, v, positions, cos_full[:, : dim // 2], sin_full[:, : dim // 2], qw, kw, 1e-6, kc, vc, slots)
+        fn(
+            q,
+            k,
+            v,
+            positions,
+            cos_full[:, : dim // 2],
+            sin_full[:, : dim // 2],
+            qw,
+            kw,
+            1e-6,
+            kc,
+            vc,
+            slots,
+        )
         results.append((buf, kc, vc))
     for got, want in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
@@ -186,5 +227,34 @@ def test_triton_store_kv_and_silu_and_mul_match_reference():
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     gate_up = torch.randn(6, 2 * 6144, device="cuda", dtype=torch.bfloat16)
     gate, up = gate_up.chunk(2, -1)
-    torch.testing.assert_close(kernels.silu_and_mul(gate, up), kernels.silu_and_mul_ref(gate, up),
-                               atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(
+        kernels.silu_and_mul(gate, up), kernels.silu_and_mul_ref(gate, up), atol=2e-2, rtol=2e-2
+    )
+
+
+@triton_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "tokens,k_dim,slots,cols", [(1, 2048, 8, 48), (32, 6144, 8, 16), (300, 64, 3, 8)]
+)
+def test_triton_lora_shrink_matches_reference(tokens, k_dim, slots, cols):
+    x = torch.randn(tokens, k_dim, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(k_dim, slots * cols, device="cuda", dtype=torch.bfloat16) * 0.05
+    rows = torch.arange(tokens, device="cuda") // 3
+    weights = torch.rand(int(rows.max()) + 1, slots, device="cuda", dtype=torch.bfloat16)
+    weights[0] = 0
+    got = kernels.lora_shrink(x, a, weights, rows, cols)
+    want = (x.float() @ a.float()) * weights.float()[rows].repeat_interleave(cols, 1)
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+    assert got[:3].abs().sum() == 0  # row 0 uses no adapter
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_triton_kernels_are_exact_enough_in_float32():
+    lens = [50, 7]
+    k_cache, v_cache, tables, ctx, _ = paged_cache(lens, 2, 32, 4, torch.float32, "cuda")
+    q = torch.randn(2, 4, 32, device="cuda")
+    got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.2, 16)
+    want = kernels.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

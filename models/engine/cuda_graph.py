@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from models.engine.attention import ForwardBatch
+
 StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -33,6 +35,7 @@ class CudaGraphRunner:
         batch_sizes: list[int],
         batch_dims: dict[str, int] | None = None,
         pad_values: dict[str, float] | None = None,
+        pool: tuple | None = None,
     ):
         self.step = step
         self.buffers = buffers
@@ -42,6 +45,7 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
+        self.pool = pool
         max_bs = self.batch_sizes[-1]
         for name, buf in buffers.items():
             if buf.shape[self.batch_dims.get(name, 0)] < max_bs:
@@ -67,11 +71,15 @@ class CudaGraphRunner:
 
     def capture(self, warmup: int = 2) -> float:
         """Capture a graph per bucket, largest first (so smaller ones reuse its memory).
-        Returns the seconds it took."""
+        The buffers hold padding while the step runs for capture and get their contents back
+        afterwards. Returns the seconds it took."""
         start = time.perf_counter()
+        saved = {name: buf.clone() for name, buf in self.buffers.items()}
         for name in self.buffers:
             self._pad(name, 0, self.max_batch_size)
-        pool = torch.cuda.graph_pool_handle()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        pool = self.pool
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -87,6 +95,8 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = self.step(views)
             self.graphs[size] = graph
+        for name, buf in self.buffers.items():
+            buf.copy_(saved[name])
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds
@@ -97,7 +107,9 @@ class CudaGraphRunner:
         replay): its first `batch` rows along dim 0."""
         size = self.bucket_for(batch)
         if size is None or size not in self.graphs:
-            raise ValueError(f"no captured graph holds a batch of {batch} (buckets {self.batch_sizes})")
+            raise ValueError(
+                f"no captured graph holds a batch of {batch} (buckets {self.batch_sizes})"
+            )
         if batch < size:
             for name in self.buffers:
                 self._pad(name, batch, size)
@@ -117,4 +129,109 @@ class CudaGraphRunner:
 
     def _pad(self, name: str, start: int, end: int) -> None:
         buf = self.buffers[name]
-        buf.narrow(self.batch_dims.get(name, 0), start, end - start).fill_(self.pad_values.get(name, 0))
+        buf.narrow(self.batch_dims.get(name, 0), start, end - start).fill_(
+            self.pad_values.get(name, 0)
+        )
+
+
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, ForwardBatch], torch.Tensor]
+
+
+class DecodeGraphs:
+    """The engine's decode step (`decode(ids, positions, ForwardBatch) -> logits`) in CUDA
+    graphs: static ForwardBatch buffers, a graph per batch bucket, captured once without and
+    once with the per-row LoRA path (when the model has LoRA slots). Steering deltas are always
+    read (a zero delta costs one row read inside the fused norm), so steered and plain rows
+    share a graph.
+    """
+
+    def __init__(
+        self,
+        decode: DecodeFn,
+        batch_sizes: list[int],
+        max_blocks: int,
+        num_layers: int,
+        hidden_size: int,
+        lora_slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.decode = decode
+        max_bs = max(batch_sizes)
+        self.max_blocks = max_blocks
+        rows = torch.arange(max_bs, device=device)
+        self.buffers = {
+            "ids": torch.zeros(max_bs, dtype=torch.int64, device=device),
+            "pos": torch.zeros(max_bs, dtype=torch.int64, device=device),
+            "slots": torch.zeros(max_bs, dtype=torch.int64, device=device),
+            "tables": torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device),
+            "ctx": torch.zeros(max_bs, dtype=torch.int32, device=device),
+            "steer": torch.zeros(num_layers, max_bs, hidden_size, dtype=dtype, device=device),
+        }
+        self.rows = rows  # token_rows of a decode batch: the identity, never padded
+        self.lora = torch.zeros(max_bs, max(lora_slots, 1), dtype=dtype, device=device)
+        self.steer_dirty = False
+        pool = torch.cuda.graph_pool_handle()
+        dims = {"steer": 1}
+        self.plain = CudaGraphRunner(
+            lambda v: self._step(v, lora=False), self.buffers, batch_sizes, dims, pool=pool
+        )
+        self.with_lora = None
+        if lora_slots:
+            self.with_lora = CudaGraphRunner(
+                lambda v: self._step(v, lora=True),
+                dict(self.buffers, lora=self.lora),
+                batch_sizes,
+                dims,
+                pool=pool,
+            )
+
+    def _step(self, views: dict[str, torch.Tensor], lora: bool) -> torch.Tensor:
+        rows = views["ids"].shape[0]
+        batch = ForwardBatch(
+            is_decode=True,
+            slot_mapping=views["slots"],
+            block_tables=views["tables"],
+            context_lens=views["ctx"],
+            query_lens=[1] * rows,
+            token_rows=self.rows[:rows],
+            steer_deltas=views["steer"],
+            lora_weights=views["lora"] if lora else None,
+        )
+        return self.decode(views["ids"], views["pos"], batch)
+
+    def capture(self) -> float:
+        """Capture every graph; returns the seconds it took."""
+        seconds = self.plain.capture()
+        if self.with_lora is not None:
+            seconds += self.with_lora.capture()
+        return seconds
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        """Whether a decode batch can be replayed (a bucket holds it and its tables fit)."""
+        return (
+            batch.is_decode
+            and batch.context_lens.shape[0] <= self.plain.max_batch_size
+            and batch.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
+        """Copy the step into the static buffers and replay; returns logits [rows, vocab]
+        (a view of the graph's output, valid until the next replay)."""
+        n = input_ids.shape[0]
+        b = self.buffers
+        b["ids"][:n].copy_(input_ids)
+        b["pos"][:n].copy_(positions)
+        b["slots"][:n].copy_(batch.slot_mapping)
+        b["ctx"][:n].copy_(batch.context_lens)
+        b["tables"][:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
+        if batch.steer_deltas is not None:
+            b["steer"][:, :n].copy_(batch.steer_deltas)
+            self.steer_dirty = True
+        elif self.steer_dirty:
+            b["steer"].zero_()
+            self.steer_dirty = False
+        if batch.lora_weights is not None and self.with_lora is not None:
+            self.lora[:n].copy_(batch.lora_weights)
+            return self.with_lora.replay(n)
+        return self.plain.replay(n)

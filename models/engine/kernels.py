@@ -30,6 +30,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.is_cuda
 
 
+def dot_precision(t: torch.Tensor) -> str:
+    """Matrix products in full fp32 for fp32 tensors (tf32 would differ from torch's fp32)."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
 # ----------------------------------------------------------------------------- torch references
 
 
@@ -148,17 +153,36 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-        out_ptr, part_out_ptr, part_ml_ptr,
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        block_tables_ptr,
+        context_lens_ptr,
+        out_ptr,
+        part_out_ptr,
+        part_ml_ptr,
         scale_log2,
-        stride_qb, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_bt, stride_ob, stride_oh,
-        num_heads, max_parts,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_bt,
+        stride_ob,
+        stride_oh,
+        num_heads,
+        max_parts,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        PARTITION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -176,7 +200,8 @@ if HAS_TRITON:
         gmask = g < GROUP
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-            mask=gmask[:, None], other=0.0,
+            mask=gmask[:, None],
+            other=0.0,
         )
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -188,29 +213,38 @@ if HAS_TRITON:
             blk = tl.load(bt_row + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
             off = n % BLOCK_SIZE
             k = tl.load(
-                k_cache_ptr + blk[:, None] * stride_kb + off[:, None] * stride_ks
-                + kvh * stride_kh + d[None, :],
-                mask=nmask[:, None], other=0.0,
+                k_cache_ptr
+                + blk[:, None] * stride_kb
+                + off[:, None] * stride_ks
+                + kvh * stride_kh
+                + d[None, :],
+                mask=nmask[:, None],
+                other=0.0,
             )
             v = tl.load(
-                v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs
-                + kvh * stride_vh + d[None, :],
-                mask=nmask[:, None], other=0.0,
+                v_cache_ptr
+                + blk[:, None] * stride_vb
+                + off[:, None] * stride_vs
+                + kvh * stride_vh
+                + d[None, :],
+                mask=nmask[:, None],
+                other=0.0,
             )
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         if SPLIT:
             row = (b * num_heads + heads) * max_parts + part
             tl.store(
                 part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                acc / l_i[:, None], mask=gmask[:, None],
+                acc / l_i[:, None],
+                mask=gmask[:, None],
             )
             tl.store(part_ml_ptr + row * 2, m_i, mask=gmask)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=gmask)
@@ -218,37 +252,67 @@ if HAS_TRITON:
             o = acc / tl.maximum(l_i, 1e-30)[:, None]
             tl.store(
                 out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                o.to(out_ptr.dtype.element_ty), mask=gmask[:, None],
+                o.to(out_ptr.dtype.element_ty),
+                mask=gmask[:, None],
             )
 
     @triton.jit
     def _paged_decode_reduce_kernel(
-        out_ptr, part_out_ptr, part_ml_ptr, context_lens_ptr,
-        stride_ob, stride_oh, num_heads, max_parts,
-        HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, PARTS_PAD: tl.constexpr,
+        out_ptr,
+        part_out_ptr,
+        part_ml_ptr,
+        context_lens_ptr,
+        stride_ob,
+        stride_oh,
+        num_heads,
+        max_parts,
+        HEAD_DIM: tl.constexpr,
+        PARTITION: tl.constexpr,
+        PARTS_CHUNK: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         ctx = tl.load(context_lens_ptr + b)
         num_parts = tl.cdiv(ctx, PARTITION)
-        p = tl.arange(0, PARTS_PAD)
         d = tl.arange(0, HEAD_DIM)
-        pmask = p < num_parts
-        row = (b * num_heads + h) * max_parts + p
-        m = tl.load(part_ml_ptr + row * 2, mask=pmask, other=float("-inf"))
-        l_part = tl.load(part_ml_ptr + row * 2 + 1, mask=pmask, other=0.0)
-        m_max = tl.max(m, 0)
-        w = tl.where(pmask, tl.math.exp2(m - m_max) * l_part, 0.0)
-        w_sum = tl.sum(w, 0)
-        o = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=pmask[:, None], other=0.0)
-        o = tl.sum(o * w[:, None], 0) / tl.maximum(w_sum, 1e-30)
+        base = (b * num_heads + h) * max_parts
+        l_run = tl.sum(tl.zeros([PARTS_CHUNK], tl.float32), 0)
+        m_run = l_run + float("-inf")
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for p0 in range(0, num_parts, PARTS_CHUNK):
+            p = p0 + tl.arange(0, PARTS_CHUNK)
+            pmask = p < num_parts
+            row = base + p
+            m = tl.load(part_ml_ptr + row * 2, mask=pmask, other=float("-inf"))
+            l_part = tl.load(part_ml_ptr + row * 2 + 1, mask=pmask, other=0.0)
+            m_new = tl.maximum(m_run, tl.max(m, 0))
+            w = tl.where(pmask, tl.math.exp2(m - m_new) * l_part, 0.0)
+            old = tl.math.exp2(m_run - m_new)
+            o = tl.load(
+                part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=pmask[:, None], other=0.0
+            )
+            acc = acc * old + tl.sum(o * w[:, None], 0)
+            l_run = l_run * old + tl.sum(w, 0)
+            m_run = m_new
+        o = acc / tl.maximum(l_run, 1e-30)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, res_ptr, steer_ptr, w_ptr, out_ptr,
-        stride_x, stride_r, stride_s, stride_o, n_cols, eps,
-        HAS_RES: tl.constexpr, HAS_STEER: tl.constexpr, BLOCK: tl.constexpr,
+        x_ptr,
+        res_ptr,
+        steer_ptr,
+        w_ptr,
+        out_ptr,
+        stride_x,
+        stride_r,
+        stride_s,
+        stride_o,
+        n_cols,
+        eps,
+        HAS_RES: tl.constexpr,
+        HAS_STEER: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -256,7 +320,10 @@ if HAS_TRITON:
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         dtype = x.dtype
         if HAS_RES:
-            h = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+            h = (
+                x.to(tl.float32)
+                + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            ).to(dtype)
             if HAS_STEER:
                 s = tl.load(steer_ptr + row * stride_s + cols, mask=mask, other=0.0)
                 h = (h.to(tl.float32) + s.to(tl.float32)).to(dtype)
@@ -266,17 +333,41 @@ if HAS_TRITON:
         var = tl.sum(xf * xf, 0) / n_cols
         y = (xf * tl.math.rsqrt(var + eps)).to(dtype)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(dtype), mask=mask)
+        tl.store(
+            out_ptr + row * stride_o + cols,
+            (w.to(tl.float32) * y.to(tl.float32)).to(dtype),
+            mask=mask,
+        )
 
     @triton.jit
     def _qk_norm_rope_store_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
-        k_cache_ptr, v_cache_ptr, slot_ptr,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_cb, stride_cs, stride_ch, stride_cos,
-        num_heads, eps,
-        HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_NORM: tl.constexpr, STORE: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        cos_ptr,
+        sin_ptr,
+        qw_ptr,
+        kw_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        slot_ptr,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        stride_cos,
+        num_heads,
+        eps,
+        HALF: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        STORE: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
@@ -323,18 +414,82 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_kv_cache_kernel(
-        k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-        stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
-        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        k_ptr,
+        v_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        slot_ptr,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
             d = tl.arange(0, HEAD_DIM)
-            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+            dst = (
+                (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+            )
             tl.store(k_cache_ptr + dst + d, tl.load(k_ptr + t * stride_kt + kvh * stride_kh + d))
             tl.store(v_cache_ptr + dst + d, tl.load(v_ptr + t * stride_vt + kvh * stride_vh + d))
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        x_ptr,
+        a_ptr,
+        w_ptr,
+        rows_ptr,
+        out_ptr,
+        num_tokens,
+        n_cols,
+        k_dim,
+        stride_x,
+        stride_a,
+        stride_w,
+        stride_o,
+        cols_per_slot,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mmask = offs_m < num_tokens
+        nmask = offs_n < n_cols
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, k_dim, BLOCK_K):
+            k = k0 + offs_k
+            x = tl.load(
+                x_ptr + offs_m[:, None].to(tl.int64) * stride_x + k[None, :],
+                mask=mmask[:, None] & (k[None, :] < k_dim),
+                other=0.0,
+            )
+            a = tl.load(
+                a_ptr + k[:, None].to(tl.int64) * stride_a + offs_n[None, :],
+                mask=(k[:, None] < k_dim) & nmask[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(x, a, input_precision=DOT_PRECISION)
+        rows = tl.load(rows_ptr + offs_m, mask=mmask, other=0)
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_w + (offs_n // cols_per_slot)[None, :],
+            mask=mmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_o + offs_n[None, :],
+            (acc * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
+            mask=mmask[:, None] & nmask[None, :],
+        )
 
     @triton.jit
     def _silu_and_mul_kernel(
@@ -354,9 +509,9 @@ if HAS_TRITON:
 
 def decode_partition_size(batch: int, num_kv_heads: int, max_context: int) -> int:
     """Tokens per split-K partition: small when few (row, KV head) pairs would leave the GPU
-    idle, and large enough that a row never needs more than 64 partitions."""
+    idle, larger when the batch alone fills it. Depends on shapes only (graph-safe)."""
     base = 128 if batch * num_kv_heads < 512 else 512
-    while max_context > 64 * base:
+    while max_context > 1024 * base:
         base *= 2
     return base
 
@@ -390,28 +545,59 @@ def paged_decode_attention(
     split = max_parts > 1
     out = torch.empty_like(q)
     if split:
-        part_out = torch.empty(batch, num_heads, max_parts, head_dim, device=q.device, dtype=torch.float32)
+        part_out = torch.empty(
+            batch, num_heads, max_parts, head_dim, device=q.device, dtype=torch.float32
+        )
         part_ml = torch.empty(batch, num_heads, max_parts, 2, device=q.device, dtype=torch.float32)
     else:
         part_out = part_ml = out
     _paged_decode_kernel[(batch, num_kv_heads, max_parts)](
-        q, k_cache, v_cache, block_tables, context_lens,
-        out, part_out, part_ml,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        part_out,
+        part_ml,
         scale * 1.4426950408889634,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        num_heads, max_parts,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, PARTITION=partition, BLOCK_N=min(64, partition),
-        SPLIT=split, num_warps=4, num_stages=2,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        max_parts,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        PARTITION=partition,
+        BLOCK_N=min(64, partition),
+        SPLIT=split,
+        DOT_PRECISION=dot_precision(q),
+        num_warps=4,
+        num_stages=2,
     )
     if split:
         _paged_decode_reduce_kernel[(batch, num_heads)](
-            out, part_out, part_ml, context_lens,
-            out.stride(0), out.stride(1), num_heads, max_parts,
-            HEAD_DIM=head_dim, PARTITION=partition, PARTS_PAD=triton.next_power_of_2(max_parts),
+            out,
+            part_out,
+            part_ml,
+            context_lens,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            max_parts,
+            HEAD_DIM=head_dim,
+            PARTITION=partition,
+            PARTS_CHUNK=min(32, triton.next_power_of_2(max_parts)),
             num_warps=4,
         )
     return out
@@ -439,9 +625,20 @@ def rms_norm(
     steer2 = steer.view(-1, n_cols) if steer is not None else x2
     block = triton.next_power_of_2(n_cols)
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, res2, steer2, weight, out,
-        x2.stride(0), res2.stride(0), steer2.stride(0), out.stride(0), n_cols, eps,
-        HAS_RES=residual is not None, HAS_STEER=steer is not None, BLOCK=block,
+        x2,
+        res2,
+        steer2,
+        weight,
+        out,
+        x2.stride(0),
+        res2.stride(0),
+        steer2.stride(0),
+        out.stride(0),
+        n_cols,
+        eps,
+        HAS_RES=residual is not None,
+        HAS_STEER=steer is not None,
+        BLOCK=block,
         num_warps=min(16, max(1, block // 256)),
     )
     return out.view(shape), residual
@@ -468,8 +665,20 @@ def qk_norm_rope_store(
     positions [T]; cos/sin [max_pos, D/2] float32.
     """
     if not use_triton(q):
-        qk_norm_rope_store_ref(q, k, v, positions, cos, sin, q_norm_weight, k_norm_weight, eps,
-                               k_cache, v_cache, slot_mapping)
+        qk_norm_rope_store_ref(
+            q,
+            k,
+            v,
+            positions,
+            cos,
+            sin,
+            q_norm_weight,
+            k_norm_weight,
+            eps,
+            k_cache,
+            v_cache,
+            slot_mapping,
+        )
         return
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -477,15 +686,34 @@ def qk_norm_rope_store(
     has_norm = q_norm_weight is not None
     cache = k_cache if store else q
     _qk_norm_rope_store_kernel[(tokens, num_heads + num_kv_heads)](
-        q, k, v, positions, cos, sin,
-        q_norm_weight if has_norm else q, k_norm_weight if has_norm else q,
-        cache, v_cache if store else q, slot_mapping if store else positions,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cache.stride(0) if store else 0, cache.stride(1) if store else 0,
-        cache.stride(2) if store else 0, cos.stride(0),
-        num_heads, eps,
-        HALF=head_dim // 2, BLOCK_SIZE=k_cache.shape[1] if store else 1,
-        HAS_NORM=has_norm, STORE=store, num_warps=1,
+        q,
+        k,
+        v,
+        positions,
+        cos,
+        sin,
+        q_norm_weight if has_norm else q,
+        k_norm_weight if has_norm else q,
+        cache,
+        v_cache if store else q,
+        slot_mapping if store else positions,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cache.stride(0) if store else 0,
+        cache.stride(1) if store else 0,
+        cache.stride(2) if store else 0,
+        cos.stride(0),
+        num_heads,
+        eps,
+        HALF=head_dim // 2,
+        BLOCK_SIZE=k_cache.shape[1] if store else 1,
+        HAS_NORM=has_norm,
+        STORE=store,
+        num_warps=1,
     )
 
 
@@ -503,10 +731,21 @@ def store_kv_cache(
         return
     tokens, num_kv_heads, head_dim = k.shape
     _store_kv_cache_kernel[(tokens, num_kv_heads)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], num_warps=1,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        num_warps=1,
     )
 
 
@@ -521,7 +760,61 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate2.shape, device=gate.device, dtype=gate.dtype)
     block = min(2048, triton.next_power_of_2(n_cols))
     _silu_and_mul_kernel[(gate2.shape[0], triton.cdiv(n_cols, block))](
-        gate2, up2, out, gate2.stride(0), up2.stride(0), out.stride(0), n_cols,
-        BLOCK=block, num_warps=4,
+        gate2,
+        up2,
+        out,
+        gate2.stride(0),
+        up2.stride(0),
+        out.stride(0),
+        n_cols,
+        BLOCK=block,
+        num_warps=4,
     )
     return out.view(gate.shape)
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    row_weights: torch.Tensor,
+    token_rows: torch.Tensor,
+    cols_per_slot: int,
+) -> torch.Tensor:
+    """The first half of per-row multi-LoRA: (x @ lora_a) scaled, column by column, by the
+    weight the token's row gives the column's adapter slot.
+
+    x [T, in]; lora_a [in, S * cols_per_slot] (slot-major columns); row_weights [rows, S]
+    (one-hot for one adapter, a router mix for several, zero = base); token_rows int64 [T].
+    Returns [T, S * cols_per_slot] in x's dtype; the caller adds `result @ lora_b`.
+    """
+    if not use_triton(x):
+        mask = row_weights.index_select(0, token_rows).repeat_interleave(cols_per_slot, dim=1)
+        return (x @ lora_a) * mask.to(x.dtype)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    tokens, k_dim = x.shape
+    n_cols = lora_a.shape[1]
+    out = torch.empty(tokens, n_cols, device=x.device, dtype=x.dtype)
+    block_m = 16 if tokens <= 16 else 32 if tokens <= 64 else 64
+    block_n = 32
+    grid = (triton.cdiv(tokens, block_m), triton.cdiv(n_cols, block_n))
+    _lora_shrink_kernel[grid](
+        x,
+        lora_a,
+        row_weights,
+        token_rows,
+        out,
+        tokens,
+        n_cols,
+        k_dim,
+        x.stride(0),
+        lora_a.stride(0),
+        row_weights.stride(0),
+        out.stride(0),
+        cols_per_slot,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=128,
+        DOT_PRECISION=dot_precision(x),
+        num_warps=4,
+    )
+    return out
