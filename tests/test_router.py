@@ -170,3 +170,21 @@ def test_batched_and_single_routing_agree(router):
         assert b.adapter == s.adapter
         assert b.confidence == pytest.approx(s.confidence, abs=1e-3)
     assert json.dumps(batched[0].to_dict())
+
+
+def test_long_prompts_are_routed_on_head_and_tail(router):
+    people = [
+        ("Nora", "library", "lantern"),
+        ("Leo", "beach", "violin"),
+        ("Ivy", "market", "scarf"),
+    ]
+    facts = " ".join(f"{n} is in the {p} with the {o}." for n, p, o in people * 16)
+    assert router.embedder.count_word_pieces(facts) > 256  # beyond what MiniLM reads
+    decisions = router.route(
+        [
+            f"List every person mentioned in this text: {facts}",
+            f"{facts} List every person mentioned in that text.",
+            f"{facts} Question: where is Leo?",
+        ]
+    )
+    assert [d.adapter for d in decisions] == ["list", "list", "qa"]
