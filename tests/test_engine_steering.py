@@ -1,0 +1,294 @@
+"""Steering hooks of the torch engine: the per-step observer call and every action."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from models.engine.config import EngineConfig
+from models.engine.llm_engine import LLMEngine
+from models.engine.tiny_checkpoint import build_tiny_checkpoint
+from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSpec
+from models.steering.protocol import (
+    AdjustedLogits,
+    AdjustedPrefill,
+    Backtrack,
+    EmitError,
+    ForceOutput,
+    ForceTokens,
+    ForwardPass,
+    Prefilled,
+    RowActions,
+    Sampled,
+    SteerVector,
+)
+
+PROMPT = [11, 22, 33, 44, 55]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("steer"), "qwen3", seed=2)
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    return AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+
+
+class Policy:
+    """A step observer whose answer per row comes from `decide(row, forward_step)`."""
+
+    def __init__(self, decide=None, fail: Exception | None = None, delay: float = 0.0):
+        self.decide = decide or (lambda row, step: [])
+        self.fail = fail
+        self.delay = delay
+        self.calls: list[list] = []
+
+    async def on_step(self, rows):
+        self.calls.append(rows)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail:
+            raise self.fail
+        out = []
+        for row in rows:
+            step = next(e.step for e in reversed(row.events) if isinstance(e, ForwardPass))
+            out.append(RowActions(row.request_id, self.decide(row, step)))
+        return out
+
+
+def make_engine(ckpt, observer=None) -> LLMEngine:
+    eng = LLMEngine(EngineConfig(num_kv_blocks=64, block_size=4), ckpt)
+    if observer is not None:
+        eng.set_step_observer(observer)
+    return eng
+
+
+def steered(rid: str, mode: str = "sync", max_tokens: int = 10, **steering) -> GenerationRequest:
+    return GenerationRequest(
+        rid,
+        list(PROMPT),
+        SamplingParams(max_tokens=max_tokens, temperature=0),
+        steering={"policy": "test", "mode": mode, **steering},
+    )
+
+
+def run(eng: LLMEngine, *requests: GenerationRequest) -> dict[str, list]:
+    for r in requests:
+        eng.add_request(r)
+    outs: dict[str, list] = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            outs.setdefault(out.request_id, []).append(out)
+    return outs
+
+
+def tokens(outs: list) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def test_backtrack_and_force_tokens_rewind_the_kv_cache(ckpt, hf):
+    base = hf_greedy(hf, PROMPT, 10)
+    forced = [7, 8]
+
+    done = []
+
+    def decide(row, step):  # once: after the rewind, step 5 comes again
+        if step == 5 and not done:
+            done.append(step)
+            return [Backtrack(3, token_ids=forced)]
+        return []
+
+    outs = run(make_engine(ckpt, Policy(decide)), steered("b", params={"max_backtrack": 4}))["b"]
+    got = tokens(outs)
+    prefix = base[:2] + forced
+    assert got[:4] == prefix
+    assert got[4:] == hf_greedy(hf, PROMPT + prefix, 6)  # KV equals a fresh run of these ids
+    assert [i.action for o in outs for i in o.interventions] == ["Backtrack"]
+    assert outs[-1].finish_reason == "length"
+
+
+def test_force_tokens_then_continue(ckpt, hf):
+    def decide(row, step):
+        return [ForceTokens([3, 4, 5])] if step == 2 else []
+
+    got = tokens(run(make_engine(ckpt, Policy(decide)), steered("f"))["f"])
+    base = hf_greedy(hf, PROMPT, 2)
+    assert got[:5] == base + [3, 4, 5]
+    assert got[5:] == hf_greedy(hf, PROMPT + got[:5], 5)
+
+
+def test_backtrack_past_streamed_text_is_an_error(ckpt):
+    def decide(row, step):
+        return [Backtrack(2)] if step == 4 else []
+
+    outs = run(make_engine(ckpt, Policy(decide)), steered("e"))["e"]
+    assert outs[-1].finish_reason == "error"
+    assert "Backtrack(2)" in outs[-1].error and "max_backtrack=0" in outs[-1].error
+
+
+def test_adjusted_logits_bans_a_token(ckpt, hf):
+    banned = hf_greedy(hf, PROMPT, 1)[0]
+    delta = torch.zeros(512)
+    delta[banned] = -1e9
+
+    got = tokens(
+        run(make_engine(ckpt, Policy(lambda r, s: [AdjustedLogits(s, delta=delta)])), steered("a"))[
+            "a"
+        ]
+    )
+    assert banned not in got and len(got) == 10
+
+
+def test_plausibility_head_keeps_only_plausible_tokens(ckpt, hf):
+    # replace the logits with a flat preference for token 0, but alpha=1 keeps only the argmax
+    flat = torch.zeros(512)
+    flat[0] = 50.0
+
+    def decide(row, step):
+        return [AdjustedLogits(step, logits=flat, plausibility_alpha=1.0)]
+
+    got = tokens(run(make_engine(ckpt, Policy(decide)), steered("p"))["p"])
+    assert got == hf_greedy(hf, PROMPT, 10)
+
+
+def test_steering_vector_changes_only_its_row(ckpt, hf):
+    eng = make_engine(ckpt)
+    torch.manual_seed(0)
+    eng.register_vector("v", torch.randn(2, 64) * 4)
+    plain = GenerationRequest("plain", list(PROMPT), SamplingParams(max_tokens=10, temperature=0))
+    pushed = GenerationRequest(
+        "pushed",
+        list(PROMPT),
+        SamplingParams(max_tokens=10, temperature=0),
+        steer_vectors=[SteerVectorSpec("v", 2.0)],
+    )
+    outs = run(eng, plain, pushed)
+    base = hf_greedy(hf, PROMPT, 10)
+    assert tokens(outs["plain"]) == base
+    assert tokens(outs["pushed"]) != base
+
+
+def test_steer_vector_action_applies_from_the_next_step(ckpt, hf):
+    eng = make_engine(ckpt, Policy(lambda r, s: [SteerVector("v", 3.0)] if s == 3 else []))
+    torch.manual_seed(0)
+    eng.register_vector("v", torch.randn(2, 64) * 4)
+    other = GenerationRequest("other", list(PROMPT), SamplingParams(max_tokens=10, temperature=0))
+    outs = run(eng, steered("s"), other)
+    base = hf_greedy(hf, PROMPT, 10)
+    assert tokens(outs["other"]) == base
+    assert tokens(outs["s"])[:3] == base[:3] and tokens(outs["s"]) != base
+
+
+def test_illegal_action_errors_naming_event_and_action(ckpt):
+    policy = Policy(lambda r, s: [AdjustedPrefill([1, 2])] if s == 3 else [])
+    outs = run(make_engine(ckpt, policy), steered("i"))["i"]
+    assert outs[-1].finish_reason == "error"
+    assert "AdjustedPrefill" in outs[-1].error and "ForwardPass" in outs[-1].error
+
+
+def test_adjusted_prefill_replaces_the_prompt(ckpt, hf):
+    new_prompt = [9, 8, 7]
+    policy = Policy(lambda r, s: [AdjustedPrefill(new_prompt)] if r.token_ids == PROMPT else [])
+    outs = run(make_engine(ckpt, policy), steered("ap"))["ap"]
+    assert tokens(outs) == hf_greedy(hf, new_prompt, 10)
+    assert outs[-1].num_prompt_tokens == 3
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_failing_observer_leaves_the_row_complete_and_flagged(ckpt, hf, mode):
+    outs = run(make_engine(ckpt, Policy(fail=RuntimeError("boom"))), steered("x", mode))["x"]
+    assert tokens(outs) == hf_greedy(hf, PROMPT, 10)
+    assert outs[-1].finish_reason == "length"
+    flagged = [i for o in outs for i in o.interventions]
+    assert [i.action for i in flagged] == ["steerer_error"] and "boom" in flagged[0].detail[
+        "message"
+    ]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_slow_observer_times_out(ckpt, hf, mode):
+    eng = make_engine(ckpt, Policy(delay=0.5))
+    req = steered("t", mode, max_tokens=40, timeout_s=0.05)
+    outs = run(eng, req)["t"]
+    assert outs[-1].finish_reason == "length" and len(tokens(outs)) == 40
+    assert [i.action for o in outs for i in o.interventions] == ["steerer_timeout"]
+
+
+def test_one_observer_call_per_step_for_all_steered_rows(ckpt):
+    policy = Policy()
+    eng = make_engine(ckpt, policy)
+    plain = GenerationRequest("plain", [1, 2, 3], SamplingParams(max_tokens=8, temperature=0))
+    run(eng, *(steered(f"r{i}", max_tokens=8) for i in range(3)), plain)
+    assert len(policy.calls) == 8 == eng.stats().observer_calls
+    assert all(sorted(r.request_id for r in call) == ["r0", "r1", "r2"] for call in policy.calls)
+    first = policy.calls[0][0]
+    assert isinstance(first.events[0], Prefilled) and first.token_ids == PROMPT
+    assert first.events[-1].logits is not None and first.events[-1].logits.shape == (512,)
+    later = policy.calls[1][0]
+    assert isinstance(later.events[0], Sampled) and later.token_ids is None
+
+
+def test_every_k_consults_every_k_tokens(ckpt):
+    policy = Policy()
+    run(make_engine(ckpt, policy), steered("k", max_tokens=9, every=3))
+    assert [c[0].events[-1].step for c in policy.calls] == [0, 3, 6]
+    assert sum(isinstance(e, Sampled) for e in policy.calls[1][0].events) == 3
+
+
+def test_async_adjusted_logits_for_a_sampled_step_is_late(ckpt):
+    class SyncPolicy:  # answers at once, but async rows still never wait for it
+        def on_step(self, rows):
+            return [RowActions(r.request_id, [AdjustedLogits(r.events[-1].step)]) for r in rows]
+
+    outs = run(make_engine(ckpt, SyncPolicy()), steered("late", "async", max_tokens=4))["late"]
+    details = [i.detail for o in outs for i in o.interventions]
+    assert details and all(d.get("dropped") == "late" for d in details)
+
+
+def test_force_output_and_emit_error_finish_the_row(ckpt):
+    policy = Policy(lambda r, s: [ForceOutput("done.")] if s == 2 else [])
+    outs = run(make_engine(ckpt, policy), steered("fo"))["fo"]
+    assert outs[-1].finish_reason == "stop" and len(tokens(outs)) == 2
+    assert "".join(o.text for o in outs) == "done."
+    policy = Policy(lambda r, s: [EmitError("policy says no")] if s == 1 else [])
+    outs = run(make_engine(ckpt, policy), steered("ee"))["ee"]
+    assert outs[-1].finish_reason == "error" and outs[-1].error == "policy says no"
+
+
+def test_held_back_text_hides_a_backtrack_from_the_stream():
+    builtin = pytest.importorskip("models.builtin")
+    path = builtin.resolve_source("builtin:tiny").big
+    done = []
+
+    def decide(row, step):
+        if step == 6 and not done:
+            done.append(step)
+            return [Backtrack(3, token_ids=[row.num_prompt_tokens + 10])]
+        return []
+
+    policy = Policy(decide)
+    eng = LLMEngine(EngineConfig(num_kv_blocks=64), path)
+    eng.set_step_observer(policy)
+    prompt = eng.tokenizer.encode("once upon a time")
+    req = GenerationRequest(
+        "h",
+        prompt,
+        SamplingParams(max_tokens=16, temperature=0),
+        steering={"policy": "test", "mode": "sync", "params": {"max_backtrack": 4}},
+    )
+    outs = run(eng, req)["h"]
+    final_ids = tokens(outs)
+    assert "".join(o.text for o in outs) == eng.tokenizer.decode(
+        final_ids, skip_special_tokens=True
+    )
+    assert [i.action for o in outs for i in o.interventions] == ["Backtrack"]
