@@ -11,6 +11,7 @@ token.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,24 +104,33 @@ class PagedSmallModel:
                 self.blocks.release(kv)
         state.kv.clear()
 
-    def base_hidden_states(self, texts: list[str]) -> torch.Tensor:
-        """Each block's output at the last token of each text, without LoRA:
-        float32 [num_texts, num_blocks, hidden]."""
+    def base_hidden_states(self, texts: list[str], pool: str = "last") -> torch.Tensor:
+        """Each block's output at the last token of each text ("last") or averaged over its
+        tokens ("mean"), without LoRA: float32 [num_texts, num_blocks, hidden]."""
         if self.tokenizer is None:
             raise ValueError(f"the small model {self.path} has no tokenizer to read texts with")
         states = [RequestState(f"text-{i}", None) for i in range(len(texts))]
         for state, text in zip(states, texts, strict=True):
             state.reset(self.tokenizer(text).input_ids, [])
         try:
-            self.read([(s, BASE) for s in states], hidden=True)
-            return torch.stack([s.outputs[BASE].hidden[1:] for s in states]).cpu()
+            self.read([(s, BASE) for s in states], hidden_layers=range(self.num_layers))
+            rows = []
+            for state in states:
+                per_block = state.outputs[BASE].hidden
+                pooled = [per_block[b][-1] if pool == "last" else per_block[b].mean(0)
+                          for b in range(self.num_layers)]  # fmt: skip
+                rows.append(torch.stack(pooled))
+            return torch.stack(rows).cpu()
         finally:
             for state in states:
                 self.free(state)
 
     @torch.inference_mode()
-    def read(self, items: list[tuple[RequestState, str]], hidden: bool = False) -> None:
-        """Make `state.output(variant)` current for every pair, in one forward."""
+    def read(
+        self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int] = ()
+    ) -> None:
+        """Make `state.output(variant)` current for every pair, in one forward; `hidden_layers`
+        also keeps those blocks' outputs for the tokens read."""
         from models.engine.scheduler import ScheduledSequence
 
         scheduled, rows = [], []
@@ -148,7 +158,7 @@ class PagedSmallModel:
             rows.append((state, variant))
         if not scheduled:
             return
-        captured = self._capture_hidden(scheduled) if hidden else None
+        captured = self._capture_hidden(hidden_layers) if hidden_layers else None
         graphs = getattr(self.runner, "graphs", None)
         try:
             if captured is not None:
@@ -159,13 +169,17 @@ class PagedSmallModel:
                 self.runner.graphs = graphs
                 for handle in captured["handles"]:
                     handle.remove()
+        starts = [0]
+        for item in scheduled:
+            starts.append(starts[-1] + item.num_tokens)
         for i, ((state, variant), item) in enumerate(zip(rows, scheduled, strict=True)):
             item.seq.num_computed = len(item.seq.token_ids)
-            per_block = None
+            hidden = {}
             if captured is not None:
-                per_block = torch.stack([h[i] for h in captured["hidden"]]).float()
+                hidden = {layer: h[starts[i] : starts[i + 1]].float()
+                          for layer, h in captured["hidden"].items()}  # fmt: skip
             state.outputs[variant] = SmallOutput(
-                logits=logits[i], hidden=per_block, length=item.seq.num_computed
+                logits=logits[i], length=item.seq.num_computed, hidden=hidden
             )
 
     def _lora_weights(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor | None:
@@ -177,25 +191,23 @@ class PagedSmallModel:
                 weights[row, self.lora.slots.index(variant)] = 1.0
         return weights
 
-    def _capture_hidden(self, scheduled: list) -> dict[str, Any]:
-        """Hooks that keep the embedding and every block's output at each row's last token."""
-        last = torch.tensor([item.num_tokens for item in scheduled]).cumsum(0) - 1
-        last = last.to(self.device)
-        captured: dict[str, Any] = {"hidden": [], "handles": []}
+    def _capture_hidden(self, layers: Sequence[int]) -> dict[str, Any]:
+        """Hooks that keep the chosen blocks' outputs for every token of the step."""
+        captured: dict[str, Any] = {"hidden": {}, "handles": []}
 
-        def keep(_module, _inputs, output):
-            if isinstance(output, tuple):  # (block output before its residual add, residual)
-                block_out, residual = output
-                captured["hidden"].append(
-                    block_out.index_select(0, last) + residual.index_select(0, last)
-                )
-            else:
-                captured["hidden"].append(output.index_select(0, last))
+        def keep(layer: int):
+            def hook(_module, _inputs, output):
+                if isinstance(output, tuple):  # (block output before its residual add, residual)
+                    block_out, residual = output
+                    captured["hidden"][layer] = block_out + residual
+                else:
+                    captured["hidden"][layer] = output.clone()
 
-        model = self.runner.model
-        captured["handles"].append(model.embed_tokens.register_forward_hook(keep))
-        for layer in model.layers:
-            captured["handles"].append(layer.register_forward_hook(keep))
+            return hook
+
+        for layer in layers:
+            block = self.runner.model.layers[layer]
+            captured["handles"].append(block.register_forward_hook(keep(layer)))
         return captured
 
 

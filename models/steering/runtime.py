@@ -168,11 +168,11 @@ class SteeringRuntime:
             else:
                 live.append((i, row, *prepared))
         reads = [(state, variant) for _, _, state, policy in live for variant in policy.variants]
-        hidden = any(policy.needs_hidden for *_, policy in live)
+        layers = sorted({layer for *_, policy in live for layer in policy.hidden_layers})
         try:
             if reads:
                 self._stats.small_model_reads += 1
-                self.small_model.read(reads, hidden=hidden)
+                self.small_model.read(reads, hidden_layers=layers)
         except Exception as exc:  # noqa: BLE001 - every row that needed it learns why
             log.exception("small-model forward failed")
             for i, row, _, _ in live:

@@ -11,6 +11,7 @@ behind the same `read` call.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,12 @@ class SmallModel:
                 f"small-model variant '{variant}' is not loaded; loaded: {', '.join(self.variants)}"
             )
 
-    def base_hidden_states(self, texts: list[str]) -> torch.Tensor:
-        """Each block's output at the last token of each text, without LoRA:
-        float32 [num_texts, num_blocks, hidden] (see vectors.transformers_hidden_states)."""
+    def base_hidden_states(self, texts: list[str], pool: str = "last") -> torch.Tensor:
+        """Each block's output at the last token of each text ("last") or averaged over its
+        tokens ("mean"), without LoRA: float32 [num_texts, num_blocks, hidden]."""
         from models.steering.vectors import transformers_hidden_states
 
-        read = transformers_hidden_states(self.model, self.tokenizer, pool="last")
+        read = transformers_hidden_states(self.model, self.tokenizer, pool=pool)
         # PEFT keeps LoRA layers in place: turn them off to read the base model
         if not self._has_adapters:
             return read(texts)
@@ -83,9 +84,11 @@ class SmallModel:
         state.kv.clear()
 
     @torch.no_grad()
-    def read(self, items: list[tuple[RequestState, str]], hidden: bool = False) -> None:
+    def read(
+        self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int] = ()
+    ) -> None:
         """Make `state.output(variant)` current for every pair, reading only unread tokens;
-        `hidden` also keeps each block's output at the last token."""
+        `hidden_layers` also keeps those blocks' outputs for the tokens read."""
         todo = []
         for state, variant in items:
             self.check_variant(variant)
@@ -100,12 +103,12 @@ class SmallModel:
             todo.append((state, variant))
         short = [item for item in todo if _unread(item) <= LONG_READ]
         if short:
-            self._forward(short, hidden)
+            self._forward(short, hidden_layers)
         for item in todo:
             if _unread(item) > LONG_READ:
-                self._forward([item], hidden)
+                self._forward([item], hidden_layers)
 
-    def _forward(self, items: list[tuple[RequestState, str]], hidden: bool) -> None:
+    def _forward(self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int]):
         from transformers import DynamicCache
 
         kvs = [state.kv[variant] for state, variant in items]
@@ -136,11 +139,9 @@ class SmallModel:
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             use_cache=True,
-            output_hidden_states=hidden,
+            output_hidden_states=bool(hidden_layers),
             **kwargs,
         )
-        # [rows, blocks + 1, width, hidden]
-        states = torch.stack(out.hidden_states, dim=1) if hidden else None
         for i, ((state, variant), kv, ids) in enumerate(zip(items, kvs, new, strict=True)):
             last = len(ids) - 1
             kv.layers = [
@@ -151,8 +152,11 @@ class SmallModel:
             kv.length += len(ids)
             state.outputs[variant] = SmallOutput(
                 logits=out.logits[i, last].float(),
-                hidden=states[i, :, last].float() if states is not None else None,
                 length=kv.length,
+                hidden={
+                    layer: out.hidden_states[layer + 1][i, : len(ids)].float()
+                    for layer in hidden_layers
+                },
             )
 
 

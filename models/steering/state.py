@@ -28,13 +28,16 @@ class KVState:
 
 @dataclass
 class SmallOutput:
-    """The small model's view after reading the whole sequence: next-token logits [vocab] and,
-    when asked for, each block's output at the last token [num_blocks + 1, hidden] (index 0 =
-    embeddings)."""
+    """The small model's view after reading the sequence up to `length` tokens.
+
+    logits: next-token logits [vocab]. hidden: block index -> that block's output [n, hidden]
+    for the tokens at positions length - n .. length - 1 (the ones the producing forward read),
+    for the blocks that were asked for.
+    """
 
     logits: torch.Tensor
-    hidden: torch.Tensor | None
     length: int  # tokens read; the output is current while the sequence has this many
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

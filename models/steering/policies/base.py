@@ -46,7 +46,6 @@ class Policy:
     """
 
     Params: ClassVar[type[BaseModel]] = NoParams
-    needs_hidden: ClassVar[bool] = False  # reads SmallOutput.hidden, not only the logits
 
     def __init__(self, name: str, defaults: dict[str, Any], context: PolicyContext):
         self.name = name
@@ -55,6 +54,11 @@ class Policy:
 
     @property
     def variants(self) -> list[str]:
+        return []
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        """Small-model blocks whose outputs `on_event` reads (SmallOutput.hidden)."""
         return []
 
     def start(self) -> None:

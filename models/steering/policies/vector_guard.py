@@ -3,6 +3,8 @@ turns on a steering vector in the big model (and may take back the last tokens).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +33,10 @@ class VectorGuardParams(BaseModel):
     concept_layer: int | None = Field(
         None, description="Small-model block whose output is scored; None = the middle one."
     )
+    pool: Literal["mean", "last"] = Field(
+        "mean", description="Score the mean state of the last `window` tokens, or the last one."
+    )
+    window: int = Field(32, ge=1, description="Tokens of running text the mean covers.")
     positive: list[str] = Field(
         default_factory=list, description="Concept prompts; empty = the vector's positive pairs."
     )
@@ -40,17 +46,21 @@ class VectorGuardParams(BaseModel):
 
 
 class VectorGuard(Policy):
-    """Scores the small model's last-token state at `concept_layer` against the concept:
-    score = (h - midpoint) . d / (|d|^2 / 2) with d = mean(positive) - mean(negative), so +1 sits
-    on the positive mean, -1 on the negative one. Above `threshold` it answers
-    SteerVector(vector, coeff, layers) and, once, Backtrack(backtrack)."""
+    """Scores the running text with the small model's state at `concept_layer` (the mean over
+    the last `window` tokens, or the last token's) against the concept: score = (h - midpoint)
+    . d / (|d|^2 / 2) with d = mean(positive) - mean(negative) of the concept prompts pooled the
+    same way, so +1 sits on the positive mean and -1 on the negative one. Above `threshold` it
+    answers SteerVector(vector, coeff, layers) and, once, Backtrack(backtrack)."""
 
     Params = VectorGuardParams
-    needs_hidden = True
 
     @property
     def variants(self) -> list[str]:
         return [BASE]
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        return [self.layer]
 
     def start(self) -> None:
         small = self.context.small_model
@@ -66,14 +76,31 @@ class VectorGuard(Policy):
                 f"params.negative, or pairs on steering vector '{p.vector}'"
             )
         self.layer = p.concept_layer if p.concept_layer is not None else small.num_layers // 2
-        hidden = small.base_hidden_states(positive + negative)[:, self.layer]
+        if not 0 <= self.layer < small.num_layers:
+            raise ValueError(
+                f"policy '{self.name}': concept_layer {self.layer} outside the small model's "
+                f"blocks 0..{small.num_layers - 1}"
+            )
+        hidden = small.base_hidden_states(positive + negative, pool=p.pool)[:, self.layer]
         pos, neg = hidden[: len(positive)].mean(0), hidden[len(positive) :].mean(0)
         self.direction = pos - neg
         self.midpoint = (pos + neg) / 2
 
     def score(self, state: RequestState) -> float:
-        """The concept score of the request's running text (last token, small model)."""
-        h = state.output(BASE).hidden[self.layer + 1].to(self.direction.device)
+        """The concept score of the request's running text."""
+        p = state.params
+        out = state.output(BASE)
+        # per position, the state of this block: kept across calls, as each forward reads
+        # only the new tokens (and re-reads what a backtrack rewrote)
+        seen: dict[int, torch.Tensor] = state.scratch.setdefault("hidden", {})
+        new = out.hidden[self.layer]
+        first = out.length - new.shape[0]
+        keep_from = out.length - (p.window if p.pool == "mean" else 1)
+        for pos in [q for q in seen if q >= first or q < keep_from]:
+            del seen[pos]
+        for i in range(max(first, keep_from), out.length):
+            seen[i] = new[i - first]
+        h = torch.stack([seen[q] for q in sorted(seen)]).mean(0).to(self.direction.device)
         return concept_score(h, self.direction, self.midpoint)
 
     def on_event(self, state: RequestState, event: Event) -> list[Action]:
