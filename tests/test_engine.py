@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from models.engine import build_engine
+from models.engine import EngineUnavailableError, build_engine
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
@@ -222,7 +222,7 @@ def test_torch_engine_streams_concurrent_requests(qwen3):
 
 
 def test_build_engine_names_the_missing_extra(qwen3):
-    with pytest.raises(NotImplementedError, match="optional extra 'vllm"):
+    with pytest.raises(EngineUnavailableError, match="optional extra 'vllm"):
         build_engine(EngineConfig(kind="vllm"), str(qwen3))
 
 

