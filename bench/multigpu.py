@@ -149,7 +149,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results = []
