@@ -27,7 +27,7 @@ def steerer():
 
     from deployments.steerer import Steerer
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     app = Steerer.options(ray_actor_options={"num_cpus": 0.5}).bind(STEERING, "builtin:tiny")
     handle = serve.run(app, name="steerer", route_prefix=None)
     yield handle
