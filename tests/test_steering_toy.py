@@ -85,8 +85,9 @@ def test_vector_pushes_the_next_word_towards_positive_feelings(toy, tok, positiv
         margins = []
         for _, outs in run(eng, reqs).values():
             top = dict(next(o.logprobs[0].top for o in outs if o.logprobs))
-            lp = lambda ids: torch.tensor([top[i] for i in ids]).logsumexp(0)  # noqa: E731
-            margins.append(float(lp(pos) - lp(neg)))
+            up = torch.tensor([top[i] for i in pos]).logsumexp(0)
+            down = torch.tensor([top[i] for i in neg]).logsumexp(0)
+            margins.append(float(up - down))
         return sum(margins) / len(margins)
 
     margins = [margin(c) for c in (0.0, 4.0, 8.0, 16.0)]
