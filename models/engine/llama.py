@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from models.engine import kernels
 from models.engine.attention import ForwardBatch, paged_attention, store_kv, varlen_attention
 from models.engine.lora import LinearWithLoRA
 
@@ -79,10 +80,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        steer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """RMSNorm(x). With `residual`: h = x + residual (+ steer) is written back into
+        `residual` (the residual stream) and RMSNorm(h) is returned; one fused kernel on CUDA."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual, steer)[0]
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -157,12 +163,23 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q), self.rotary(positions, k)
-        store_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
+        if kernels.use_triton(qkv):  # q/k norm, RoPE and the cache write in one kernel
+            half = self.head_dim // 2
+            kernels.qk_norm_rope_store(
+                q, k, v, positions, self.rotary.cos[:, :half], self.rotary.sin[:, :half],
+                self.q_norm.weight if self.q_norm is not None else None,
+                self.k_norm.weight if self.k_norm is not None else None,
+                self.q_norm.eps if self.q_norm is not None else 0.0,
+                self.k_cache, self.v_cache, batch.slot_mapping,
+            )  # fmt: skip
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q), self.rotary(positions, k)
+            store_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
         if batch.is_decode:
-            out = paged_attention(
+            attend = kernels.paged_decode_attention if kernels.use_triton(q) else paged_attention
+            out = attend(
                 q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens, self.scale
             )
         else:
@@ -179,7 +196,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, batch).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up, batch)
+        return self.down_proj(kernels.silu_and_mul(gate, up), batch)
 
 
 class DecoderLayer(nn.Module):
@@ -190,9 +207,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
-        h = h + self.self_attn(self.input_layernorm(h), positions, batch)
-        return h + self.mlp(self.post_attention_layernorm(h), batch)
+    def forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        batch: ForwardBatch,
+        steer: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h is the previous layer's output before its residual add (the embeddings for the
+        first layer, with residual None); `steer` is added to the completed previous layer's
+        output. Returns this layer's MLP output and the residual stream, still to be added."""
+        if residual is None:
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x = self.input_layernorm(h, residual, steer)
+        x = self.post_attention_layernorm(self.self_attn(x, positions, batch), residual)
+        return self.mlp(x, batch), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -211,12 +243,19 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for index, layer in enumerate(self.layers):
-            h = layer(h, positions, batch)
-            if batch.steer_deltas is not None:  # h_l += c * v_l, per row (zero when unsteered)
-                h = h + batch.steer_deltas[index].index_select(0, batch.token_rows)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, batch, self._steer(batch, index - 1))
+        return self.norm(h, residual, self._steer(batch, len(self.layers) - 1))
+
+    @staticmethod
+    def _steer(batch: ForwardBatch, layer: int) -> torch.Tensor | None:
+        """Per-token delta added to layer `layer`'s output: h_l += c * v_l (zero rows when
+        unsteered), fused into the next norm's residual add."""
+        if batch.steer_deltas is None or layer < 0:
+            return None
+        delta = batch.steer_deltas[layer]
+        return delta if batch.is_decode else delta.index_select(0, batch.token_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(hidden, self.lm_head)

@@ -78,6 +78,7 @@ class LLMEngine(SequenceEditor):
         self._seed_source = random.Random(config.seed)
         self._arrivals = 0
         self._stats = EngineStats(total_blocks=self.blocks.num_usable)
+        self.graph_capture_s = self.runner.capture_graphs()  # after the LoRA slots exist
 
     def check_request(self, request: GenerationRequest) -> None:
         """Raise the EngineError a request deserves, without changing anything."""

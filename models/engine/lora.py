@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.engine import kernels
 from models.engine.attention import ForwardBatch
 
 
@@ -70,6 +71,12 @@ class LinearWithLoRA(nn.Module):
         y = nn.functional.linear(x, self.weight, self.bias)
         if self.lora_a is None or batch.lora_weights is None:
             return y
+        if kernels.use_triton(x):  # shrink and per-row slot weights in one kernel, then y += s @ B
+            cols_per_slot = len(self.part_sizes) * self.rank
+            shrunk = kernels.lora_shrink(
+                x, self.lora_a, batch.lora_weights, batch.token_rows, cols_per_slot
+            )
+            return y.addmm_(shrunk, self.lora_b)
         token_weights = batch.lora_weights.index_select(0, batch.token_rows)
         mask = token_weights[:, self.column_slot]
         return y + ((x @ self.lora_a) * mask) @ self.lora_b

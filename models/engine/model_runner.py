@@ -12,6 +12,7 @@ import torch
 
 from models.engine.attention import ForwardBatch
 from models.engine.config import EngineConfig
+from models.engine.cuda_graph import DecodeGraphs
 from models.engine.llama import LlamaForCausalLM, load_llama
 from models.engine.scheduler import ScheduledSequence
 
@@ -44,6 +45,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
+        self.max_model_len = max_model_len
+        self.graphs: DecodeGraphs | None = None
 
     def _block_bytes(self) -> int:
         a = self.args
@@ -116,6 +119,8 @@ class ModelRunner:
         """Run one step; float32 logits [rows, vocab] at each row's last new token."""
         input_ids, positions, batch = self.prepare(scheduled, steer_deltas, lora_weights)
         if batch.is_decode:
+            if self.graphs is not None and self.graphs.fits(batch):
+                return self.graphs.run(input_ids, positions, batch)
             return self.decode(input_ids, positions, batch)
         hidden = self.model(input_ids, positions, batch)
         last = torch.tensor(batch.query_lens, device=self.device).cumsum(0) - 1
@@ -124,3 +129,34 @@ class ModelRunner:
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
         """One token per row, static shapes: the function a CUDA graph captures."""
         return self.model.compute_logits(self.model(input_ids, positions, batch)).float()
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> float:
+        """Capture the decode step in CUDA graphs (CUDA with cuda_graphs on; call once the
+        LoRA slots exist). Returns the seconds it took, 0 when nothing was captured."""
+        if self.device.type != "cuda" or not self.config.cuda_graphs:
+            return 0.0
+        lora_slots = 0
+        for layer, _ in self.model.lora_linears().values():
+            if layer.lora_a is not None:
+                lora_slots = layer.lora_a.shape[1] // (len(layer.part_sizes) * layer.rank)
+        self.graphs = DecodeGraphs(
+            self.decode,
+            self._graph_batch_sizes(),
+            max_blocks=-(-self.max_model_len // self.block_size),
+            num_layers=self.args.num_layers,
+            hidden_size=self.args.hidden_size,
+            lora_slots=lora_slots,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        return self.graphs.capture()
+
+    def _graph_batch_sizes(self) -> list[int]:
+        """The configured buckets up to the first that holds max_num_seqs rows."""
+        sizes = []
+        for size in sorted(self.config.cuda_graph_batch_sizes):
+            sizes.append(size)
+            if size >= self.config.max_num_seqs:
+                break
+        return sizes
