@@ -278,3 +278,16 @@ def test_released_requests_give_their_cache_back(runtime):
     assert not any(f"k{i}" in runtime.states for i in range(3))
     if blocks:
         assert blocks.num_free == free_before
+
+
+def test_a_policy_may_name_its_expert_by_path(tiny):
+    path = tiny.small_adapters["positive"]
+    config = SteeringConfig.model_validate(
+        {"policies": [{"name": "p", "kind": "proxy_tuning", "params": {"expert": path}}]}
+    )
+    rt = SteeringRuntime(config, tiny.big, tiny.small, {})
+    assert rt.small_model.variants == ["base", "positive"]
+    ok = run(rt, [RowEvents("a", [Prefilled([3, 4, 5]), ForwardPass(0)], "p")])["a"]
+    assert isinstance(only_logits(ok), AdjustedLogits)
+    bad = run(rt, [RowEvents("b", [Prefilled([3])], "p", {"expert": "other"})])["b"]
+    assert "cannot choose another" in bad.error

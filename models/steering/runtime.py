@@ -28,7 +28,7 @@ from models.steering.protocol import (
     Sampled,
     check_action,
 )
-from models.steering.state import RequestState
+from models.steering.state import RequestState, variant_name
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +66,7 @@ class SteeringRuntime:
         self._lock = threading.Lock()  # one step at a time, whichever event loop calls
         self._released: list[str] = []
         self.small_model = None
-        expert = config.expert_adapter
-        adapters = dict(small_adapters or {})
-        if expert and expert not in adapters:
-            if not Path(expert).is_dir():
-                raise ValueError(
-                    f"steering.expert_adapter '{expert}' is neither a small-model adapter "
-                    f"({', '.join(adapters) or 'none known'}) nor a directory"
-                )
-            adapters = {Path(expert).name: expert}
-            expert = Path(expert).name
-        elif expert:
-            adapters = {expert: adapters[expert]}
-        else:
-            adapters = {}
+        expert, adapters = _adapters_to_load(config, small_adapters or {})
         if config.policies:
             if small_model_path is None:
                 raise ValueError(
@@ -259,6 +246,29 @@ def _apply_token_events(state: RequestState, events: list) -> None:
             state.set_generated(event.step, [])
     if not state.tokens:
         raise LookupError(f"request {state.request_id}: no tokens known")
+
+
+def _adapters_to_load(
+    config: SteeringConfig, known: dict[str, str]
+) -> tuple[str | None, dict[str, str]]:
+    """The expert's variant name and the small-model adapters the policies use (name -> dir):
+    steering.expert_adapter and any policy's params.expert, each a known adapter or a path."""
+    wanted = [config.expert_adapter] + [p.params.get("expert") for p in config.policies]
+    adapters: dict[str, str] = {}
+    names = []
+    for name in [w for w in wanted if w]:
+        if name in known:
+            adapters[name] = known[name]
+        elif Path(name).is_dir():
+            adapters[variant_name(name)] = name
+        else:
+            raise ValueError(
+                f"small-model adapter '{name}' is neither a known adapter "
+                f"({', '.join(known) or 'none'}) nor a directory"
+            )
+        names.append(variant_name(name))
+    expert = names[0] if config.expert_adapter else None
+    return expert, adapters
 
 
 ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what the torch engine loads

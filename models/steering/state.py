@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 BASE = "base"  # the small-model variant without any LoRA
+
+
+def variant_name(adapter: str) -> str:
+    """The variant an adapter is known by: its name, or the directory name of a path."""
+    return Path(adapter).name if "/" in adapter else adapter
 
 
 @dataclass(eq=False)

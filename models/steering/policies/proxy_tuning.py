@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.steering.policies.base import Policy, adjust_step, check_same_tokenizer
 from models.steering.protocol import Action, AdjustedLogits, Event
-from models.steering.state import BASE, RequestState
+from models.steering.state import BASE, RequestState, variant_name
 
 
 class ProxyTuningParams(BaseModel):
@@ -35,7 +35,7 @@ class ProxyTuning(Policy):
                 f"policy '{self.name}' needs an expert adapter: set steering.expert_adapter or "
                 "params.expert"
             )
-        return expert
+        return variant_name(expert)
 
     @property
     def variants(self) -> list[str]:
@@ -47,7 +47,7 @@ class ProxyTuning(Policy):
 
     def params_for(self, request_params: dict) -> BaseModel:
         params = super().params_for(request_params)
-        if params.expert not in (None, self.expert):
+        if params.expert is not None and variant_name(params.expert) != self.expert:
             raise ValueError(
                 f"policy '{self.name}' uses expert '{self.expert}'; a request cannot choose another"
             )
