@@ -76,6 +76,16 @@ def write_lora(path: Path, shape: dict, rank: int = 16, seed: int = 2) -> Path:
     return path
 
 
+class AsyncObserver:
+    """The runtime behind a coroutine, as the engine sees a remote Steerer."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    async def on_step(self, rows):
+        return await self.runtime.process(rows)
+
+
 def decode_step_ms(engine, requests, warmup_steps: int = 3) -> tuple[float, int]:
     """Median ms per engine step once every request is decoding; and the steps measured."""
     for request in requests:
@@ -118,9 +128,7 @@ def bench_gpu(args) -> dict:
         num_kv_blocks=1 + max_batch * (-(-max_len // 16)) * 2,
     )  # fmt: skip
     t = time.perf_counter()
-    engine = LLMEngine(engine_config, big, tokenizer=None)
-    if hasattr(engine.runner, "capture_graphs"):
-        engine.runner.capture_graphs()
+    engine = LLMEngine(engine_config, big, tokenizer=None)  # captures its CUDA graphs
     log(f"engine ready in {time.perf_counter() - t:.1f} s")
     layers = big_shape["num_hidden_layers"]
     g = torch.Generator().manual_seed(3)
@@ -136,8 +144,10 @@ def bench_gpu(args) -> dict:
     )  # fmt: skip
     t = time.perf_counter()
     runtime = SteeringRuntime(steering, str(big), str(small), {"expert": str(expert)})
-    engine.set_step_observer(runtime)
     log(f"steering runtime ready in {time.perf_counter() - t:.1f} s")
+    # colocated: the runtime answers in the engine thread; async: its coroutine runs on
+    # another thread while the engine goes on (as a remote Steerer would)
+    observers = {"colocated": runtime, "async": AsyncObserver(runtime)}
 
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      "big": "tiny-big" if args.tiny else "qwen3-1.7b",
@@ -159,6 +169,8 @@ def bench_gpu(args) -> dict:
                 params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
                 reqs = [GenerationRequest(f"{mode}-{batch}-{repeat}-{i}", p, params, **extra)
                         for i, p in enumerate(prompts)]  # fmt: skip
+                mode_name = (extra.get("steering") or {}).get("mode", "colocated")
+                engine.set_step_observer(observers[mode_name])
                 ms, steps = decode_step_ms(engine, reqs)
                 runtime.release([r.request_id for r in reqs])
                 row[f"{mode}_ms"] = min(ms, row.get(f"{mode}_ms", float("inf")))

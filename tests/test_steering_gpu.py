@@ -49,8 +49,6 @@ def test_colocated_proxy_tuning_through_the_cuda_engine():
     rt = runtime("engine")
     tiny = resolve_source("builtin:tiny")
     eng = LLMEngine(EngineConfig(device="cuda", dtype="float32", num_kv_blocks=256), tiny.big)
-    if hasattr(eng.runner, "capture_graphs"):
-        eng.runner.capture_graphs()
     eng.set_step_observer(rt)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for k, p in PROMPTS.items():
