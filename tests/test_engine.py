@@ -241,3 +241,16 @@ def test_stop_strings_hold_back_and_cut_text():
     streamed = "".join(o.text for o in got[1])
     assert streamed == text[: text.index(stop)]
     assert got[1][-1].finish_reason == "stop"
+
+
+def test_streamed_text_equals_the_full_decode():
+    builtin = pytest.importorskip("models.builtin")
+    path = builtin.resolve_source("builtin:tiny").big
+    eng = LLMEngine(EngineConfig(num_kv_blocks=256), path)
+    prompt = eng.tokenizer.encode("a long story about")
+    params = [
+        SamplingParams(max_tokens=80, temperature=1.5, seed=s, ignore_eos=True) for s in range(4)
+    ]
+    got = run_all(eng, [GenerationRequest(str(i), prompt, p) for i, p in enumerate(params)])
+    for ids, outs in got.values():
+        assert "".join(o.text for o in outs) == eng.tokenizer.decode(ids, skip_special_tokens=True)

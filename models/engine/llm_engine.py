@@ -271,6 +271,11 @@ class LLMEngine(SequenceEditor):
         seq.truncate(seq.num_generated - n)
         self.blocks.shrink(seq, len(seq.token_ids))
 
+    def force_output(self, seq: Sequence, text: str) -> None:
+        sent = self.outputs.completion_text(seq)[: seq.num_sent_chars]
+        seq.forced_text = text if text.startswith(sent) else sent + text
+        finish(seq, "stop")
+
     def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None):
         self._check_vector(name)
         seq.steer_vectors[name] = (coeff, layers)

@@ -1,7 +1,7 @@
 """Stop conditions and incremental output: which tokens and text of a sequence are final.
 
-Text is the decode of all generated tokens; what is sent is a prefix of it that can no longer
-change: characters that may still be the start of a stop string, an incomplete UTF-8
+Text is the decode of all generated tokens, kept incrementally (each step decodes only a few
+tokens before the new ones); what is sent is a prefix of it that can no longer change: characters that may still be the start of a stop string, an incomplete UTF-8
 character, and (for steered rows) the text of the last `max_backtrack` tokens are held back.
 """
 
@@ -11,6 +11,8 @@ from typing import Any
 
 from models.engine.sequence import Sequence, SequenceStatus
 from models.engine.types import RequestOutput
+
+DECODE_WINDOW = 6  # tokens decoded again before new ones, so merges at the edge come out right
 
 
 class OutputBuilder:
@@ -24,6 +26,30 @@ class OutputBuilder:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def generated_text(self, seq: Sequence) -> str:
+        """decode(all generated tokens), from the cached text plus a short window."""
+        ids = seq.generated_ids
+        if self.tokenizer is None:
+            return ""
+        start = max(0, seq.decoded_tokens - DECODE_WINDOW)
+        prefix = self.decode(ids[start : seq.decoded_tokens])
+        window = self.decode(ids[start:])
+        if not window.startswith(prefix):  # a merge across the window edge: decode it all
+            return self.decode(ids)
+        text = seq.decoded_text + window[len(prefix) :]
+        if not text.endswith("\ufffd"):  # cache only complete characters
+            seq.decoded_tokens, seq.decoded_text = len(ids), text
+        return text
+
+    def tail_chars(self, seq: Sequence, num_tokens: int) -> int:
+        """Characters the last `num_tokens` generated tokens add to the text."""
+        ids = seq.generated_ids
+        if num_tokens <= 0 or not ids:
+            return 0
+        start = max(0, len(ids) - num_tokens - DECODE_WINDOW)
+        cut = max(start, len(ids) - num_tokens)
+        return len(self.decode(ids[start:])) - len(self.decode(ids[start:cut]))
+
     def check_stop(self, seq: Sequence, sampled: bool) -> None:
         """Finish seq when its last token, its text, or its length says so."""
         params = seq.request.params
@@ -34,7 +60,7 @@ class OutputBuilder:
             seq.stopped_by_token = True
             return finish(seq, "stop")
         if params.stop and self.tokenizer is not None:
-            text = self.decode(seq.generated_ids)
+            text = self.generated_text(seq)
             start = max(0, seq.num_sent_chars - max(len(s) for s in params.stop))
             hits = [i for i in (text.find(s, start) for s in params.stop) if i >= 0]
             if hits:
@@ -46,15 +72,17 @@ class OutputBuilder:
     def completion_text(self, seq: Sequence) -> str:
         if seq.forced_text is not None:
             return seq.forced_text
-        ids = seq.generated_ids[:-1] if seq.stopped_by_token else seq.generated_ids
-        text = self.decode(ids)
+        if seq.stopped_by_token:
+            text = self.decode(seq.generated_ids[:-1])
+        else:
+            text = self.generated_text(seq)
         return text if seq.stop_text_index is None else text[: seq.stop_text_index]
 
     def settled_text_end(self, seq: Sequence, text: str, held_tokens: int) -> int:
         """How much of `text` may be sent while seq is still running."""
         end = len(text)
         if held_tokens:
-            end = min(end, len(self.decode(seq.generated_ids[:-held_tokens])))
+            end = min(end, len(text) - self.tail_chars(seq, held_tokens))
         while end and text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
             end -= 1
         for stop in seq.request.params.stop:

@@ -46,6 +46,8 @@ class Sequence:
     forced_text: str | None = None  # ForceOutput: the whole completion text
     stopped_by_token: bool = False  # finished on EOS / a stop token: its text is not returned
     stop_text_index: int | None = None  # finished on a stop string starting at this character
+    decoded_tokens: int = 0  # generated tokens whose text is cached in decoded_text
+    decoded_text: str = ""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -81,6 +83,7 @@ class Sequence:
         for the last kept token, which the next step runs again to get its logits."""
         self.token_ids = self.token_ids[: self.num_prompt_tokens + num_generated]
         del self.logprobs[num_generated:]
+        self.decoded_tokens, self.decoded_text = 0, ""
         self.num_computed = min(self.num_computed, len(self.token_ids) - 1)
 
     def reset_for_recompute(self) -> None:

@@ -6,8 +6,10 @@ ForwardPass(step) for the token about to be sampled, to ONE `observer.on_step(ro
 `sync` and `colocated` rows wait for the answer before sampling (their ForwardPass carries
 logits); `async` rows never wait: their actions are applied at the first step after they
 arrive, and an AdjustedLogits for a token already sampled is dropped and reported as late.
-A call that raises or passes timeout_s leaves its rows unsteered, flagged by an Intervention
-"steerer_error" / "steerer_timeout". An action the legality table forbids after every event
+A call that raises or passes timeout_s leaves its rows unsteered for the rest of the request
+(policy vectors cleared, static steer_vectors kept), flagged by an Intervention
+"steerer_error" / "steerer_timeout". ForceOutput cannot take back text already streamed: when
+`text` does not start with it, the client gets `text` whole after what it already has. An action the legality table forbids after every event
 of its call finishes the row with finish_reason "error".
 """
 
@@ -18,7 +20,7 @@ import concurrent.futures
 import inspect
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,6 @@ from models.engine.output import finish
 from models.engine.sequence import Sequence
 from models.engine.types import EngineError, Intervention
 from models.steering.protocol import (
-    Added,
     AdjustedLogits,
     AdjustedPrefill,
     Backtrack,
@@ -43,7 +44,6 @@ from models.steering.protocol import (
     Prefilled,
     RowActions,
     RowEvents,
-    Sampled,
     SteeringRequest,
     SteerVector,
     check_action,
@@ -296,8 +296,7 @@ class SteeringHooks:
                 self.editor.force_tokens(seq, action.token_ids)
             detail = {"n": action.n, "token_ids": list(action.token_ids)}
         elif isinstance(action, ForceOutput):
-            seq.forced_text = action.text
-            finish(seq, "stop")
+            self.editor.force_output(seq, action.text)
         elif isinstance(action, EmitError):
             finish(seq, "error", action.message)
             detail = {"message": action.message}
@@ -336,17 +335,7 @@ class SequenceEditor:
     def replace_prompt(self, seq: Sequence, token_ids: list[int]) -> None: ...
     def force_tokens(self, seq: Sequence, token_ids: list[int]) -> None: ...
     def backtrack(self, seq: Sequence, n: int) -> None: ...
+    def force_output(self, seq: Sequence, text: str) -> None: ...
     def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None): ...
     def clear_vector(self, seq: Sequence, name: str | None) -> None: ...
     def reset_vectors(self, seq: Sequence) -> None: ...
-
-
-__all__ = [
-    "Added",
-    "Callable",
-    "RowSteering",
-    "Sampled",
-    "SequenceEditor",
-    "SteeringHooks",
-    "parse_steering",
-]
