@@ -2,8 +2,8 @@
 
 - ingest: a generated text document through the whole path (parse, chunk, embed with the real
   all-MiniLM-L6-v2, SQLite commit, FAISS add and save), in chunks per second.
-- search at 10k and 100k chunks: the stores are filled with synthetic random unit vectors (real
-  embeddings of 100k chunks would take most of an hour here). Latency of one query in-process
+- search at 10k and 100k chunks: the stores are filled with synthetic unit vectors clustered
+  around random topics (real embeddings of 100k chunks would take most of an hour here). Latency of one query in-process
   (index + chunk fetch, query vector given; and end to end with the query embedding), and of 32
   concurrent queries, batched into one call (as the Retriever's @serve.batch does) against the
   baseline of 32 threads searching one by one.
@@ -106,12 +106,19 @@ def bench_ingest(embedder, n_chunks: int) -> dict:
 
 
 def fill_synthetic(store: DocumentStore, vs_id: str, n_chunks: int, rng: np.random.Generator):
-    """`n_chunks` random unit vectors in files of 10k chunks; returns the vectors."""
+    """`n_chunks` synthetic unit vectors in files of 10k chunks; returns the vectors.
+
+    Vectors cluster around topics (one per 100 chunks), as real chunk embeddings do; uniformly
+    random 384-d vectors are all nearly equidistant, which no real corpus is.
+    """
     per_file = 10_000
+    topics = rng.standard_normal((max(1, n_chunks // 100), EMBEDDING_DIM), dtype=np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
     all_vectors = []
     for start in range(0, n_chunks, per_file):
         n = min(per_file, n_chunks - start)
-        vectors = rng.standard_normal((n, EMBEDDING_DIM), dtype=np.float32)
+        noise = rng.standard_normal((n, EMBEDDING_DIM), dtype=np.float32) / np.sqrt(EMBEDDING_DIM)
+        vectors = topics[rng.integers(0, len(topics), n)] + noise
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         texts = [f"synthetic chunk {start + i}" for i in range(n)]
         f = store.create_file(f"synthetic-{start}.txt", b"synthetic")
@@ -143,7 +150,11 @@ def bench_search(embedder, n_chunks: int, index_kind: str, repeats: int) -> dict
         queries = near_queries(data, repeats, rng)
         one = [SearchRequest([vs_id], "", 10)]
         store.search_vectors(one, queries[:1])  # warm up
-        single = [timed(store.search_vectors, one, queries[i : i + 1]) for i in range(repeats)]
+        raw_index = store._indexes[vs_id].index  # baseline: the bare FAISS call, same queries
+        single, raw = [], []
+        for i in range(repeats):  # interleaved, so load changes hit both alike
+            single.append(timed(store.search_vectors, one, queries[i : i + 1]))
+            raw.append(timed(raw_index.search, queries[i : i + 1], 10))
         recall = _recall_at_10(store, vs_id, data, queries[:50], index_kind)
 
         texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(repeats)]
@@ -163,6 +174,8 @@ def bench_search(embedder, n_chunks: int, index_kind: str, repeats: int) -> dict
         "recall_at_10_vs_exact": recall,
         "single_p50_ms": round(percentile(single, 50), 2),
         "single_p99_ms": round(percentile(single, 99), 2),
+        "faiss_alone_p50_ms": round(percentile(raw, 50), 2),
+        "store_over_faiss_p50": round(percentile(single, 50) / percentile(raw, 50), 3),
         "single_with_embedding_p50_ms": round(percentile(end_to_end, 50), 2),
         "single_with_embedding_p99_ms": round(percentile(end_to_end, 99), 2),
         "concurrent32_batched_p50_ms": round(percentile(batched, 50), 2),
@@ -224,6 +237,8 @@ def print_table(results: dict) -> None:
         ("recall_at_10_vs_exact", "R@10"),
         ("single_p50_ms", "1q p50"),
         ("single_p99_ms", "1q p99"),
+        ("faiss_alone_p50_ms", "faiss p50"),
+        ("store_over_faiss_p50", "1q/faiss"),
         ("single_with_embedding_p50_ms", "1q+emb p50"),
         ("single_with_embedding_p99_ms", "1q+emb p99"),
         ("concurrent32_batched_p50_ms", "32 batch p50"),
@@ -238,8 +253,10 @@ def print_table(results: dict) -> None:
         print(" | ".join(str(row[k]) for k, _ in cols))
     target = results["target"]
     print(
-        f"target: 100k chunks, one query, p50 <= {target['p50_ms']} ms: "
-        f"{target['measured_p50_ms']} ms -> {'met' if target['met'] else 'NOT met'}"
+        f"target: 100k chunks, one query, p50 <= {target['p50_ms']} ms: flat (exact, default) "
+        f"{target['measured_p50_ms']} ms -> {'met' if target['met'] else 'NOT met'}; "
+        f"hnsw {target['hnsw_p50_ms']} ms; load average {results['machine']['load_avg_1m_at_start']}"
+        f" at start on {results['machine']['cpu_count']} cores"
     )
 
 
@@ -280,8 +297,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     flat_100k = [r for r in results["search"] if r["chunks"] == 100_000 and r["index"] == "flat"]
     measured = flat_100k[0]["single_p50_ms"] if flat_100k else None
+    hnsw_100k = [r for r in results["search"] if r["chunks"] == 100_000 and r["index"] == "hnsw"]
     results["target"] = {
         "p50_ms": TARGET_P50_MS_100K,
+        "hnsw_p50_ms": hnsw_100k[0]["single_p50_ms"] if hnsw_100k else None,
         "measured_p50_ms": measured,
         "met": measured is not None and measured <= TARGET_P50_MS_100K,
     }
