@@ -162,3 +162,28 @@ def test_unload_adapter(base, adapters):
     assert eng.adapters.names() == []
     with pytest.raises(AdapterNotFoundError):
         eng.add_request(request("a", "alpha"))
+
+
+def test_torch_engine_loads_adapters_in_its_thread(base, adapters):
+    import asyncio
+
+    from models.engine import build_engine
+
+    async def main():
+        eng = build_engine(EngineConfig(num_kv_blocks=64, block_size=4), str(base))
+        await eng.start()
+        await eng.load_adapter("alpha", str(adapters["alpha"]))
+        with pytest.raises(EngineError, match="not a PEFT LoRA directory"):
+            await eng.load_adapter("ghost", "/nonexistent")
+        outs = [o async for o in eng.generate(request("a", "alpha"))]
+        with pytest.raises(AdapterNotFoundError, match="loaded: alpha"):
+            [o async for o in eng.generate(request("n", "nope"))]
+        names = eng.adapters()
+        eng.shutdown()
+        return [t for o in outs for t in o.token_ids], names
+
+    got, names = asyncio.run(main())
+    assert names == ["alpha"]
+    alone = make_engine(base)
+    alone.adapters.load("alpha", str(adapters["alpha"]))
+    assert got == run(alone, request("x", "alpha"))["x"]

@@ -58,6 +58,9 @@ def token_logprob(logits: torch.Tensor, token_id: int, num_top: int) -> TokenLog
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
     """Pick one token per row of logits [rows, vocab] (float32, adjustments applied except
     logit bias); returns (token id, logprob or None) per row."""
+    plain = [s.request.params for s in seqs]
+    if all(p.temperature == 0 and p.logprobs is None and not p.logit_bias for p in plain):
+        return [(token, None) for token in logits.argmax(-1).tolist()]  # one device sync
     out = []
     for row, seq in zip(logits, seqs, strict=True):
         params = seq.request.params
