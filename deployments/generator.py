@@ -129,7 +129,29 @@ class Generator:
             if self.config.steering.policies:
                 self._observer = _SteeringObserver(self.steerer, self._colocated_runtime())
                 self.engine.set_step_observer(self._observer)
+            self._metrics_task = asyncio.create_task(self._export_metrics())
             self._started = True
+
+    async def _export_metrics(self, period_s: float = 1.0) -> None:
+        """Engine counters as Ray metrics (Ray dashboard / Prometheus), once a second."""
+        from ray.serve import metrics
+
+        gauges = {
+            name: metrics.Gauge(f"tandem_engine_{name}", description=desc)
+            for name, desc in [
+                ("num_running", "Sequences in the running batch."),
+                ("num_waiting", "Requests waiting for KV-cache space or a batch slot."),
+                ("free_blocks", "Free KV-cache blocks."),
+                ("generated_tokens", "Tokens generated since start."),
+                ("steps", "Engine steps since start."),
+                ("observer_calls", "Steerer calls since start (one per steered step)."),
+            ]
+        }
+        while True:
+            stats = self.engine.stats()
+            for name, gauge in gauges.items():
+                gauge.set(float(getattr(stats, name, 0) or 0))
+            await asyncio.sleep(period_s)
 
     def _sync_vectors(self) -> None:
         """Register with the engine every library vector it does not have yet."""
