@@ -292,3 +292,11 @@ def test_held_back_text_hides_a_backtrack_from_the_stream():
         final_ids, skip_special_tokens=True
     )
     assert [i.action for o in outs for i in o.interventions] == ["Backtrack"]
+
+
+def test_bad_forced_tokens_fail_only_their_row(ckpt, hf):
+    policy = Policy(lambda r, s: [ForceTokens([10**6])] if r.request_id == "bad" and s == 1 else [])
+    eng = make_engine(ckpt, policy)
+    outs = run(eng, steered("bad"), steered("good"))
+    assert outs["bad"][-1].finish_reason == "error" and "ForceTokens" in outs["bad"][-1].error
+    assert tokens(outs["good"]) == hf_greedy(hf, PROMPT, 10)

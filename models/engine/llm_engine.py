@@ -87,24 +87,8 @@ class LLMEngine(SequenceEditor):
             raise EngineError("the prompt is empty", param="prompt")
         if params.max_tokens < 1:
             raise EngineError(f"max_tokens must be >= 1, got {params.max_tokens}", "max_tokens")
-        if (
-            max(request.prompt_token_ids) >= self.args.vocab_size
-            or min(request.prompt_token_ids) < 0
-        ):
-            raise EngineError(f"prompt token ids must lie in [0, {self.args.vocab_size})")
-        if n + params.max_tokens > self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is "
-                f"{n + params.max_tokens} tokens; this model's context is {self.max_model_len}",
-                param="max_tokens",
-            )
-        blocks = self.blocks.blocks_for(n + params.max_tokens)
-        if blocks > self.blocks.num_usable:
-            raise PromptTooLongError(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs {blocks} "
-                f"KV-cache blocks; the cache has {self.blocks.num_usable}",
-                param="max_tokens",
-            )
+        self._check_token_ids(request.prompt_token_ids, "prompt")
+        self._check_length(n, params.max_tokens)
         if request.request_id in self.seqs:
             raise EngineError(f"request id '{request.request_id}' is already running")
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
@@ -118,6 +102,27 @@ class LLMEngine(SequenceEditor):
             if steering.policy is not None and self.steering.observer is None:
                 raise EngineError("steering policy requested but no step observer is set")
         self.adapters.check(request)
+
+    def _check_token_ids(self, token_ids: list[int], what: str) -> None:
+        vocab = self.args.vocab_size
+        if token_ids and (max(token_ids) >= vocab or min(token_ids) < 0):
+            raise EngineError(f"{what} token ids must lie in [0, {vocab})", param=what)
+
+    def _check_length(self, num_prompt: int, max_tokens: int) -> None:
+        total = num_prompt + max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is {total} "
+                f"tokens; this model's context is {self.max_model_len}",
+                param="max_tokens",
+            )
+        blocks = self.blocks.blocks_for(total)
+        if blocks > self.blocks.num_usable:
+            raise PromptTooLongError(
+                f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) needs {blocks} "
+                f"KV-cache blocks; the cache has {self.blocks.num_usable}",
+                param="max_tokens",
+            )
 
     def add_request(self, request: GenerationRequest) -> None:
         self.check_request(request)
@@ -248,11 +253,14 @@ class LLMEngine(SequenceEditor):
             )
         if not token_ids:
             raise EngineError("AdjustedPrefill with an empty prompt")
+        self._check_token_ids(token_ids, "AdjustedPrefill")
+        self._check_length(len(token_ids), seq.request.params.max_tokens)
         self.blocks.release(seq)
         seq.token_ids, seq.num_prompt_tokens, seq.num_computed = list(token_ids), len(token_ids), 0
         seq.steering.prefilled_reported = False
 
     def force_tokens(self, seq: Sequence, token_ids: list[int]) -> None:
+        self._check_token_ids(token_ids, "ForceTokens")
         room = seq.request.params.max_tokens - seq.num_generated
         token_ids = list(token_ids)[:room]
         step = seq.num_generated
