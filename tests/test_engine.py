@@ -254,3 +254,30 @@ def test_streamed_text_equals_the_full_decode():
     got = run_all(eng, [GenerationRequest(str(i), prompt, p) for i, p in enumerate(params)])
     for ids, outs in got.values():
         assert "".join(o.text for o in outs) == eng.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_failing_step_ends_its_requests_and_serving_goes_on(qwen3):
+    """A raising model step stands in for a device fault (e.g. CUDA out of memory), which
+    cannot be produced on this CPU machine."""
+
+    async def main():
+        eng = build_engine(EngineConfig(num_kv_blocks=64, block_size=4), str(qwen3))
+        await eng.start()
+        real_run = eng.core.runner.run
+
+        def broken_run(*args, **kwargs):
+            eng.core.runner.run = real_run
+            raise RuntimeError("device fault")
+
+        eng.core.runner.run = broken_run
+        failed = [o async for o in eng.generate(GenerationRequest("f", [1, 2, 3], greedy(4)))]
+        after = [o async for o in eng.generate(GenerationRequest("g", [1, 2, 3], greedy(4)))]
+        await eng.check_health()
+        stats = eng.stats()
+        eng.shutdown()
+        return failed, after, stats
+
+    failed, after, stats = asyncio.run(main())
+    assert failed[-1].finish_reason == "error" and "device fault" in failed[-1].error
+    assert after[-1].finish_reason == "length" and len([t for o in after for t in o.token_ids]) == 4
+    assert stats.free_blocks == stats.total_blocks

@@ -146,6 +146,15 @@ class LLMEngine(SequenceEditor):
             return
         finish(seq, "abort")
 
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every request with an error (after a step raised); the engine stays usable."""
+        for seq in self.seqs.values():
+            if not seq.is_finished:
+                finish(seq, "error", message)
+        outputs = [out for seq in self.seqs.values() if (out := self.outputs.collect(seq))]
+        self._release_finished(drop=True)
+        return outputs
+
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,8 @@ from models.engine.types import (
     GenerationRequest,
     RequestOutput,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class TorchEngine:
@@ -48,6 +51,7 @@ class TorchEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failure: BaseException | None = None
+        self.failed_steps = 0
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -142,12 +146,21 @@ class TorchEngine:
             while not self._stopping:
                 self._drain_inbox(block=not self.core.has_unfinished())
                 if self.core.has_unfinished():
-                    for out in self.core.step():
+                    for out in self._step():
                         self._deliver(out.request_id, out)
         except BaseException as exc:
             self._failure = exc
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineError(f"the engine failed: {exc!r}"))
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; if it raises, its requests end with an error and serving goes on."""
+        try:
+            return self.core.step()
+        except Exception as exc:
+            logger.exception("engine step failed")
+            self.failed_steps += 1
+            return self.core.fail_all(f"the engine step failed: {exc!r}")
 
     def _drain_inbox(self, block: bool) -> None:
         try:
