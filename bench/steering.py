@@ -158,6 +158,7 @@ def bench_gpu(args) -> dict:
         "unsteered": {},
         "vector_4_layers": {"steer_vectors": [SteerVectorSpec("v", 1.0, steer_layers)]},
         "proxy_colocated": {"steering": {"policy": "proxy", "mode": "colocated"}},
+        "proxy_colocated_no_read_ahead": {"steering": {"policy": "proxy", "mode": "colocated"}},
         "contrastive_colocated": {"steering": {"policy": "contrast", "mode": "colocated"}},
         "proxy_async": {"steering": {"policy": "proxy", "mode": "async"}},
     }
@@ -171,6 +172,7 @@ def bench_gpu(args) -> dict:
                         for i, p in enumerate(prompts)]  # fmt: skip
                 mode_name = (extra.get("steering") or {}).get("mode", "colocated")
                 engine.set_step_observer(observers[mode_name])
+                runtime.config.read_ahead = not mode.endswith("no_read_ahead")
                 ms, steps = decode_step_ms(engine, reqs)
                 runtime.release([r.request_id for r in reqs])
                 row[f"{mode}_ms"] = min(ms, row.get(f"{mode}_ms", float("inf")))
@@ -180,6 +182,9 @@ def bench_gpu(args) -> dict:
             if mode != "unsteered":
                 row[f"{mode}_ratio"] = round(row[f"{mode}_ms"] / base, 3)
         results["rows"].append(row)
+    stats = runtime.stats()
+    results["read_ahead_hits"], results["read_ahead_misses"] = (
+        stats.read_ahead_hits, stats.read_ahead_misses)  # fmt: skip
     return results
 
 
@@ -193,7 +198,8 @@ def print_gpu_table(results: dict) -> None:
         cells = [f"{row[m + '_ms']:.2f}" + ("" if m == "unsteered" else f" ({row[m + '_ratio']:.2f}x)")
                  for m in modes]  # fmt: skip
         print(f"| {row['batch']} | " + " | ".join(cells) + " |")
-    print(f"targets: {TARGETS}")
+    print(f"targets: {TARGETS}; read-ahead guesses: {results['read_ahead_hits']} hit, "
+          f"{results['read_ahead_misses']} missed")  # fmt: skip
 
 
 # ---- through the HTTP API ---------------------------------------------------------------------

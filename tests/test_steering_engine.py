@@ -267,3 +267,30 @@ def test_torch_engine_colocated_on_the_callers_event_loop(tiny, runtime, models)
     for prompt, tokens in zip(PROMPTS, results, strict=True):
         assert tokens == reference(models, prompt, proxy(models))
     runtime.release([f"t{i}" for i in range(len(PROMPTS))])
+
+
+def test_read_ahead_guesses_greedy_tokens_and_keeps_them_exact(tiny, models):
+    """The small model reads the guessed next token early (on a side stream on CUDA; at once
+    here); greedy guesses all hit, and the tokens stay those of the reference loop."""
+    rt = SteeringRuntime.from_source(SteeringConfig.model_validate(CONFIG), "builtin:tiny")
+    rt.small_model.reads_in_background = True  # CPU: the "background" read runs at once
+    eng = engine(tiny, rt)
+    reqs = [request(f"p{i}", p, {"policy": "proxy", "mode": "sync"}) for i, p in enumerate(PROMPTS)]
+    reqs.append(request("c", PROMPTS[0], {"policy": "contrast", "mode": "sync"}))
+    got = run_all(eng, reqs)
+    for i, prompt in enumerate(PROMPTS):
+        assert got[f"p{i}"][0] == reference(models, prompt, proxy(models))
+    assert got["c"][0] == reference(models, PROMPTS[0], contrastive(models))
+    stats = rt.stats()
+    assert stats.read_ahead_hits == 4 * (N - 1) and stats.read_ahead_misses == 0
+
+    # a sampled row: wrong guesses are re-read, and the answers stay those of the formula
+    sampled = GenerationRequest(
+        "s", PROMPTS[1], SamplingParams(max_tokens=N, temperature=5.0, seed=3, ignore_eos=True),
+        steering={"policy": "proxy", "mode": "sync"},
+    )  # fmt: skip
+    plain = SteeringRuntime.from_source(SteeringConfig.model_validate(CONFIG), "builtin:tiny")
+    a = run_all(eng, [sampled])["s"][0]
+    b = run_all(engine(tiny, plain), [sampled])["s"][0]
+    assert a == b
+    assert rt.stats().read_ahead_misses > 0

@@ -65,6 +65,12 @@ class SteeringConfig(BaseModel):
         description="Who runs the small model: the torch engine's paged runner (Llama family), "
         "transformers (any causal LM), or auto = the engine when it can load the checkpoint.",
     )
+    read_ahead: bool = Field(
+        True,
+        description="After answering a step from the big model's logits, read the small model "
+        "on the token greedy decoding will pick, in the background (CUDA), so the next step "
+        "finds it ready; a wrong guess is re-read.",
+    )
     kv_cache_gib: float = Field(
         1.0, gt=0, description="Size of the small model's paged KV cache (engine runner)."
     )

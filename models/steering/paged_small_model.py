@@ -88,6 +88,9 @@ class PagedSmallModel:
             self.lora.load(name, adapter_path)
         self.variants = [BASE, *adapters]
         self.tokenizer = _tokenizer(path)
+        # background reads run here, beside the big model's work on the default stream
+        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.reads_in_background = self.side_stream is not None
         if hasattr(self.runner, "capture_graphs"):  # CUDA: decode steps replay from graphs
             self.runner.capture_graphs()
 
@@ -125,12 +128,27 @@ class PagedSmallModel:
             for state in states:
                 self.free(state)
 
-    @torch.inference_mode()
     def read(
-        self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int] = ()
+        self,
+        items: list[tuple[RequestState, str]],
+        hidden_layers: Sequence[int] = (),
+        background: bool = False,
     ) -> None:
         """Make `state.output(variant)` current for every pair, in one forward; `hidden_layers`
-        also keeps those blocks' outputs for the tokens read."""
+        also keeps those blocks' outputs for the tokens read. `background` (CUDA) queues the
+        forward on a side stream and returns at once; the next read waits for it."""
+        if self.side_stream is None:
+            return self._read(items, hidden_layers)
+        main = torch.cuda.current_stream(self.device)
+        if not background:
+            main.wait_stream(self.side_stream)
+            return self._read(items, hidden_layers)
+        self.side_stream.wait_stream(main)  # the graphs' static buffers are shared
+        with torch.cuda.stream(self.side_stream):
+            self._read(items, hidden_layers)
+
+    @torch.inference_mode()
+    def _read(self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int]) -> None:
         from models.engine.scheduler import ScheduledSequence
 
         scheduled, rows = [], []
@@ -179,7 +197,10 @@ class PagedSmallModel:
                 hidden = {layer: h[starts[i] : starts[i + 1]].float()
                           for layer, h in captured["hidden"].items()}  # fmt: skip
             state.outputs[variant] = SmallOutput(
-                logits=logits[i], length=item.seq.num_computed, hidden=hidden
+                # a graph replay returns a view of its static output: keep a copy
+                logits=logits[i].clone(),
+                length=item.seq.num_computed,
+                hidden=hidden,
             )
 
     def _lora_weights(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor | None:

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models.steering.config import SteeringConfig
 from models.steering.policies import Policy, PolicyContext, policy_class
 from models.steering.protocol import (
     Action,
     Added,
+    AdjustedLogits,
     ForwardPass,
     Prefilled,
     RowActions,
@@ -43,6 +46,8 @@ class RuntimeStats:
     resyncs: int = 0
     errors: int = 0
     live_requests: int = 0
+    read_ahead_hits: int = 0
+    read_ahead_misses: int = 0
 
 
 class SteeringRuntime:
@@ -170,7 +175,38 @@ class SteeringRuntime:
                 answers[i] = RowActions(row.request_id, self._decide(row, state, policy))
             except Exception as exc:  # noqa: BLE001 - reported on the row
                 answers[i] = self._error(row, exc)
+        if self.config.read_ahead and getattr(self.small_model, "reads_in_background", False):
+            self._read_ahead([(row, state, policy, answers[i]) for i, row, state, policy in live])
         return [a for a in answers if a is not None]
+
+    def _read_ahead(self, rows: list[tuple[RowEvents, RequestState, Policy, RowActions]]) -> None:
+        """Guess each row's next token (the greedy pick from the logits it was answered on) and
+        queue the small model's read of it in the background; the next step confirms the
+        guess (its output is then ready) or re-reads from the true token."""
+        guesses = []
+        for row, state, policy, answer in rows:
+            event = row.events[-1] if row.events else None
+            if (
+                policy.variants
+                and answer.error is None
+                and isinstance(event, ForwardPass)
+                and event.logits is not None
+                and event.step == state.next_step
+            ):
+                guesses.append((state, policy, greedy_guess(event, answer.actions)))
+        if not guesses:
+            return
+        tokens = torch.stack([guess for *_, guess in guesses]).tolist()  # one sync for all
+        reads, layers = [], set()
+        for (state, policy, _), token in zip(guesses, tokens, strict=True):
+            state.scratch["guess"] = (state.next_step, token)
+            state.set_generated(state.next_step, [token])
+            reads += [(state, variant) for variant in policy.variants]
+            layers.update(policy.hidden_layers)
+        try:
+            self.small_model.read(reads, hidden_layers=sorted(layers), background=True)
+        except Exception:  # noqa: BLE001 - only a guess: the next step reads for real
+            log.exception("small-model read-ahead failed")
 
     def _prepare(self, row: RowEvents) -> RowActions | tuple[RequestState, Policy]:
         """Bring the request's state up to date with the row, or answer it right away."""
@@ -195,12 +231,17 @@ class SteeringRuntime:
                 self._stats.resyncs += 1
                 return RowActions(row.request_id, resync=True)
             state = self._new_state(row, policy)
+        guess = state.scratch.pop("guess", None)
         try:
             _apply_token_events(state, row.events)
         except LookupError:
             self._forget(row.request_id)
             self._stats.resyncs += 1
             return RowActions(row.request_id, resync=True)
+        if guess is not None and guess[0] < state.next_step:
+            hit = state.generated[guess[0]] == guess[1]
+            self._stats.read_ahead_hits += hit
+            self._stats.read_ahead_misses += not hit
         return state, policy
 
     def _new_state(self, row: RowEvents, policy: Policy) -> RequestState:
@@ -226,6 +267,22 @@ class SteeringRuntime:
     def _error(self, row: RowEvents, exc: Exception) -> RowActions:
         self._stats.errors += 1
         return RowActions(row.request_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def greedy_guess(event: ForwardPass, actions: list[Action]) -> torch.Tensor:
+    """The token greedy decoding picks from `event.logits` once this step's AdjustedLogits is
+    applied the way the engine applies it (a 0-d tensor; a guess: sampling may differ)."""
+    logits = event.logits
+    for action in actions:
+        if isinstance(action, AdjustedLogits) and action.step == event.step:
+            out = action.logits.to(logits) if action.logits is not None else logits
+            if action.delta is not None:
+                out = out + action.delta.to(out)
+            if action.plausibility_alpha is not None:
+                probs = logits.float().softmax(-1)
+                out = out.masked_fill(probs < action.plausibility_alpha * probs.max(), -torch.inf)
+            logits = out
+    return logits.argmax()
 
 
 def _apply_token_events(state: RequestState, events: list) -> None:

@@ -83,12 +83,18 @@ class SmallModel:
         """Drop the request's caches (plain tensors: freed when unreferenced)."""
         state.kv.clear()
 
+    reads_in_background = False
+
     @torch.no_grad()
     def read(
-        self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int] = ()
+        self,
+        items: list[tuple[RequestState, str]],
+        hidden_layers: Sequence[int] = (),
+        background: bool = False,
     ) -> None:
         """Make `state.output(variant)` current for every pair, reading only unread tokens;
-        `hidden_layers` also keeps those blocks' outputs for the tokens read."""
+        `hidden_layers` also keeps those blocks' outputs for the tokens read. `background` is
+        accepted for the runner interface; this runner always reads at once."""
         todo = []
         for state, variant in items:
             self.check_variant(variant)
