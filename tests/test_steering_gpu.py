@@ -45,16 +45,14 @@ def test_paged_small_model_matches_transformers_on_cuda():
                 for r in rows]  # fmt: skip
 
 
-def test_colocated_proxy_tuning_through_the_cuda_engine():
-    rt = runtime("engine")
+def generate(rt: SteeringRuntime) -> tuple[dict, dict]:
     tiny = resolve_source("builtin:tiny")
     eng = LLMEngine(EngineConfig(device="cuda", dtype="float32", num_kv_blocks=256), tiny.big)
     eng.set_step_observer(rt)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for k, p in PROMPTS.items():
-        eng.add_request(
-            GenerationRequest(k, p, params, steering={"policy": "proxy", "mode": "colocated"})
-        )
+        steering = {"policy": "proxy", "mode": "colocated"}
+        eng.add_request(GenerationRequest(k, p, params, steering=steering))
     tokens: dict[str, list[int]] = {k: [] for k in PROMPTS}
     adjusted: dict[str, int] = {k: 0 for k in PROMPTS}
     while eng.has_unfinished():
@@ -62,5 +60,16 @@ def test_colocated_proxy_tuning_through_the_cuda_engine():
             tokens[out.request_id] += out.token_ids
             adjusted[out.request_id] += sum(i.action == "AdjustedLogits" and "dropped" not in i.detail
                                             for i in out.interventions)  # fmt: skip
+    rt.release(list(PROMPTS))
+    return tokens, adjusted
+
+
+def test_colocated_proxy_tuning_through_the_cuda_engine_with_read_ahead():
+    rt = runtime("engine")
+    assert rt.small_model.reads_in_background
+    tokens, adjusted = generate(rt)
     assert all(len(t) == 12 for t in tokens.values())
     assert all(n == 12 for n in adjusted.values()), adjusted
+    assert rt.stats().read_ahead_hits == 3 * 11 and rt.stats().read_ahead_misses == 0
+    rt.config.read_ahead = False
+    assert generate(rt)[0] == tokens  # the side stream changes nothing but the timing
