@@ -281,3 +281,43 @@ def test_a_failing_step_ends_its_requests_and_serving_goes_on(qwen3):
     assert failed[-1].finish_reason == "error" and "device fault" in failed[-1].error
     assert after[-1].finish_reason == "length" and len([t for o in after for t in o.token_ids]) == 4
     assert stats.free_blocks == stats.total_blocks
+
+
+ROPE_VARIANTS = {
+    "llama3-rope": (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
+    "linear-rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}},
+    ),
+    "qwen2-bias": ("qwen2", {}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_rope_scaling_and_qkv_bias_match_transformers(variant, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_type, overrides = ROPE_VARIANTS[variant]
+    path = build_tiny_checkpoint(tmp_path, model_type, **overrides)
+    if model_type == "qwen2":  # transformers starts biases at zero: give them values
+        weights = load_file(str(path / "model.safetensors"))
+        g = torch.Generator().manual_seed(0)
+        for name in [n for n in weights if n.endswith("_proj.bias")]:
+            weights[name] = torch.randn(weights[name].shape, generator=g) * 0.5
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    prompt = list(range(3, 90, 2))  # past original_max_position_embeddings
+    got = run_all(engine(path), [GenerationRequest("v", prompt, greedy(10))])["v"][0]
+    assert got == hf_greedy(hf, prompt, 10)
