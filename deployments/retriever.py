@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import serve
 
+from models.retrieval.errors import RetrievalError
 from models.retrieval.records import SearchHit
 from models.retrieval.service import RetrieverService
 from models.retrieval.store import SearchRequest
@@ -51,11 +52,34 @@ class Retriever:
     ) -> list[SearchHit]:
         """Top chunks for a prompt (default stores and top_k from the config when not given)."""
         request = self.service.search_request(query, vector_store_ids, top_k, score_threshold)
-        return await self._search_batched(request)
+        result = await self._search_batched(request)
+        if isinstance(result, RetrievalError):
+            raise result
+        return result
 
     @serve.batch(max_batch_size=SEARCH_BATCH_SIZE, batch_wait_timeout_s=SEARCH_BATCH_WAIT_S)
-    async def _search_batched(self, requests: list[SearchRequest]) -> list[list[SearchHit]]:
-        return await asyncio.to_thread(self.service.search_batch, requests)
+    async def _search_batched(
+        self, requests: list[SearchRequest]
+    ) -> list[list[SearchHit] | RetrievalError]:
+        return await asyncio.to_thread(self._search_each_settled, requests)
+
+    def _search_each_settled(
+        self, requests: list[SearchRequest]
+    ) -> list[list[SearchHit] | RetrievalError]:
+        """The batch's hits; if the batch fails on one bad request (an unknown store, say),
+        each request is searched alone so only that one gets the error."""
+        try:
+            return self.service.search_batch(requests)
+        except RetrievalError:
+            if len(requests) == 1:
+                raise
+        results: list[list[SearchHit] | RetrievalError] = []
+        for request in requests:
+            try:
+                results.append(self.service.search_batch([request])[0])
+            except RetrievalError as exc:
+                results.append(exc)
+        return results
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """all-MiniLM-L6-v2 embeddings (normalised, 384 floats each), for POST /v1/embeddings."""
