@@ -177,6 +177,8 @@ def bench_gpu(args) -> dict:
                 runtime.release([r.request_id for r in reqs])
                 row[f"{mode}_ms"] = min(ms, row.get(f"{mode}_ms", float("inf")))
                 log(f"bs {batch} {mode}: {ms:.3f} ms/step ({steps} steps)")
+        row.update(small_read_ms(runtime.small_model, prompts, device))
+        log(f"bs {batch} small model alone: {row}")
         base = row["unsteered_ms"]
         for mode in modes:
             if mode != "unsteered":
@@ -188,8 +190,36 @@ def bench_gpu(args) -> dict:
     return results
 
 
+def small_read_ms(small, prompts: list[list[int]], device: torch.device, steps: int = 32) -> dict:
+    """ms per decode step of the small model alone: base rows, and base + expert rows."""
+    from models.steering.state import BASE, RequestState
+
+    out = {}
+    for name, variants in (("small_base", [BASE]), ("small_base_expert", [BASE, "expert"])):
+        states = [RequestState(f"{name}-{i}", None) for i in range(len(prompts))]
+        for state, prompt in zip(states, prompts, strict=True):
+            state.reset(prompt, [])
+        items = [(s, v) for s in states for v in variants]
+        small.read(items)
+        times = []
+        for step in range(steps):
+            for state in states:
+                state.set_generated(step, [7])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            small.read(items)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
+        for state in states:
+            small.free(state)
+        out[f"{name}_read_ms"] = statistics.median(times)
+    return out
+
+
 def print_gpu_table(results: dict) -> None:
-    modes = [k[:-3] for k in results["rows"][0] if k.endswith("_ms")]
+    modes = [k[:-3] for k in results["rows"][0] if k.endswith("_ms") and not k.startswith("small_")]
     print(f"\nsteering cost per decode step, {results['big']} + {results['small']} "
           f"on {results['device']} (ms/step, ratio to unsteered)")  # fmt: skip
     print("| batch | " + " | ".join(modes) + " |")
@@ -198,6 +228,9 @@ def print_gpu_table(results: dict) -> None:
         cells = [f"{row[m + '_ms']:.2f}" + ("" if m == "unsteered" else f" ({row[m + '_ratio']:.2f}x)")
                  for m in modes]  # fmt: skip
         print(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    for row in results["rows"]:
+        print(f"bs {row['batch']}: small model alone {row['small_base_read_ms']:.2f} ms (base), "
+              f"{row['small_base_expert_read_ms']:.2f} ms (base + expert LoRA rows)")  # fmt: skip
     print(f"targets: {TARGETS}; read-ahead guesses: {results['read_ahead_hits']} hit, "
           f"{results['read_ahead_misses']} missed")  # fmt: skip
 
