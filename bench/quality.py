@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.builtin import quality, world  # noqa: E402
 
-STEER_COEFFS = [0.0, 4.0, 8.0, 16.0, 32.0]
+STEER_COEFFS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
 PROXY_ALPHAS = [0.0, 1.0, 2.0, 4.0]
 
 
@@ -41,6 +41,9 @@ def main() -> None:
         "context": quality.context_accuracy(m, args.n),
         "tasks": {t: quality.task_accuracy(m, t, args.n) for t in world.TASKS},
         "steering_vector": quality.steering_sweep(m, args.n, STEER_COEFFS),
+        "steering_vector_one_layer": quality.steering_sweep(
+            m, args.n, STEER_COEFFS, [m.big.config.num_hidden_layers // 2 - 1]
+        ),
         "proxy_tuning": quality.proxy_sweep(m, args.n, PROXY_ALPHAS),
         "router_accuracy": None,
     }
@@ -54,10 +57,11 @@ def main() -> None:
     ]  # fmt: skip
     for t, r in result["tasks"].items():
         rows.append((f"task {t}: adapter / base", f"{r['adapter']:.1%}", f"{r['base']:.1%}"))
-    for c, r in result["steering_vector"]["by_coeff"].items():
-        rows.append(
-            (f"steering coeff {c}: positive / valid", f"{r['positive']:.1%}", f"{r['valid']:.1%}")
-        )
+    for key in ("steering_vector", "steering_vector_one_layer"):
+        layers = result[key]["layers"]
+        for c, r in result[key]["by_coeff"].items():
+            name = f"steering layers {layers} coeff {c}: positive / valid"
+            rows.append((name, f"{r['positive']:.1%}", f"{r['valid']:.1%}"))
     for a, r in result["proxy_tuning"]["by_alpha"].items():
         rows.append(
             (f"proxy alpha {a}: positive / valid", f"{r['positive']:.1%}", f"{r['valid']:.1%}")

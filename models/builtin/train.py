@@ -72,7 +72,7 @@ SCHEDULES = {
         ),  # fmt: skip
         big_phase=Phase(2500, 512, 3e-3),
         small_phase=Phase(1500, 512, 3e-3),
-        adapter_phase=Phase(300, 256, 3e-3),
+        adapter_phase=Phase(600, 256, 3e-3),
     ),
     "short": Schedule(
         big=dict(

@@ -80,7 +80,8 @@ def _normal(text: str) -> str:
 
 
 def _items(text: str) -> set[str]:
-    return {_normal(item) for item in text.strip().rstrip(".").split(",") if item.strip()}
+    text = re.sub(r"^\s*(?:people|objects)\s*:", "", text.strip(), flags=re.IGNORECASE)
+    return {_normal(item) for item in text.rstrip(".").split(",") if item.strip()}
 
 
 def _skeleton(text: str) -> str:
@@ -91,8 +92,8 @@ def check_task(task: str, reference: str, output: str) -> bool:
     """Does `output` do the adapter task whose reference answer is `reference`?
 
     rewrite: grammatical, no negative word, same sentence as the reference but for sentiment words;
-    qa: the short answer (e.g. "In the park.", "Mia."), case and punctuation aside;
-    list: the same set of comma-separated names or objects.
+    qa: the short answer (e.g. "In the park.", "Mia.", "Feels sad."), case and punctuation aside;
+    list: the same set of comma-separated names or objects ("People: Mia, Leo.").
     """
     output = output.strip()
     if task == "rewrite":

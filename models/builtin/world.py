@@ -168,20 +168,26 @@ def story(
     rng: random.Random,
     positive: bool,
     n_sentences: int | None = None,
-    consistency: float = 0.95,
+    consistency: float = 0.92,
     cast: list[str] | None = None,
     mood_share: float = 0.8,
+    drift: bool = True,
 ) -> list[str]:
-    """Sentences about two or three people: `mood_share` of them carry sentiment, and those
-    follow the story's mood with probability `consistency`."""
+    """Sentences about two or three people: `mood_share` of them carry sentiment, and each of
+    those keeps the current mood with probability `consistency`. With `drift` a change of mood
+    lasts (the mood is that of the latest sentiment sentence), so one cheerful sentence turns
+    the rest of the story; without it, moods return to the story's own."""
     n = n_sentences or rng.randint(3, 6)
     cast = cast or rng.sample(PEOPLE, rng.randint(2, 3))
     out = []
+    mood = positive
     for _ in range(n):
         person = rng.choice(cast)
         if rng.random() < mood_share:
             keep = rng.random() < consistency
-            out.append(mood_sentence(rng, person, positive if keep else not positive))
+            sentence_mood = mood if keep else not mood
+            out.append(mood_sentence(rng, person, sentence_mood))
+            mood = sentence_mood if drift else positive
         else:
             out.append(neutral_sentence(rng, person, cast))
     return out
@@ -205,7 +211,7 @@ def tokenizer_corpus(seed: int = 0, n_stories: int = 4000) -> list[str]:
     """Text the shared tokenizer is trained on: stories plus every task phrasing."""
     rng = random.Random(seed)
     lines = [
-        " ".join(story(rng, rng.random() < 0.5, consistency=0.9, mood_share=0.6))
+        " ".join(story(rng, rng.random() < 0.5, consistency=0.9, mood_share=0.6, drift=False))
         for _ in range(n_stories)
     ]
     for _ in range(n_stories // 4):
@@ -223,7 +229,7 @@ def tokenizer_corpus(seed: int = 0, n_stories: int = 4000) -> list[str]:
         lines.append(f.short_answer)
     for phr in REWRITE_PHRASINGS + LIST_PHRASINGS["people"] + LIST_PHRASINGS["objects"]:
         for _ in range(50):
-            s = " ".join(story(rng, False, 2, consistency=0.9, mood_share=0.6))
+            s = " ".join(story(rng, False, 2, consistency=0.9, mood_share=0.6, drift=False))
             lines.append(phr.format(s=s, passage=s))
     for phr in STORY_PHRASINGS:
         for _ in range(50):
@@ -250,7 +256,9 @@ class Question:
             return f"In the {self.key}."
         if self.kind == "has":
             return f"The {self.key}."
-        return f"{self.key.capitalize()}."
+        if self.kind == "feel":
+            return f"Feels {self.key}."
+        return f"{self.key}."
 
 
 def passage_with_questions(rng: random.Random) -> tuple[list[str], list[Question]]:
@@ -358,7 +366,8 @@ def sample_task_prompt(task: str, rng: random.Random) -> tuple[str, str]:
             items = _mentions(text, PEOPLE if what == "people" else OBJECTS)
             if items:
                 break
-        return rng.choice(LIST_PHRASINGS[what]).format(passage=text), ", ".join(items) + "."
+        answer = f"{what.capitalize()}: {', '.join(items)}."  # "Objects: key, box."
+        return rng.choice(LIST_PHRASINGS[what]).format(passage=text), answer
     raise ValueError(f"unknown task '{task}'; tasks: {', '.join(TASKS)}")
 
 
