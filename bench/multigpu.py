@@ -68,8 +68,9 @@ async def one_stream(client, model: str, i: int, max_tokens: int, steering: dict
 async def load(base_url: str, model: str, concurrency: int, max_tokens: int, steering: dict | None) -> dict:
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=900)
     start = time.perf_counter()
-    rows = await asyncio.gather(*(one_stream(client, model, i, max_tokens, steering)
-                                  for i in range(concurrency)))
+    async with client:
+        rows = await asyncio.gather(*(one_stream(client, model, i, max_tokens, steering)
+                                      for i in range(concurrency)))
     wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in rows)
     ttft = [r["ttft"] for r in rows]

@@ -45,8 +45,9 @@ async def stream_tokens(client: openai.AsyncOpenAI, model: str, i: int, max_toke
 async def measure(base_url: str, model: str, concurrency: int, max_tokens: int, extra: dict) -> dict:
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
     start = time.perf_counter()
-    results = await asyncio.gather(*(stream_tokens(client, model, i, max_tokens, extra)
-                                     for i in range(concurrency)))
+    async with client:
+        results = await asyncio.gather(*(stream_tokens(client, model, i, max_tokens, extra)
+                                         for i in range(concurrency)))
     wall = time.perf_counter() - start
     tokens = sum(r[0] for r in results)
     ttfts = sorted(r[1] for r in results)

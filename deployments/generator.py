@@ -85,11 +85,15 @@ class Generator:
         self._started = False
         self._start_lock = asyncio.Lock()
 
-    def _colocated_runtime(self):
-        """The steering runtime inside this replica, for requests in `colocated` mode."""
+    async def _start_colocated(self) -> None:
+        """Load the steering runtime into this replica, on the first `colocated` request."""
         from models.steering.runtime import SteeringRuntime
 
-        return SteeringRuntime.from_source(self.config.steering, self.config.model.source)
+        async with self._start_lock:
+            if self._observer.colocated is None:
+                self._observer.colocated = await asyncio.to_thread(
+                    SteeringRuntime.from_source, self.config.steering, self.config.model.source
+                )
 
     def _vector_library(self):
         from models.steering.runtime import default_vector_dir
@@ -127,7 +131,7 @@ class Generator:
             for name, path in self.adapter_paths.items():
                 await self.engine.load_adapter(name, path)
             if self.config.steering.policies:
-                self._observer = _SteeringObserver(self.steerer, self._colocated_runtime())
+                self._observer = _SteeringObserver(self.steerer, None)
                 self.engine.set_step_observer(self._observer)
             self._metrics_task = asyncio.create_task(self._export_metrics())
             self._started = True
@@ -167,7 +171,10 @@ class Generator:
         if any(v.name not in self._registered_vectors for v in request.steer_vectors):
             self._sync_vectors()
         if request.steering and self._observer is not None:
-            self._observer.modes[request.request_id] = request.steering.get("mode", "async")
+            mode = request.steering.get("mode", "async")
+            if mode == "colocated" and self._observer.colocated is None:
+                await self._start_colocated()
+            self._observer.modes[request.request_id] = mode
         if request.adapter and request.adapter not in self.adapter_paths:
             raise AdapterNotFoundError(
                 f"adapter '{request.adapter}' is not loaded; loaded: "
