@@ -300,3 +300,21 @@ def test_bad_forced_tokens_fail_only_their_row(ckpt, hf):
     outs = run(eng, steered("bad"), steered("good"))
     assert outs["bad"][-1].finish_reason == "error" and "ForceTokens" in outs["bad"][-1].error
     assert tokens(outs["good"]) == hf_greedy(hf, PROMPT, 10)
+
+
+def test_unknown_vector_or_layer_is_refused_at_add(ckpt):
+    from models.engine.types import EngineError
+
+    eng = make_engine(ckpt)
+    eng.register_vector("v", torch.ones(2, 64))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    with pytest.raises(EngineError, match="'w' is not registered; registered: v"):
+        eng.add_request(
+            GenerationRequest("a", PROMPT, params, steer_vectors=[SteerVectorSpec("w", 1.0)])
+        )
+    with pytest.raises(EngineError, match=r"layers \[5\] outside \[0, 2\)"):
+        eng.add_request(
+            GenerationRequest("b", PROMPT, params, steer_vectors=[SteerVectorSpec("v", 1.0, [5])])
+        )
+    with pytest.raises(EngineError, match=r"\[num_layers, hidden\] = \[2, 64\]"):
+        eng.register_vector("bad", torch.ones(3, 64))

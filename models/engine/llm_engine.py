@@ -96,7 +96,7 @@ class LLMEngine(SequenceEditor):
                 f"the engine queue is full ({self.config.max_queue_len} waiting); retry later"
             )
         for spec in request.steer_vectors:
-            self._check_vector(spec.name)
+            self._check_vector(spec.name, spec.layers)
         if request.steering is not None:
             steering = parse_steering(request.steering)
             if steering.policy is not None and self.steering.observer is None:
@@ -232,26 +232,37 @@ class LLMEngine(SequenceEditor):
                 f"[num_layers, hidden] = {list(expected)}"
             )
         self.vectors[name] = vector.detach().float().cpu()
+        for seq in self.seqs.values():  # a replaced vector changes the cached row sums
+            seq.steer_delta = None
 
-    def _check_vector(self, name: str) -> None:
+    def _check_vector(self, name: str, layers: list[int] | None) -> None:
         if name not in self.vectors:
             raise EngineError(
                 f"steering vector '{name}' is not registered; registered: "
                 f"{', '.join(sorted(self.vectors)) or 'none'}"
             )
+        bad = [x for x in layers or [] if not 0 <= x < self.args.num_layers]
+        if bad:
+            raise EngineError(
+                f"steering vector '{name}': layers {bad} outside [0, {self.args.num_layers})"
+            )
 
     def _steer_deltas(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Per-row deltas [layers, rows, hidden] (zero rows unsteered), or None if none is."""
         if not any(s.steer_vectors for s in seqs):
             return None
-        a = self.args
-        deltas = torch.zeros(a.num_layers, len(seqs), a.hidden_size)
-        for row, seq in enumerate(seqs):
-            for name, (coeff, layers) in seq.steer_vectors.items():
-                vec = self.vectors[name]
-                picked = range(a.num_layers) if layers is None else layers
-                for layer in picked:
-                    deltas[layer, row] += coeff * vec[layer]
-        return deltas
+        zero = torch.zeros(self.args.num_layers, self.args.hidden_size, device=self.runner.device)
+        for seq in seqs:
+            if seq.steer_vectors and seq.steer_delta is None:
+                seq.steer_delta = self._row_delta(seq).to(self.runner.device)
+        return torch.stack([s.steer_delta if s.steer_vectors else zero for s in seqs], dim=1)
+
+    def _row_delta(self, seq: Sequence) -> torch.Tensor:
+        delta = torch.zeros(self.args.num_layers, self.args.hidden_size)
+        for name, (coeff, layers) in seq.steer_vectors.items():
+            picked = slice(None) if layers is None else torch.tensor(layers, dtype=torch.long)
+            delta[picked] += coeff * self.vectors[name][picked]
+        return delta
 
     # SequenceEditor: what steering actions do to a sequence
 
@@ -294,14 +305,17 @@ class LLMEngine(SequenceEditor):
         finish(seq, "stop")
 
     def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None):
-        self._check_vector(name)
+        self._check_vector(name, layers)
         seq.steer_vectors[name] = (coeff, layers)
+        seq.steer_delta = None
 
     def clear_vector(self, seq: Sequence, name: str | None) -> None:
         if name is None:
             seq.steer_vectors.clear()
         else:
             seq.steer_vectors.pop(name, None)
+        seq.steer_delta = None
 
     def reset_vectors(self, seq: Sequence) -> None:
         seq.steer_vectors = {s.name: (s.coeff, s.layers) for s in seq.request.steer_vectors}
+        seq.steer_delta = None
