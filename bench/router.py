@@ -7,6 +7,7 @@ tests/data/router_heldout.jsonl with the base class and with the threshold alone
 toy world's task prompts when models/builtin/world.py has them. Prints a table, writes JSON.
 
     python bench/router.py                       # writes bench/results/router.json
+    python bench/router.py --serve               # also through a Ray Serve Router (slower)
 """
 
 from __future__ import annotations
@@ -83,6 +84,44 @@ def accuracy(router: AdapterRouter, rows: list[dict], thresholds: list[float]) -
     return out
 
 
+def serve_numbers(prompts: list[str], rounds: int = 10) -> dict:
+    """Through a real Ray Serve Router: one call at a time, and 32 concurrent calls per round."""
+    import ray
+    from ray import serve
+
+    from deployments.router import Router
+
+    doc = yaml.safe_load((DATA / "router_adapters.yaml").read_text())
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        app = Router.options(ray_actor_options={"num_cpus": 0.5}).bind(
+            doc["adapters"], doc["router"]
+        )
+        handle = serve.run(app, name="router_bench", route_prefix=None)
+        handle.route.remote(prompts[0]).result()
+        single, _ = timed_ms(lambda i: handle.route.remote(prompts[i]).result(), 50)
+
+        def concurrent_round(i: int) -> None:
+            batch = prompts[32 * i : 32 * (i + 1)]
+            for response in [handle.route.remote(p) for p in batch]:
+                response.result()
+
+        rounds_ms, _ = timed_ms(concurrent_round, rounds)
+        info = handle.info.remote().result()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {
+        "handle_single_p50_ms": float(np.percentile(single, 50)),
+        "handle_single_p99_ms": float(np.percentile(single, 99)),
+        "concurrent_32_round_ms_p50": float(np.median(rounds_ms)),
+        "concurrent_32_prompts_per_s": 32 * 1000 / float(np.median(rounds_ms)),
+        "max_batch_size_seen": info["max_batch_size_seen"],
+        "batches": info["batches"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="Single-prompt calls timed.")
@@ -92,6 +131,9 @@ def main() -> None:
         type=int,
         default=1,
         help="torch threads (a Router replica with num_cpus < 2 has 1).",
+    )
+    parser.add_argument(
+        "--serve", action="store_true", help="Also time calls through a Ray Serve Router."
     )
     args = parser.parse_args()
     import torch
@@ -159,6 +201,8 @@ def main() -> None:
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "machine_cores": os.cpu_count(),
     }
+    if args.serve:
+        result["serve"] = serve_numbers(prompts)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print_table(result, thresholds)
@@ -197,6 +241,19 @@ def print_table(r: dict, thresholds: list[float]) -> None:
             f"{r['load_average_1min']['before']:.1f} / {r['load_average_1min']['after']:.1f}, {r['machine_cores']}",
         ),
     ]
+    if "serve" in r:
+        v = r["serve"]
+        rows += [
+            (
+                "Serve handle: one call p50 / p99",
+                f"{v['handle_single_p50_ms']:.1f} / {v['handle_single_p99_ms']:.1f} ms",
+            ),
+            (
+                "Serve handle: 32 concurrent calls",
+                f"{v['concurrent_32_round_ms_p50']:.0f} ms = {v['concurrent_32_prompts_per_s']:.0f}/s",
+            ),
+            ("Serve batches / largest batch", f"{v['batches']} / {v['max_batch_size_seen']}"),
+        ]
     for mode, acc in r["accuracy"].items():
         for name, by_t in acc.items():
             if by_t:
