@@ -178,16 +178,27 @@ def middle_layers(model) -> list[int]:
 def extract_vector(
     m: ToyModels, pairs: list[tuple[str, str]], layers: list[int]
 ) -> dict[int, torch.Tensor]:
-    """Per layer, mean over pairs of (positive - negative) hidden state, each averaged over
-    the positions of the pair's text."""
+    """Per layer, the mean over pairs of (positive - negative) hidden states at the positions
+    after the first differing token where both texts hold the same token: the difference the
+    mood makes to the context, not the sentiment words themselves."""
+    diffs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for pos, neg in pairs:
+        ids_p, hs_p = _hidden_states(m, pos)
+        ids_n, hs_n = _hidden_states(m, neg)
+        if len(ids_p) == len(ids_n):
+            keep = ids_p == ids_n
+            keep[: int((~keep).nonzero()[0])] = False
+        else:  # sentiment words of different token lengths: compare the final tokens only
+            keep = None
+        for layer in layers:
+            a, b = hs_p[layer + 1][0], hs_n[layer + 1][0]  # +1: hidden_states[0] = embeddings
+            diffs[layer].append((a[keep] - b[keep]).mean(0) if keep is not None else a[-1] - b[-1])
+    return {layer: torch.stack(d).mean(0) for layer, d in diffs.items()}
 
-    def mean_states(text: str) -> list[torch.Tensor]:
-        ids = m.tok(text, return_tensors="pt").to(m.device)
-        hs = m.big(**ids, output_hidden_states=True).hidden_states
-        return [hs[layer + 1][0].mean(0) for layer in layers]  # +1: hidden_states[0] = embeddings
 
-    diffs = [[p - q for p, q in zip(mean_states(a), mean_states(b), strict=True)] for a, b in pairs]
-    return {layer: torch.stack([d[i] for d in diffs]).mean(0) for i, layer in enumerate(layers)}
+def _hidden_states(m: ToyModels, text: str):
+    enc = m.tok(text, return_tensors="pt").to(m.device)
+    return enc["input_ids"][0], m.big(**enc, output_hidden_states=True).hidden_states
 
 
 @contextmanager
@@ -224,17 +235,23 @@ def negative_prompts(n: int) -> list[str]:
     ]
 
 
-def steering_sweep(m: ToyModels, n: int, coeffs: list[float], temperature: float = 0.7) -> dict:
-    """Positive share and validity of continuations after negative openings, per coefficient."""
-    layers = middle_layers(m.big)
-    vector = extract_vector(m, world.steering_pairs(64), layers)
+def steering_sweep(
+    m: ToyModels,
+    n: int,
+    coeffs: list[float],
+    layers: list[int] | None = None,
+    temperature: float = 0.7,
+) -> dict:
+    """Positive share and validity of continuations after negative openings, per coefficient
+    of a vector from 256 steering pairs added at `layers` (default: the middle half)."""
+    layers = layers or middle_layers(m.big)
+    vector = extract_vector(m, world.steering_pairs(256), layers)
     prompts = negative_prompts(n)
     rows = {}
     for c in coeffs:
         with steered(m.big, vector, c):
-            rows[str(c)] = continuation_stats(
-                generate(m, m.big, prompts, temperature=temperature, seed=7)
-            )
+            texts = generate(m, m.big, prompts, temperature=temperature, seed=7)
+        rows[str(c)] = continuation_stats(texts)
     return {"layers": layers, "by_coeff": rows}
 
 
