@@ -87,14 +87,19 @@ class LoRAAdapters:
     def acquire(self, request: GenerationRequest) -> dict[int, float]:
         """Make the request's adapters resident and pin them: slot -> weight."""
         out: dict[int, float] = {}
-        for name, weight in self._requested(request).items():
-            if name not in self.slots:
-                self._write(self._free_slot(), name, self.read(self.paths[name]))
-            slot = self.slots.index(name)
-            self.pins[slot] += 1
-            self.clock += 1
-            self.last_used[slot] = self.clock
-            out[slot] = weight
+        try:
+            for name, weight in self._requested(request).items():
+                if name not in self.slots:
+                    self._write(self._free_slot(), name, self.read(self.paths[name]))
+                slot = self.slots.index(name)
+                self.pins[slot] += 1
+                self.clock += 1
+                self.last_used[slot] = self.clock
+                out[slot] = weight
+        except EngineError:
+            for slot in out:  # unpin what this request took before failing
+                self.pins[slot] -= 1
+            raise
         return out
 
     def release(self, seq: Sequence) -> None:
