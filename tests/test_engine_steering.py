@@ -324,3 +324,40 @@ def test_unknown_vector_or_layer_is_refused_at_add(ckpt):
         )
     with pytest.raises(EngineError, match=r"\[num_layers, hidden\] = \[2, 64\]"):
         eng.register_vector("bad", torch.ones(3, 64))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_torch_engine_runs_observer_coroutines_on_the_callers_loop(ckpt, hf, mode):
+    from models.engine import build_engine
+
+    loops = set()
+
+    def decide(row, step):
+        loops.add(id(asyncio.get_running_loop()))
+        return [ForceTokens([3, 4])] if step == 2 else []
+
+    async def main():
+        eng = build_engine(EngineConfig(num_kv_blocks=64, block_size=4), str(ckpt))
+        await eng.start()
+        eng.set_step_observer(Policy(decide))
+        runs = [eng.generate(steered(f"r{i}", mode, max_tokens=8)) for i in range(3)]
+        outs = await asyncio.gather(*[_collect(r) for r in runs])
+        stats = eng.stats()
+        eng.shutdown()
+        return outs, stats, id(asyncio.get_running_loop())
+
+    outs, stats, main_loop = asyncio.run(main())
+    assert loops == {main_loop}
+    for out in outs:
+        assert out[-1].finish_reason == "length" and len(tokens(out)) == 8
+        actions = [i.action for o in out for i in o.interventions]
+        if mode == "sync":
+            assert tokens(out)[:4] == hf_greedy(hf, PROMPT, 2) + [3, 4]
+            assert actions == ["ForceTokens"]
+        else:  # async skips a consult while its last call is in flight: step 2 may be skipped
+            assert actions in ([], ["ForceTokens"])
+    assert 0 < stats.observer_calls <= stats.steps
+
+
+async def _collect(stream) -> list:
+    return [o async for o in stream]
