@@ -276,7 +276,7 @@ class DecodeBench:
         b = self.buffers
         b["ids"][:n] = logits.argmax(-1)
         b["pos"][:n] = lens - 1
-        b["ctx"][:n] = (lens - 1).to(torch.int32)
+        b["ctx"][:n] = lens.to(torch.int32)  # after the advance: the cache holds pos + 1 tokens
         self.advance({k: v[:n] for k, v in b.items() if k not in ("steer",)})
         return logits
 
@@ -420,8 +420,38 @@ def bench_engine(path, device, shape, args, results: dict) -> DecodeBench:
     results["lora_base_ms"], results["lora_ms"] = plain_ms, lora_ms
     results["lora_overhead_pct"] = 100 * (lora_ms / plain_ms - 1)
     log(f"8 LoRA adapters mixed bs {steer_batch}: {lora_ms:.3f} ms vs {plain_ms:.3f} ms")
+    if "profile" in args.sections and device.type == "cuda":
+        for batch, lora in ((1, False), (steer_batch, False), (steer_batch, True)):
+            reset()
+            results[f"profile_bs{batch}{'_lora' if lora else ''}"] = profile_step(bench, batch, lora)
     remove_lora(bench.model)
     return bench
+
+
+def profile_step(bench: DecodeBench, batch: int, lora: bool, steps: int = 5) -> list[dict]:
+    """GPU time per kernel name in one eager decode step (profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    views = {k: v.narrow(1 if k == "steer" else 0, 0, batch) for k, v in bench.buffers.items()}
+    for _ in range(2):
+        bench.step(views, steer=False, lora=lora, advance=False)
+    synchronize(bench.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            bench.step(views, steer=False, lora=lora, advance=False)
+        synchronize(bench.device)
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and e.count >= steps:
+            rows.append({"kernel": e.key[:90], "per_step": e.count / steps, "us_per_step": us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    log(f"profile bs {batch}{' + LoRA' if lora else ''}: {total:.0f} us of kernels per step, "
+        f"{sum(r['per_step'] for r in rows):.0f} launches")
+    for r in rows[:14]:
+        log(f"   {r['us_per_step']:8.1f} us  x{r['per_step']:5.0f}  {r['kernel']}")
+    return rows[:30]
 
 
 @torch.inference_mode()
@@ -496,7 +526,7 @@ def bench_llm_engine(path: Path, device, shape, args, results: dict) -> None:
     gen = torch.Generator().manual_seed(3)
     counter = iter(range(1 << 30))
 
-    def run(batch: int, new_tokens: int) -> tuple[float, float]:
+    def run(batch: int, new_tokens: int, profiler=None) -> tuple[float, float]:
         for _ in range(batch):
             prompt = torch.randint(2, shape["vocab_size"], (args.prompt_len,), generator=gen).tolist()
             params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -505,11 +535,15 @@ def bench_llm_engine(path: Path, device, shape, args, results: dict) -> None:
         while eng.stats().generated_tokens - start_tokens < batch:  # until every row is prefilled
             eng.step()
         synchronize(device)
+        if profiler is not None:
+            profiler.enable()
         t, steps, tokens = time.perf_counter(), 0, eng.stats().generated_tokens
         while eng.has_unfinished():
             eng.step()
             steps += 1
         synchronize(device)
+        if profiler is not None:
+            profiler.disable()
         elapsed = time.perf_counter() - t
         return elapsed * 1000 / max(steps, 1), (eng.stats().generated_tokens - tokens) / elapsed
 
@@ -521,6 +555,17 @@ def bench_llm_engine(path: Path, device, shape, args, results: dict) -> None:
     ms, tok_s = run(max_batch, args.new_tokens)
     results["llm_engine_tok_s_128"], results["llm_engine_step_bs128_ms"] = tok_s, ms
     log(f"LLMEngine {max_batch} requests decoding: {tok_s:.0f} tok/s ({ms:.3f} ms/step)")
+    if "profile" in args.sections:  # where the host time of a step goes
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        run(max_batch, 16, profiler)
+        for order in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(16)
+            log(f"LLMEngine decode steps, 128 rows, host profile by {order}:\n" + text.getvalue()[-3500:])
 
 
 # ----------------------------------------------------------------------------- report

@@ -235,18 +235,50 @@ def test_triton_store_kv_and_silu_and_mul_match_reference():
 @triton_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "tokens,k_dim,slots,cols", [(1, 2048, 8, 48), (32, 6144, 8, 16), (300, 64, 3, 8)]
-)
-def test_triton_lora_shrink_matches_reference(tokens, k_dim, slots, cols):
-    x = torch.randn(tokens, k_dim, device="cuda", dtype=torch.bfloat16)
-    a = torch.randn(k_dim, slots * cols, device="cuda", dtype=torch.bfloat16) * 0.05
-    rows = torch.arange(tokens, device="cuda") // 3
-    weights = torch.rand(int(rows.max()) + 1, slots, device="cuda", dtype=torch.bfloat16)
-    weights[0] = 0
-    got = kernels.lora_shrink(x, a, weights, rows, cols)
-    want = (x.float() @ a.float()) * weights.float()[rows].repeat_interleave(cols, 1)
+    "tokens,k_dim,parts,rank",
+    [(1, 2048, [2048, 1024, 1024], 16), (32, 6144, [2048], 16), (40, 2048, [6144, 6144], 16),
+     (7, 64, [64, 32, 32], 8)],
+)  # fmt: skip
+def test_triton_lora_add_matches_reference(tokens, k_dim, parts, rank):
+    slots, out = 8, sum(parts)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, k_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    a = torch.randn(k_dim, slots * len(parts) * rank, device="cuda", generator=gen) * 0.05
+    b = torch.randn(slots * len(parts) * rank, out, device="cuda", generator=gen) * 0.05
+    for slot in range(slots):  # block layout: part p of a slot only maps into part p's columns
+        for p in range(len(parts)):
+            col = (slot * len(parts) + p) * rank
+            lo, hi = sum(parts[:p]), sum(parts[: p + 1])
+            b[col : col + rank, :lo] = 0
+            b[col : col + rank, hi:] = 0
+    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    rows = torch.arange(tokens, device="cuda") // 2
+    weights = torch.zeros(int(rows.max()) + 1, slots, device="cuda", dtype=torch.bfloat16)
+    weights[1:, 3] = 1.0
+    weights[2::2, 5] = 0.5  # a router mix of two adapters
+    y = torch.randn(tokens, out, device="cuda", dtype=torch.bfloat16, generator=gen)
+    got = kernels.lora_add_(y.clone(), x, a, b, weights, rows, parts, rank)
+    want = kernels.lora_add_ref(y.float(), x.float(), a.float(), b.float(), weights.float(), rows,
+                                len(parts), rank)  # fmt: skip
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
-    assert got[:3].abs().sum() == 0  # row 0 uses no adapter
+    assert torch.equal(got[:2], y[:2])  # row 0 uses no adapter: its outputs are untouched
+
+
+@triton_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "rows,dtype", [(1, torch.bfloat16), (5, torch.bfloat16), (16, torch.float32)]
+)
+def test_skinny_linear_matches_cublas_for_every_config(rows, dtype):
+    x = torch.randn(rows, 2048, device="cuda", dtype=dtype)
+    w = torch.randn(1000, 2048, device="cuda", dtype=dtype) * 0.02
+    bias = torch.randn(1000, device="cuda", dtype=dtype)
+    want = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    for config in kernels.SKINNY_CONFIGS:
+        got = kernels._skinny_linear(x, w, bias, config)
+        torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(kernels.linear(x, w, bias).float(), want, **tol)
 
 
 @triton_cuda

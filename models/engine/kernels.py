@@ -441,53 +441,112 @@ if HAS_TRITON:
             tl.store(v_cache_ptr + dst + d, tl.load(v_ptr + t * stride_vt + kvh * stride_vh + d))
 
     @triton.jit
-    def _lora_shrink_kernel(
+    def _lora_add_kernel(
+        y_ptr,
         x_ptr,
         a_ptr,
+        b_ptr,
         w_ptr,
         rows_ptr,
-        out_ptr,
-        num_tokens,
-        n_cols,
-        k_dim,
+        stride_y,
         stride_x,
         stride_a,
+        stride_b,
         stride_w,
-        stride_o,
-        cols_per_slot,
+        k_dim,
+        num_slots,
+        rank,
+        num_parts,
+        end0,
+        end1,
+        end2,
+        n_split,
+        R_PAD: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_OUT: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)
+        split = tl.program_id(2)
+        lo = tl.where(part == 0, 0, tl.where(part == 1, end0, end1))
+        hi = tl.where(part == 0, end0, tl.where(part == 1, end1, end2))
+        chunk = tl.cdiv(tl.cdiv(hi - lo, n_split), BLOCK_OUT) * BLOCK_OUT
+        c_lo = lo + split * chunk
+        c_hi = tl.minimum(c_lo + chunk, hi)
+        row = tl.load(rows_ptr + t)
+        j = tl.arange(0, R_PAD)
+        jmask = j < rank
+        kk = tl.arange(0, BLOCK_K)
+        cc = tl.arange(0, BLOCK_OUT)
+        for slot in range(num_slots):
+            w = tl.load(w_ptr + row * stride_w + slot).to(tl.float32)
+            if w != 0.0:
+                col0 = (slot * num_parts + part) * rank
+                s = tl.zeros([R_PAD], tl.float32)
+                for k0 in range(0, k_dim, BLOCK_K):
+                    k = k0 + kk
+                    kmask = k < k_dim
+                    xv = tl.load(x_ptr + t * stride_x + k, mask=kmask, other=0.0)
+                    a = tl.load(
+                        a_ptr + k[:, None] * stride_a + (col0 + j)[None, :],
+                        mask=kmask[:, None] & jmask[None, :],
+                        other=0.0,
+                    )
+                    s += tl.sum(xv.to(tl.float32)[:, None] * a.to(tl.float32), 0)
+                s = s * w
+                for c0 in range(c_lo, c_hi, BLOCK_OUT):
+                    c = c0 + cc
+                    cmask = c < c_hi
+                    b = tl.load(
+                        b_ptr + (col0 + j)[:, None] * stride_b + c[None, :],
+                        mask=jmask[:, None] & cmask[None, :],
+                        other=0.0,
+                    )
+                    delta = tl.sum(s[:, None] * b.to(tl.float32), 0)
+                    yp = y_ptr + t * stride_y + c
+                    y = tl.load(yp, mask=cmask, other=0.0)
+                    tl.store(yp, (y.to(tl.float32) + delta).to(y.dtype), mask=cmask)
+
+    @triton.jit
+    def _skinny_linear_kernel(
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        y_ptr,
+        rows,
+        n_out,
+        k_dim,
+        stride_x,
+        stride_w,
+        stride_y,
+        HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        mmask = offs_m < num_tokens
-        nmask = offs_n < n_cols
+        mmask = offs_m < rows
+        nmask = offs_n < n_out
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
         for k0 in range(0, k_dim, BLOCK_K):
             k = k0 + offs_k
+            kmask = k < k_dim
             x = tl.load(
-                x_ptr + offs_m[:, None].to(tl.int64) * stride_x + k[None, :],
-                mask=mmask[:, None] & (k[None, :] < k_dim),
+                x_ptr + offs_m[:, None] * stride_x + k[None, :],
+                mask=mmask[:, None] & kmask[None, :],
                 other=0.0,
             )
-            a = tl.load(
-                a_ptr + k[:, None].to(tl.int64) * stride_a + offs_n[None, :],
-                mask=(k[:, None] < k_dim) & nmask[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(x, a, input_precision=DOT_PRECISION)
-        rows = tl.load(rows_ptr + offs_m, mask=mmask, other=0)
-        w = tl.load(
-            w_ptr + rows[:, None] * stride_w + (offs_n // cols_per_slot)[None, :],
-            mask=mmask[:, None] & nmask[None, :],
-            other=0.0,
-        )
+            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(
-            out_ptr + offs_m[:, None] * stride_o + offs_n[None, :],
-            (acc * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
+            y_ptr + offs_m[:, None] * stride_y + offs_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
             mask=mmask[:, None] & nmask[None, :],
         )
 
@@ -510,7 +569,8 @@ if HAS_TRITON:
 def decode_partition_size(batch: int, num_kv_heads: int, max_context: int) -> int:
     """Tokens per split-K partition: small when few (row, KV head) pairs would leave the GPU
     idle, larger when the batch alone fills it. Depends on shapes only (graph-safe)."""
-    base = 128 if batch * num_kv_heads < 512 else 512
+    pairs = batch * num_kv_heads
+    base = 64 if pairs < 64 else 128 if pairs < 512 else 512
     while max_context > 1024 * base:
         base *= 2
     return base
@@ -773,48 +833,160 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out.view(gate.shape)
 
 
-def lora_shrink(
+def lora_add_ref(
+    y: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
     row_weights: torch.Tensor,
     token_rows: torch.Tensor,
-    cols_per_slot: int,
+    num_parts: int,
+    rank: int,
 ) -> torch.Tensor:
-    """The first half of per-row multi-LoRA: (x @ lora_a) scaled, column by column, by the
-    weight the token's row gives the column's adapter slot.
+    """y += ((x @ lora_a) * per-column slot weight of the token's row) @ lora_b (torch)."""
+    num_slots = row_weights.shape[1]
+    column_slot = torch.arange(num_slots, device=x.device).repeat_interleave(num_parts * rank)
+    mask = row_weights.index_select(0, token_rows)[:, column_slot].to(x.dtype)
+    return y.add_(((x @ lora_a) * mask) @ lora_b)
 
-    x [T, in]; lora_a [in, S * cols_per_slot] (slot-major columns); row_weights [rows, S]
-    (one-hot for one adapter, a router mix for several, zero = base); token_rows int64 [T].
-    Returns [T, S * cols_per_slot] in x's dtype; the caller adds `result @ lora_b`.
+
+def lora_add_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    row_weights: torch.Tensor,
+    token_rows: torch.Tensor,
+    part_sizes: list[int],
+    rank: int,
+) -> torch.Tensor:
+    """Per-row multi-LoRA added in place to a linear layer's output y [T, out]; returns y.
+
+    x [T, in]; lora_a [in, S*P*r] and lora_b [S*P*r, out] hold S slots of P parts (q|k|v,
+    gate|up or one part) of rank r, slot-major, part p of a slot mapping only into part p's
+    output columns; row_weights [rows, S] (one-hot for one adapter, a router mix, zero = base);
+    token_rows int64 [T]. One kernel: each (token, part, column chunk) program computes the
+    token's rank-r projection for the slots its row uses and adds its share of the output, so
+    a slot the row does not use costs nothing. Large T (prefill) uses the torch form.
     """
-    if not use_triton(x):
-        mask = row_weights.index_select(0, token_rows).repeat_interleave(cols_per_slot, dim=1)
-        return (x @ lora_a) * mask.to(x.dtype)
+    num_parts = len(part_sizes)
+    if not use_triton(x) or x.shape[0] > 512:
+        return lora_add_ref(y, x, lora_a, lora_b, row_weights, token_rows, num_parts, rank)
     x = x if x.stride(-1) == 1 else x.contiguous()
     tokens, k_dim = x.shape
-    n_cols = lora_a.shape[1]
-    out = torch.empty(tokens, n_cols, device=x.device, dtype=x.dtype)
-    block_m = 16 if tokens <= 16 else 32 if tokens <= 64 else 64
-    block_n = 32
-    grid = (triton.cdiv(tokens, block_m), triton.cdiv(n_cols, block_n))
-    _lora_shrink_kernel[grid](
+    ends = [sum(part_sizes[: i + 1]) for i in range(num_parts)] + [0] * (3 - num_parts)
+    n_split = max(1, min(16, triton.cdiv(264, tokens * num_parts)))
+    _lora_add_kernel[(tokens, num_parts, n_split)](
+        y,
         x,
         lora_a,
+        lora_b,
         row_weights,
         token_rows,
-        out,
-        tokens,
-        n_cols,
-        k_dim,
+        y.stride(0),
         x.stride(0),
         lora_a.stride(0),
+        lora_b.stride(0),
         row_weights.stride(0),
-        out.stride(0),
-        cols_per_slot,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=128,
-        DOT_PRECISION=dot_precision(x),
+        k_dim,
+        row_weights.shape[1],
+        rank,
+        num_parts,
+        ends[0],
+        ends[1],
+        ends[2],
+        n_split,
+        R_PAD=max(2, triton.next_power_of_2(rank)),
+        BLOCK_K=256,
+        BLOCK_OUT=256,
         num_warps=4,
     )
-    return out
+    return y
+
+
+SKINNY_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (16, 256, 4, 4),
+    (16, 512, 4, 3),
+    (32, 256, 4, 4),
+    (32, 128, 4, 6),
+    (64, 128, 4, 4),
+    (32, 512, 8, 3),
+]
+_linear_choice: dict[tuple, tuple | None] = {}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), like F.linear. On CUDA with at most 16 rows (decode), a Triton
+    skinny-GEMM kernel serves a shape when it beat cuBLAS there: each (out, in, row bucket) is
+    timed once, at its first call outside graph capture (engine warm-up), in CUDA graphs."""
+    if not use_triton(x) or x.dim() != 2 or x.shape[0] > 16 or x.stride(-1) != 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    key = (weight.shape[0], weight.shape[1], triton.next_power_of_2(x.shape[0]), x.dtype)
+    if key not in _linear_choice:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.nn.functional.linear(x, weight, bias)
+        _linear_choice[key] = _pick_linear(x, weight, bias)
+    config = _linear_choice[key]
+    if config is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _skinny_linear(x, weight, bias, config)
+
+
+def _skinny_linear(x, weight, bias, config) -> torch.Tensor:
+    block_n, block_k, warps, stages = config
+    rows, n_out = x.shape[0], weight.shape[0]
+    y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
+    _skinny_linear_kernel[(triton.cdiv(n_out, block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        rows,
+        n_out,
+        x.shape[1],
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=16,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        DOT_PRECISION=dot_precision(x),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return y
+
+
+def _pick_linear(x, weight, bias) -> tuple | None:
+    """The fastest skinny config for this shape, or None when cuBLAS is faster. Timed in a CUDA
+    graph over enough weight copies that they stream from HBM as in a real step, not from L2."""
+    if weight.stride(-1) != 1 or weight.shape[1] % 16:
+        return None
+    rows = triton.next_power_of_2(x.shape[0])
+    probe = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype)
+    copies = max(2, -(-(192 << 20) // (weight.numel() * weight.element_size())))
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+
+    def graph_ms(fn) -> float:
+        for w in weights:
+            fn(w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for w in weights:
+                fn(w)
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / (5 * len(weights))
+
+    best, best_ms = None, graph_ms(lambda w: torch.nn.functional.linear(probe, w, bias))
+    for config in SKINNY_CONFIGS:
+        ms = graph_ms(lambda w, c=config: _skinny_linear(probe, w, bias, c))
+        if ms < best_ms * 0.97:
+            best, best_ms = config, ms
+    return best

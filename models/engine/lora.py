@@ -68,15 +68,14 @@ class LinearWithLoRA(nn.Module):
             self.set_slot(slot, part, None, None, 1.0)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
+        y = kernels.linear(x, self.weight, self.bias)
         if self.lora_a is None or batch.lora_weights is None:
             return y
-        if kernels.use_triton(x):  # shrink and per-row slot weights in one kernel, then y += s @ B
-            cols_per_slot = len(self.part_sizes) * self.rank
-            shrunk = kernels.lora_shrink(
-                x, self.lora_a, batch.lora_weights, batch.token_rows, cols_per_slot
-            )
-            return y.addmm_(shrunk, self.lora_b)
+        if kernels.use_triton(x):  # one fused kernel; unused slots cost nothing
+            return kernels.lora_add_(
+                y, x, self.lora_a, self.lora_b, batch.lora_weights, batch.token_rows,
+                self.part_sizes, self.rank,
+            )  # fmt: skip
         token_weights = batch.lora_weights.index_select(0, batch.token_rows)
         mask = token_weights[:, self.column_slot]
         return y + ((x @ self.lora_a) * mask) @ self.lora_b
