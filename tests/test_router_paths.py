@@ -191,3 +191,11 @@ def test_unfit_adapters_are_400(peft_dir, tmp_path):
     config_file.write_text(json.dumps({**config, "peft_type": "PREFIX_TUNING"}))
     with pytest.raises(AdapterUnfitError, match="only LoRA"):
         inspect_adapter_dir(d)
+
+
+def test_roots_may_start_with_home(roots, monkeypatch):
+    root_a, _ = roots
+    monkeypatch.setenv("HOME", str(root_a.parent))
+    assert resolve_adapter_path("rewrite", ["~/a"]) == (root_a / "rewrite").resolve()
+    with pytest.raises(AdapterDirNotFoundError):
+        resolve_adapter_path("~/a/rewrite", ["~/a"])  # client paths are never expanded

@@ -87,7 +87,7 @@ def resolve_adapter_path(path: str, roots: list[str]) -> Path:
         )
     if not path or "\x00" in path:
         raise AdapterPathError("adapter path must be a non-empty path")
-    real_roots = [Path(r).resolve() for r in roots]
+    real_roots = [Path(r).expanduser().resolve() for r in roots]  # config may say ~/adapters
     given = Path(path)
     if given.is_absolute():
         options = [(given.resolve(), real_roots)]
