@@ -213,7 +213,7 @@ class Ingress:
             raise OpenAIError(f"'{name}' cannot name an adapter (reserved, or contains ':')",
                               param="lora_name")
         resolved = str(resolve_adapter_path(path, self.config.router.adapter_roots))
-        inspect_adapter_dir(resolved)
+        inspect_adapter_dir(resolved, max_rank=self.config.engine.max_lora_rank)
         await self.generator.broadcast("load_adapter", name, resolved).results_async()
         self._adapter_cache = (0.0, [])
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
