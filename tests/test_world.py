@@ -1,0 +1,114 @@
+"""The toy world's generator, grammar and checkers, and the short training schedule."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.builtin import resolve_source, world
+from models.builtin.train import ChatEncoder, train_all
+from models.builtin.validate import (
+    answer_is_right,
+    check_task,
+    is_valid_sentence,
+    is_valid_text,
+    sentiment,
+)
+
+
+def test_generator_is_deterministic_and_grammatical():
+    a = [world.story(random.Random(3), True) for _ in range(5)]
+    b = [world.story(random.Random(3), True) for _ in range(5)]
+    assert a == b
+    rng = random.Random(0)
+    sentences = [s for _ in range(500) for s in world.story(rng, rng.random() < 0.5)]
+    assert all(is_valid_sentence(s) for s in sentences)
+    assert not is_valid_sentence("Mia is in the moon.")
+    assert not is_valid_sentence("Mia the park is.")
+    assert not is_valid_text("Mia feels happy. Mia feels")
+
+
+def test_sentiment_follows_the_story_mood():
+    rng = random.Random(1)
+    pos = [sentiment(" ".join(world.story(rng, True, 6))) for _ in range(200)]
+    neg = [sentiment(" ".join(world.story(rng, False, 6))) for _ in range(200)]
+    assert sum(s > 0 for s in pos) > 150 and sum(s < 0 for s in neg) > 150
+    assert sentiment("Mia feels sad. The park is lovely. Leo hates the red cup.") == -1
+
+
+def test_task_checkers_accept_references_and_reject_wrong_answers():
+    rng = random.Random(2)
+    for task in world.TASKS:
+        for _ in range(100):
+            prompt, answer = world.sample_task_prompt(task, rng)
+            assert check_task(task, answer, answer), (task, prompt, answer)
+    assert check_task("rewrite", "Mia feels happy.", "Mia feels glad.")
+    assert not check_task("rewrite", "Mia feels happy.", "Mia feels sad.")
+    assert not check_task("rewrite", "Mia feels happy.", "Leo feels happy.")
+    assert check_task("qa", "In the park.", "in the park")
+    assert not check_task("qa", "In the park.", "Mia is in the park.")
+    assert check_task("list", "People: Mia, Leo.", "People: Leo, Mia")
+    assert not check_task("list", "People: Mia, Leo.", "People: Mia.")
+    assert check_task("qa", "Feels sad.", "Feels sad.")
+    assert answer_is_right("red kite", "Mia has the red kite. Leo is sad.")
+    assert not answer_is_right("red kite", "Mia has the blue kite. Leo has the red kite.")
+
+
+def test_task_prompts_use_several_phrasings():
+    rng = random.Random(4)
+    for task, phrasings in [
+        ("rewrite", world.REWRITE_PHRASINGS),
+        ("list", world.LIST_PHRASINGS["people"] + world.LIST_PHRASINGS["objects"]),
+    ]:
+        prompts = [world.sample_task_prompt(task, rng)[0] for _ in range(200)]
+        used = {p for p in phrasings if any(x.startswith(p.split("{")[0]) for x in prompts)}
+        assert len(used) >= 4, task
+
+
+def test_world_documents_answer_world_questions():
+    docs = dict(world.world_documents())
+    assert len(docs) >= 20
+    questions = world.world_questions()
+    assert len(questions) >= 40
+    for question, key, title in questions:
+        assert key in docs[title], (question, key, title)
+    assert world.world_documents() == world.world_documents()
+
+
+def test_steering_pairs_differ_only_in_sentiment_words():
+    for pos, neg in world.steering_pairs(50):
+        assert sentiment(pos) > 0 > sentiment(neg)
+        diff = [(a, b) for a, b in zip(pos.split(), neg.split(), strict=True) if a != b]
+        assert diff and all(world.TO_POSITIVE[b.rstrip(".")] == a.rstrip(".") for a, b in diff)
+
+
+def test_chat_encoding_matches_the_chat_template():
+    enc = ChatEncoder()
+    messages = [{"role": "system", "content": "Use the text."}, {"role": "user", "content": "hi"}]
+    ids, mask = enc.chat(messages, "Mia feels happy.")
+    templated = enc.tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert ids[: len(templated)] == templated
+    assert (
+        enc.tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+        == "Mia feels happy.<|im_end|>"
+    )
+
+
+def test_short_schedule_trains_every_model(tmp_path):
+    log = train_all(tmp_path / "toy", "short", device="cpu")
+    assert log["big"]["final_loss"] < log["big"]["first_loss"]
+    paths = resolve_source(str(tmp_path / "toy"))
+    assert set(paths.adapters) == set(world.TASKS) and set(paths.small_adapters) == {"positive"}
+    tok = AutoTokenizer.from_pretrained(paths.big)
+    for path in (paths.big, paths.small):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.config.model_type == "qwen3" and model.config.vocab_size == len(tok)
+    assert not (tmp_path / "toy.tmp").exists()
+
+
+@pytest.mark.parametrize("task", ["nope"])
+def test_unknown_task_is_an_error(task):
+    with pytest.raises(ValueError, match="tasks: rewrite, qa, list"):
+        world.sample_task_prompt(task, random.Random(0))
