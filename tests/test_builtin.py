@@ -100,3 +100,22 @@ def test_small_alias_and_plain_paths(tiny, tmp_path):
         resolve_source(str(tmp_path))
     with pytest.raises(ModelSourceError, match="unknown built-in model"):
         resolve_source("builtin:huge")
+
+
+def test_toy_is_shipped_small_and_shares_the_tokenizer():
+    import json
+
+    paths = resolve_source("builtin:toy")
+    assert set(paths.adapters) == {"rewrite", "qa", "list"}
+    assert set(paths.small_adapters) == {"positive"}
+    big = AutoModelForCausalLM.from_pretrained(paths.big, dtype=torch.float32)
+    small = AutoModelForCausalLM.from_pretrained(paths.small, dtype=torch.float32)
+    assert sum(p.numel() for p in big.parameters()) <= 20_000_000
+    assert sum(p.numel() for p in small.parameters()) <= 3_000_000
+    assert big.config.model_type == small.config.model_type == "qwen3"
+    tok = AutoTokenizer.from_pretrained(paths.big)
+    assert AutoTokenizer.from_pretrained(paths.small).get_vocab() == tok.get_vocab()
+    for path in [*paths.adapters.values(), *paths.small_adapters.values()]:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        assert config["r"] <= 16
+    assert resolve_source("builtin:toy-small").big == paths.small
