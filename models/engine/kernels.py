@@ -911,6 +911,8 @@ SKINNY_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (32, 128, 4, 6),
     (64, 128, 4, 4),
     (32, 512, 8, 3),
+    (16, 1024, 8, 2),
+    (16, 128, 2, 8),
 ]
 _linear_choice: dict[tuple, tuple | None] = {}
 
