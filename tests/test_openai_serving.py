@@ -95,7 +95,7 @@ def test_rag_sources_go_into_the_prompt(engine):
     serving, rec = make_serving(engine, search=search)
     r = run(serving.chat(chat_body(max_tokens=2, rag={"vector_store_ids": ["vs_1"], "top_k": 2})))
     prompt = engine.tokenizer.decode(rec.requests[0].prompt_token_ids)
-    assert "[1] (mia.txt)" in prompt and "red kite in the barn" in prompt
+    assert "[1] Mia keeps the red kite in the barn." in prompt and "as [n]" in prompt
     assert r["tandem"]["sources"][0]["filename"] == "mia.txt"
 
 

@@ -363,8 +363,8 @@ def test_sources_are_numbered_for_the_prompt_and_the_response(store):
     vs_id, _ = _store_with_docs(store)
     hits = store.search([vs_id], "tomato watering", 2)
     prompt = format_sources(hits)
-    assert "[1] (garden.txt)" in prompt and "[2]" in prompt and "as [n]" in prompt
-    assert hits[0].text in prompt
+    assert "\n[1] " in prompt and "\n[2] " in prompt and "as [n]" in prompt
+    assert " ".join(hits[0].text.split()) in prompt
     sources = sources_for_response(hits)
     assert [s["id"] for s in sources] == [h.chunk_id for h in hits]
     assert set(sources[0]) == {"id", "file_id", "filename", "score", "text"}

@@ -9,24 +9,20 @@ from models.retrieval.records import SearchHit
 
 Hit = SearchHit | Mapping[str, Any]  # a SearchHit, or its fields as a dict (e.g. after JSON)
 
-CITE_INSTRUCTION = (
-    "Answer using the sources below. Cite each source you use as [n], its number. "
-    "If the sources do not contain the answer, say so."
-)
+CITE_INSTRUCTION = "Use these sources to answer. Cite each source you use as [n]."
 
 
 def format_sources(hits: Sequence[Hit], instruction: str = CITE_INSTRUCTION) -> str:
-    """The instruction, then each hit numbered [1], [2], … with its filename and text.
+    """The instruction, then one line per hit: `[n] text` (whitespace folded).
 
-    Empty when there are no hits, so a prompt without sources carries no instruction to cite.
+    One compact line per source is the layout the built-in toy model was trained on, and real
+    chat models read it as well; filenames travel in `tandem.sources`. Empty when there are no
+    hits, so a prompt without sources carries no instruction to cite.
     """
     if not hits:
         return ""
-    blocks = [
-        f"[{n}] ({_field(hit, 'filename')})\n{_field(hit, 'text').strip()}"
-        for n, hit in enumerate(hits, 1)
-    ]
-    return instruction + "\n\n" + "\n\n".join(blocks)
+    lines = [f"[{n}] {' '.join(_field(hit, 'text').split())}" for n, hit in enumerate(hits, 1)]
+    return instruction + "\n" + "\n".join(lines)
 
 
 def sources_for_response(hits: Sequence[Hit]) -> list[dict[str, Any]]:
