@@ -160,8 +160,13 @@ def bench_gpu(args) -> dict:
         "proxy_colocated": {"steering": {"policy": "proxy", "mode": "colocated"}},
         "proxy_colocated_no_read_ahead": {"steering": {"policy": "proxy", "mode": "colocated"}},
         "contrastive_colocated": {"steering": {"policy": "contrast", "mode": "colocated"}},
+        "contrastive_colocated_no_read_ahead": {
+            "steering": {"policy": "contrast", "mode": "colocated"}
+        },
         "proxy_async": {"steering": {"policy": "proxy", "mode": "async"}},
     }
+    if args.modes:
+        modes = {m: modes[m] for m in ["unsteered", *args.modes]}
     for batch in args.batch_sizes:
         prompts = torch.randint(2, vocab, (batch, args.prompt_len), generator=g).tolist()
         row = {"batch": batch}
@@ -307,6 +312,7 @@ def main() -> None:
     gpu.add_argument("--prompt-len", type=int, default=128)
     gpu.add_argument("--new-tokens", type=int, default=64)
     gpu.add_argument("--repeats", type=int, default=2)
+    gpu.add_argument("--modes", nargs="*", help="modes to time beside unsteered (default all)")
     gpu.add_argument("--work", default="/tmp/tandem-steering-bench")
     gpu.add_argument("--out", default=str(ROOT / "bench" / "results"))
     serve = sub.add_parser("serve", help="tokens/s through the running app's HTTP API")
