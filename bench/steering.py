@@ -137,6 +137,7 @@ def bench_gpu(args) -> dict:
 
     steering = SteeringConfig(
         expert_adapter="expert",
+        read_ahead=True,
         device=device.type,
         kv_cache_gib=2.0 if device.type == "cuda" else 0.1,
         policies=[{"name": "proxy", "kind": "proxy_tuning", "params": {"alpha": 1.0}},

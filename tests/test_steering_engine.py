@@ -272,7 +272,8 @@ def test_torch_engine_colocated_on_the_callers_event_loop(tiny, runtime, models)
 def test_read_ahead_guesses_greedy_tokens_and_keeps_them_exact(tiny, models):
     """The small model reads the guessed next token early (on a side stream on CUDA; at once
     here); greedy guesses all hit, and the tokens stay those of the reference loop."""
-    rt = SteeringRuntime.from_source(SteeringConfig.model_validate(CONFIG), "builtin:tiny")
+    config = SteeringConfig.model_validate({**CONFIG, "read_ahead": True})
+    rt = SteeringRuntime.from_source(config, "builtin:tiny")
     rt.small_model.reads_in_background = True  # CPU: the "background" read runs at once
     eng = engine(tiny, rt)
     reqs = [request(f"p{i}", p, {"policy": "proxy", "mode": "sync"}) for i, p in enumerate(PROMPTS)]

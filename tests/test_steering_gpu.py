@@ -64,8 +64,10 @@ def generate(rt: SteeringRuntime) -> tuple[dict, dict]:
     return tokens, adjusted
 
 
+@pytest.mark.timeout(120)  # read-ahead once stalled the GPU when policies were switched
 def test_colocated_proxy_tuning_through_the_cuda_engine_with_read_ahead():
     rt = runtime("engine")
+    rt.config.read_ahead = True
     assert rt.small_model.reads_in_background
     tokens, adjusted = generate(rt)
     assert all(len(t) == 12 for t in tokens.values())
