@@ -182,7 +182,13 @@ def test_default_vectors_are_extracted_once_and_cached(big, tmp_path):
     config = SteeringConfig.model_validate(
         {
             "vectors": [
-                {"name": "happy", "positive": HAPPY, "negative": SAD, "method": "pca"},
+                {
+                    "name": "happy",
+                    "positive": HAPPY,
+                    "negative": SAD,
+                    "method": "pca",
+                    "pool": "mean",
+                },
                 {"name": "from_file", "path": str(tmp_path / "ff.safetensors")},
             ]
         }
@@ -191,7 +197,8 @@ def test_default_vectors_are_extracted_once_and_cached(big, tmp_path):
     assert ensure_default_vectors(config, path, library) == ["happy", "from_file"]
     assert library.list() == ["from_file", "happy"]
     happy = library.get("happy")
-    assert happy.layers == [1, 2] and happy.metadata["method"] == "pca"  # middle half of 4
+    assert happy.layers == [1, 2]  # the middle half of 4 blocks
+    assert happy.metadata["method"] == "pca" and happy.metadata["pool"] == "mean"
     assert torch.equal(library.get("from_file").as_tensor(4), file_vector.as_tensor(4))
 
     stamp = os.stat(tmp_path / "lib" / "happy.gguf").st_mtime_ns

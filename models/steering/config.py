@@ -18,6 +18,11 @@ class VectorConfig(BaseModel):
     negative: list[str] = Field(default_factory=list, description="Matching prompts without it.")
     layers: list[int] | None = Field(None, description="Layers to extract at; None = middle half.")
     method: Literal["mean", "pca"] = Field("mean", description="mean of differences, or PCA.")
+    pool: Literal["last", "mean"] = Field(
+        "last",
+        description="Hidden state of a prompt: at its last token (repeng's choice) or the mean "
+        "over its tokens (steadier on small models trained on short texts).",
+    )
 
 
 class PolicyConfig(BaseModel):

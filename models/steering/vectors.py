@@ -398,13 +398,14 @@ def ensure_default_vectors(
             model, tokenizer = _load_model(model_path)
         vector = extract_vector(
             spec.name,
-            transformers_hidden_states(model, tokenizer),
+            transformers_hidden_states(model, tokenizer, pool=spec.pool),
             spec.positive,
             spec.negative,
             layers=spec.layers,
             method=spec.method,
             model_hint=getattr(model.config, "model_type", ""),
         )
+        vector.metadata["pool"] = spec.pool
         library.add(vector)
     return names
 
