@@ -125,7 +125,7 @@ def test_vector_guard_steers_only_the_gloomy_stories(toy, tok, positive_vector):
     pairs = world.steering_pairs(16)
     config = SteeringConfig.model_validate(
         {"policies": [{"name": "cheer_up", "kind": "vector_guard", "params": {
-            "vector": "positive", "coeff": 8.0, "threshold": 0.0,
+            "vector": "positive", "coeff": 8.0, "threshold": 0.0, "concept_layer": 0,
             # the concept watched for is gloom: its positive side is the negative text
             "positive": [story(n) for _, n in pairs], "negative": [story(p) for p, _ in pairs],
         }}]}
