@@ -70,7 +70,7 @@ class PagedSmallModel:
             dtype=dtype,
             block_size=block_size,
             kv_cache_cpu_gib=kv_cache_gib,
-            max_adapters_per_replica=max(len(adapters), 1),
+            max_adapters_per_replica=len(adapters),
             max_num_seqs=MAX_ROWS,
             max_lora_rank=max([_lora_rank(p) for p in adapters.values()] or [1]),
         )
