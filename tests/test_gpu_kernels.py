@@ -290,3 +290,24 @@ def test_triton_kernels_are_exact_enough_in_float32():
     got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.2, 16)
     want = kernels.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_split_k_partial_sums_feed_the_fused_residual_norm():
+    x = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    norm_w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
+    full = torch.nn.functional.linear(x, w)
+    want, want_res = kernels.rms_norm_ref(full, norm_w, 1e-6, res.clone())
+    for config in kernels.SPLIT_CONFIGS:
+        parts = kernels._skinny_linear(x, w, None, config)
+        assert parts.shape == (config[-1], 3, 2048) and parts.dtype == torch.float32
+        torch.testing.assert_close(parts.sum(0), full.float(), atol=2e-2, rtol=2e-2)
+        got, got_res = kernels.rms_norm(parts, norm_w, 1e-6, res.clone())
+        torch.testing.assert_close(got_res.float(), want_res.float(), atol=3e-2, rtol=2e-2)
+        torch.testing.assert_close(got.float(), want.float(), atol=6e-2, rtol=3e-2)
+    out = kernels.linear_partials(x, w)
+    summed = out.sum(0) if out.dim() == 3 else out.float()
+    torch.testing.assert_close(summed.float(), full.float(), atol=2e-2, rtol=2e-2)

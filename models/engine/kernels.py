@@ -308,17 +308,22 @@ if HAS_TRITON:
         stride_r,
         stride_s,
         stride_o,
+        stride_part,
         n_cols,
         eps,
         HAS_RES: tl.constexpr,
         HAS_STEER: tl.constexpr,
+        NUM_PARTS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        dtype = x.dtype
+        for part in tl.static_range(1, NUM_PARTS):  # split-K partial sums of the producing matmul
+            x += tl.load(x_ptr + part * stride_part + row * stride_x + cols, mask=mask, other=0.0)
+        dtype = out_ptr.dtype.element_ty
+        x = x.to(dtype)
         if HAS_RES:
             h = (
                 x.to(tl.float32)
@@ -519,12 +524,18 @@ if HAS_TRITON:
         stride_x,
         stride_w,
         stride_y,
+        stride_split,
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
+        split = tl.program_id(1)
+        k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, k_dim)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -532,9 +543,9 @@ if HAS_TRITON:
         nmask = offs_n < n_out
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
-        for k0 in range(0, k_dim, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + offs_k
-            kmask = k < k_dim
+            kmask = k < k_end
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_x + k[None, :],
                 mask=mmask[:, None] & kmask[None, :],
@@ -543,9 +554,10 @@ if HAS_TRITON:
             w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            if split == 0:
+                acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(
-            y_ptr + offs_m[:, None] * stride_y + offs_n[None, :],
+            y_ptr + split * stride_split + offs_m[:, None] * stride_y + offs_n[None, :],
             acc.to(y_ptr.dtype.element_ty),
             mask=mmask[:, None] & nmask[None, :],
         )
@@ -674,13 +686,22 @@ def rms_norm(
 
     x [T, N]. With `residual` [T, N]: h = x + residual (+ steer [T, N]) is written back into
     `residual` (the new residual stream) and RMSNorm(h) is returned. Returns (normed, residual).
+    With a residual, x may also be float32 split-K partial sums [S, T, N] of the matmul that
+    produced it (see `linear_partials`): they are summed and rounded to the residual's dtype.
     """
+    parts = 1
+    if residual is not None and x.dim() == residual.dim() + 1:
+        parts = x.shape[0]
     if not use_triton(x):
+        if parts > 1:
+            x = x.sum(0).to(residual.dtype)
         return rms_norm_ref(x, weight, eps, residual, steer)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    shape = x.shape[1:] if parts > 1 else x.shape
     n_cols = shape[-1]
+    x2 = x.reshape(parts, -1, n_cols)[0] if parts > 1 else x.reshape(-1, n_cols)
+    stride_part = x2.shape[0] * n_cols if parts > 1 else 0
+    out_dtype = residual.dtype if residual is not None else x.dtype
+    out = torch.empty(x2.shape, device=x.device, dtype=out_dtype)
     res2 = residual.view(-1, n_cols) if residual is not None else x2
     steer2 = steer.view(-1, n_cols) if steer is not None else x2
     block = triton.next_power_of_2(n_cols)
@@ -694,10 +715,12 @@ def rms_norm(
         res2.stride(0),
         steer2.stride(0),
         out.stride(0),
+        stride_part,
         n_cols,
         eps,
         HAS_RES=residual is not None,
         HAS_STEER=steer is not None,
+        NUM_PARTS=parts,
         BLOCK=block,
         num_warps=min(16, max(1, block // 256)),
     )
@@ -914,6 +937,13 @@ SKINNY_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (16, 1024, 8, 2),
     (16, 128, 2, 8),
 ]
+SPLIT_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): partial sums
+    (16, 256, 4, 4, 2),
+    (16, 256, 4, 4, 4),
+    (16, 128, 4, 4, 8),
+    (32, 256, 4, 4, 4),
+    (16, 512, 4, 3, 4),
+]
 _linear_choice: dict[tuple, tuple | None] = {}
 
 
@@ -921,13 +951,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T (+ bias), like F.linear. On CUDA with at most 16 rows (decode), a Triton
     skinny-GEMM kernel serves a shape when it beat cuBLAS there: each (out, in, row bucket) is
     timed once, at its first call outside graph capture (engine warm-up), in CUDA graphs."""
+    return _linear(x, weight, bias, partials=False)
+
+
+def linear_partials(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Like `linear`, but may return float32 split-K partial sums [S, rows, out] (when that was
+    fastest for the shape): for a result that only feeds `rms_norm(..., residual)`, which sums
+    them, so a small matmul can spread over more of the GPU without a separate reduction."""
+    return _linear(x, weight, bias, partials=True)
+
+
+def _linear(x, weight, bias, partials: bool) -> torch.Tensor:
     if not use_triton(x) or x.dim() != 2 or x.shape[0] > 16 or x.stride(-1) != 1:
         return torch.nn.functional.linear(x, weight, bias)
-    key = (weight.shape[0], weight.shape[1], triton.next_power_of_2(x.shape[0]), x.dtype)
+    rows = triton.next_power_of_2(x.shape[0])
+    key = (weight.shape[0], weight.shape[1], rows, x.dtype, partials)
     if key not in _linear_choice:
         if torch.cuda.is_current_stream_capturing():
             return torch.nn.functional.linear(x, weight, bias)
-        _linear_choice[key] = _pick_linear(x, weight, bias)
+        configs = SKINNY_CONFIGS + (SPLIT_CONFIGS if partials else [])
+        _linear_choice[key] = _pick_linear(x, weight, bias, configs)
     config = _linear_choice[key]
     if config is None:
         return torch.nn.functional.linear(x, weight, bias)
@@ -935,10 +980,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _skinny_linear(x, weight, bias, config) -> torch.Tensor:
-    block_n, block_k, warps, stages = config
+    """[rows, out] in x's dtype; with a split-K config, float32 partial sums [S, rows, out]."""
+    block_n, block_k, warps, stages, *rest = config
+    split = rest[0] if rest else 1
     rows, n_out = x.shape[0], weight.shape[0]
-    y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
-    _skinny_linear_kernel[(triton.cdiv(n_out, block_n),)](
+    if split > 1:
+        y = torch.empty(split, rows, n_out, device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
+    _skinny_linear_kernel[(triton.cdiv(n_out, block_n), split)](
         x,
         weight,
         bias if bias is not None else weight,
@@ -948,11 +998,13 @@ def _skinny_linear(x, weight, bias, config) -> torch.Tensor:
         x.shape[1],
         x.stride(0),
         weight.stride(0),
-        y.stride(0),
+        y.stride(-2),
+        rows * n_out,
         HAS_BIAS=bias is not None,
         BLOCK_M=16,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        SPLIT_K=split,
         DOT_PRECISION=dot_precision(x),
         num_warps=warps,
         num_stages=stages,
@@ -960,7 +1012,7 @@ def _skinny_linear(x, weight, bias, config) -> torch.Tensor:
     return y
 
 
-def _pick_linear(x, weight, bias) -> tuple | None:
+def _pick_linear(x, weight, bias, configs: list[tuple]) -> tuple | None:
     """The fastest skinny config for this shape, or None when cuBLAS is faster. Timed in a CUDA
     graph over enough weight copies that they stream from HBM as in a real step, not from L2."""
     if weight.stride(-1) != 1 or weight.shape[1] % 16:
@@ -987,7 +1039,7 @@ def _pick_linear(x, weight, bias) -> tuple | None:
         return start.elapsed_time(end) / (5 * len(weights))
 
     best, best_ms = None, graph_ms(lambda w: torch.nn.functional.linear(probe, w, bias))
-    for config in SKINNY_CONFIGS:
+    for config in configs:
         ms = graph_ms(lambda w, c=config: _skinny_linear(probe, w, bias, c))
         if ms < best_ms * 0.97:
             best, best_ms = config, ms

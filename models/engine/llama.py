@@ -184,7 +184,7 @@ class Attention(nn.Module):
             )
         else:
             out = varlen_attention(q, self.k_cache, self.v_cache, batch, self.scale)
-        return self.o_proj(out.reshape(-1, q_size), batch)
+        return self.o_proj.forward_partials(out.reshape(-1, q_size), batch)
 
 
 class MLP(nn.Module):
@@ -196,7 +196,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, batch).chunk(2, dim=-1)
-        return self.down_proj(kernels.silu_and_mul(gate, up), batch)
+        return self.down_proj.forward_partials(kernels.silu_and_mul(gate, up), batch)
 
 
 class DecoderLayer(nn.Module):
@@ -217,7 +217,8 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h is the previous layer's output before its residual add (the embeddings for the
         first layer, with residual None); `steer` is added to the completed previous layer's
-        output. Returns this layer's MLP output and the residual stream, still to be added."""
+        output. Returns this layer's MLP output (on CUDA maybe as split-K partial sums, which
+        the next fused norm adds up) and the residual stream, still to be added."""
         if residual is None:
             residual = h
             x = self.input_layernorm(h)

@@ -67,6 +67,13 @@ class LinearWithLoRA(nn.Module):
         for part in range(len(self.part_sizes)):
             self.set_slot(slot, part, None, None, 1.0)
 
+    def forward_partials(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """forward(), or float32 split-K partial sums [S, tokens, out] when no row uses LoRA and
+        that is faster: only for an output that feeds a fused residual norm (which sums them)."""
+        if self.lora_a is not None and batch.lora_weights is not None:
+            return self.forward(x, batch)
+        return kernels.linear_partials(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         y = kernels.linear(x, self.weight, self.bias)
         if self.lora_a is None or batch.lora_weights is None:
