@@ -70,6 +70,8 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: list) -> bool:
         """Preempt later arrivals (not yet scheduled this step) until seq fits; False when seq
         itself had to be preempted."""
+        if self.blocks.can_grow(seq, num_tokens):  # the common case: no set built per row
+            return True
         taken = {id(s.seq) for s in scheduled}
         while not self.blocks.can_grow(seq, num_tokens):
             victims = [s for s in self.running if s is not seq and id(s) not in taken]
