@@ -220,7 +220,9 @@ class PagedSmallModel:
             def hook(_module, _inputs, output):
                 if isinstance(output, tuple):  # (block output before its residual add, residual)
                     block_out, residual = output
-                    captured["hidden"][layer] = block_out + residual
+                    if block_out.dim() == residual.dim() + 1:  # split-K partial sums (CUDA)
+                        block_out = block_out.sum(0)
+                    captured["hidden"][layer] = block_out.float() + residual.float()
                 else:
                     captured["hidden"][layer] = output.clone()
 
