@@ -20,18 +20,21 @@ from ray import serve
 
 from models.config import TandemConfig
 from models.engine.types import AdapterNotFoundError, GenerationRequest, RequestOutput
+from models.errors import TandemError
 
 logger = logging.getLogger("ray.serve")
 
 
-class VectorUploadError(ValueError):
+class VectorUploadError(TandemError):
     """A steering vector upload or extraction that cannot be used (bad file, wrong shape)."""
 
-    def __init__(self, message: str, status_code: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.code = "invalid_steering_vector"
+    code = "invalid_steering_vector"
+
+
+class VectorFileTypeError(VectorUploadError):
+    """An uploaded steering vector that is neither GGUF nor safetensors."""
+
+    status_code = 415
 
 
 class _SteeringObserver:
@@ -225,8 +228,8 @@ class Generator:
 
         suffix = Path(filename).suffix.lower()
         if suffix not in (".gguf", ".safetensors"):
-            raise VectorUploadError(
-                f"steering vector files must be .gguf or .safetensors, got '{filename}'", 415
+            raise VectorFileTypeError(
+                f"steering vector files must be .gguf or .safetensors, got '{filename}'"
             )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"upload{suffix}"

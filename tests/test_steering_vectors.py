@@ -207,3 +207,18 @@ def test_default_vectors_are_extracted_once_and_cached(big, tmp_path):
     ensure_default_vectors(config, path, library)  # cached: no model load, no extraction
     assert time.perf_counter() - started < 0.5
     assert os.stat(tmp_path / "lib" / "happy.gguf").st_mtime_ns == stamp
+
+
+def test_a_changed_vector_spec_is_extracted_again(big, tmp_path):
+    path, model, tokenizer = big
+    spec = {"name": "happy", "positive": HAPPY, "negative": SAD}
+    library = VectorLibrary(tmp_path / "lib", num_layers=4, hidden_size=128)
+    ensure_default_vectors(SteeringConfig.model_validate({"vectors": [spec]}), path, library)
+    first = library.get("happy")
+    ensure_default_vectors(SteeringConfig.model_validate({"vectors": [spec]}), path, library)
+    assert library.get("happy").metadata["spec"] == first.metadata["spec"]  # cached
+    changed = {**spec, "pool": "mean"}
+    ensure_default_vectors(SteeringConfig.model_validate({"vectors": [changed]}), path, library)
+    again = library.get("happy")
+    assert again.metadata["spec"] != first.metadata["spec"] and again.metadata["pool"] == "mean"
+    assert not torch.equal(again.directions[1], first.directions[1])

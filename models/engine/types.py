@@ -10,17 +10,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from models.errors import TandemError
 
-class EngineError(Exception):
+
+class EngineError(TandemError):
     """An engine-side failure that a client can act on (bad request, not loaded, full)."""
-
-    status_code = 400
-    code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 class PromptTooLongError(EngineError):

@@ -38,7 +38,7 @@ class SteeringVectorRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    coeff: float = Field(4.0, ge=-100, le=100)
+    coeff: float = Field(1.0, ge=-100, le=100)
     layers: list[int] | None = None
 
 

@@ -6,22 +6,13 @@ Constructed with the message only, so they survive pickling through Ray handles 
 
 from __future__ import annotations
 
+from models.errors import TandemError
 
-class RetrievalError(Exception):
+
+class RetrievalError(TandemError):
     """Base of every error a retrieval client can cause; `message` says what to do about it."""
 
-    status_code = 400
     code = "invalid_request"
-    param: str | None = None
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        if param is not None:
-            self.param = param
-
-    def __reduce__(self):
-        return (type(self), (self.message, self.param))
 
 
 class NotFoundError(RetrievalError):

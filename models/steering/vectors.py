@@ -11,6 +11,7 @@ vectors use the same number: tensor `direction.{l}`. This is repeng's layout (it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -385,14 +386,18 @@ def ensure_default_vectors(
 ) -> list[str]:
     """Make every vector of the steering config available in `library`: copy the ones given
     as files, extract the ones given as pairs on the big model at `model_path` (once; later
-    starts find them cached). Returns the names now available. `config` is a SteeringConfig."""
+    starts find them cached, unless the config's spec of the vector changed since). Returns the
+    names now available. `config` is a SteeringConfig."""
     names = []
     for spec in config.vectors:
         names.append(spec.name)
-        if spec.name in library:
+        fingerprint = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+        if spec.name in library and library.get(spec.name).metadata.get("spec") == fingerprint:
             continue
         if spec.path:
-            library.add(load_vector(spec.path, spec.name))
+            vector = load_vector(spec.path, spec.name)
+            vector.metadata["spec"] = fingerprint
+            library.add(vector)
             continue
         if model is None:
             model, tokenizer = _load_model(model_path)
@@ -405,7 +410,7 @@ def ensure_default_vectors(
             method=spec.method,
             model_hint=getattr(model.config, "model_type", ""),
         )
-        vector.metadata["pool"] = spec.pool
+        vector.metadata.update(pool=spec.pool, spec=fingerprint)
         library.add(vector)
     return names
 
