@@ -15,6 +15,7 @@ from tests.conftest import default_app_args, free_port
 pytestmark = pytest.mark.serve
 
 MODEL = "tandem"
+APP_ARGS: dict = {}  # the args the module's app was built with (a restart reuses them)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def base_url(tmp_path_factory, adapter_root):
     args.setdefault("retrieval", {})["data_dir"] = str(tmp_path_factory.mktemp("retrieval"))
     args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
     args.setdefault("router", {})["adapter_roots"] = [str(adapter_root)]
+    APP_ARGS.update(args)
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -325,3 +327,28 @@ def test_sync_proxy_tuning_differs_from_plain(client):
     proxied = chat(client, temperature=0, max_tokens=10, extra_body={
         "ignore_eos": True, "steering": {"policy": "proxy", "mode": "sync", "params": {"alpha": 4.0}}})
     assert proxied.choices[0].message.content != plain.choices[0].message.content
+
+
+# ---- restart (keep last: it redeploys the app) -----------------------------------------------
+
+
+def test_uploads_survive_an_app_restart(base_url, client, tmp_path):
+    from ray import serve
+
+    from deployments.app import build_app
+
+    doc = tmp_path / "orchard.md"
+    doc.write_text("# Orchard\n\nThe orchard keeper Tomas stores the pears in the cold cellar.")
+    f = client.files.create(file=doc.open("rb"), purpose="assistants")
+    store = client.vector_stores.create(name="orchard", file_ids=[f.id])
+    before = client.vector_stores.search(store.id, query="Where are the pears kept?")
+    assert before.data and "cellar" in before.data[0].content[0].text
+
+    serve.delete("tandem")
+    serve.run(build_app(APP_ARGS), name="tandem", route_prefix="/")
+
+    assert store.id in {s.id for s in client.vector_stores.list().data}
+    assert f.id in {x.id for x in client.files.list().data}
+    after = client.vector_stores.search(store.id, query="Where are the pears kept?")
+    assert [(h.file_id, h.score) for h in after.data] == [(h.file_id, h.score) for h in before.data]
+    assert client.files.content(f.id).read() == doc.read_bytes()
