@@ -945,6 +945,8 @@ SPLIT_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): partial
     (16, 512, 4, 3, 4),
 ]
 _linear_choice: dict[tuple, tuple | None] = {}
+MIN_TUNED_WEIGHT_BYTES = 4 << 20  # smaller weights always use cuBLAS
+MAX_TUNING_COPIES = 64
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -1017,9 +1019,13 @@ def _pick_linear(x, weight, bias, configs: list[tuple]) -> tuple | None:
     graph over enough weight copies that they stream from HBM as in a real step, not from L2."""
     if weight.stride(-1) != 1 or weight.shape[1] % 16:
         return None
+    nbytes = weight.numel() * weight.element_size()
+    if nbytes < MIN_TUNED_WEIGHT_BYTES:  # launch-bound and L2-resident: nothing to win
+        return None
     rows = triton.next_power_of_2(x.shape[0])
     probe = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype)
-    copies = max(2, -(-(192 << 20) // (weight.numel() * weight.element_size())))
+    # enough copies to stream from HBM as in a real step; capped, since each is a graph launch
+    copies = min(MAX_TUNING_COPIES, max(2, -(-(192 << 20) // nbytes)))
     weights = [weight] + [weight.clone() for _ in range(copies - 1)]
 
     def graph_ms(fn) -> float:
