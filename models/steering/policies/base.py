@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -35,7 +36,7 @@ class PolicyContext:
     expert_adapter: str | None = None
 
 
-class Policy:
+class Policy(ABC):
     """A steering policy: per event of a request, the actions to take.
 
     Subclasses set `Params` (a pydantic model: the config's defaults, overridden per request)
@@ -61,7 +62,7 @@ class Policy:
         """Small-model blocks whose outputs `on_event` reads (SmallOutput.hidden)."""
         return []
 
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: B027 (an optional hook: doing nothing is the default)
         """Check what the policy needs and precompute; raise with a clear message if unusable."""
 
     def params_for(self, request_params: dict[str, Any]) -> BaseModel:
@@ -70,8 +71,10 @@ class Policy:
         own = {k: v for k, v in request_params.items() if k not in ENGINE_PARAMS}
         return self.Params.model_validate({**self.defaults.model_dump(), **own})
 
+    @abstractmethod
     def on_event(self, state: RequestState, event: Event) -> list[Action]:
-        raise NotImplementedError
+        """The actions for one event of one request (each is checked against the legality
+        table by the runtime)."""
 
     def big_vocab_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """Fit a small-model vector [small_vocab] to the big model's vocab (shared tokenizer:
