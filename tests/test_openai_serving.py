@@ -163,3 +163,19 @@ def test_completions_prompt_forms_and_echo(engine):
     e = run(serving.completions({"model": "tandem", "prompt": "Mia is", "max_tokens": 3,
                                  "temperature": 0, "echo": True}))
     assert e["choices"][0]["text"] == "Mia is" + a["choices"][0]["text"]
+
+
+def test_a_generation_that_fails_midway_reports_why(engine):
+    from models.engine.types import RequestOutput
+
+    async def failing(request):
+        yield RequestOutput(request.request_id, [5], "Mia", num_generated_tokens=1)
+        yield RequestOutput(request.request_id, [], "", finished=True, finish_reason="error",
+                            num_generated_tokens=1, error="the steering policy raised: boom")
+
+    serving = OpenAIServing(model_name="tandem", tokenizer=engine.tokenizer,
+                            backends=Backends(generate=failing),
+                            limits=ServingLimits(max_model_len=256, vocab_size=len(engine.tokenizer)))
+    r = run(serving.chat(chat_body(max_tokens=4)))
+    assert r["choices"][0]["finish_reason"] == "error" and r["choices"][0]["message"]["content"] == "Mia"
+    assert r["tandem"]["errors"] == [{"index": 0, "message": "the steering policy raised: boom"}]

@@ -378,6 +378,8 @@ class OpenAIServing:
         tandem = dict(prep.tandem)
         echo = tandem.pop("echo", False)
         tandem["interventions"] = _interventions(choices)
+        if errors := [{"index": i, "message": c.error} for i, c in enumerate(choices) if c.error]:
+            tandem["errors"] = errors  # choices that ended with finish_reason "error", and why
         body: dict[str, Any] = {
             "id": prep.request_id,
             "object": "chat.completion" if chat else "text_completion",
@@ -435,9 +437,11 @@ class OpenAIServing:
                         choice = {"index": index, **body, "logprobs": lp,
                                   "finish_reason": out.finish_reason if out.finished else None}
                         extra = {}
-                        if out.finished and out.interventions:
+                        if out.finished and (out.interventions or out.error):
                             extra["tandem"] = {"interventions": [
                                 {"index": index, **_intervention(iv)} for iv in out.interventions]}
+                            if out.error:
+                                extra["tandem"]["errors"] = [{"index": index, "message": out.error}]
                         yield chunk([choice], **extra)
                 if prep.include_usage:
                     prompt_tokens = sum(len(ids) for ids in prep.prompt_ids)
@@ -500,6 +504,7 @@ class _Stream:
         self.finish_reason: str | None = None
         self.logprobs: list | None = None
         self.interventions: list = []
+        self.error: str | None = None
 
     async def prime(self) -> None:
         try:
@@ -516,6 +521,7 @@ class _Stream:
         self.interventions.extend(out.interventions)
         if out.finished:
             self.finish_reason = out.finish_reason
+            self.error = out.error
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         if self.first is not None:
