@@ -134,9 +134,12 @@ class Ingress:
         self._include_files_api()
 
     def _include_files_api(self) -> None:
+        from fastapi import Depends
+
         from deployments.files_api import build_files_router
 
-        app.include_router(build_files_router(lambda: self.retriever))
+        app.include_router(build_files_router(lambda: self.retriever),
+                           dependencies=[Depends(self._check_auth)])
 
     # ---- backends for the serving layer -------------------------------------------------
 

@@ -352,3 +352,31 @@ def test_uploads_survive_an_app_restart(base_url, client, tmp_path):
     after = client.vector_stores.search(store.id, query="Where are the pears kept?")
     assert [(h.file_id, h.score) for h in after.data] == [(h.file_id, h.score) for h in before.data]
     assert client.files.content(f.id).read() == doc.read_bytes()
+
+
+def test_oversized_body_is_refused(base_url):
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
+                   content=b'{"model": "tandem", "messages": [{"role": "user", "content": "'
+                   + b"x" * (2 << 20) + b'"}]}', headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_api_keys_are_enforced_when_configured(base_url):
+    """Redeploys the app with an API key (keep after the restart test: it changes the app)."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args = {**APP_ARGS, "server": {**APP_ARGS.get("server", {}), "api_keys": ["sk-test"]}}
+    serve.delete("tandem")
+    serve.run(build_app(args), name="tandem", route_prefix="/")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    missing = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.vector_stores.list()
+    ok = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-test", max_retries=0)
+    assert ok.chat.completions.create(**body).choices
