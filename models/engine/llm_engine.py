@@ -129,7 +129,8 @@ class LLMEngine(SequenceEditor):
         seed = request.params.seed
         if seed is None:
             seed = self._seed_source.randrange(1 << 62)
-        seq = Sequence(request, torch.Generator().manual_seed(seed), self._arrivals)
+        generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        seq = Sequence(request, generator, self._arrivals)
         self._arrivals += 1
         seq.adapter_weights = self.adapters.acquire(request)
         self.reset_vectors(seq)

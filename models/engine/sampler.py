@@ -14,58 +14,75 @@ from models.engine.sequence import Sequence
 from models.engine.types import SamplingParams, TokenLogprob
 
 
-def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    if not params.logit_bias:
+def apply_logit_biases(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Add each row's logit_bias (rows without one are untouched)."""
+    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if not biased:
         return logits
-    ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
-    bias = torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-    return logits.index_add(0, ids, bias)
-
-
-def truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus top-p set to -inf (1-D logits)."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > top_p
-        logits = logits.masked_fill(
-            torch.zeros_like(outside).scatter(0, order, outside), float("-inf")
-        )
+    logits = logits.clone()
+    for i, bias in biased:
+        ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+        values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+        logits[i].index_add_(0, ids, values)
     return logits
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from 1-D float32 logits (bias already applied)."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = truncate(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus top-p set to -inf.
+
+    logits [rows, vocab]; top_k [rows] (0 = off); top_p [rows] (1 = off). One sort for the batch.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    outside = rank[None, :] >= k[:, None]
+    probs = sorted_logits.softmax(-1)
+    outside |= probs.cumsum(-1) - probs > top_p[:, None]  # the most likely token always stays
+    return logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
 
 
-def token_logprob(logits: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:
-    logprobs = logits.float().log_softmax(-1)
+def token_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:
+    """The chosen token's logprob and the top alternatives from one row of log-softmax values."""
     top: list[tuple[int, float]] = []
     if num_top > 0:
         values, ids = logprobs.topk(min(num_top, logprobs.shape[-1]))
-        top = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
+        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
     return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top=top)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
     """Pick one token per row of logits [rows, vocab] (float32, adjustments applied except
-    logit bias); returns (token id, logprob or None) per row."""
-    plain = [s.request.params for s in seqs]
-    if all(p.temperature == 0 and p.logprobs is None and not p.logit_bias for p in plain):
+    logit bias); returns (token id, logprob or None) per row.
+
+    Batched: temperature, top-k and top-p are row-wise tensor ops, and a sampled row draws by
+    the exponential race (argmax of p / E with E ~ Exp(1) from the row's own generator: an
+    exact categorical draw), so the whole batch costs one device sync, not one per row.
+    """
+    params = [s.request.params for s in seqs]
+    if all(p.temperature == 0 and p.logprobs is None and not p.logit_bias for p in params):
         return [(token, None) for token in logits.argmax(-1).tolist()]  # one device sync
-    out = []
-    for row, seq in zip(logits, seqs, strict=True):
-        params = seq.request.params
-        row = apply_logit_bias(row, params)
-        token = sample_row(row, params, seq.generator)
-        logprob = None if params.logprobs is None else token_logprob(row, token, params.logprobs)
-        out.append((token, logprob))
+    logits = apply_logit_biases(logits, params)
+    tokens = logits.argmax(-1)
+    sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        picked = [params[i] for i in sampled_rows]
+        temperature = torch.tensor([p.temperature for p in picked], device=logits.device)
+        scaled = logits[rows] / temperature[:, None]
+        top_k = torch.tensor([p.top_k for p in picked], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in picked], device=logits.device)
+        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+            scaled = truncate(scaled, top_k, top_p)
+        probs = scaled.softmax(-1)
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(sampled_rows):
+            noise[j].exponential_(generator=seqs[i].generator)
+        tokens[rows] = (probs / noise).argmax(-1)
+    token_list = tokens.tolist()
+    wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+    logprobs = logits[wants].log_softmax(-1) if wants else None
+    out: list[tuple[int, TokenLogprob | None]] = [(t, None) for t in token_list]
+    for j, i in enumerate(wants):
+        out[i] = (token_list[i], token_logprobs(logprobs[j], token_list[i], params[i].logprobs))
     return out
