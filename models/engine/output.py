@@ -20,11 +20,19 @@ class OutputBuilder:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
+        # Rows decode every step: the Rust tokenizer directly is ~4x cheaper than the
+        # transformers wrapper, and gives the same text when the wrapper has no clean-up to do.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cleans = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode = (
+            backend.decode if backend is not None and not cleans
+            else tokenizer.decode if tokenizer is not None else None
+        )
 
     def decode(self, token_ids: list[int]) -> str:
-        if self.tokenizer is None or not token_ids:
+        if self._decode is None or not token_ids:
             return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self._decode(token_ids, skip_special_tokens=True)
 
     def generated_text(self, seq: Sequence) -> str:
         """decode(all generated tokens), from the cached text plus a short window."""
