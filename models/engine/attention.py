@@ -72,12 +72,13 @@ def paged_attention(
     max_len = block_tables.shape[1] * k_cache.shape[1]
     k = k_cache[block_tables.long()].reshape(batch, max_len, num_kv_heads, head_dim)
     v = v_cache[block_tables.long()].reshape(batch, max_len, num_kv_heads, head_dim)
-    group = num_heads // num_kv_heads
-    k = k.transpose(1, 2).repeat_interleave(group, dim=1)
-    v = v.transpose(1, 2).repeat_interleave(group, dim=1)
     positions = torch.arange(max_len, device=q.device)
     mask = (positions[None, :] < context_lens[:, None]).view(batch, 1, 1, max_len)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale)
+    # enable_gqa: query head h reads KV head h // group, without materialising the expansion
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=True,
+    )
     return out.squeeze(2)
 
 
@@ -91,9 +92,8 @@ def varlen_attention(
     """Causal attention for sequences adding several tokens (prefill chunks, forced tokens):
     q [num_tokens, num_heads, head_dim], tokens of each sequence contiguous; the new tokens
     are the last query_lens[i] of context_lens[i] cached ones. Returns q's shape."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    head_dim = q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     outputs = []
     start = 0
     for row, q_len in enumerate(batch.query_lens):
@@ -101,12 +101,13 @@ def varlen_attention(
         blocks = batch.block_tables[row, : (ctx + block_size - 1) // block_size].long()
         k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
         v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
-        k = k.transpose(0, 1).repeat_interleave(group, dim=0)
-        v = v.transpose(0, 1).repeat_interleave(group, dim=0)
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
         mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
         q_row = q[start : start + q_len].transpose(0, 1)
-        out = F.scaled_dot_product_attention(q_row, k, v, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q_row, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+            enable_gqa=True,
+        )
         outputs.append(out.transpose(0, 1))
         start += q_len
     return torch.cat(outputs, dim=0)
