@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from models.steering.state import BASE, RequestState, SmallOutput
+from models.steering.state import BASE, RequestState, SmallOutput, common_prefix
 
 MAX_ROWS = 128  # (request, variant) rows in one decode step that CUDA graphs cover
 
@@ -162,7 +162,7 @@ class PagedSmallModel:
             tokens = state.tokens
             if not tokens:
                 raise ValueError(f"request {state.request_id} has no tokens to read")
-            kv.num_computed = min(kv.num_computed, _common_prefix(kv.token_ids, tokens))
+            kv.num_computed = min(kv.num_computed, common_prefix(kv.token_ids, tokens))
             kv.num_computed = min(kv.num_computed, len(tokens) - 1)  # re-read the last token
             kv.token_ids = list(tokens)
             self.blocks.shrink(kv, kv.num_computed)
@@ -232,15 +232,6 @@ class PagedSmallModel:
             block = self.runner.model.layers[layer]
             captured["handles"].append(block.register_forward_hook(keep(layer)))
         return captured
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _lora_rank(path: str) -> int:

@@ -72,7 +72,7 @@ class RequestState:
 
     def reset(self, prompt_ids: list[int], generated: list[int]) -> None:
         """The sequence is now prompt_ids + generated; caches keep the prefix that still holds."""
-        self._keep_prefix(self._common_prefix(self.tokens, list(prompt_ids) + list(generated)))
+        self._keep_prefix(common_prefix(self.tokens, list(prompt_ids) + list(generated)))
         self.prompt_ids = list(prompt_ids)
         self.generated = list(generated)
 
@@ -84,7 +84,7 @@ class RequestState:
                 f"request {self.request_id}: tokens {len(self.generated)}..{step - 1} were never "
                 "reported"
             )
-        same = self._common_prefix(self.generated[step:], token_ids)
+        same = common_prefix(self.generated[step:], token_ids)
         self._keep_prefix(len(self.prompt_ids) + step + same)
         self.generated = self.generated[:step] + list(token_ids)
 
@@ -98,11 +98,12 @@ class RequestState:
         for kv in self.kv.values():
             kv.crop(length)
 
-    @staticmethod
-    def _common_prefix(a: list[int], b: list[int]) -> int:
-        n = 0
-        for x, y in zip(a, b, strict=False):
-            if x != y:
-                break
-            n += 1
-        return n
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading token ids two sequences share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
