@@ -251,14 +251,14 @@ class Generator:
                              layers: list[int] | None, method: str) -> bytes:
         """Extract a vector from contrastive pairs on the big model; returns it as GGUF bytes."""
         from models.steering.vectors import (
-            _load_model,
             extract_vector,
+            load_transformers_model,
             save_gguf,
             transformers_hidden_states,
         )
 
         def run() -> bytes:
-            model, tokenizer = _load_model(self.paths.big)
+            model, tokenizer = load_transformers_model(self.paths.big)
             vector = extract_vector(name, transformers_hidden_states(model, tokenizer), positive,
                                     negative, layers=layers, method=method,
                                     model_hint=getattr(model.config, "model_type", ""))

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -343,7 +343,7 @@ class OpenAIServing:
                     GenerationRequest(
                         request_id=f"{prep.request_id}-{index}",
                         prompt_token_ids=ids,
-                        params=SamplingParams(**{**params.__dict__}),
+                        params=replace(params),
                         adapter=prep.adapter,
                         adapter_weights=prep.adapter_weights,
                         steer_vectors=list(prep.steer_vectors),

@@ -400,7 +400,7 @@ def ensure_default_vectors(
             library.add(vector)
             continue
         if model is None:
-            model, tokenizer = _load_model(model_path)
+            model, tokenizer = load_transformers_model(model_path)
         vector = extract_vector(
             spec.name,
             transformers_hidden_states(model, tokenizer, pool=spec.pool),
@@ -415,7 +415,8 @@ def ensure_default_vectors(
     return names
 
 
-def _load_model(model_path: str) -> tuple[Any, Any]:
+def load_transformers_model(model_path: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a checkpoint through transformers, float32, for extraction."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
