@@ -18,7 +18,7 @@ import torch
 from models.engine.adapters import LoRAAdapters
 from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
-from models.engine.model_runner import ModelRunner
+from models.engine.model_runner import ModelRunner, to_device
 from models.engine.output import OutputBuilder, finish
 from models.engine.sampler import sample
 from models.engine.scheduler import ScheduledSequence, Scheduler
@@ -255,7 +255,7 @@ class LLMEngine(SequenceEditor):
         zero = torch.zeros(self.args.num_layers, self.args.hidden_size, device=self.runner.device)
         for seq in seqs:
             if seq.steer_vectors and seq.steer_delta is None:
-                seq.steer_delta = self._row_delta(seq).to(self.runner.device)
+                seq.steer_delta = to_device(self._row_delta(seq), torch.float32, self.runner.device)
         return torch.stack([s.steer_delta if s.steer_vectors else zero for s in seqs], dim=1)
 
     def _row_delta(self, seq: Sequence) -> torch.Tensor:

@@ -31,6 +31,16 @@ def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, config.dtype)
 
 
+def to_device(data: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host data as a tensor on `device` without a host sync: on CUDA it goes through pinned
+    memory and a non-blocking copy (a plain `torch.tensor(..., device="cuda")` waits for all
+    queued GPU work first, which would serialise the step's host work behind the GPU)."""
+    cpu = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return cpu.to(device)
+    return cpu.pin_memory().to(device, non_blocking=True)
+
+
 class ModelRunner:
     """The model, its paged KV cache, and the conversion of a schedule into tensors."""
 
@@ -91,23 +101,28 @@ class ModelRunner:
             query_lens.append(item.num_tokens)
             context_lens.append(end)
         max_blocks = max(len(item.seq.block_table) for item in scheduled)
-        tables = [
-            item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))
-            for item in scheduled
-        ]
-        dev = self.device
+        tables = []
+        for item in scheduled:
+            table = item.seq.block_table
+            tables.extend(table)
+            tables.extend([0] * (max_blocks - len(table)))
+        # two host->device copies per step, neither waiting for the GPU (see to_device)
+        n_tok, n_rows = len(ids), len(scheduled)
+        longs = to_device(ids + positions + slots + rows, torch.int64, self.device)
+        ints = to_device(context_lens + tables, torch.int32, self.device)
         batch = ForwardBatch(
             is_decode=all(n == 1 for n in query_lens),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            slot_mapping=longs[2 * n_tok : 3 * n_tok],
+            block_tables=ints[n_rows:].view(n_rows, max_blocks),
+            context_lens=ints[:n_rows],
             query_lens=query_lens,
-            token_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
-            steer_deltas=None if steer_deltas is None else steer_deltas.to(dev, self.dtype),
-            lora_weights=None if lora_weights is None else lora_weights.to(dev, self.dtype),
+            token_rows=longs[3 * n_tok :],
+            steer_deltas=None if steer_deltas is None else steer_deltas.to(self.device, self.dtype),
+            lora_weights=None
+            if lora_weights is None
+            else to_device(lora_weights, self.dtype, self.device),
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
-        return input_ids, torch.tensor(positions, dtype=torch.int64, device=dev), batch
+        return longs[:n_tok], longs[n_tok : 2 * n_tok], batch
 
     @torch.inference_mode()
     def run(
@@ -123,7 +138,7 @@ class ModelRunner:
                 return self.graphs.run(input_ids, positions, batch)
             return self.decode(input_ids, positions, batch)
         hidden = self.model(input_ids, positions, batch)
-        last = torch.tensor(batch.query_lens, device=self.device).cumsum(0) - 1
+        last = to_device(batch.query_lens, torch.int64, self.device).cumsum(0) - 1
         return self.model.compute_logits(hidden[last]).float()
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from models.engine.model_runner import to_device
 from models.engine.sequence import Sequence
 from models.engine.types import SamplingParams, TokenLogprob
 
@@ -66,13 +67,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenL
     tokens = logits.argmax(-1)
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
+        device = logits.device
         picked = [params[i] for i in sampled_rows]
-        temperature = torch.tensor([p.temperature for p in picked], device=logits.device)
+        rows = to_device(sampled_rows, torch.int64, device)
+        temperature = to_device([p.temperature for p in picked], logits.dtype, device)
         scaled = logits[rows] / temperature[:, None]
-        top_k = torch.tensor([p.top_k for p in picked], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in picked], device=logits.device)
-        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        if any(p.top_k > 0 or p.top_p < 1 for p in picked):
+            top_k = to_device([p.top_k for p in picked], torch.int64, device)
+            top_p = to_device([p.top_p for p in picked], logits.dtype, device)
             scaled = truncate(scaled, top_k, top_p)
         probs = scaled.softmax(-1)
         noise = torch.empty_like(probs)
