@@ -135,20 +135,28 @@ class PagedSmallModel:
         background: bool = False,
     ) -> None:
         """Make `state.output(variant)` current for every pair, in one forward; `hidden_layers`
-        also keeps those blocks' outputs for the tokens read. `background` (CUDA) queues the
-        forward on a side stream and returns at once; the next read waits for it."""
+        also keeps those blocks' outputs for the tokens read.
+
+        On CUDA the forward runs on a side stream, so it overlaps whatever the big model still
+        has queued on the main stream (the small model's inputs are host-side token ids, never
+        the big model's results); the main stream waits for it before anything there can read
+        the outputs, and the host never waits. `background` is the same without that wait: the
+        next read (or `sync`) orders it."""
         if self.side_stream is None:
             return self._read(items, hidden_layers)
         main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.side_stream):
+            outputs = self._read(items, hidden_layers)
+        for tensor in outputs:  # made on the side stream, read on main: keep them alive there
+            tensor.record_stream(main)
         if not background:
             main.wait_stream(self.side_stream)
-            return self._read(items, hidden_layers)
-        self.side_stream.wait_stream(main)  # the graphs' static buffers are shared
-        with torch.cuda.stream(self.side_stream):
-            self._read(items, hidden_layers)
 
     @torch.inference_mode()
-    def _read(self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int]) -> None:
+    def _read(
+        self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """The forward in the current stream; returns the tensors it made for the outputs."""
         from models.engine.scheduler import ScheduledSequence
 
         scheduled, rows = [], []
@@ -175,7 +183,7 @@ class PagedSmallModel:
             scheduled.append(ScheduledSequence(kv, len(tokens) - kv.num_computed))
             rows.append((state, variant))
         if not scheduled:
-            return
+            return []
         captured = self._capture_hidden(hidden_layers) if hidden_layers else None
         graphs = getattr(self.runner, "graphs", None)
         try:
@@ -187,6 +195,9 @@ class PagedSmallModel:
                 self.runner.graphs = graphs
                 for handle in captured["handles"]:
                     handle.remove()
+        # a graph replay returns a view of its static output: keep one copy for all rows
+        logits = logits.clone()
+        made = [logits]
         starts = [0]
         for item in scheduled:
             starts.append(starts[-1] + item.num_tokens)
@@ -196,12 +207,11 @@ class PagedSmallModel:
             if captured is not None:
                 hidden = {layer: h[starts[i] : starts[i + 1]].float()
                           for layer, h in captured["hidden"].items()}  # fmt: skip
+                made.extend(hidden.values())
             state.outputs[variant] = SmallOutput(
-                # a graph replay returns a view of its static output: keep a copy
-                logits=logits[i].clone(),
-                length=item.seq.num_computed,
-                hidden=hidden,
+                logits=logits[i], length=item.seq.num_computed, hidden=hidden
             )
+        return made
 
     def _lora_weights(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor | None:
         if all(v == BASE for _, v in rows):
