@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from models.engine.attention import ForwardBatch
+from models.engine.streams import private_stream
 
 StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -36,8 +37,10 @@ class CudaGraphRunner:
         batch_dims: dict[str, int] | None = None,
         pad_values: dict[str, float] | None = None,
         pool: tuple | None = None,
+        stream: torch.cuda.Stream | None = None,
     ):
         self.step = step
+        self.stream = stream  # capture stream: one no concurrently replayed graph shares
         self.buffers = buffers
         self.batch_sizes = sorted(set(batch_sizes))
         self.batch_dims = batch_dims or {}
@@ -80,7 +83,9 @@ class CudaGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         pool = self.pool
-        stream = torch.cuda.Stream()
+        if self.stream is None:
+            self.stream = private_stream(self.buffers_device(), owner=self)
+        stream = self.stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for size in reversed(self.batch_sizes):
@@ -92,7 +97,7 @@ class CudaGraphRunner:
         for size in reversed(self.batch_sizes):
             views = self.views(size)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self.outputs[size] = self.step(views)
             self.graphs[size] = graph
         for name, buf in self.buffers.items():
@@ -100,6 +105,9 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds
+
+    def buffers_device(self) -> torch.device:
+        return next(iter(self.buffers.values())).device
 
     def replay(self, batch: int) -> torch.Tensor:
         """Run the step for the first `batch` rows already written into the buffers; rows up to
@@ -172,9 +180,15 @@ class DecodeGraphs:
         self.lora = torch.zeros(max_bs, max(lora_slots, 1), dtype=dtype, device=device)
         self.steer_dirty = False
         pool = torch.cuda.graph_pool_handle()
+        stream = private_stream(device, owner=self)  # both variants: never replayed at once
         dims = {"steer": 1}
         self.plain = CudaGraphRunner(
-            lambda v: self._step(v, lora=False), self.buffers, batch_sizes, dims, pool=pool
+            lambda v: self._step(v, lora=False),
+            self.buffers,
+            batch_sizes,
+            dims,
+            pool=pool,
+            stream=stream,
         )
         self.with_lora = None
         if lora_slots:
@@ -184,6 +198,7 @@ class DecodeGraphs:
                 batch_sizes,
                 dims,
                 pool=pool,
+                stream=stream,
             )
 
     def _step(self, views: dict[str, torch.Tensor], lora: bool) -> torch.Tensor:

@@ -1033,6 +1033,20 @@ def _pick_linear(x, weight, bias, configs: list[tuple]) -> tuple | None:
     return best
 
 
+_tuning_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _tuning_stream(device: torch.device) -> torch.cuda.Stream:
+    """The tuner's own capture stream: its short-lived graphs never share a cuBLAS workspace
+    with an engine's graphs (see models.engine.streams)."""
+    from models.engine.streams import private_stream
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _tuning_streams:
+        _tuning_streams[index] = private_stream(device)
+    return _tuning_streams[index]
+
+
 def time_linear_configs(
     rows: int, weight: torch.Tensor, bias: torch.Tensor | None, configs: list[tuple]
 ) -> dict[tuple | None, float]:
@@ -1050,7 +1064,7 @@ def time_linear_configs(
         for w in weights:
             fn(w)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=_tuning_stream(weight.device)):
             for w in weights:
                 fn(w)
         graph.replay()

@@ -89,7 +89,11 @@ class PagedSmallModel:
         self.variants = [BASE, *adapters]
         self.tokenizer = _tokenizer(path)
         # background reads run here, beside the big model's work on the default stream
-        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.side_stream = None
+        if self.device.type == "cuda":
+            from models.engine.streams import private_stream
+
+            self.side_stream = private_stream(self.device, owner=self)
         self.reads_in_background = self.side_stream is not None
         if hasattr(self.runner, "capture_graphs"):  # CUDA: decode steps replay from graphs
             self.runner.capture_graphs()
