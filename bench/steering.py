@@ -183,7 +183,7 @@ def bench_gpu(args) -> dict:
                 runtime.release([r.request_id for r in reqs])
                 row[f"{mode}_ms"] = min(ms, row.get(f"{mode}_ms", float("inf")))
                 log(f"bs {batch} {mode}: {ms:.3f} ms/step ({steps} steps)")
-        row.update(small_read_ms(runtime.small_model, prompts, device))
+        row.update(small_read_ms(runtime.small_model, prompts, device, profile=args.profile))
         log(f"bs {batch} small model alone: {row}")
         base = row["unsteered_ms"]
         for mode in modes:
@@ -196,7 +196,9 @@ def bench_gpu(args) -> dict:
     return results
 
 
-def small_read_ms(small, prompts: list[list[int]], device: torch.device, steps: int = 32) -> dict:
+def small_read_ms(
+    small, prompts: list[list[int]], device: torch.device, steps: int = 32, profile: bool = False
+) -> dict:
     """ms per decode step of the small model alone: base rows, and base + expert rows."""
     from models.steering.state import BASE, RequestState
 
@@ -218,10 +220,34 @@ def small_read_ms(small, prompts: list[list[int]], device: torch.device, steps: 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)
+        out[f"{name}_read_ms"] = statistics.median(times)
+        if profile and device.type == "cuda":
+            out[f"{name}_profile"] = profile_read(small, items, states, steps)
         for state in states:
             small.free(state)
-        out[f"{name}_read_ms"] = statistics.median(times)
     return out
+
+
+def profile_read(small, items, states, step: int, reads: int = 5) -> list[dict]:
+    """GPU time per kernel name of one small-model read (profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(reads):
+            for state in states:
+                state.set_generated(step + i, [7])
+            small.read(items)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": e.key[:80], "per_read": e.count / reads, "us": us / reads})
+    rows.sort(key=lambda r: -r["us"])
+    log(f"small-model read, {len(items)} rows: {sum(r['us'] for r in rows):.0f} us of kernels")
+    for r in rows[:8]:
+        log(f"   {r['us']:8.1f} us  x{r['per_read']:5.0f}  {r['kernel']}")
+    return rows[:20]
 
 
 def print_gpu_table(results: dict) -> None:
@@ -315,6 +341,7 @@ def main() -> None:
     gpu.add_argument("--repeats", type=int, default=2)
     gpu.add_argument("--modes", nargs="*", help="modes to time beside unsteered (default all)")
     gpu.add_argument("--work", default="/tmp/tandem-steering-bench")
+    gpu.add_argument("--profile", action="store_true", help="kernel times of a small-model read")
     gpu.add_argument("--out", default=str(ROOT / "bench" / "results"))
     serve = sub.add_parser("serve", help="tokens/s through the running app's HTTP API")
     serve.add_argument("--base-url", default="http://127.0.0.1:8000")

@@ -187,3 +187,16 @@ def test_torch_engine_loads_adapters_in_its_thread(base, adapters):
     alone = make_engine(base)
     alone.adapters.load("alpha", str(adapters["alpha"]))
     assert got == run(alone, request("x", "alpha"))["x"]
+
+
+def test_a_fixed_adapter_set_frees_the_projections_it_does_not_touch(base, adapters):
+    eng = make_engine(base)
+    eng.adapters.load("beta", str(adapters["beta"]))  # q_proj and v_proj only
+    want = run(eng, request("a", "beta"), request("b"))
+    assert eng.adapters.drop_unused_linears() == 3 * eng.args.num_layers  # o, gate_up, down
+    layer = eng.runner.model.layers[0]
+    assert layer.self_attn.qkv_proj.lora_a is not None
+    assert layer.self_attn.o_proj.lora_a is None and layer.mlp.down_proj.lora_a is None
+    assert run(eng, request("a2", "beta"), request("b2")) == {"a2": want["a"], "b2": want["b"]}
+    with pytest.raises(EngineError, match="fixed"):
+        eng.adapters.load("alpha", str(adapters["alpha"]))

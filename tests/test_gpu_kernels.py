@@ -311,3 +311,69 @@ def test_split_k_partial_sums_feed_the_fused_residual_norm():
     out = kernels.linear_partials(x, w)
     summed = out.sum(0) if out.dim() == 3 else out.float()
     torch.testing.assert_close(summed.float(), full.float(), atol=2e-2, rtol=2e-2)
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_graphs_that_may_replay_at_once_never_share_a_capture_stream():
+    # cuBLAS keys its workspace by stream and a graph bakes in its capture stream's workspace:
+    # two graphs on one stream replayed concurrently (big and small model) hung the GPU
+    from models.engine.streams import private_stream
+
+    def runner():
+        buf = {"x": torch.randn(4, 256, device="cuda")}
+        w = torch.randn(256, 256, device="cuda")
+        r = CudaGraphRunner(lambda v: v["x"] @ w, buf, [4])
+        r.capture()
+        return r
+
+    a, b = runner(), runner()
+    streams = {a.stream.cuda_stream, b.stream.cuda_stream, private_stream().cuda_stream}
+    assert len(streams) == 3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    for _ in range(50):  # replay both at once, as colocated steering does
+        a.replay(4)
+        with torch.cuda.stream(side):
+            b.replay(4)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(a.outputs[4], a.step(a.views(4)))
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_lora_rows_add_into_split_k_partials():
+    from models.engine.attention import ForwardBatch
+    from models.engine.lora import LinearWithLoRA
+
+    layer = LinearWithLoRA(2048, [2048], False).cuda().to(torch.bfloat16)
+    layer.weight.normal_(0, 0.02)
+    layer.allocate_lora(num_slots=2, rank=8)
+    gen = torch.Generator().manual_seed(0)
+    layer.set_slot(
+        1, 0, torch.randn(8, 2048, generator=gen), torch.randn(2048, 8, generator=gen), 0.5
+    )
+    x = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
+    weights = torch.tensor(
+        [[0.0, 0.0], [0.0, 1.0], [0.0, 0.5]], device="cuda", dtype=torch.bfloat16
+    )
+    batch = ForwardBatch(
+        is_decode=True, slot_mapping=torch.zeros(3, dtype=torch.long, device="cuda"),
+        block_tables=torch.zeros(3, 1, dtype=torch.int32, device="cuda"),
+        context_lens=torch.ones(3, dtype=torch.int32, device="cuda"), query_lens=[1, 1, 1],
+        token_rows=torch.arange(3, device="cuda"), lora_weights=weights,
+    )  # fmt: skip
+    want = layer.forward(x, batch).float()
+    key = (2048, 2048, 4, torch.bfloat16, True)
+    saved = kernels._linear_choice.get(key, "unset")
+    try:
+        for config in kernels.SPLIT_CONFIGS:
+            kernels._linear_choice[key] = config
+            got = layer.forward_partials(x, batch)
+            assert got.dim() == 3
+            torch.testing.assert_close(got.sum(0), want, atol=3e-2, rtol=2e-2)
+    finally:
+        if saved == "unset":
+            kernels._linear_choice.pop(key)
+        else:
+            kernels._linear_choice[key] = saved

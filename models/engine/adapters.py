@@ -44,9 +44,22 @@ class LoRAAdapters:
         self.pins = [0] * self.num_slots
         self.last_used = [0] * self.num_slots
         self.clock = 0
+        self.frozen = False
         if self.num_slots:
             for layer in lora_linear_layers(model):
                 layer.allocate_lora(self.num_slots, self.max_rank)
+
+    def drop_unused_linears(self) -> int:
+        """For a fixed set of adapters, all loaded already (the steering small model's): free
+        the LoRA room of every projection none of them writes, so its forward skips the LoRA
+        kernel. Nothing can be loaded afterwards. Returns how many layers were freed."""
+        freed = 0
+        for layer in lora_linear_layers(self.model):
+            if layer.lora_b is not None and not bool(layer.lora_b.any()):
+                layer.free_lora()
+                freed += 1
+        self.frozen = True
+        return freed
 
     def names(self) -> list[str]:
         return sorted(self.paths)
@@ -58,6 +71,8 @@ class LoRAAdapters:
         """Read and validate `path`, then put it in a slot (replacing an older `name`)."""
         if self.num_slots == 0:
             raise EngineError("this engine has max_adapters_per_replica = 0: LoRA is off")
+        if self.frozen:
+            raise EngineError("this model's adapter set is fixed; no adapter can be loaded")
         weights = self.read(path)
         slot = self.slots.index(name) if name in self.slots else self._free_slot()
         self._write(slot, name, weights)

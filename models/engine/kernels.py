@@ -873,6 +873,9 @@ def lora_add_ref(
     return y.add_(((x @ lora_a) * mask) @ lora_b)
 
 
+LORA_CONFIG = (1024, 256, 4, 3)  # (BLOCK_K, BLOCK_OUT, num_warps, num_stages) of lora_add_
+
+
 def lora_add_(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -882,6 +885,7 @@ def lora_add_(
     token_rows: torch.Tensor,
     part_sizes: list[int],
     rank: int,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Per-row multi-LoRA added in place to a linear layer's output y [T, out]; returns y.
 
@@ -891,6 +895,7 @@ def lora_add_(
     token_rows int64 [T]. One kernel: each (token, part, column chunk) program computes the
     token's rank-r projection for the slots its row uses and adds its share of the output, so
     a slot the row does not use costs nothing. Large T (prefill) uses the torch form.
+    `config`: (BLOCK_K, BLOCK_OUT, num_warps, num_stages), default LORA_CONFIG.
     """
     num_parts = len(part_sizes)
     if not use_triton(x) or x.shape[0] > 512:
@@ -899,6 +904,7 @@ def lora_add_(
     tokens, k_dim = x.shape
     ends = [sum(part_sizes[: i + 1]) for i in range(num_parts)] + [0] * (3 - num_parts)
     n_split = max(1, min(16, triton.cdiv(264, tokens * num_parts)))
+    block_k, block_out, warps, stages = config or LORA_CONFIG
     _lora_add_kernel[(tokens, num_parts, n_split)](
         y,
         x,
@@ -920,9 +926,10 @@ def lora_add_(
         ends[2],
         n_split,
         R_PAD=max(2, triton.next_power_of_2(rank)),
-        BLOCK_K=256,
-        BLOCK_OUT=256,
-        num_warps=4,
+        BLOCK_K=block_k,
+        BLOCK_OUT=block_out,
+        num_warps=warps,
+        num_stages=stages,
     )
     return y
 

@@ -45,6 +45,11 @@ class LinearWithLoRA(nn.Module):
         self.lora_b = torch.zeros(cols, w.shape[0], dtype=w.dtype, device=w.device)
         self.column_slot = torch.arange(num_slots, device=w.device).repeat_interleave(parts * rank)
 
+    def free_lora(self) -> None:
+        """Drop the LoRA room: the layer is a plain linear again."""
+        self.lora_a = self.lora_b = self.column_slot = None
+        self.rank = 0
+
     def set_slot(
         self, slot: int, part: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float
     ) -> None:
@@ -68,11 +73,19 @@ class LinearWithLoRA(nn.Module):
             self.set_slot(slot, part, None, None, 1.0)
 
     def forward_partials(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """forward(), or float32 split-K partial sums [S, tokens, out] when no row uses LoRA and
-        that is faster: only for an output that feeds a fused residual norm (which sums them)."""
-        if self.lora_a is not None and batch.lora_weights is not None:
+        """forward(), or float32 split-K partial sums [S, tokens, out] when that is faster:
+        only for an output that feeds a fused residual norm (which sums them). LoRA rows add
+        their share into the first partial."""
+        if self.lora_a is None or batch.lora_weights is None:
+            return kernels.linear_partials(x, self.weight, self.bias)
+        if not kernels.use_triton(x):
             return self.forward(x, batch)
-        return kernels.linear_partials(x, self.weight, self.bias)
+        y = kernels.linear_partials(x, self.weight, self.bias)
+        kernels.lora_add_(
+            y[0] if y.dim() == 3 else y, x, self.lora_a, self.lora_b, batch.lora_weights,
+            batch.token_rows, self.part_sizes, self.rank,
+        )  # fmt: skip
+        return y
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         y = kernels.linear(x, self.weight, self.bias)

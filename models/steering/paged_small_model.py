@@ -86,6 +86,7 @@ class PagedSmallModel:
         self.lora = LoRAAdapters(self.runner.model, config)
         for name, adapter_path in adapters.items():
             self.lora.load(name, adapter_path)
+        self.lora.drop_unused_linears()  # e.g. an expert on attention only: no MLP LoRA kernels
         self.variants = [BASE, *adapters]
         self.tokenizer = _tokenizer(path)
         # background reads run here, beside the big model's work on the default stream
