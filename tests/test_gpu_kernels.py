@@ -97,6 +97,15 @@ def test_qk_norm_rope_reference_matches_hf_qwen3():
     assert k_cache[1, 3].abs().sum() == 0  # slot -1 wrote nothing
 
 
+def test_decode_partitions_keep_the_attention_grid_small():
+    size = kernels.decode_partition_size
+    assert size(1, 8, 784) == 64 and size(32, 8, 784) == 128  # short contexts: many partitions
+    for batch, ctx in [(1, 40960), (32, 16384), (128, 40960), (256, 131072)]:
+        part = size(batch, 8, ctx)
+        assert batch * 8 * -(-ctx // part) <= kernels.MAX_DECODE_PROGRAMS or part >= ctx
+        assert part & (part - 1) == 0  # a power of two
+
+
 def test_graph_runner_picks_the_smallest_bucket_that_fits():
     runner = CudaGraphRunner(lambda views: views["x"], {"x": torch.zeros(8, 2)}, [4, 1, 8, 2])
     assert [runner.bucket_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]

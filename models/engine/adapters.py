@@ -126,11 +126,11 @@ class LoRAAdapters:
         """Per-row slot weights [rows, slots], or None when no row uses an adapter."""
         if not any(s.adapter_weights for s in seqs):
             return None
-        out = torch.zeros(len(seqs), self.num_slots)
+        out = [[0.0] * self.num_slots for _ in seqs]  # built on the host, one copy
         for row, seq in enumerate(seqs):
             for slot, weight in seq.adapter_weights.items():
-                out[row, slot] = weight
-        return out
+                out[row][slot] = weight
+        return torch.tensor(out)
 
     def _requested(self, request: GenerationRequest) -> dict[str, float]:
         if request.adapter_weights:

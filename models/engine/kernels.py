@@ -578,12 +578,20 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------- public API
 
 
+MAX_DECODE_PROGRAMS = 8192  # (row, KV head, partition) programs of one decode attention
+
+
 def decode_partition_size(batch: int, num_kv_heads: int, max_context: int) -> int:
     """Tokens per split-K partition: small when few (row, KV head) pairs would leave the GPU
     idle, larger when the batch alone fills it. Depends on shapes only (graph-safe)."""
     pairs = batch * num_kv_heads
     base = 64 if pairs < 64 else 128 if pairs < 512 else 512
     while max_context > 1024 * base:
+        base *= 2
+    # The grid covers the longest context the block tables allow (a graph's static shape);
+    # programs past a row's real context exit at once, but tens of thousands of them still
+    # cost launch time (a 16k-token model at 32 rows: 27 us per layer for 190-token contexts).
+    while pairs * -(-max_context // base) > MAX_DECODE_PROGRAMS and base < max_context:
         base *= 2
     return base
 

@@ -221,11 +221,11 @@ class PagedSmallModel:
     def _lora_weights(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor | None:
         if all(v == BASE for _, v in rows):
             return None
-        weights = torch.zeros(len(rows), self.lora.num_slots)
+        weights = [[0.0] * self.lora.num_slots for _ in rows]  # built on the host, one copy
         for row, (_, variant) in enumerate(rows):
             if variant != BASE:
-                weights[row, self.lora.slots.index(variant)] = 1.0
-        return weights
+                weights[row][self.lora.slots.index(variant)] = 1.0
+        return torch.tensor(weights)
 
     def _capture_hidden(self, layers: Sequence[int]) -> dict[str, Any]:
         """Hooks that keep the chosen blocks' outputs for every token of the step."""
