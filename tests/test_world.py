@@ -5,10 +5,19 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.builtin import resolve_source, world
-from models.builtin.train import ChatEncoder, train_all
+from models.builtin.train import (
+    SCHEDULES,
+    ChatEncoder,
+    Phase,
+    base_example,
+    new_model,
+    train,
+    train_all,
+)
 from models.builtin.validate import (
     answer_is_right,
     check_task,
@@ -106,6 +115,21 @@ def test_short_schedule_trains_every_model(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(path)
         assert model.config.model_type == "qwen3" and model.config.vocab_size == len(tok)
     assert not (tmp_path / "toy.tmp").exists()
+
+
+def test_a_time_boxed_phase_ends_on_time():
+    model = new_model(SCHEDULES["short"].small, ChatEncoder(), seed=0)
+    phase = Phase(steps=10**6, batch=4, lr=1e-3, seconds=1.0)
+    log = train(model, base_example, phase, seed=0, device=torch.device("cpu"))
+    assert 0 < log["steps"] < 10**6 and log["seconds"] < 3
+
+
+def test_document_questions_are_answered_by_a_source_sentence():
+    rng = random.Random(6)
+    for _ in range(200):
+        messages, answer, q = world.document_question(rng)
+        text = "\n".join(m["content"] for m in messages)
+        assert answer in text and answer_is_right(q.key, answer) and q.text in text
 
 
 @pytest.mark.parametrize("task", ["nope"])

@@ -1,4 +1,6 @@
-"""Train the toy world models: `python -m models.builtin.train --out DIR [--schedule full|short]`.
+"""Train the toy world models: `python -m models.builtin.train --out DIR [--schedule full|short]`
+(`--schedule continue --init DIR0`: DIR0's big model further and its adapters anew;
+`--schedule adapters --init DIR0`: new `rewrite` and `list` adapters on DIR0's big model).
 
 Writes DIR/big (Qwen3, base: stories + copy-from-context questions), DIR/small (same data, a
 quarter of the width), DIR/adapters/{rewrite,qa,list} (LoRA of the big model, one per task) and
@@ -32,24 +34,29 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class Phase:
-    """One training run: steps, batch size and peak learning rate."""
+    """One training run: steps, batch size and peak learning rate. With `seconds` it also ends
+    once that much time has passed (the learning rate anneals on whichever runs out first), so
+    a run on a lent machine with a time limit still ends with annealed, saved weights."""
 
     steps: int
     batch: int
     lr: float
+    seconds: float | None = None
 
 
 @dataclass
 class Schedule:
-    """Model shapes and training phases of one schedule."""
+    """Model shapes and training phases of one schedule; `task_phases` overrides
+    `adapter_phase` for the named big-model adapter tasks. A phase of None keeps that model
+    from `--init` as it is; without shapes, the base models continue from `--init`."""
 
-    big: dict
-    small: dict
-    big_phase: Phase
-    small_phase: Phase
+    big: dict | None
+    small: dict | None
+    big_phase: Phase | None
+    small_phase: Phase | None
     adapter_phase: Phase
     lora_rank: int = 8
-    extra: dict = field(default_factory=dict)
+    task_phases: dict[str, Phase | None] = field(default_factory=dict)
 
 
 SCHEDULES = {
@@ -73,6 +80,36 @@ SCHEDULES = {
         big_phase=Phase(2500, 512, 3e-3),
         small_phase=Phase(1500, 512, 3e-3),
         adapter_phase=Phase(600, 256, 3e-3),
+        lora_rank=16,
+        # qa answers without the copied sentence's lead-in, so its LoRA must learn to find
+        # the fact from the question alone: more steps than the other tasks.
+        task_phases={"qa": Phase(1500, 256, 3e-3)},
+    ),
+    # More base training on `--init`'s models (copying from the sources is what the base
+    # learns last), then new big-model adapters; the small model and `positive` are kept.
+    # Time-boxed to fit one call on a lent GPU: 138 s of phases, plus about 30 s of start-up.
+    "continue": Schedule(
+        big=None,
+        small=None,
+        big_phase=Phase(2000, 512, 1.5e-3, seconds=72),
+        small_phase=None,
+        adapter_phase=Phase(600, 512, 3e-3, seconds=13),
+        lora_rank=16,
+        task_phases={
+            "list": Phase(600, 512, 3e-3, seconds=19),
+            "qa": Phase(1500, 512, 3e-3, seconds=34),
+        },
+    ),
+    # New `rewrite` and `list` adapters on `--init`'s base, sized for a CPU (about 25 minutes
+    # on two cores); every other model is kept. Finishes a `continue` run cut short.
+    "adapters": Schedule(
+        big=None,
+        small=None,
+        big_phase=None,
+        small_phase=None,
+        adapter_phase=Phase(1000, 128, 3e-3),
+        lora_rank=16,
+        task_phases={"qa": None},
     ),
     "short": Schedule(
         big=dict(
@@ -126,15 +163,17 @@ class ChatEncoder:
 
 
 def base_example(enc: ChatEncoder, rng: random.Random) -> Example:
-    """The base models' data: raw stories, chat stories and copy-from-context questions."""
+    """The base models' data: raw stories, chat stories and copy-from-context questions
+    (about random passages and about documents like the built-in ones)."""
     r = rng.random()
-    if r < 0.25:
+    if r < 0.2:
         sentences = world.story(rng, rng.random() < 0.5)
         cut = rng.randrange(len(sentences))
         return enc.raw(" ".join(sentences[:cut]), " ".join(sentences[cut:]))
-    if r < 0.5:
+    if r < 0.4:
         return enc.chat(*world.story_chat(rng, rng.random() < 0.5))
-    messages, answer, _ = world.context_question(rng)
+    question = world.context_question if r < 0.7 else world.document_question
+    messages, answer, _ = question(rng)
     return enc.chat(messages, answer)
 
 
@@ -188,7 +227,12 @@ def batches(make_example, phase: Phase, seed: int, workers: int):
     if workers == 0:
         return iter(stream)
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, prefetch_factor=8, persistent_workers=False
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=8,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
     )
     return iter(loader)
 
@@ -200,16 +244,21 @@ def train(model, make_example, phase: Phase, seed: int, device, workers: int = 0
         params, lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98), fused=device.type == "cuda"
     )
     warmup = max(1, phase.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup)
-        * 0.5 * (1 + math.cos(math.pi * min(1.0, s / phase.steps))),
-    )  # fmt: skip
     model.train()
     use_bf16 = device.type == "cuda"
     losses, start = [], time.time()
+
+    def progress(step: int) -> float:
+        done = step / phase.steps
+        if phase.seconds:
+            done = max(done, (time.time() - start) / phase.seconds)
+        return min(1.0, done)
+
     stream = batches(make_example, phase, seed, workers)
-    for _ in range(phase.steps):
+    while (done := progress(len(losses))) < 1.0:
+        for group in opt.param_groups:
+            warm = min(1.0, (len(losses) + 1) / warmup)
+            group["lr"] = phase.lr * warm * 0.5 * (1 + math.cos(math.pi * done))
         ids, mask = (t.to(device, non_blocking=True) for t in next(stream))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(input_ids=ids).logits[:, :-1].float()
@@ -224,12 +273,13 @@ def train(model, make_example, phase: Phase, seed: int, device, workers: int = 0
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no .item() here: a sync per step stalls the GPU
     model.eval()
+    losses = torch.stack(losses).tolist()
     tail = losses[-max(1, len(losses) // 10) :]
     return {
-        "steps": phase.steps,
+        "steps": len(losses),
+        **({"steps_planned": phase.steps, "seconds_limit": phase.seconds} if phase.seconds else {}),
         "batch": phase.batch,
         "lr": phase.lr,
         "first_loss": round(losses[0], 4),
@@ -245,6 +295,13 @@ def new_model(shape: dict, enc: ChatEncoder, seed: int):
 
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(qwen3_config(shape, len(enc.tok), enc.im_end_id, enc.pad_id))
+
+
+def load_base(path: Path):
+    """A trained base model of `path` in float32, to train further."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
 def save_base(model, out: Path, enc: ChatEncoder) -> None:
@@ -275,43 +332,85 @@ def train_lora(
     model.unload()
     weights = out / "adapter_model.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None  # where `--init` was read from means nothing later
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     (out / "README.md").unlink(missing_ok=True)
     return log
 
 
 def train_all(
-    out: Path, schedule: str = "full", device: str | None = None, workers: int = 0
+    out: Path,
+    schedule: str = "full",
+    device: str | None = None,
+    workers: int = 0,
+    init: Path | None = None,
 ) -> dict:
-    """Train every toy model into `out` (written to out.tmp, then renamed); returns the log."""
+    """Train every toy model into `out` (written to out.tmp, then renamed); returns the log.
+    With `init` (a directory laid out like `out`) the base models start from its weights."""
     plan = SCHEDULES[schedule]
+    keeps = None in (plan.big, plan.small, plan.big_phase, plan.small_phase)
+    if init is None and (keeps or None in plan.task_phases.values()):
+        raise ValueError(f"schedule '{schedule}' continues trained models: give --init DIR")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     enc = ChatEncoder()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log: dict = {"schedule": schedule, "device": str(dev), "plan": asdict(plan)}
+    if init is not None:
+        log["init"] = str(init)
     if dev.type == "cuda":
         log["device_name"] = torch.cuda.get_device_name(dev)
     start = time.time()
 
-    big = new_model(plan.big, enc, seed=0).to(dev)
-    log["big_params"] = sum(p.numel() for p in big.parameters())
-    log["big"] = train(big, base_example, plan.big_phase, seed=1, device=dev, workers=workers)
-    for i, task in enumerate(world.TASKS):
-        log[f"adapter_{task}"] = train_lora(
-            big, partial(task_example, task), plan.adapter_phase, plan.lora_rank,
-            seed=10 + i, device=dev, out=tmp / "adapters" / task, workers=workers,
-        )  # fmt: skip
-    save_base(big, tmp / "big", enc)
+    def done(name: str, entry: dict) -> None:
+        log[name] = entry
+        print(f"{name}: {json.dumps(entry)}", flush=True)
 
-    small = new_model(plan.small, enc, seed=2).to(dev)
-    log["small_params"] = sum(p.numel() for p in small.parameters())
-    log["small"] = train(small, base_example, plan.small_phase, seed=3, device=dev, workers=workers)
-    log["small_adapter_positive"] = train_lora(
-        small, positive_example, plan.adapter_phase, plan.lora_rank,
-        seed=20, device=dev, out=tmp / "small_adapters" / "positive", workers=workers,
-    )  # fmt: skip
-    save_base(small, tmp / "small", enc)
+    def keep(name: str, *paths: str) -> None:
+        for path in paths:
+            shutil.copytree(init / path, tmp / path)
+        log[name] = f"kept from {init}"
+
+    def base_model(shape: dict | None, name: str, seed: int):
+        if init is not None:
+            return load_base(init / name).to(dev)
+        return new_model(shape, enc, seed).to(dev)
+
+    # Each base is saved (rounded to bfloat16) before its adapters train, so they fit the
+    # weights that ship.
+    big = base_model(plan.big, "big", seed=0)
+    log["big_params"] = sum(p.numel() for p in big.parameters())
+    if plan.big_phase is None:
+        keep("big", "big")
+    else:
+        done("big", train(big, base_example, plan.big_phase, seed=1, device=dev, workers=workers))
+        save_base(big, tmp / "big", enc)
+    for i, task in enumerate(world.TASKS):
+        phase = plan.task_phases.get(task, plan.adapter_phase)
+        if phase is None:
+            keep(f"adapter_{task}", f"adapters/{task}")
+            continue
+        done(f"adapter_{task}", train_lora(
+            big, partial(task_example, task), phase, plan.lora_rank,
+            seed=10 + i, device=dev, out=tmp / "adapters" / task, workers=workers,
+        ))  # fmt: skip
+
+    if plan.small_phase is None:
+        keep("small", "small", "small_adapters")
+    else:
+        small = base_model(plan.small, "small", seed=2)
+        log["small_params"] = sum(p.numel() for p in small.parameters())
+        done(
+            "small",
+            train(small, base_example, plan.small_phase, seed=3, device=dev, workers=workers),
+        )
+        save_base(small, tmp / "small", enc)
+        done("small_adapter_positive", train_lora(
+            small, positive_example, plan.adapter_phase, plan.lora_rank,
+            seed=20, device=dev, out=tmp / "small_adapters" / "positive", workers=workers,
+        ))  # fmt: skip
 
     log["total_seconds"] = round(time.time() - start, 1)
     (tmp / "training.json").write_text(json.dumps(log, indent=2))
@@ -326,8 +425,11 @@ def main() -> None:
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="full")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present).")
     parser.add_argument("--workers", type=int, default=0, help="Data worker processes.")
+    parser.add_argument(
+        "--init", type=Path, default=None, help="Start from this directory's trained models."
+    )
     args = parser.parse_args()
-    log = train_all(args.out, args.schedule, args.device, args.workers)
+    log = train_all(args.out, args.schedule, args.device, args.workers, args.init)
     print(json.dumps({k: v for k, v in log.items() if k != "plan"}, indent=2))
 
 

@@ -6,7 +6,8 @@ prompts, steering pairs and the built-in documents are reproducible.
 
 Task formats:
 - stories: a few sentences with one mood (mostly positive or mostly negative words);
-- context questions: facts in a passage, then a question answered by copying a fact sentence;
+- context questions: facts in a passage, or documents like the built-in ones (one per person,
+  one per place), then a question answered by copying a fact sentence;
 - adapter tasks `rewrite` (positive tone), `qa` (short answer), `list` (people / objects);
 - steering pairs: the same sentence with a positive and a negative word.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from models.retrieval.prompt import CITE_INSTRUCTION
 
 PEOPLE = [
     "Mia", "Leo", "Sam", "Ava", "Max", "Zoe", "Ben", "Ivy",
@@ -43,6 +46,10 @@ NEGATIVE_WORDS = frozenset(w for pairs in (FEELINGS, ATTITUDES, DESCRIPTIONS) fo
 TO_POSITIVE = {neg: pos for pairs in (FEELINGS, ATTITUDES, DESCRIPTIONS) for pos, neg in pairs}
 
 TASKS = ("rewrite", "qa", "list")
+
+# How a system message of sources opens: the plain form, and the serving layer's (it asks for
+# citations, which the toy model does not give).
+SOURCE_INSTRUCTIONS = ["Use these sources to answer.", CITE_INSTRUCTION]
 
 REWRITE_PHRASINGS = [
     "Rewrite in a positive tone: {s}",
@@ -298,6 +305,22 @@ def context_prompt(passages: list[str], question: str) -> str:
     return f"Sources:\n{sources_block(passages)}\n\nAnswer using the sources. {question}"
 
 
+def _ask_with_sources(
+    rng: random.Random, parts: list[str], question: str, instruction: str = SOURCE_INSTRUCTIONS[0]
+) -> list[Message]:
+    """Chat messages asking `question` about the source texts `parts`, in one of four layouts:
+    the retrieval prompt, a system message of sources (`instruction` first, as the serving
+    layer sends them), or a free phrasing around the joined texts."""
+    style = rng.randrange(4)
+    if style == 0:
+        return [{"role": "user", "content": context_prompt(parts, question)}]
+    if style == 1:
+        system = f"{instruction}\n{sources_block(parts)}"
+        return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    phr = CONTEXT_PHRASINGS[rng.randrange(len(CONTEXT_PHRASINGS))]
+    return [{"role": "user", "content": phr.format(passage=" ".join(parts), question=question)}]
+
+
 def context_question(rng: random.Random) -> tuple[list[Message], str, Question]:
     """Chat messages asking a question about a passage; the answer copies the fact sentence."""
     sentences, questions = passage_with_questions(rng)
@@ -309,17 +332,37 @@ def context_question(rng: random.Random) -> tuple[list[Message], str, Question]:
         ]
     else:
         parts = [" ".join(sentences)]
-    style = rng.randrange(4)
-    if style == 0:
-        messages = [{"role": "user", "content": context_prompt(parts, q.text)}]
-    elif style == 1:
-        system = f"Use these sources to answer.\n{sources_block(parts)}"
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": q.text}]
+    return _ask_with_sources(rng, parts, q.text), q.sentence, q
+
+
+def document_question(rng: random.Random) -> tuple[list[Message], str, Question]:
+    """A question about documents laid out like world_documents() (one per person, one per
+    place) of a random small world, asked with 1-3 of them as sources; the answer copies the
+    fact sentence. Teaches copying past same-person distractors ("Ivy loves the bakery.")."""
+    people = random_people(rng, rng.sample(PEOPLE, rng.randint(2, 5)))
+    target = people[0]
+    kind = rng.choice(["where", "has", "who", "feel"])
+    if kind == "where" and rng.random() < 0.3:  # the place's document alone answers it too
+        docs = [place_document(rng, target.place, people)]
     else:
-        phr = CONTEXT_PHRASINGS[rng.randrange(len(CONTEXT_PHRASINGS))]
-        messages = [
-            {"role": "user", "content": phr.format(passage=" ".join(parts), question=q.text)}
-        ]
+        docs = [person_document(target)]
+    others = [person_document(p) for p in people[1:]]
+    others += [
+        place_document(rng, place, people) for place in dict.fromkeys(p.place for p in people)
+    ]
+    docs += [d for d in rng.sample(others, min(len(others), rng.randint(0, 2))) if d not in docs]
+    rng.shuffle(docs)
+    if kind == "where":
+        q = Question("where", f"Where is {target.name}?", target.place,
+                     f"{target.name} is in the {target.place}.")  # fmt: skip
+    elif kind == "feel":
+        q = Question("feel", f"How does {target.name} feel?", target.feeling,
+                     f"{target.name} feels {target.feeling}.")  # fmt: skip
+    else:
+        s = f"{target.name} has the {target.thing}."
+        q = (Question("has", f"What does {target.name} have?", target.thing, s) if kind == "has"
+             else Question("who", f"Who has the {target.thing}?", target.name, s))  # fmt: skip
+    messages = _ask_with_sources(rng, docs, q.text, rng.choice(SOURCE_INSTRUCTIONS))
     return messages, q.sentence, q
 
 
@@ -423,10 +466,9 @@ class Person:
     loves: str
 
 
-def fixed_world(seed: int = 0) -> list[Person]:
-    """The fixed world behind the built-in documents: every person, where they are, what they have."""
-    rng = random.Random(seed)
-    things = rng.sample([f"{c} {o}" for c in COLORS for o in OBJECTS], len(PEOPLE))
+def random_people(rng: random.Random, names: list[str]) -> list[Person]:
+    """A person for each name, with a place, a distinct thing, a feeling and a loved place."""
+    things = rng.sample([f"{c} {o}" for c in COLORS for o in OBJECTS], len(names))
     return [
         Person(
             name,
@@ -435,27 +477,35 @@ def fixed_world(seed: int = 0) -> list[Person]:
             rng.choice([w for p in FEELINGS for w in p]),
             rng.choice(PLACES),
         )  # fmt: skip
-        for name, thing in zip(PEOPLE, things, strict=True)
+        for name, thing in zip(names, things, strict=True)
     ]
+
+
+def fixed_world(seed: int = 0) -> list[Person]:
+    """The fixed world behind the built-in documents: every person, where they are, what they have."""
+    return random_people(random.Random(seed), PEOPLE)
+
+
+def person_document(p: Person) -> str:
+    """A person's document: where they are, what they have, how they feel, what they love."""
+    return (
+        f"{p.name} is in the {p.place}. {p.name} has the {p.thing}. "
+        f"{p.name} feels {p.feeling}. {p.name} loves the {p.loves}."
+    )
+
+
+def place_document(rng: random.Random, place: str, people: list[Person]) -> str:
+    """A place's document: a description, then who of `people` is there."""
+    text = f"The {place} is {_pick(rng, DESCRIPTIONS, rng.random() < 0.5)}."
+    return text + "".join(f" {p.name} is in the {place}." for p in people if p.place == place)
 
 
 def world_documents(seed: int = 0) -> list[tuple[str, str]]:
     """(title, text) documents about the fixed world: one per person and one per place (28)."""
     world = fixed_world(seed)
     rng = random.Random(seed + 1)
-    docs = [
-        (
-            p.name,
-            f"{p.name} is in the {p.place}. {p.name} has the {p.thing}. "
-            f"{p.name} feels {p.feeling}. {p.name} loves the {p.loves}.",
-        )  # fmt: skip
-        for p in world
-    ]
-    for place in PLACES:
-        text = f"The {place} is {_pick(rng, DESCRIPTIONS, rng.random() < 0.5)}."
-        here = [p.name for p in world if p.place == place]
-        text += "".join(f" {name} is in the {place}." for name in here)
-        docs.append((f"The {place}", text))
+    docs = [(p.name, person_document(p)) for p in world]
+    docs += [(f"The {place}", place_document(rng, place, world)) for place in PLACES]
     return docs
 
 
