@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.builtin import quality, world  # noqa: E402
 
-STEER_COEFFS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
+STEER_COEFFS = [0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0]
 PROXY_ALPHAS = [0.0, 1.0, 2.0, 4.0]
 
 

@@ -91,7 +91,8 @@ def test_vector_pushes_the_next_word_towards_positive_feelings(toy, tok, positiv
         return sum(margins) / len(margins)
 
     margins = [margin(c) for c in (0.0, 4.0, 8.0, 16.0)]
-    assert margins == sorted(margins), margins
+    # Rises with the coefficient until it saturates (then flat within 0.1 nat).
+    assert all(b > a - 0.1 for a, b in zip(margins[:-1], margins[1:], strict=True)), margins
     assert margins[-1] > margins[0] + 1.0, margins
 
 

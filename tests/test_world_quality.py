@@ -26,12 +26,12 @@ def test_big_model_writes_grammatical_sentences(toy):
 
 def test_base_model_copies_answers_from_context(toy):
     result = quality.context_accuracy(toy, 24)
-    assert result["with_context"] >= 0.6
+    assert result["with_context"] >= 0.85
     assert result["without_context"] <= 0.25
     assert result["held_out_passages"] >= 0.4
 
 
-@pytest.mark.parametrize("task,least", [("rewrite", 0.85), ("list", 0.75), ("qa", 0.35)])
+@pytest.mark.parametrize("task,least", [("rewrite", 0.85), ("list", 0.8), ("qa", 0.4)])
 def test_task_adapters_beat_the_base_model(toy, task, least):
     result = quality.task_accuracy(toy, task, 16)
     assert result["adapter"] >= least, result["example"]
