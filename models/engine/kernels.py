@@ -881,7 +881,9 @@ def lora_add_ref(
     return y.add_(((x @ lora_a) * mask) @ lora_b)
 
 
-LORA_CONFIG = (1024, 256, 4, 3)  # (BLOCK_K, BLOCK_OUT, num_warps, num_stages) of lora_add_
+# lora_add_'s (BLOCK_K, BLOCK_OUT, num_warps, num_stages, programs to aim for: each token's
+# output columns are split until (tokens x parts x splits) reaches it, at most 32 splits)
+LORA_CONFIG = (1024, 256, 4, 3, 264)
 
 
 def lora_add_(
@@ -903,7 +905,7 @@ def lora_add_(
     token_rows int64 [T]. One kernel: each (token, part, column chunk) program computes the
     token's rank-r projection for the slots its row uses and adds its share of the output, so
     a slot the row does not use costs nothing. Large T (prefill) uses the torch form.
-    `config`: (BLOCK_K, BLOCK_OUT, num_warps, num_stages), default LORA_CONFIG.
+    `config`: see LORA_CONFIG (the default).
     """
     num_parts = len(part_sizes)
     if not use_triton(x) or x.shape[0] > 512:
@@ -911,8 +913,8 @@ def lora_add_(
     x = x if x.stride(-1) == 1 else x.contiguous()
     tokens, k_dim = x.shape
     ends = [sum(part_sizes[: i + 1]) for i in range(num_parts)] + [0] * (3 - num_parts)
-    n_split = max(1, min(16, triton.cdiv(264, tokens * num_parts)))
-    block_k, block_out, warps, stages = config or LORA_CONFIG
+    block_k, block_out, warps, stages, programs = config or LORA_CONFIG
+    n_split = max(1, min(32, triton.cdiv(programs, tokens * num_parts)))
     _lora_add_kernel[(tokens, num_parts, n_split)](
         y,
         x,
