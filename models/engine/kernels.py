@@ -882,7 +882,7 @@ def lora_add_ref(
 
 
 # lora_add_'s (BLOCK_K, BLOCK_OUT, num_warps, num_stages, programs to aim for: each token's
-# output columns are split until (tokens x parts x splits) reaches it, at most 32 splits)
+# output columns are split until (tokens x parts x splits) reaches it, at most 16 splits)
 LORA_CONFIG = (1024, 256, 4, 3, 264)
 
 
@@ -914,7 +914,7 @@ def lora_add_(
     tokens, k_dim = x.shape
     ends = [sum(part_sizes[: i + 1]) for i in range(num_parts)] + [0] * (3 - num_parts)
     block_k, block_out, warps, stages, programs = config or LORA_CONFIG
-    n_split = max(1, min(32, triton.cdiv(programs, tokens * num_parts)))
+    n_split = max(1, min(16, triton.cdiv(programs, tokens * num_parts)))
     _lora_add_kernel[(tokens, num_parts, n_split)](
         y,
         x,
