@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from models.engine.streams import private_stream
+
 try:
     import triton
     import triton.language as tl
@@ -1056,8 +1058,6 @@ _tuning_streams: dict[int, torch.cuda.Stream] = {}
 def _tuning_stream(device: torch.device) -> torch.cuda.Stream:
     """The tuner's own capture stream: its short-lived graphs never share a cuBLAS workspace
     with an engine's graphs (see models.engine.streams)."""
-    from models.engine.streams import private_stream
-
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _tuning_streams:
         _tuning_streams[index] = private_stream(device)
