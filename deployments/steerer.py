@@ -48,7 +48,8 @@ class Steerer:
     async def process(self, calls: list[list[RowEvents]]) -> list[list[RowActions]]:
         """One engine step's rows per call -> that call's actions, row for row."""
         rows = [row for call in calls for row in call]
-        answers = {a.request_id: a for a in await self.runtime.process(rows)}
+        # the answers are pickled back to the Generators: no tensor may drag a batch with it
+        answers = {a.request_id: a.owning_tensors() for a in await self.runtime.process(rows)}
         return [
             [answers.get(r.request_id) or RowActions(r.request_id, resync=True) for r in call]
             for call in calls

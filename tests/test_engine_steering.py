@@ -361,3 +361,25 @@ def test_torch_engine_runs_observer_coroutines_on_the_callers_loop(ckpt, hf, mod
 
 async def _collect(stream) -> list:
     return [o async for o in stream]
+
+
+def test_unchanged_row_deltas_reuse_one_stacked_tensor(ckpt):
+    """The stacked steering deltas are rebuilt only when a row's vectors or the rows change."""
+    eng = LLMEngine(EngineConfig(num_kv_blocks=64, block_size=4), ckpt)
+    layers, hidden = eng.args.num_layers, eng.args.hidden_size
+    eng.register_vector("v", torch.ones(layers, hidden))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    steer = [SteerVectorSpec("v", 2.0, [0])]
+    for rid, vectors in (("a", steer), ("b", []), ("c", steer)):
+        eng.add_request(GenerationRequest(rid, [1, 2, 3], params, steer_vectors=vectors))
+    a, b, c = (eng.seqs[r] for r in "abc")
+    first = eng._steer_deltas([a, b, c])
+    assert first.shape == (layers, 3, hidden)
+    assert first[0, 0].eq(2).all() and first[0, 1].eq(0).all() and first[1].eq(0).all()
+    assert eng._steer_deltas([a, b, c]) is first
+    assert eng._steer_deltas([a, c]) is not first  # other rows
+    eng.set_vector(b, "v", -1.0, None)  # a row's vectors change
+    again = eng._steer_deltas([a, b, c])
+    assert again is not first and again[:, 1].eq(-1).all()
+    assert eng._steer_deltas([b]) is not again
+    assert eng._steer_deltas([eng.seqs["b"]])[:, 0].eq(-1).all()

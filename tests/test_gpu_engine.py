@@ -89,6 +89,9 @@ def test_graphs_agree_with_eager_decode_under_steering_and_lora(tmp_path):
             greedy(1, p[0], steer_vectors=steer),
             greedy(2, p[0], adapter="styled"),
             greedy(3, p[1]),
+            # finishes early: the rows' stacked deltas change mid-run (the graph's steer
+            # buffer is refreshed, not reused)
+            greedy(4, p[1], n=5, steer_vectors=[SteerVectorSpec("push", -3.0, [0, 1])]),
         ]
         results.append(run_all(eng, requests))
     with_graphs, eager = results

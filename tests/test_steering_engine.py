@@ -135,6 +135,10 @@ def test_proxy_tuning_and_contrastive_tokens_equal_the_reference_loop(tiny, runt
         request(f"c{i}", p, {"policy": "contrast", "mode": mode}) for i, p in enumerate(PROMPTS)
     ]
     reqs.append(request("plain", PROMPTS[0]))
+    # rows of one policy with their own params share the policy's one batched delta
+    own = {"alpha": 4.0}, {"beta": 2.0, "plausibility_alpha": 0.2}
+    reqs.append(request("p-own", PROMPTS[1], {"policy": "proxy", "mode": mode, "params": own[0]}))
+    reqs.append(request("c-own", PROMPTS[1], {"policy": "contrast", "mode": mode, "params": own[1]}))
     got = run_all(eng, reqs)
     plain = reference(models, PROMPTS[0], lambda big, ids: big)
     assert got["plain"][0] == plain
@@ -142,6 +146,9 @@ def test_proxy_tuning_and_contrastive_tokens_equal_the_reference_loop(tiny, runt
         assert got[f"p{i}"][0] == reference(models, prompt, proxy(models))
         assert got[f"c{i}"][0] == reference(models, prompt, contrastive(models))
     assert got["p0"][0] != plain or got["c0"][0] != plain  # the steering did something
+    assert got["p-own"][0] == reference(models, PROMPTS[1], proxy(models, alpha=4.0))
+    assert got["c-own"][0] == reference(models, PROMPTS[1], contrastive(models, 2.0, 0.2))
+    assert got["p-own"][0] != got["p1"][0] or got["c-own"][0] != got["c1"][0]
     assert eng.stats().observer_calls == N  # one call per step for all six steered rows
     runtime.release(list(got))
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models.builtin import resolve_source
+from models.engine.steering_hooks import apply_adjustments
 from models.steering.config import SteeringConfig
 from models.steering.policies import Policy, TokenizerMismatchError
 from models.steering.protocol import (
@@ -20,6 +21,7 @@ from models.steering.protocol import (
     ForwardPass,
     IllegalActionError,
     Prefilled,
+    RowActions,
     RowEvents,
     Sampled,
     SteerVector,
@@ -105,6 +107,49 @@ def only_logits(answer) -> AdjustedLogits:
     (action,) = answer.actions
     assert isinstance(action, AdjustedLogits)
     return action
+
+
+def test_batched_adjustments_equal_the_per_row_formula():
+    """apply_adjustments (one add and one softmax for all rows) against each row done plainly:
+    replacement logits, deltas, the plausibility head, and untouched rows, mixed."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 50, generator=g) * 3
+    deltas = torch.randn(5, 50, generator=g)  # the rows' deltas: views of one tensor
+    actions = [
+        AdjustedLogits(0, delta=deltas[0]),
+        None,
+        AdjustedLogits(0, delta=deltas[2], plausibility_alpha=0.3),
+        AdjustedLogits(0, logits=torch.randn(50, generator=g), delta=deltas[3]),
+        AdjustedLogits(0, plausibility_alpha=0.05),
+    ]
+    want = logits.clone()
+    for i, action in enumerate(actions):
+        if action is None:
+            continue
+        row = action.logits if action.logits is not None else logits[i]
+        if action.delta is not None:
+            row = row + action.delta
+        if action.plausibility_alpha is not None:
+            probs = logits[i].softmax(-1)
+            row = row.masked_fill(probs < action.plausibility_alpha * probs.max(), float("-inf"))
+        want[i] = row
+    got = apply_adjustments(logits.clone(), actions)
+    torch.testing.assert_close(got, want)
+    assert torch.isinf(got[2]).any() and not torch.isinf(got[0]).any()
+    every = [AdjustedLogits(0, delta=d) for d in deltas]  # all rows: no index, one add
+    torch.testing.assert_close(apply_adjustments(logits, every), logits + deltas)
+    assert apply_adjustments(logits, [None] * 5) is logits
+
+
+def test_answers_that_leave_the_process_do_not_drag_the_batch():
+    import pickle
+
+    batch = torch.randn(16, 10_000)
+    answer = RowActions("r", [AdjustedLogits(0, delta=batch[3]), SteerVector("v", 1.0)])
+    assert len(pickle.dumps(answer)) > batch.nbytes  # a view pickles its whole storage
+    owned = answer.owning_tensors()
+    assert len(pickle.dumps(owned)) < batch.nbytes / 8
+    torch.testing.assert_close(owned.actions[0].delta, batch[3])
 
 
 def test_illegal_action_names_both():

@@ -179,6 +179,7 @@ class DecodeGraphs:
         self.rows = rows  # token_rows of a decode batch: the identity, never padded
         self.lora = torch.zeros(max_bs, max(lora_slots, 1), dtype=dtype, device=device)
         self.steer_dirty = False
+        self.steer_copied: torch.Tensor | None = None  # what the steer buffer holds now
         pool = torch.cuda.graph_pool_handle()
         stream = private_stream(device, owner=self)  # both variants: never replayed at once
         dims = {"steer": 1}
@@ -240,12 +241,15 @@ class DecodeGraphs:
         b["slots"][:n].copy_(batch.slot_mapping)
         b["ctx"][:n].copy_(batch.context_lens)
         b["tables"][:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
-        if batch.steer_deltas is not None:
+        if batch.steer_deltas is None:
+            if self.steer_dirty:
+                b["steer"].zero_()
+                self.steer_dirty = False
+            self.steer_copied = None
+        elif self.steer_copied is not batch.steer_deltas:  # the engine reuses unchanged deltas
             b["steer"][:, :n].copy_(batch.steer_deltas)
             self.steer_dirty = True
-        elif self.steer_dirty:
-            b["steer"].zero_()
-            self.steer_dirty = False
+            self.steer_copied = batch.steer_deltas
         if batch.lora_weights is not None and self.with_lora is not None:
             self.lora[:n].copy_(batch.lora_weights)
             return self.with_lora.replay(n)

@@ -23,7 +23,13 @@ from models.engine.output import OutputBuilder, finish
 from models.engine.sampler import sample
 from models.engine.scheduler import ScheduledSequence, Scheduler
 from models.engine.sequence import Sequence
-from models.engine.steering_hooks import RowSteering, SequenceEditor, SteeringHooks, parse_steering
+from models.engine.steering_hooks import (
+    RowSteering,
+    SequenceEditor,
+    SteeringHooks,
+    apply_adjustments,
+    parse_steering,
+)
 from models.engine.types import (
     EngineError,
     EngineOverloadedError,
@@ -74,6 +80,8 @@ class LLMEngine(SequenceEditor):
         self.adapters = LoRAAdapters(self.runner.model, config)
         self.steering = SteeringHooks(self)
         self.vectors: dict[str, torch.Tensor] = {}
+        self._steer_versions = 0  # a new number for every row delta computed
+        self._steer_stack: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)
         self.seqs: dict[str, Sequence] = {}
         self._seed_source = random.Random(config.seed)
         self._arrivals = 0
@@ -184,12 +192,15 @@ class LLMEngine(SequenceEditor):
                 sampling.append((item.seq, logits[row]))
             item.seq.num_computed += item.num_tokens
         self.steering.consult(sampling, self._stats.steps)
-        ready = [(s, self.steering.adjust_logits(s, lg)) for s, lg in sampling]
-        ready = [(s, lg) for s, lg in ready if not s.is_finished and s.num_uncomputed == 0]
+        adjustments = [self.steering.take_adjustment(s) for s, _ in sampling]
+        ready = [(s, lg, adjust) for (s, lg), adjust in zip(sampling, adjustments, strict=True)
+                 if not s.is_finished and s.num_uncomputed == 0]  # fmt: skip
         if not ready:
             return
-        tokens = sample(torch.stack([lg for _, lg in ready]), [s for s, _ in ready])
-        for (seq, _), (token, logprob) in zip(ready, tokens, strict=True):
+        logits = torch.stack([lg for _, lg, _ in ready])
+        logits = apply_adjustments(logits, [adjust for *_, adjust in ready])
+        tokens = sample(logits, [s for s, *_ in ready])
+        for (seq, *_), (token, logprob) in zip(ready, tokens, strict=True):
             step = seq.num_generated
             seq.append([token], [logprob])
             self.steering.record(seq, Sampled(step=step, token_id=token))
@@ -249,14 +260,24 @@ class LLMEngine(SequenceEditor):
             )
 
     def _steer_deltas(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Per-row deltas [layers, rows, hidden] (zero rows unsteered), or None if none is."""
+        """Per-row deltas [layers, rows, hidden] in the model's dtype (zero rows unsteered), or
+        None if no row is steered. While the rows and their vectors stay the same, every step
+        gets the same tensor (no new stack; the graph runner then skips its copy too)."""
         if not any(s.steer_vectors for s in seqs):
             return None
-        zero = torch.zeros(self.args.num_layers, self.args.hidden_size, device=self.runner.device)
         for seq in seqs:
             if seq.steer_vectors and seq.steer_delta is None:
                 seq.steer_delta = to_device(self._row_delta(seq), torch.float32, self.runner.device)
-        return torch.stack([s.steer_delta if s.steer_vectors else zero for s in seqs], dim=1)
+                self._steer_versions += 1
+                seq.steer_version = self._steer_versions
+        key = tuple(s.steer_version if s.steer_vectors else 0 for s in seqs)
+        if key != self._steer_stack[0]:
+            zero = torch.zeros(
+                self.args.num_layers, self.args.hidden_size, device=self.runner.device
+            )
+            rows = [s.steer_delta if s.steer_vectors else zero for s in seqs]
+            self._steer_stack = key, torch.stack(rows, dim=1).to(self.runner.dtype)
+        return self._steer_stack[1]
 
     def _row_delta(self, seq: Sequence) -> torch.Tensor:
         delta = torch.zeros(self.args.num_layers, self.args.hidden_size)

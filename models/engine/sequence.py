@@ -39,6 +39,7 @@ class Sequence:
     adapter_weights: dict[int, float] = field(default_factory=dict)  # LoRA slot -> weight
     steer_vectors: dict[str, tuple[float, list[int] | None]] = field(default_factory=dict)
     steer_delta: torch.Tensor | None = None  # sum of coeff * vector [layers, hidden], cached
+    steer_version: int = 0  # which computation of steer_delta it is (engine-wide counter)
     steering: Any = None  # models.engine.steering.RowSteering when request.steering is set
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per generated token
     interventions: list[Intervention] = field(default_factory=list)  # not yet reported

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from models.engine.model_runner import to_device
 from models.engine.output import finish
 from models.engine.sequence import Sequence
 from models.engine.types import EngineError, Intervention
@@ -46,7 +47,7 @@ from models.steering.protocol import (
     RowEvents,
     SteeringRequest,
     SteerVector,
-    check_action,
+    check_legal_after,
 )
 
 SYNC_MODES = ("sync", "colocated")
@@ -185,23 +186,15 @@ class SteeringHooks:
         else:
             self.in_flight.append(call)
 
-    def adjust_logits(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
-        """Apply an AdjustedLogits waiting for the token about to be sampled."""
+    def take_adjustment(self, seq: Sequence) -> AdjustedLogits | None:
+        """The AdjustedLogits waiting for the token about to be sampled, if any (those for
+        tokens already sampled are dropped as late)."""
         st: RowSteering | None = seq.steering
         if st is None or not st.pending_logits:
-            return logits
+            return None
         for step in [s for s in st.pending_logits if s < seq.num_generated]:
             self._late(seq, st.pending_logits.pop(step))
-        action = st.pending_logits.pop(seq.num_generated, None)
-        if action is None:
-            return logits
-        out = action.logits.to(logits) if action.logits is not None else logits
-        if action.delta is not None:
-            out = out + action.delta.to(logits)
-        if action.plausibility_alpha is not None:
-            probs = logits.float().softmax(-1)
-            out = out.masked_fill(probs < action.plausibility_alpha * probs.max(), float("-inf"))
-        return out
+        return st.pending_logits.pop(seq.num_generated, None)
 
     def _due(self, seq: Sequence) -> bool:
         st: RowSteering | None = seq.steering
@@ -262,7 +255,7 @@ class SteeringHooks:
             if seq.is_finished:
                 return
             try:
-                _check_legal(events, action)
+                check_legal_after(events, action)
                 self._apply(seq, action)
             except (IllegalActionError, EngineError) as exc:
                 finish(seq, "error", f"steering: {exc}")
@@ -312,17 +305,48 @@ class SteeringHooks:
         )
 
 
-def _check_legal(events: list[Event], action: Any) -> None:
-    """Legal when some event of the call allows it; else the error names the last event."""
-    error = None
-    for event in events:
-        try:
-            check_action(event, action)
-            return
-        except IllegalActionError as exc:
-            error = exc
-    if error is not None:
-        raise error
+def apply_adjustments(logits: torch.Tensor, actions: list[AdjustedLogits | None]) -> torch.Tensor:
+    """logits [rows, vocab] with each row's AdjustedLogits applied (None: that row unchanged).
+
+    Per row: the replacement logits (or the row's own) plus the delta, then the plausibility
+    head, which keeps the tokens whose probability under the row's own logits is at least alpha
+    times the top one's. Batched: the deltas of all rows are added in one operation and the
+    head is one softmax, so the cost does not grow with the number of steered rows."""
+    if not any(a is not None for a in actions):
+        return logits
+    out = logits
+    replaced = [
+        (i, a.logits) for i, a in enumerate(actions) if a is not None and a.logits is not None
+    ]
+    if replaced:
+        out = out.clone()
+        for i, row_logits in replaced:
+            out[i] = row_logits.to(out)
+    deltas = [(i, a.delta) for i, a in enumerate(actions) if a is not None and a.delta is not None]
+    if deltas:
+        rows = _row_index([i for i, _ in deltas], len(actions), out.device)
+        stacked = torch.stack([d for _, d in deltas]).to(out)
+        out = out + stacked if rows is None else out.index_add(0, rows, stacked)
+    heads = [(i, a.plausibility_alpha) for i, a in enumerate(actions)
+             if a is not None and a.plausibility_alpha is not None]  # fmt: skip
+    if heads:
+        rows = _row_index([i for i, _ in heads], len(actions), out.device)
+        probs = (logits if rows is None else logits[rows]).float().softmax(-1)
+        alpha = to_device([a for _, a in heads], probs.dtype, probs.device)[:, None]
+        implausible = probs < alpha * probs.amax(-1, keepdim=True)
+        if rows is None:
+            out = out.masked_fill(implausible, float("-inf"))
+        else:
+            out = out.index_put((rows,), out[rows].masked_fill(implausible, float("-inf")))
+    return out
+
+
+def _row_index(rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor | None:
+    """None when `rows` are all rows in order (whole-tensor ops need no index), else the
+    indices on `device`."""
+    if rows == list(range(num_rows)):
+        return None
+    return to_device(rows, torch.int64, device)
 
 
 async def _awaited(awaitable: Any) -> Any:

@@ -164,20 +164,19 @@ class PagedSmallModel:
         """The forward in the current stream; returns the tensors it made for the outputs."""
         from models.engine.scheduler import ScheduledSequence
 
-        scheduled, rows = [], []
+        scheduled, rows, seen = [], [], set()
         for state, variant in items:
             self.check_variant(variant)
-            if state.output(variant) is not None or any(
-                s is state and v == variant for s, v in rows
-            ):
+            if state.output(variant) is not None or (id(state), variant) in seen:
                 continue
+            seen.add((id(state), variant))
             kv = state.kv.setdefault(variant, PagedKV())
-            tokens = state.tokens
+            tokens = state.tokens  # a new list: the cache may keep it
             if not tokens:
                 raise ValueError(f"request {state.request_id} has no tokens to read")
             kv.num_computed = min(kv.num_computed, common_prefix(kv.token_ids, tokens))
             kv.num_computed = min(kv.num_computed, len(tokens) - 1)  # re-read the last token
-            kv.token_ids = list(tokens)
+            kv.token_ids = tokens
             self.blocks.shrink(kv, kv.num_computed)
             if not self.blocks.can_grow(kv, len(tokens)):
                 raise RuntimeError(

@@ -170,6 +170,19 @@ def check_action(event: Event, action: Action) -> None:
         )
 
 
+def check_legal_after(events: list[Event], action: Action) -> None:
+    """Legal when some event of a call allows it; else the error names the last event."""
+    error = None
+    for event in events:
+        try:
+            check_action(event, action)
+            return
+        except IllegalActionError as exc:
+            error = exc
+    if error is not None:
+        raise error
+
+
 # ---- what travels between Generator and Steerer ----------------------------------------------
 
 SteeringMode = Literal["async", "sync", "colocated"]
@@ -217,3 +230,15 @@ class RowActions:
     actions: list[Action] = field(default_factory=list)
     resync: bool = False
     error: str | None = None
+
+    def owning_tensors(self) -> RowActions:
+        """The same actions with every tensor owning its memory. A policy may answer a step's
+        rows with views of one batched tensor; pickled on its own, each view would carry the
+        whole batch, so answers that leave the process go through this first."""
+        for action in self.actions:
+            if isinstance(action, AdjustedLogits):
+                for name in ("logits", "delta"):
+                    tensor = getattr(action, name)
+                    if tensor is not None and tensor.untyped_storage().nbytes() > tensor.nbytes:
+                        setattr(action, name, tensor.clone())
+        return self

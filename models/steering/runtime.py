@@ -29,7 +29,7 @@ from models.steering.protocol import (
     RowActions,
     RowEvents,
     Sampled,
-    check_action,
+    check_legal_after,
 )
 from models.steering.state import RequestState, variant_name
 
@@ -170,11 +170,10 @@ class SteeringRuntime:
             for i, row, _, _ in live:
                 answers[i] = self._error(row, exc)
             live = []
-        for i, row, state, policy in live:
-            try:
-                answers[i] = RowActions(row.request_id, self._decide(row, state, policy))
-            except Exception as exc:  # noqa: BLE001 - reported on the row
-                answers[i] = self._error(row, exc)
+        for policy, group in _by_policy(live).items():
+            rows = [(i, row, state) for i, row, state, _ in group]
+            for i, _, actions in self._decide(policy, rows):
+                answers[i] = actions
         if self.config.read_ahead and getattr(self.small_model, "reads_in_background", False):
             self._read_ahead([(row, state, policy, answers[i]) for i, row, state, policy in live])
         return [a for a in answers if a is not None]
@@ -256,17 +255,41 @@ class SteeringRuntime:
             self._forget(next(iter(self.states)))  # never released: resyncs if seen again
         return state
 
-    def _decide(self, row: RowEvents, state: RequestState, policy: Policy) -> list[Action]:
-        actions: list[Action] = []
-        for event in row.events:
-            for action in policy.on_event(state, event):
-                check_action(event, action)
-                actions.append(action)
-        return actions
+    def _decide(
+        self, policy: Policy, rows: list[tuple[int, RowEvents, RequestState]]
+    ) -> list[tuple[int, RowEvents, RowActions]]:
+        """One `policy.decide` for the step's rows of that policy, each action checked against
+        its row's events; an error is reported on every row the call was for (on one row only
+        when its own action is illegal)."""
+        try:
+            decided = policy.decide([(state, row.events) for _, row, state in rows])
+            if len(decided) != len(rows):
+                raise ValueError(
+                    f"policy '{policy.name}' answered {len(decided)} of {len(rows)} rows"
+                )
+        except Exception as exc:  # noqa: BLE001 - reported on the rows
+            return [(i, row, self._error(row, exc)) for i, row, _ in rows]
+        out = []
+        for (i, row, _), actions in zip(rows, decided, strict=True):
+            try:
+                for action in actions:
+                    check_legal_after(row.events, action)
+                out.append((i, row, RowActions(row.request_id, actions)))
+            except Exception as exc:  # noqa: BLE001 - reported on the row
+                out.append((i, row, self._error(row, exc)))
+        return out
 
     def _error(self, row: RowEvents, exc: Exception) -> RowActions:
         self._stats.errors += 1
         return RowActions(row.request_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def _by_policy(live: list[tuple]) -> dict[Policy, list[tuple]]:
+    """Rows (index, row, state, policy) grouped by their policy, in first-seen order."""
+    groups: dict[Policy, list[tuple]] = {}
+    for item in live:
+        groups.setdefault(item[3], []).append(item)
+    return groups
 
 
 def greedy_guess(event: ForwardPass, actions: list[Action]) -> torch.Tensor:

@@ -66,6 +66,10 @@ class RequestState:
         return self.prompt_ids + self.generated
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+    @property
     def next_step(self) -> int:
         """Index of the generated token the current small-model outputs predict."""
         return len(self.generated)
@@ -90,7 +94,7 @@ class RequestState:
 
     def output(self, variant: str) -> SmallOutput | None:
         """The small model's output for `variant` if it has read exactly the current tokens."""
-        out, kv, n = self.outputs.get(variant), self.kv.get(variant), len(self.tokens)
+        out, kv, n = self.outputs.get(variant), self.kv.get(variant), self.num_tokens
         # a rewrite of the same length crops the cache, so both must still cover every token
         return out if out is not None and kv is not None and out.length == kv.length == n else None
 
@@ -101,6 +105,9 @@ class RequestState:
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading token ids two sequences share."""
+    shorter = min(len(a), len(b))
+    if a[:shorter] == b[:shorter]:  # the usual case (a sequence grew), compared in C
+        return shorter
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from models.steering.protocol import Action, Event
+from models.steering.protocol import Action, AdjustedLogits, Event
 from models.steering.state import RequestState
 
 ENGINE_PARAMS = ("max_backtrack",)
@@ -76,13 +76,66 @@ class Policy(ABC):
         """The actions for one event of one request (each is checked against the legality
         table by the runtime)."""
 
+    def decide(self, rows: list[tuple[RequestState, list[Event]]]) -> list[list[Action]]:
+        """The actions of every row of one step that uses this policy, row by row (the runtime
+        calls it once per step and checks each action against its row's events). By default
+        `on_event`, event by event; a policy whose work is tensor math overrides it to do that
+        math once for all rows."""
+        return [[a for event in events for a in self.on_event(state, event)]
+                for state, events in rows]  # fmt: skip
+
     def big_vocab_delta(self, delta: torch.Tensor) -> torch.Tensor:
-        """Fit a small-model vector [small_vocab] to the big model's vocab (shared tokenizer:
-        ids past the smaller table are padding rows; they get 0)."""
-        size = self.context.big_vocab_size
-        if delta.numel() >= size:
-            return delta[:size].contiguous()
-        return torch.nn.functional.pad(delta, (0, size - delta.numel()))
+        """Fit small-model logits [..., small_vocab] to the big model's vocab (shared
+        tokenizer: ids past the smaller table are padding rows; they get 0)."""
+        size, have = self.context.big_vocab_size, delta.shape[-1]
+        if have >= size:
+            return delta[..., :size] if have > size else delta
+        return torch.nn.functional.pad(delta, (0, size - have))
+
+
+class LogitPolicy(Policy):
+    """A policy that adjusts the big model's logits once per step: one AdjustedLogits per row,
+    its delta made for all of the step's rows at once (`deltas`), so a step costs a few tensor
+    operations whatever the batch size."""
+
+    @abstractmethod
+    def deltas(self, states: list[RequestState]) -> torch.Tensor:
+        """Additive logit adjustments [rows, small vocab] for the rows' current step."""
+
+    def plausibility_alpha(self, state: RequestState) -> float | None:
+        """AdjustedLogits.plausibility_alpha for the row (None: no plausibility head)."""
+        return None
+
+    def on_event(self, state: RequestState, event: Event) -> list[Action]:
+        return self.decide([(state, [event])])[0]
+
+    def decide(self, rows: list[tuple[RequestState, list[Event]]]) -> list[list[Action]]:
+        due = []  # (row, step): the first event of the row that takes an adjustment
+        for row, (state, events) in enumerate(rows):
+            steps = (adjust_step(state, event) for event in events)
+            step = next((s for s in steps if s is not None), None)
+            if step is not None:
+                due.append((row, step))
+        actions: list[list[Action]] = [[] for _ in rows]
+        if due:
+            deltas = self.big_vocab_delta(self.deltas([rows[row][0] for row, _ in due]))
+            for delta, (row, step) in zip(deltas, due, strict=True):  # views of one tensor
+                alpha = self.plausibility_alpha(rows[row][0])
+                actions[row].append(AdjustedLogits(step, delta=delta, plausibility_alpha=alpha))
+        return actions
+
+    @staticmethod
+    def row_params(
+        states: list[RequestState], name: str, like: torch.Tensor
+    ) -> float | torch.Tensor:
+        """One float parameter of each row: a number when all rows agree, else a column
+        [rows, 1] on `like`'s device."""
+        values = [float(getattr(state.params, name)) for state in states]
+        if len(set(values)) == 1:
+            return values[0]
+        from models.engine.model_runner import to_device
+
+        return to_device(values, like.dtype, like.device)[:, None]
 
 
 def adjust_step(state: RequestState, event: Event) -> int | None:

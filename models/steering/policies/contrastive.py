@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.steering.policies.base import Policy, adjust_step, check_same_tokenizer
-from models.steering.protocol import Action, AdjustedLogits, Event
+from models.steering.policies.base import LogitPolicy, check_same_tokenizer
 from models.steering.state import BASE, RequestState
 
 
@@ -19,7 +19,7 @@ class ContrastiveParams(BaseModel):
     )  # fmt: skip
 
 
-class Contrastive(Policy):
+class Contrastive(LogitPolicy):
     """logits_big - beta * logits_small, restricted to the big model's plausible tokens (the
     engine applies the head: AdjustedLogits.plausibility_alpha)."""
 
@@ -32,15 +32,9 @@ class Contrastive(Policy):
     def start(self) -> None:
         check_same_tokenizer(self.context, self.name)
 
-    def on_event(self, state: RequestState, event: Event) -> list[Action]:
-        step = adjust_step(state, event)
-        if step is None:
-            return []
-        delta = -state.params.beta * state.output(BASE).logits
-        return [
-            AdjustedLogits(
-                step=step,
-                delta=self.big_vocab_delta(delta),
-                plausibility_alpha=state.params.plausibility_alpha,
-            )
-        ]
+    def deltas(self, states: list[RequestState]) -> torch.Tensor:
+        small = torch.stack([state.output(BASE).logits for state in states])
+        return -self.row_params(states, "beta", small) * small
+
+    def plausibility_alpha(self, state: RequestState) -> float | None:
+        return state.params.plausibility_alpha

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.steering.policies.base import Policy, adjust_step, check_same_tokenizer
-from models.steering.protocol import Action, AdjustedLogits, Event
+from models.steering.policies.base import LogitPolicy, check_same_tokenizer
 from models.steering.state import BASE, RequestState, variant_name
 
 
@@ -18,7 +18,7 @@ class ProxyTuningParams(BaseModel):
     )
 
 
-class ProxyTuning(Policy):
+class ProxyTuning(LogitPolicy):
     """logits_big + alpha * (logits_small_expert - logits_small_base), every step.
 
     The expert is the small model with its LoRA, the base the same model without; both read the
@@ -53,10 +53,7 @@ class ProxyTuning(Policy):
             )
         return params
 
-    def on_event(self, state: RequestState, event: Event) -> list[Action]:
-        step = adjust_step(state, event)
-        if step is None:
-            return []
-        expert, base = state.output(self.expert), state.output(BASE)
-        delta = state.params.alpha * (expert.logits - base.logits)
-        return [AdjustedLogits(step=step, delta=self.big_vocab_delta(delta))]
+    def deltas(self, states: list[RequestState]) -> torch.Tensor:
+        expert = torch.stack([state.output(self.expert).logits for state in states])
+        base = torch.stack([state.output(BASE).logits for state in states])
+        return self.row_params(states, "alpha", expert) * (expert - base)
