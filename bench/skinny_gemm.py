@@ -25,12 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.engine import kernels  # noqa: E402
 
-# (name, out, in, partials): partials = the engine calls it through linear_partials
+# (name, out, in, kind): kind "partials" = the engine calls it through linear_partials,
+# "gated" = through silu_mul_linear (gate_up and silu(gate) * up in one kernel; cuBLAS is timed
+# with the separate silu-and-mul kernel)
 PROJECTIONS = {
-    "qwen3-1.7b": [("qkv", 4096, 2048, False), ("o", 2048, 2048, True),
-                   ("gate_up", 12288, 2048, False), ("down", 2048, 6144, True)],
-    "qwen3-0.6b": [("qkv", 4096, 1024, False), ("o", 1024, 2048, True),
-                   ("gate_up", 6144, 1024, False), ("down", 1024, 3072, True)],
+    "qwen3-1.7b": [("qkv", 4096, 2048, "plain"), ("o", 2048, 2048, "partials"),
+                   ("gate_up", 12288, 2048, "gated"), ("down", 2048, 6144, "partials")],
+    "qwen3-0.6b": [("qkv", 4096, 1024, "plain"), ("o", 1024, 2048, "partials"),
+                   ("gate_up", 6144, 1024, "gated"), ("down", 1024, 3072, "partials")],
 }  # fmt: skip
 
 
@@ -60,17 +62,19 @@ def main() -> None:
              f"{'best us':>8} {'% bw':>5}  best config"  # fmt: skip
     lines = [header, "-" * len(header)]
     for model, projections in PROJECTIONS.items():
-        for name, n_out, n_in, partials in projections:
+        for name, n_out, n_in, kind in projections:
             weight = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
-            configs = kernels.SKINNY_CONFIGS + (kernels.SPLIT_CONFIGS if partials else [])
+            gated = kind == "gated"
+            configs = kernels.linear_configs(kind == "partials", gated)
             for rows in args.rows:
-                times = kernels.time_linear_configs(rows, weight, None, configs)
+                times = kernels.time_linear_configs(rows, weight, None, configs, gated)
                 cublas = times[None]
                 best = min(times, key=times.get)
                 nbytes = weight.numel() * 2
                 pct = 100 * nbytes / (times[best] * 1e-3) / bandwidth
                 results["rows"].append({
-                    "model": model, "proj": name, "rows": rows, "weight_mb": nbytes / 1e6,
+                    "model": model, "proj": name, "kind": kind, "rows": rows,
+                    "weight_mb": nbytes / 1e6,
                     "cublas_us": cublas * 1e3, "best_us": times[best] * 1e3,
                     "best_config": best, "pct_copy_bw": pct,
                     "all_us": {str(c): round(t * 1e3, 2) for c, t in times.items()},

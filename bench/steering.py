@@ -183,6 +183,15 @@ def bench_gpu(args) -> dict:
                 runtime.release([r.request_id for r in reqs])
                 row[f"{mode}_ms"] = min(ms, row.get(f"{mode}_ms", float("inf")))
                 log(f"bs {batch} {mode}: {ms:.3f} ms/step ({steps} steps)")
+        if args.trace and batch == max(args.batch_sizes) and device.type == "cuda":
+            engine.set_step_observer(runtime)
+            runtime.config.read_ahead = False
+            params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+            steer = {"steering": {"policy": "proxy", "mode": "colocated"}}
+            reqs = [GenerationRequest(f"trace-{i}", p, params, **steer)
+                    for i, p in enumerate(prompts)]  # fmt: skip
+            trace_steps(engine, reqs, Path(args.out) / "steering_trace.json")
+            runtime.release([r.request_id for r in reqs])
         row.update(small_read_ms(runtime.small_model, prompts, device, profile=args.profile))
         log(f"bs {batch} small model alone: {row}")
         base = row["unsteered_ms"]
@@ -194,6 +203,24 @@ def bench_gpu(args) -> dict:
     results["read_ahead_hits"], results["read_ahead_misses"] = (
         stats.read_ahead_hits, stats.read_ahead_misses)  # fmt: skip
     return results
+
+
+def trace_steps(engine, requests, path: Path, steps: int = 3) -> None:
+    """A Chrome trace (host and GPU) of a few decode steps once every request is decoding."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for request in requests:
+        engine.add_request(request)
+    for _ in range(6):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(path))
+    log(f"trace of {steps} steps: {path}")
+    while engine.has_unfinished():
+        engine.step()
 
 
 def small_read_ms(
@@ -342,6 +369,8 @@ def main() -> None:
     gpu.add_argument("--modes", nargs="*", help="modes to time beside unsteered (default all)")
     gpu.add_argument("--work", default="/tmp/tandem-steering-bench")
     gpu.add_argument("--profile", action="store_true", help="kernel times of a small-model read")
+    gpu.add_argument("--trace", action="store_true",
+                     help="Chrome trace of proxy-tuning steps at the largest batch (to --out)")  # fmt: skip
     gpu.add_argument("--out", default=str(ROOT / "bench" / "results"))
     serve = sub.add_parser("serve", help="tokens/s through the running app's HTTP API")
     serve.add_argument("--base-url", default="http://127.0.0.1:8000")

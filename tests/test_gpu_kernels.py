@@ -292,6 +292,33 @@ def test_skinny_linear_matches_cublas_for_every_config(rows, dtype):
 
 @triton_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows,dtype", [(1, torch.bfloat16), (3, torch.bfloat16), (16, torch.float32)])
+def test_gated_skinny_linear_is_silu_of_gate_times_up(rows, dtype):
+    """The gate_up projection and silu(gate) * up in one kernel, every config, against the
+    unfused path (which rounds the projection to the dtype first, as the kernel does)."""
+    inter = 1536
+    x = torch.randn(rows, 1024, device="cuda", dtype=dtype)
+    w = torch.randn(2 * inter, 1024, device="cuda", dtype=dtype) * 0.05
+    y = torch.nn.functional.linear(x, w)
+    want = kernels.silu_and_mul_ref(y[:, :inter].float(), y[:, inter:].float())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    ran = 0
+    for config in kernels.GATED_CONFIGS:
+        try:
+            got = kernels._skinny_linear(x, w, None, config, gated=True)
+        except kernels.OutOfResources:  # float32 tiles of the widest configs: the tuner skips
+            assert dtype == torch.float32
+            continue
+        ran += 1
+        assert got.shape == (rows, inter)
+        torch.testing.assert_close(got.float(), want, **tol)
+    assert ran >= len(kernels.GATED_CONFIGS) // 2
+    torch.testing.assert_close(kernels.silu_mul_linear(x, w).float(), want, **tol)
+    assert want.abs().max() > 0.1
+
+
+@triton_cuda
+@pytest.mark.gpu
 def test_triton_kernels_are_exact_enough_in_float32():
     lens = [50, 7]
     k_cache, v_cache, tables, ctx, _ = paged_cache(lens, 2, 32, 4, torch.float32, "cuda")
@@ -373,7 +400,7 @@ def test_lora_rows_add_into_split_k_partials():
         token_rows=torch.arange(3, device="cuda"), lora_weights=weights,
     )  # fmt: skip
     want = layer.forward(x, batch).float()
-    key = (2048, 2048, 4, torch.bfloat16, True)
+    key = (2048, 2048, 4, torch.bfloat16, True, False)  # (out, in, rows, dtype, partials, gated)
     saved = kernels._linear_choice.get(key, "unset")
     try:
         for config in kernels.SPLIT_CONFIGS:

@@ -20,9 +20,11 @@ from models.engine.streams import private_stream
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # CPU machines: the torch references below are used instead
     triton = None
     tl = None
+    OutOfResources = RuntimeError  # never raised without Triton
 
 HAS_TRITON = triton is not None
 
@@ -532,8 +534,11 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        GATED: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
+        """y = x @ w.T (+ bias), or split-K partial sums; GATED (no split, no bias): w is
+        [gate; up], each n_out rows, and y = silu(x @ gate.T) * (x @ up.T)."""
         split = tl.program_id(1)
         k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
         k_start = split * k_per_split
@@ -544,7 +549,9 @@ if HAS_TRITON:
         mmask = offs_m < rows
         nmask = offs_n < n_out
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+        up_rows = w_rows + n_out * stride_w
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + offs_k
             kmask = k < k_end
@@ -555,6 +562,13 @@ if HAS_TRITON:
             )
             w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            if GATED:
+                u = tl.load(up_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+                acc_up += tl.dot(x, tl.trans(u), input_precision=DOT_PRECISION)
+        if GATED:  # rounded as the unfused path rounds the gate_up output, then silu * up
+            dtype = y_ptr.dtype.element_ty
+            gate = acc.to(dtype).to(tl.float32)
+            acc = gate / (1.0 + tl.exp(-gate)) * acc_up.to(dtype).to(tl.float32)
         if HAS_BIAS:
             if split == 0:
                 acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -967,6 +981,12 @@ SPLIT_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): partial
     (32, 128, 4, 4, 8),
     (16, 64, 2, 4, 16),
 ]
+GATED_CONFIGS = SKINNY_CONFIGS + [  # silu_mul_linear loads two weight tiles per step
+    (32, 128, 4, 3),
+    (16, 128, 4, 6),
+    (64, 64, 4, 4),
+    (32, 64, 4, 6),
+]
 _linear_choice: dict[tuple, tuple | None] = {}
 MIN_TUNED_WEIGHT_BYTES = 4 << 20  # smaller weights always use cuBLAS
 MAX_TUNING_COPIES = 64
@@ -988,27 +1008,49 @@ def linear_partials(
     return _linear(x, weight, bias, partials=True)
 
 
-def _linear(x, weight, bias, partials: bool) -> torch.Tensor:
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for weight = [gate; up] (a fused gate_up projection
+    without bias). On CUDA at decode sizes one skinny kernel computes both halves and the
+    product when that beat cuBLAS plus the silu-and-mul kernel (timed like `linear`); else
+    exactly those two."""
+    return _linear(x, weight, None, partials=False, gated=True)
+
+
+def _linear(x, weight, bias, partials: bool, gated: bool = False) -> torch.Tensor:
+    config = _tuned_config(x, weight, bias, partials, gated)
+    if config is None:
+        y = torch.nn.functional.linear(x, weight, bias)
+        return silu_and_mul(*y.chunk(2, dim=-1)) if gated else y
+    return _skinny_linear(x, weight, bias, config, gated)
+
+
+def linear_configs(partials: bool = False, gated: bool = False) -> list[tuple]:
+    """The skinny configs the tuner times for a call of that kind."""
+    if gated:
+        return GATED_CONFIGS
+    return SKINNY_CONFIGS + (SPLIT_CONFIGS if partials else [])
+
+
+def _tuned_config(x, weight, bias, partials: bool, gated: bool) -> tuple | None:
+    """The skinny config chosen for this shape, or None for cuBLAS (timed at first use)."""
     if not use_triton(x) or x.dim() != 2 or x.shape[0] > 16 or x.stride(-1) != 1:
-        return torch.nn.functional.linear(x, weight, bias)
+        return None
     rows = triton.next_power_of_2(x.shape[0])
-    key = (weight.shape[0], weight.shape[1], rows, x.dtype, partials)
+    key = (weight.shape[0], weight.shape[1], rows, x.dtype, partials, gated)
     if key not in _linear_choice:
         if torch.cuda.is_current_stream_capturing():
-            return torch.nn.functional.linear(x, weight, bias)
-        configs = SKINNY_CONFIGS + (SPLIT_CONFIGS if partials else [])
-        _linear_choice[key] = _pick_linear(x, weight, bias, configs)
-    config = _linear_choice[key]
-    if config is None:
-        return torch.nn.functional.linear(x, weight, bias)
-    return _skinny_linear(x, weight, bias, config)
+            return None
+        configs = linear_configs(partials, gated)
+        _linear_choice[key] = _pick_linear(x, weight, bias, configs, gated)
+    return _linear_choice[key]
 
 
-def _skinny_linear(x, weight, bias, config) -> torch.Tensor:
-    """[rows, out] in x's dtype; with a split-K config, float32 partial sums [S, rows, out]."""
+def _skinny_linear(x, weight, bias, config, gated: bool = False) -> torch.Tensor:
+    """[rows, out] in x's dtype; with a split-K config, float32 partial sums [S, rows, out];
+    gated: [rows, out / 2], silu of the first half times the second."""
     block_n, block_k, warps, stages, *rest = config
     split = rest[0] if rest else 1
-    rows, n_out = x.shape[0], weight.shape[0]
+    rows, n_out = x.shape[0], weight.shape[0] // (2 if gated else 1)
     if split > 1:
         y = torch.empty(split, rows, n_out, device=x.device, dtype=torch.float32)
     else:
@@ -1030,6 +1072,7 @@ def _skinny_linear(x, weight, bias, config) -> torch.Tensor:
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SPLIT_K=split,
+        GATED=gated,
         DOT_PRECISION=dot_precision(x),
         num_warps=warps,
         num_stages=stages,
@@ -1037,14 +1080,14 @@ def _skinny_linear(x, weight, bias, config) -> torch.Tensor:
     return y
 
 
-def _pick_linear(x, weight, bias, configs: list[tuple]) -> tuple | None:
+def _pick_linear(x, weight, bias, configs: list[tuple], gated: bool = False) -> tuple | None:
     """The fastest skinny config for this shape, or None when cuBLAS is faster."""
     if weight.stride(-1) != 1 or weight.shape[1] % 16:
         return None
     nbytes = weight.numel() * weight.element_size()
     if nbytes < MIN_TUNED_WEIGHT_BYTES:  # launch-bound and L2-resident: nothing to win
         return None
-    times = time_linear_configs(x.shape[0], weight, bias, configs)
+    times = time_linear_configs(x.shape[0], weight, bias, configs, gated)
     best, best_ms = None, times.pop(None)
     for config, ms in times.items():
         if ms < best_ms * 0.97:
@@ -1065,11 +1108,16 @@ def _tuning_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def time_linear_configs(
-    rows: int, weight: torch.Tensor, bias: torch.Tensor | None, configs: list[tuple]
+    rows: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    configs: list[tuple],
+    gated: bool = False,
 ) -> dict[tuple | None, float]:
     """Milliseconds per call of x[rows] @ weight.T for cuBLAS (key None) and each skinny
-    config. Timed in a CUDA graph over enough weight copies that they stream from HBM as in a
-    real step, not from L2."""
+    config (gated: `silu_mul_linear`, against cuBLAS plus the silu-and-mul kernel). Timed in a
+    CUDA graph over enough weight copies that they stream from HBM as in a real step, not
+    from L2."""
     nbytes = weight.numel() * weight.element_size()
     rows = triton.next_power_of_2(rows)
     probe = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
@@ -1093,9 +1141,15 @@ def time_linear_configs(
         end.synchronize()
         return start.elapsed_time(end) / (5 * len(weights))
 
-    linear_ = torch.nn.functional.linear
-    times: dict[tuple | None, float] = {None: graph_ms(lambda w: linear_(probe, w, bias))}
+    def cublas(w: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(probe, w, bias)
+        return silu_and_mul(*y.chunk(2, dim=-1)) if gated else y
+
+    times: dict[tuple | None, float] = {None: graph_ms(cublas)}
     for config in configs:
-        times[config] = graph_ms(lambda w, c=config: _skinny_linear(probe, w, bias, c))
+        try:
+            times[config] = graph_ms(lambda w, c=config: _skinny_linear(probe, w, bias, c, gated))
+        except OutOfResources:  # e.g. float32 tiles past shared memory: not a candidate here
+            continue
     return times
 
