@@ -54,6 +54,9 @@ def main() -> None:
         ("context QA with passage / without", f"{result['context']['with_context']:.1%}",
          f"{result['context']['without_context']:.1%}"),
         ("context QA, held-out passages", f"{result['context']['held_out_passages']:.1%}", ""),
+        ("  keyed by a person with a rival fact of that kind / others",
+         f"{result['context']['held_out_with_rival']:.1%}",
+         f"{result['context']['held_out_without_rival']:.1%}"),
     ]  # fmt: skip
     for t, r in result["tasks"].items():
         rows.append((f"task {t}: adapter / base", f"{r['adapter']:.1%}", f"{r['base']:.1%}"))

@@ -127,7 +127,7 @@ def context_accuracy(m: ToyModels, n: int) -> dict:
     keys = [key for _, key, _ in questions]
     a = generate(m, m.big, with_ctx, max_new_tokens=24)
     b = generate(m, m.big, without, max_new_tokens=24)
-    held_prompts, held_keys = [], []
+    held_prompts, held_keys, rivals = [], [], []
     for _ in range(n):
         messages, _, q = world.context_question(rng)
         held_prompts.append(
@@ -135,15 +135,27 @@ def context_accuracy(m: ToyModels, n: int) -> dict:
             + "<|im_start|>assistant\n"
         )
         held_keys.append(q.key)
+        rivals.append(has_rival(q, " ".join(x["content"] for x in messages)))
     c = generate(m, m.big, held_prompts, max_new_tokens=24)
+    right = [answer_is_right(k, o) for k, o in zip(held_keys, c, strict=True)]
     return {
         "with_context": _share(answer_is_right(k, o) for k, o in zip(keys, a, strict=True)),
         "without_context": _share(answer_is_right(k, o) for k, o in zip(keys, b, strict=True)),
-        "held_out_passages": _share(
-            answer_is_right(k, o) for k, o in zip(held_keys, c, strict=True)
-        ),
+        "held_out_passages": _share(right),
+        "held_out_with_rival": _share(r for r, x in zip(right, rivals, strict=True) if x),
+        "held_out_without_rival": _share(r for r, x in zip(right, rivals, strict=True) if not x),
+        "held_out_rival_questions": sum(rivals),
         "example": [with_ctx[0], a[0], b[0]],
     }
+
+
+def has_rival(q: world.Question, text: str) -> bool:
+    """Does `text` state another person's fact of the kind that a question keyed by a person
+    asks ("Mia feels sad." for "How does Tom feel?")? Such a question needs the fact looked up
+    by the person, not only by its kind."""
+    verb = {"where": "is in the", "has": "has the", "feel": "feels"}.get(q.kind)
+    person = q.sentence.split()[0]
+    return verb is not None and any(f"{p} {verb} " in text for p in world.PEOPLE if p != person)
 
 
 def task_accuracy(m: ToyModels, task: str, n: int) -> dict:
