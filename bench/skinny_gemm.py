@@ -1,7 +1,7 @@
 """Decode matmuls on one GPU: cuBLAS against every skinny-GEMM config the engine may pick.
 
 For each projection of the Qwen3-1.7B and Qwen3-0.6B shapes (the big and small model of the
-steering benchmark) at 1, 2, 4 and 16 rows, times cuBLAS and each Triton skinny-GEMM config
+steering benchmark) at 1 to 32 rows, times cuBLAS and each Triton skinny-GEMM config
 (`models.engine.kernels.SKINNY_CONFIGS`, plus the split-K ones where the engine accepts partial
 sums) the way the engine's start-up tuner does, and prints which wins, at what share of copy
 bandwidth. Shows where a decode step's matmul time goes and whether the candidate list covers
@@ -52,7 +52,7 @@ def copy_bandwidth() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 16])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 16, 32])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
     bandwidth = copy_bandwidth()

@@ -13,6 +13,8 @@ a padding token that writes nothing. Query head h reads KV head h // (num_heads 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from models.engine.streams import private_stream
@@ -165,9 +167,23 @@ if HAS_TRITON:
         out_ptr,
         part_out_ptr,
         part_ml_ptr,
+        k_new_ptr,
+        v_new_ptr,
+        pos_ptr,
+        cos_ptr,
+        sin_ptr,
+        qw_ptr,
+        kw_ptr,
+        slot_ptr,
+        eps,
         scale_log2,
         stride_qb,
         stride_qh,
+        stride_knb,
+        stride_knh,
+        stride_vnb,
+        stride_vnh,
+        stride_cos,
         stride_kb,
         stride_ks,
         stride_kh,
@@ -186,6 +202,8 @@ if HAS_TRITON:
         PARTITION: tl.constexpr,
         BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr,
+        NEW_TOKEN: tl.constexpr,
+        HAS_NORM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -202,11 +220,37 @@ if HAS_TRITON:
         d = tl.arange(0, HEAD_DIM)
         heads = kvh * GROUP + g
         gmask = g < GROUP
-        q = tl.load(
-            q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-            mask=gmask[:, None],
-            other=0.0,
-        )
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        if NEW_TOKEN:
+            # q and the new k are raw: norm and rotate them here (as qk_norm_rope_store does),
+            # and the program whose partition holds the new token writes its k and v into the
+            # cache before attending (the barrier makes them visible to its own loads)
+            half = HEAD_DIM // 2
+            other = (d + half) % HEAD_DIM
+            pos = tl.load(pos_ptr + b).to(tl.int64)
+            c = tl.load(cos_ptr + pos * stride_cos + d % half)
+            sn = tl.load(sin_ptr + pos * stride_cos + d % half)
+            sn = tl.where(d < half, -sn, sn)
+            q = _norm_rope(q_rows, d, other, gmask, qw_ptr, c, sn, eps, HEAD_DIM, HAS_NORM)
+            if (ctx > 0) & (part == (ctx - 1) // PARTITION):
+                slot = tl.load(slot_ptr + b).to(tl.int64)
+                first = (g < 1) & (slot >= 0)  # one row of the tile; slot -1 writes nothing
+                k_rows = k_new_ptr + b * stride_knb + kvh * stride_knh + g[:, None] * 0
+                k = _norm_rope(k_rows, d, other, first, kw_ptr, c, sn, eps, HEAD_DIM, HAS_NORM)
+                v = tl.load(
+                    v_new_ptr + b * stride_vnb + kvh * stride_vnh + g[:, None] * 0 + d[None, :],
+                    mask=first[:, None],
+                    other=0.0,
+                )
+                blk = slot // BLOCK_SIZE
+                off = slot % BLOCK_SIZE
+                cell = blk * stride_kb + off * stride_ks + kvh * stride_kh + g[:, None] * 0
+                tl.store(k_cache_ptr + cell + d[None, :], k, mask=first[:, None])
+                cell = blk * stride_vb + off * stride_vs + kvh * stride_vh + g[:, None] * 0
+                tl.store(v_cache_ptr + cell + d[None, :], v, mask=first[:, None])
+                tl.debug_barrier()
+        else:
+            q = tl.load(q_rows + d[None, :], mask=gmask[:, None], other=0.0)
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -259,6 +303,24 @@ if HAS_TRITON:
                 o.to(out_ptr.dtype.element_ty),
                 mask=gmask[:, None],
             )
+
+    @triton.jit
+    def _norm_rope(rows, d, other, rmask, w_ptr, c, sn, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
+        """Per-row RMSNorm (with weight) and neox RoPE of raw head vectors [R, HEAD_DIM] at
+        `rows` (pointers to each row's start), rounded like qk_norm_rope_store: `other` is
+        each lane's partner in the other half, c / sn the position's cos and signed sin."""
+        x = tl.load(rows + d[None, :], mask=rmask[:, None], other=0.0)
+        xo = tl.load(rows + other[None, :], mask=rmask[:, None], other=0.0)
+        dtype = x.dtype
+        if HAS_NORM:
+            f = x.to(tl.float32)
+            fo = xo.to(tl.float32)
+            r = tl.math.rsqrt(tl.sum(f * f, 1) / HEAD_DIM + eps)[:, None]
+            x = (tl.load(w_ptr + d).to(tl.float32)[None, :] * (f * r).to(dtype).to(tl.float32))
+            xo = (tl.load(w_ptr + other).to(tl.float32)[None, :] * (fo * r).to(dtype).to(tl.float32))
+            x = x.to(dtype)
+            xo = xo.to(dtype)
+        return (x.to(tl.float32) * c[None, :] + xo.to(tl.float32) * sn[None, :]).to(dtype)
 
     @triton.jit
     def _paged_decode_reduce_kernel(
@@ -612,6 +674,31 @@ def decode_partition_size(batch: int, num_kv_heads: int, max_context: int) -> in
     return base
 
 
+@dataclass
+class NewToken:
+    """A decode step's new token, still raw, for `paged_decode_attention` to finish: k and v
+    [B, KVH, D] (views of the fused qkv output), positions [B], cos/sin [max_pos, D/2] float32,
+    the q / k norm weights (None: no q/k norm) and the cache slots [B]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_norm_weight: torch.Tensor | None
+    k_norm_weight: torch.Tensor | None
+    eps: float
+    slot_mapping: torch.Tensor
+
+    def prepare(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """What the fused kernel does first, done apart: q and k normed and rotated in place,
+        k and v written into the cache."""
+        qk_norm_rope_store(
+            q, self.k, self.v, self.positions, self.cos, self.sin, self.q_norm_weight,
+            self.k_norm_weight, self.eps, k_cache, v_cache, self.slot_mapping,
+        )  # fmt: skip
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -620,6 +707,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     partition_size: int | None = None,
+    new_token: NewToken | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per row over its paged KV cache (flash-decoding).
 
@@ -628,8 +716,13 @@ def paged_decode_attention(
     (tokens to attend to, the new one included; 0 for a padding row, which gives zeros).
     Long contexts are cut into partitions attended in parallel and merged by a second kernel;
     the partition count depends only on shapes, so the call can be captured in a CUDA graph.
-    Returns [B, H, D] in q's dtype.
+    With `new_token`, q is raw (before q norm and RoPE) and the step's new k / v are not in the
+    cache yet: the kernel does what `qk_norm_rope_store` would first (q is left as it was), which
+    saves that launch. Returns [B, H, D] in q's dtype.
     """
+    if new_token is not None and not use_triton(q):
+        new_token.prepare(q, k_cache, v_cache)
+        new_token = None
     if not use_triton(q):
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
     batch, num_heads, head_dim = q.shape
@@ -647,6 +740,11 @@ def paged_decode_attention(
         part_ml = torch.empty(batch, num_heads, max_parts, 2, device=q.device, dtype=torch.float32)
     else:
         part_out = part_ml = out
+    new = new_token
+    if new is not None and (k_cache.stride(-1) != 1 or new.k.stride(-1) != 1):
+        new.prepare(q, k_cache, v_cache)  # the kernel wants unit-stride head vectors
+        new = None
+    norm_w = (new.q_norm_weight, new.k_norm_weight) if new is not None else (None, None)
     _paged_decode_kernel[(batch, num_kv_heads, max_parts)](
         q,
         k_cache,
@@ -656,9 +754,23 @@ def paged_decode_attention(
         out,
         part_out,
         part_ml,
+        new.k if new is not None else q,
+        new.v if new is not None else q,
+        new.positions if new is not None else context_lens,
+        new.cos if new is not None else q,
+        new.sin if new is not None else q,
+        norm_w[0] if norm_w[0] is not None else q,
+        norm_w[1] if norm_w[1] is not None else q,
+        new.slot_mapping if new is not None else context_lens,
+        new.eps if new is not None else 0.0,
         scale * 1.4426950408889634,
         q.stride(0),
         q.stride(1),
+        new.k.stride(0) if new is not None else 0,
+        new.k.stride(1) if new is not None else 0,
+        new.v.stride(0) if new is not None else 0,
+        new.v.stride(1) if new is not None else 0,
+        new.cos.stride(0) if new is not None else 0,
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -677,6 +789,8 @@ def paged_decode_attention(
         PARTITION=partition,
         BLOCK_N=min(64, partition),
         SPLIT=split,
+        NEW_TOKEN=new is not None,
+        HAS_NORM=norm_w[0] is not None,
         DOT_PRECISION=dot_precision(q),
         num_warps=4,
         num_stages=2,
@@ -988,12 +1102,13 @@ GATED_CONFIGS = SKINNY_CONFIGS + [  # silu_mul_linear loads two weight tiles per
     (32, 64, 4, 6),
 ]
 _linear_choice: dict[tuple, tuple | None] = {}
+MAX_SKINNY_ROWS = 32  # more rows than this always use cuBLAS
 MIN_TUNED_WEIGHT_BYTES = 4 << 20  # smaller weights always use cuBLAS
 MAX_TUNING_COPIES = 64
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias), like F.linear. On CUDA with at most 16 rows (decode), a Triton
+    """x @ weight.T (+ bias), like F.linear. On CUDA with at most 32 rows (decode), a Triton
     skinny-GEMM kernel serves a shape when it beat cuBLAS there: each (out, in, row bucket) is
     timed once, at its first call outside graph capture (engine warm-up), in CUDA graphs."""
     return _linear(x, weight, bias, partials=False)
@@ -1033,7 +1148,7 @@ def linear_configs(partials: bool = False, gated: bool = False) -> list[tuple]:
 
 def _tuned_config(x, weight, bias, partials: bool, gated: bool) -> tuple | None:
     """The skinny config chosen for this shape, or None for cuBLAS (timed at first use)."""
-    if not use_triton(x) or x.dim() != 2 or x.shape[0] > 16 or x.stride(-1) != 1:
+    if not use_triton(x) or x.dim() != 2 or x.shape[0] > MAX_SKINNY_ROWS or x.stride(-1) != 1:
         return None
     rows = triton.next_power_of_2(x.shape[0])
     key = (weight.shape[0], weight.shape[1], rows, x.dtype, partials, gated)
@@ -1068,7 +1183,7 @@ def _skinny_linear(x, weight, bias, config, gated: bool = False) -> torch.Tensor
         y.stride(-2),
         rows * n_out,
         HAS_BIAS=bias is not None,
-        BLOCK_M=16,
+        BLOCK_M=16 if rows <= 16 else 32,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SPLIT_K=split,

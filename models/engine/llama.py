@@ -165,21 +165,26 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if kernels.use_triton(qkv):  # q/k norm, RoPE and the cache write in one kernel
             half = self.head_dim // 2
-            kernels.qk_norm_rope_store(
-                q, k, v, positions, self.rotary.cos[:, :half], self.rotary.sin[:, :half],
+            new = kernels.NewToken(
+                k, v, positions, self.rotary.cos[:, :half], self.rotary.sin[:, :half],
                 self.q_norm.weight if self.q_norm is not None else None,
                 self.k_norm.weight if self.k_norm is not None else None,
-                self.q_norm.eps if self.q_norm is not None else 0.0,
-                self.k_cache, self.v_cache, batch.slot_mapping,
+                self.q_norm.eps if self.q_norm is not None else 0.0, batch.slot_mapping,
             )  # fmt: skip
+            if batch.is_decode:  # ... inside the attention kernel: one launch fewer
+                out = kernels.paged_decode_attention(
+                    q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens,
+                    self.scale, new_token=new,
+                )  # fmt: skip
+                return self.o_proj.forward_partials(out.reshape(-1, q_size), batch)
+            new.prepare(q, self.k_cache, self.v_cache)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(positions, q), self.rotary(positions, k)
             store_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
         if batch.is_decode:
-            attend = kernels.paged_decode_attention if kernels.use_triton(q) else paged_attention
-            out = attend(
+            out = paged_attention(
                 q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens, self.scale
             )
         else:
