@@ -330,8 +330,14 @@ def bench_kernels(device, shape, results: dict) -> None:
         ms = graph_ms(lambda c=call: kernels.paged_decode_attention(*c), device)
         ref_ms = graph_ms(lambda c=call: paged_attention_torch(*c), device)
         kv_bytes = 2 * batch * ctx * kvh * d * 2
+        chosen = kernels.decode_partition_size(batch, kvh, blocks_per * 16)
+        by_partition = {}  # tokens per partition -> us (the engine's choice is `partition`)
+        for part in (32, 64, 128, 256, 512):
+            args = (*call, part)
+            by_partition[part] = round(graph_ms(lambda c=args: kernels.paged_decode_attention(*c), device) * 1000, 2)
         rows.append({"batch": batch, "ctx": ctx, "triton_us": ms * 1000, "torch_sdpa_us": ref_ms * 1000,
-                     "floor_us": kv_bytes / bw * 1e6})
+                     "floor_us": kv_bytes / bw * 1e6, "partition": chosen, "us_by_partition": by_partition})
+        log(f"attention bs {batch} ctx {ctx}: partition {chosen}; us by partition {by_partition}")
         log(f"attention bs {batch} ctx {ctx}: triton {ms*1000:.1f} us, torch {ref_ms*1000:.1f} us, "
             f"floor {kv_bytes / bw * 1e6:.1f} us")
     results["attention_kernel"] = rows
