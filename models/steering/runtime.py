@@ -294,18 +294,12 @@ def _by_policy(live: list[tuple]) -> dict[Policy, list[tuple]]:
 
 def greedy_guess(event: ForwardPass, actions: list[Action]) -> torch.Tensor:
     """The token greedy decoding picks from `event.logits` once this step's AdjustedLogits is
-    applied the way the engine applies it (a 0-d tensor; a guess: sampling may differ)."""
-    logits = event.logits
-    for action in actions:
-        if isinstance(action, AdjustedLogits) and action.step == event.step:
-            out = action.logits.to(logits) if action.logits is not None else logits
-            if action.delta is not None:
-                out = out + action.delta.to(out)
-            if action.plausibility_alpha is not None:
-                probs = logits.float().softmax(-1)
-                out = out.masked_fill(probs < action.plausibility_alpha * probs.max(), -torch.inf)
-            logits = out
-    return logits.argmax()
+    applied the way the engine applies it (the last one for the step wins there too; a 0-d
+    tensor; a guess: sampling may differ)."""
+    from models.engine.steering_hooks import apply_adjustments
+
+    mine = [a for a in actions if isinstance(a, AdjustedLogits) and a.step == event.step]
+    return apply_adjustments(event.logits[None], mine[-1:] or [None])[0].argmax()
 
 
 def _apply_token_events(state: RequestState, events: list) -> None:
