@@ -13,6 +13,7 @@ a padding token that writes nothing. Query head h reads KV head h // (num_heads 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,32 @@ HAS_TRITON = triton is not None
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the Triton kernels serve this tensor (CUDA tensor and Triton installed)."""
     return HAS_TRITON and t.is_cuda
+
+
+_pdl: bool | None = None
+
+
+def pdl_enabled() -> bool:
+    """Whether kernels launch with programmatic dependent launch (PDL, Hopper and later):
+    each kernel's programs may then be scheduled while the kernel before it drains, and wait
+    in `_pdl_start` (griddepcontrol.wait) until its results are visible, which hides most of
+    the launch gap between the many small kernels of a decode step. TANDEM_PDL=0 turns it
+    off; Triton without `launch_pdl` or an older GPU never use it."""
+    global _pdl
+    if _pdl is None:
+        _pdl = bool(
+            HAS_TRITON
+            and os.environ.get("TANDEM_PDL", "1") != "0"
+            and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 9
+            and hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
+        )
+    return _pdl
+
+
+def pdl_options() -> dict:
+    """Launch keywords of every Triton kernel here: its USE_PDL switch and Triton's launch_pdl."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled() else {"USE_PDL": False}
 
 
 def dot_precision(t: torch.Tensor) -> str:
@@ -158,6 +185,15 @@ def silu_and_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
+    def _pdl_start(USE_PDL: tl.constexpr):
+        """First statement of every kernel: under PDL, wait until the kernels before this one
+        have finished and their writes are visible, then let the next kernel's programs be
+        scheduled as soon as this one's last programs have started."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _paged_decode_kernel(
         q_ptr,
         k_cache_ptr,
@@ -205,7 +241,9 @@ if HAS_TRITON:
         NEW_TOKEN: tl.constexpr,
         HAS_NORM: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        _pdl_start(USE_PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -335,7 +373,9 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         PARTITION: tl.constexpr,
         PARTS_CHUNK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        _pdl_start(USE_PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         ctx = tl.load(context_lens_ptr + b)
@@ -381,7 +421,9 @@ if HAS_TRITON:
         HAS_STEER: tl.constexpr,
         NUM_PARTS: tl.constexpr,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        _pdl_start(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -439,7 +481,9 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,
         HAS_NORM: tl.constexpr,
         STORE: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        _pdl_start(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         is_q = head < num_heads
@@ -499,7 +543,9 @@ if HAS_TRITON:
         stride_ch,
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        _pdl_start(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         slot = tl.load(slot_ptr + t)
@@ -535,7 +581,9 @@ if HAS_TRITON:
         R_PAD: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_OUT: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        _pdl_start(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)
         split = tl.program_id(2)
@@ -598,9 +646,11 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr,
         GATED: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """y = x @ w.T (+ bias), or split-K partial sums; GATED (no split, no bias): w is
         [gate; up], each n_out rows, and y = silu(x @ gate.T) * (x @ up.T)."""
+        _pdl_start(USE_PDL)
         split = tl.program_id(1)
         k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
         k_start = split * k_per_split
@@ -642,8 +692,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _silu_and_mul_kernel(
-        gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr
+        gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        _pdl_start(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -794,6 +846,7 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(q),
         num_warps=4,
         num_stages=2,
+        **pdl_options(),
     )
     if split:
         _paged_decode_reduce_kernel[(batch, num_heads)](
@@ -809,6 +862,7 @@ def paged_decode_attention(
             PARTITION=partition,
             PARTS_CHUNK=min(32, triton.next_power_of_2(max_parts)),
             num_warps=4,
+            **pdl_options(),
         )
     return out
 
@@ -861,6 +915,7 @@ def rms_norm(
         NUM_PARTS=parts,
         BLOCK=block,
         num_warps=min(16, max(1, block // 256)),
+        **pdl_options(),
     )
     return out.view(shape), residual
 
@@ -935,6 +990,7 @@ def qk_norm_rope_store(
         HAS_NORM=has_norm,
         STORE=store,
         num_warps=1,
+        **pdl_options(),
     )
 
 
@@ -967,6 +1023,7 @@ def store_kv_cache(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1],
         num_warps=1,
+        **pdl_options(),
     )
 
 
@@ -990,6 +1047,7 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         n_cols,
         BLOCK=block,
         num_warps=4,
+        **pdl_options(),
     )
     return out.view(gate.shape)
 
@@ -1070,6 +1128,7 @@ def lora_add_(
         BLOCK_OUT=block_out,
         num_warps=warps,
         num_stages=stages,
+        **pdl_options(),
     )
     return y
 
@@ -1191,6 +1250,7 @@ def _skinny_linear(x, weight, bias, config, gated: bool = False) -> torch.Tensor
         DOT_PRECISION=dot_precision(x),
         num_warps=warps,
         num_stages=stages,
+        **pdl_options(),
     )
     return y
 
