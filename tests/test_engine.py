@@ -321,3 +321,18 @@ def test_rope_scaling_and_qkv_bias_match_transformers(variant, tmp_path):
     prompt = list(range(3, 90, 2))  # past original_max_position_embeddings
     got = run_all(engine(path), [GenerationRequest("v", prompt, greedy(10))])["v"][0]
     assert got == hf_greedy(hf, prompt, 10)
+
+
+def test_stack_rows_views_evenly_spaced_rows_and_copies_the_rest():
+    from models.engine.model_runner import stack_rows
+
+    batch = torch.arange(24.0).view(6, 4)
+    every_other = stack_rows([batch[i] for i in (1, 3, 5)])
+    assert torch.equal(every_other, torch.stack([batch[1], batch[3], batch[5]]))
+    assert every_other.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr()  # a view
+    assert torch.equal(stack_rows([batch[2]]), batch[2:3])
+    shuffled = stack_rows([batch[3], batch[0], batch[4]])  # not evenly spaced: a copy
+    assert torch.equal(shuffled, batch[[3, 0, 4]])
+    assert shuffled.untyped_storage().data_ptr() != batch.untyped_storage().data_ptr()
+    apart = [torch.ones(4), torch.zeros(4)]  # separate tensors: a copy
+    assert torch.equal(stack_rows(apart), torch.stack(apart))

@@ -180,6 +180,8 @@ class DecodeGraphs:
         self.lora = torch.zeros(max_bs, max(lora_slots, 1), dtype=dtype, device=device)
         self.steer_dirty = False
         self.steer_copied: torch.Tensor | None = None  # what the steer buffer holds now
+        self.lora_copied: torch.Tensor | None = None  # what the lora buffer's rows hold now
+        self.lora_rows = 0
         pool = torch.cuda.graph_pool_handle()
         stream = private_stream(device, owner=self)  # both variants: never replayed at once
         dims = {"steer": 1}
@@ -251,6 +253,8 @@ class DecodeGraphs:
             self.steer_dirty = True
             self.steer_copied = batch.steer_deltas
         if batch.lora_weights is not None and self.with_lora is not None:
-            self.lora[:n].copy_(batch.lora_weights)
+            if self.lora_copied is not batch.lora_weights or self.lora_rows != n:
+                self.lora[:n].copy_(batch.lora_weights)  # else: the same tensor as last time
+                self.lora_copied, self.lora_rows = batch.lora_weights, n
             return self.with_lora.replay(n)
         return self.plain.replay(n)

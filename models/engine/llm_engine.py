@@ -18,7 +18,7 @@ import torch
 from models.engine.adapters import LoRAAdapters
 from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
-from models.engine.model_runner import ModelRunner, to_device
+from models.engine.model_runner import ModelRunner, stack_rows, to_device
 from models.engine.output import OutputBuilder, finish
 from models.engine.sampler import sample
 from models.engine.scheduler import ScheduledSequence, Scheduler
@@ -191,13 +191,14 @@ class LLMEngine(SequenceEditor):
             if item.samples:
                 sampling.append((item.seq, logits[row]))
             item.seq.num_computed += item.num_tokens
+        self.steering.prefetch([s for s, _ in sampling])  # the small model starts now
         self.steering.consult(sampling, self._stats.steps)
         adjustments = [self.steering.take_adjustment(s) for s, _ in sampling]
         ready = [(s, lg, adjust) for (s, lg), adjust in zip(sampling, adjustments, strict=True)
                  if not s.is_finished and s.num_uncomputed == 0]  # fmt: skip
         if not ready:
             return
-        logits = torch.stack([lg for _, lg, _ in ready])
+        logits = stack_rows([lg for _, lg, _ in ready])  # rows of one output: no copy
         logits = apply_adjustments(logits, [adjust for *_, adjust in ready])
         tokens = sample(logits, [s for s, *_ in ready])
         for (seq, *_), (token, logprob) in zip(ready, tokens, strict=True):

@@ -6,6 +6,7 @@ whose shape depends only on the batch bucket (see models.engine.attention for th
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -34,11 +35,85 @@ def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
 def to_device(data: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host data as a tensor on `device` without a host sync: on CUDA it goes through pinned
     memory and a non-blocking copy (a plain `torch.tensor(..., device="cuda")` waits for all
-    queued GPU work first, which would serialise the step's host work behind the GPU)."""
+    queued GPU work first, which would serialise the step's host work behind the GPU). The
+    pinned memory is a reused staging buffer (see PinnedStaging), not a new pinned allocation
+    per call."""
+    if isinstance(data, torch.Tensor) and data.device == device:
+        return data.to(dtype)
     cpu = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
         return cpu.to(device)
-    return cpu.pin_memory().to(device, non_blocking=True)
+    return _staging(device).copy(cpu)
+
+
+class PinnedStaging:
+    """A ring of pinned host buffers for host->device copies on one device. Each copy takes
+    the next buffer (grown when too small), fills it, and queues a non-blocking copy on the
+    current stream; an event tells when that buffer may be filled again (with enough buffers
+    in the ring the host never waits: the GPU finished those copies steps ago)."""
+
+    def __init__(self, device: torch.device, slots: int = 16, min_bytes: int = 1 << 16):
+        self.device = device
+        self.lock = threading.Lock()  # the engine thread and a colocated steerer's share it
+        self.min_bytes = min_bytes
+        self.buffers: list[torch.Tensor | None] = [None] * slots
+        self.events: list[torch.cuda.Event | None] = [None] * slots
+        self.next = 0
+
+    def copy(self, cpu: torch.Tensor) -> torch.Tensor:
+        cpu = cpu.contiguous()
+        nbytes = cpu.numel() * cpu.element_size()
+        with self.lock:
+            i = self.next
+            self.next = (i + 1) % len(self.buffers)
+            if self.events[i] is not None:
+                self.events[i].synchronize()  # its last copy is done (at once, in practice)
+            buf = self.buffers[i]
+            if buf is None or buf.numel() < nbytes:
+                size = max(nbytes, self.min_bytes)
+                buf = self.buffers[i] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            staged = buf[:nbytes].view(cpu.dtype).view(cpu.shape)
+            staged.copy_(cpu)
+            out = staged.to(self.device, non_blocking=True)
+            event = self.events[i] or torch.cuda.Event()
+            event.record()
+            self.events[i] = event
+        return out
+
+
+_stagings: dict[tuple[str, int | None], PinnedStaging] = {}
+
+
+def _staging(device: torch.device) -> PinnedStaging:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (device.type, index)
+    if key not in _stagings:
+        _stagings[key] = PinnedStaging(torch.device(device.type, index))
+    return _stagings[key]
+
+
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(rows), but without a copy when the rows are views of one tensor at evenly
+    spaced offsets (rows of a batch's logits, every other row of a base + expert read): then
+    it is a strided view of that tensor. Reading it is the same; writing would reach the
+    original, so callers only read."""
+    first = rows[0]
+    if len(rows) == 1:
+        return first.unsqueeze(0)
+    step = rows[1].storage_offset() - first.storage_offset()
+    ptr = first.untyped_storage().data_ptr()
+    if step > 0 and all(
+        r.untyped_storage().data_ptr() == ptr
+        and r.storage_offset() == first.storage_offset() + i * step
+        and r.shape == first.shape
+        and r.stride() == first.stride()
+        and r.dtype == first.dtype
+        for i, r in enumerate(rows)
+    ):
+        return first.as_strided(
+            (len(rows), *first.shape), (step, *first.stride()), first.storage_offset()
+        )
+    return torch.stack(rows)
 
 
 class ModelRunner:
@@ -57,6 +132,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
+        self._arange = torch.arange(max(config.max_num_seqs, 1), device=self.device)
 
     def _block_bytes(self) -> int:
         a = self.args
@@ -87,6 +163,8 @@ class ModelRunner:
         lora_weights: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
         """Token ids, positions and the ForwardBatch of one step (rows in schedule order)."""
+        if all(item.num_tokens == 1 for item in scheduled):
+            return self._prepare_decode(scheduled, steer_deltas, lora_weights)
         ids, positions, slots, rows, query_lens, context_lens = [], [], [], [], [], []
         for row, item in enumerate(scheduled):
             seq, start = item.seq, item.seq.num_computed
@@ -117,12 +195,59 @@ class ModelRunner:
             context_lens=ints[:n_rows],
             query_lens=query_lens,
             token_rows=longs[3 * n_tok :],
-            steer_deltas=None if steer_deltas is None else steer_deltas.to(self.device, self.dtype),
-            lora_weights=None
-            if lora_weights is None
-            else to_device(lora_weights, self.dtype, self.device),
+            **self._row_inputs(steer_deltas, lora_weights),
         )
         return longs[:n_tok], longs[n_tok : 2 * n_tok], batch
+
+    def _prepare_decode(
+        self,
+        scheduled: list[ScheduledSequence],
+        steer_deltas: torch.Tensor | None,
+        lora_weights: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
+        """`prepare` for a step where every row adds one token (the common case, kept lean:
+        it is host time on every decode step)."""
+        bs = self.block_size
+        seqs = [item.seq for item in scheduled]
+        n = len(seqs)
+        positions = [s.num_computed for s in seqs]
+        ids = [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
+        width = max(len(s.block_table) for s in seqs)
+        tables = []
+        for s in seqs:
+            tables += s.block_table
+            if len(s.block_table) < width:
+                tables += [0] * (width - len(s.block_table))
+        longs = to_device(ids + positions + slots, torch.int64, self.device)
+        ints = to_device([p + 1 for p in positions] + tables, torch.int32, self.device)
+        batch = ForwardBatch(
+            is_decode=True,
+            slot_mapping=longs[2 * n :],
+            block_tables=ints[n:].view(n, width),
+            context_lens=ints[:n],
+            query_lens=[1] * n,
+            token_rows=self._rows(n),
+            **self._row_inputs(steer_deltas, lora_weights),
+        )
+        return longs[:n], longs[n : 2 * n], batch
+
+    def _row_inputs(self, steer_deltas: torch.Tensor | None, lora_weights: torch.Tensor | None):
+        """ForwardBatch's per-row steering deltas and LoRA weights, on the device."""
+        return {
+            "steer_deltas": None
+            if steer_deltas is None
+            else steer_deltas.to(self.device, self.dtype),
+            "lora_weights": None
+            if lora_weights is None
+            else to_device(lora_weights, self.dtype, self.device),
+        }
+
+    def _rows(self, n: int) -> torch.Tensor:
+        """0..n-1 on the device (a decode batch's token_rows), from one cached arange."""
+        if self._arange.shape[0] < n:
+            self._arange = torch.arange(max(n, 2 * self._arange.shape[0]), device=self.device)
+        return self._arange[:n]
 
     @torch.inference_mode()
     def run(
