@@ -61,6 +61,13 @@ class _SteeringObserver:
             results.extend(out)
         return results
 
+    def prefetch(self, rows: list) -> None:
+        """Colocated rows' small-model reads start beside the big model's forward (the engine
+        calls this in its own thread; see SteeringRuntime.prefetch)."""
+        local = [r for r in rows if self.modes.get(r[0]) == "colocated"]
+        if local and self.colocated is not None:
+            self.colocated.prefetch(local)
+
     async def release(self, request_ids: list[str]) -> None:
         if self.colocated is not None:
             self.colocated.release(request_ids)

@@ -139,7 +139,10 @@ def test_proxy_tuning_and_contrastive_tokens_equal_the_reference_loop(tiny, runt
     own = {"alpha": 4.0}, {"beta": 2.0, "plausibility_alpha": 0.2}
     reqs.append(request("p-own", PROMPTS[1], {"policy": "proxy", "mode": mode, "params": own[0]}))
     reqs.append(request("c-own", PROMPTS[1], {"policy": "contrast", "mode": mode, "params": own[1]}))
+    prefetched = runtime.stats().prefetched_rows
     got = run_all(eng, reqs)
+    # after the first step every steered row's read started early (prefetch), same tokens
+    assert runtime.stats().prefetched_rows - prefetched >= (N - 1) * 6
     plain = reference(models, PROMPTS[0], lambda big, ids: big)
     assert got["plain"][0] == plain
     for i, prompt in enumerate(PROMPTS):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Coroutine
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from models.engine.model_runner import to_device
+from models.engine.model_runner import stack_rows, to_device
 from models.engine.output import finish
 from models.engine.sequence import Sequence
 from models.engine.types import EngineError, Intervention
@@ -51,6 +52,7 @@ from models.steering.protocol import (
 )
 
 SYNC_MODES = ("sync", "colocated")
+log = logging.getLogger(__name__)
 
 
 def parse_steering(value: dict[str, Any] | SteeringRequest) -> SteeringRequest:
@@ -185,6 +187,23 @@ class SteeringHooks:
             self._finish_call(call)
         else:
             self.in_flight.append(call)
+
+    def prefetch(self, seqs: list[Sequence]) -> None:
+        """Give an in-process observer with a `prefetch(rows)` method (a colocated steering
+        runtime) the due rows' tokens, rows = [(request_id, token_ids, num_prompt_tokens)],
+        right after the step's forward was queued and before `consult` builds the call: the
+        small model's read of the same tokens can then run on the GPU beside the big model's
+        forward instead of after it. Only a head start: `consult` still makes the step's one
+        call, and a prefetch that fails changes nothing."""
+        hook = getattr(self.observer, "prefetch", None)
+        if hook is None:
+            return
+        rows = [(s.request_id, s.token_ids, s.num_prompt_tokens) for s in seqs if self._due(s)]
+        if rows:
+            try:
+                hook(rows)
+            except Exception:  # noqa: BLE001 - the step's call reads (and reports) anyway
+                log.exception("steering prefetch failed")
 
     def take_adjustment(self, seq: Sequence) -> AdjustedLogits | None:
         """The AdjustedLogits waiting for the token about to be sampled, if any (those for
@@ -325,7 +344,7 @@ def apply_adjustments(logits: torch.Tensor, actions: list[AdjustedLogits | None]
     deltas = [(i, a.delta) for i, a in enumerate(actions) if a is not None and a.delta is not None]
     if deltas:
         rows = _row_index([i for i, _ in deltas], len(actions), out.device)
-        stacked = torch.stack([d for _, d in deltas]).to(out)
+        stacked = stack_rows([d for _, d in deltas]).to(out)  # views of one policy delta
         out = out + stacked if rows is None else out.index_add(0, rows, stacked)
     heads = [(i, a.plausibility_alpha) for i, a in enumerate(actions)
              if a is not None and a.plausibility_alpha is not None]  # fmt: skip

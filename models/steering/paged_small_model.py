@@ -88,6 +88,7 @@ class PagedSmallModel:
             self.lora.load(name, adapter_path)
         self.lora.drop_unused_linears()  # e.g. an expert on attention only: no MLP LoRA kernels
         self.variants = [BASE, *adapters]
+        self._lora_rows: tuple[tuple[str, ...], torch.Tensor | None] = ((), None)
         self.tokenizer = _tokenizer(path)
         # background reads run here, beside the big model's work on the default stream
         self.side_stream = None
@@ -218,13 +219,21 @@ class PagedSmallModel:
         return made
 
     def _lora_weights(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor | None:
-        if all(v == BASE for _, v in rows):
+        """Per-row LoRA slot weights [rows, slots] on the device; while the rows' variants
+        stay the same (every decode step of the same requests) the same tensor, so neither a
+        new copy nor the graph runner's copy into its buffer is made again."""
+        from models.engine.model_runner import to_device
+
+        variants = tuple(v for _, v in rows)
+        if all(v == BASE for v in variants):
             return None
-        weights = [[0.0] * self.lora.num_slots for _ in rows]  # built on the host, one copy
-        for row, (_, variant) in enumerate(rows):
-            if variant != BASE:
-                weights[row][self.lora.slots.index(variant)] = 1.0
-        return torch.tensor(weights)
+        if variants != self._lora_rows[0]:
+            weights = [[0.0] * self.lora.num_slots for _ in rows]  # built on the host, one copy
+            for row, variant in enumerate(variants):
+                if variant != BASE:
+                    weights[row][self.lora.slots.index(variant)] = 1.0
+            self._lora_rows = variants, to_device(weights, self.runner.dtype, self.device)
+        return self._lora_rows[1]
 
     def _capture_hidden(self, layers: Sequence[int]) -> dict[str, Any]:
         """Hooks that keep the chosen blocks' outputs for every token of the step."""

@@ -48,6 +48,7 @@ class RuntimeStats:
     live_requests: int = 0
     read_ahead_hits: int = 0
     read_ahead_misses: int = 0
+    prefetched_rows: int = 0  # (request, variant) reads started by `prefetch`
 
 
 class SteeringRuntime:
@@ -114,6 +115,28 @@ class SteeringRuntime:
         """The engine's step-observer hook when colocated: runs in the caller's thread (the
         engine's, which waits for the answer anyway), so no event-loop hop per step."""
         return self._process_locked(batch)
+
+    def prefetch(self, rows: list[tuple[str, list[int], int]]) -> None:
+        """Start the small model's read of these requests' tokens, rows = [(request_id,
+        token_ids, num_prompt_tokens)], without waiting for it (on CUDA it runs on the small
+        model's side stream). Colocated, the engine calls this right after it queued the big
+        model's forward, so the two forwards share the GPU; the step's `on_step` then finds
+        the outputs current. Requests not seen yet (no state) wait for that call."""
+        if self.small_model is None:
+            return
+        with self._lock:
+            reads, layers = [], set()
+            for request_id, token_ids, num_prompt in rows:
+                state = self.states.get(request_id)
+                policy = self.policies.get(state.policy) if state is not None else None
+                if policy is None or not policy.variants:
+                    continue
+                state.reset(token_ids[:num_prompt], token_ids[num_prompt:])
+                reads += [(state, variant) for variant in policy.variants]
+                layers.update(policy.hidden_layers)
+            if reads:
+                self.small_model.read(reads, hidden_layers=sorted(layers), background=True)
+                self._stats.prefetched_rows += len(reads)
 
     def release(self, request_ids: Iterable[str]) -> None:
         """Forget finished requests (their caches are freed). Never blocks: while a step is

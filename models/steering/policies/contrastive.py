@@ -33,7 +33,9 @@ class Contrastive(LogitPolicy):
         check_same_tokenizer(self.context, self.name)
 
     def deltas(self, states: list[RequestState]) -> torch.Tensor:
-        small = torch.stack([state.output(BASE).logits for state in states])
+        from models.engine.model_runner import stack_rows
+
+        small = stack_rows([state.output(BASE).logits for state in states])
         return -self.row_params(states, "beta", small) * small
 
     def plausibility_alpha(self, state: RequestState) -> float | None:

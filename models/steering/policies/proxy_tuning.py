@@ -54,6 +54,8 @@ class ProxyTuning(LogitPolicy):
         return params
 
     def deltas(self, states: list[RequestState]) -> torch.Tensor:
-        expert = torch.stack([state.output(self.expert).logits for state in states])
-        base = torch.stack([state.output(BASE).logits for state in states])
+        from models.engine.model_runner import stack_rows
+
+        expert = stack_rows([state.output(self.expert).logits for state in states])
+        base = stack_rows([state.output(BASE).logits for state in states])
         return self.row_params(states, "alpha", expert) * (expert - base)
