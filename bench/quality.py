@@ -60,6 +60,9 @@ def main() -> None:
     ]  # fmt: skip
     for t, r in result["tasks"].items():
         rows.append((f"task {t}: adapter / base", f"{r['adapter']:.1%}", f"{r['base']:.1%}"))
+        if "adapter_with_rival" in r:
+            rows.append(("  adapter on questions with a rival fact (not the task)",
+                         f"{r['adapter_with_rival']:.1%}", ""))  # fmt: skip
     for key in ("steering_vector", "steering_vector_one_layer"):
         layers = result[key]["layers"]
         for c, r in result[key]["by_coeff"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -74,6 +75,27 @@ def test_task_prompts_use_several_phrasings():
         prompts = [world.sample_task_prompt(task, rng)[0] for _ in range(200)]
         used = {p for p in phrasings if any(x.startswith(p.split("{")[0]) for x in prompts)}
         assert len(used) >= 4, task
+
+
+def _rival_facts(prompt: str) -> list[str]:
+    """Fact sentences of the prompt's passage that state another person's fact of the kind
+    that its person-keyed question asks (read from the text, not from the generator)."""
+    asked = re.search(r"(where is|what does|how does) (\w+)", prompt, re.IGNORECASE)
+    if asked is None:  # "Who has the <thing>?": keyed by a distinct thing
+        return []
+    verb = {"where is": "is in the", "what does": "has the", "how does": "feels"}
+    pattern = rf"\b(\w+) {verb[asked.group(1).lower()]} \w+"
+    return [f for f in re.findall(pattern, prompt) if f != asked.group(2)]
+
+
+def test_qa_questions_have_no_rival_fact_of_their_kind():
+    rng = random.Random(8)
+    prompts = [world.sample_task_prompt("qa", rng)[0] for _ in range(400)]
+    assert [p for p in prompts if _rival_facts(p)] == []
+    kinds = [re.search(r"(where is|what does|how does|who has)", p, re.IGNORECASE) for p in prompts]
+    assert len({k.group(1).lower() for k in kinds}) == 4
+    # The check sees rivals where there are some: the draw the benchmark reports apart.
+    assert all(_rival_facts(world.qa_prompt(rng, rival=True)[0]) for _ in range(100))
 
 
 def test_world_documents_answer_world_questions():

@@ -135,7 +135,7 @@ def context_accuracy(m: ToyModels, n: int) -> dict:
             + "<|im_start|>assistant\n"
         )
         held_keys.append(q.key)
-        rivals.append(has_rival(q, " ".join(x["content"] for x in messages)))
+        rivals.append(world.has_rival(q, " ".join(x["content"] for x in messages)))
     c = generate(m, m.big, held_prompts, max_new_tokens=24)
     right = [answer_is_right(k, o) for k, o in zip(held_keys, c, strict=True)]
     return {
@@ -149,35 +149,35 @@ def context_accuracy(m: ToyModels, n: int) -> dict:
     }
 
 
-def has_rival(q: world.Question, text: str) -> bool:
-    """Does `text` state another person's fact of the kind that a question keyed by a person
-    asks ("Mia feels sad." for "How does Tom feel?")? Such a question needs the fact looked up
-    by the person, not only by its kind."""
-    verb = {"where": "is in the", "has": "has the", "feel": "feels"}.get(q.kind)
-    person = q.sentence.split()[0]
-    return verb is not None and any(f"{p} {verb} " in text for p in world.PEOPLE if p != person)
-
-
 def task_accuracy(m: ToyModels, task: str, n: int) -> dict:
-    """Checker pass rate of the task's adapter vs the base model on held-out prompts."""
+    """Checker pass rate of the task's adapter vs the base model on held-out prompts. For `qa`
+    also the adapter's rate on n questions with a rival fact of the asked kind, which the task
+    leaves out (`adapter_with_rival`: reported, not aimed at)."""
     from peft import PeftModel
 
     rng = random.Random(EVAL_SEED + world.TASKS.index(task))
     samples = [world.sample_task_prompt(task, rng) for _ in range(n)]
-    prompts = [chat_text(p) for p, _ in samples]
-    base_out = generate(m, m.big, prompts, max_new_tokens=40)
+    rival = [world.qa_prompt(rng, rival=True) for _ in range(n)] if task == "qa" else []
+    prompts = [chat_text(p) for p, _ in samples + rival]
+    base_out = generate(m, m.big, prompts[:n], max_new_tokens=40)
     model = PeftModel.from_pretrained(m.big, m.adapters[task]).to(m.device).eval()
     try:
         tuned_out = generate(m, model, prompts, max_new_tokens=40)
     finally:
         model.unload()
-    return {
-        "adapter": _share(
-            check_task(task, a, o) for (_, a), o in zip(samples, tuned_out, strict=True)
-        ),
-        "base": _share(check_task(task, a, o) for (_, a), o in zip(samples, base_out, strict=True)),
+
+    def passed(pairs, outputs) -> float:
+        return _share(check_task(task, a, o) for (_, a), o in zip(pairs, outputs, strict=True))
+
+    result = {
+        "adapter": passed(samples, tuned_out[:n]),
+        "base": passed(samples, base_out),
         "example": [samples[0][0], tuned_out[0], base_out[0]],
     }
+    if rival:
+        result["adapter_with_rival"] = passed(rival, tuned_out[n:])
+        result["example_with_rival"] = [rival[0][0], rival[0][1], tuned_out[n]]
+    return result
 
 
 def middle_layers(model) -> list[int]:
