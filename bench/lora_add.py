@@ -1,9 +1,13 @@
-"""The per-row LoRA kernel (`kernels.lora_add_`) at decode shapes, by launch config.
+"""The per-row LoRA at decode shapes: `kernels.lora_add_` by launch config, and the LoRA fused
+into the skinny GEMM (`kernels.lora_linear`) against the linear plus `lora_add_`.
 
 For the projections of the Qwen3-0.6B shape (the steering bench's small model, whose proxy-tuning
 expert is a LoRA) and the Qwen3-1.7B shape, at 2 and 32 tokens with one row in two (or every
 row) on an adapter, times each (BLOCK_K, BLOCK_OUT, num_warps, num_stages) in a CUDA graph of 28
-calls (one per layer) and prints microseconds per call. Writes JSON.
+calls (one per layer) and prints microseconds per call (JSON key "rows"). Then, at 2/16/32
+tokens, each projection as the engine calls it (qkv plain, o and down as split-K partial sums,
+gate_up gated): the linear without LoRA, linear + lora_add_ (+ silu-and-mul), and the fastest
+fused config, timed by the engine's tuner (key "fused"). Writes JSON.
 
     PYTHONUNBUFFERED=1 python3 bench/lora_add.py --out $OUT      # H200
 """
@@ -33,11 +37,53 @@ SHAPES = {
                    ("gate_up", 2048, [6144, 6144]), ("down", 6144, [2048])],
 }  # fmt: skip
 CONFIGS = list(itertools.product([256, 1024], [128, 256], [4], [3], [264, 1024, 2048]))
+KINDS = {"qkv": "plain", "o": "partials", "gate_up": "gated", "down": "partials"}  # engine's calls
 
 
 def graph_us(fn) -> float:
     """Microseconds per call: 28 calls (one per layer) in one CUDA graph."""
     return graph_ms(fn, torch.device("cuda"), calls=28, replays=20) * 1000
+
+
+def time_fused(slots: int, rank: int) -> tuple[list[dict], list[str]]:
+    """Per projection and token count: µs per call of the linear alone, linear + lora_add_ and
+    the fused kernel's best config (the engine tuner's timings: weight copies streamed from HBM,
+    one row in two on an adapter)."""
+    rows, lines = [], []
+    header = (f"{'model':<11} {'proj':<8} {'tokens':>6} {'no LoRA':>8} {'unfused':>8} "
+              f"{'fused':>8} {'ratio':>6}  best fused config")  # fmt: skip
+    lines += [header, "-" * len(header)]
+    for model, projections in SHAPES.items():
+        for name, k_dim, parts in projections:
+            gated, partials = KINDS[name] == "gated", KINDS[name] == "partials"
+            weight = torch.randn(sum(parts), k_dim, device="cuda", dtype=torch.bfloat16) * 0.02
+            width = slots * len(parts) * rank
+            a = torch.randn(k_dim, width, device="cuda", dtype=torch.bfloat16) * 0.02
+            b = torch.randn(width, sum(parts), device="cuda", dtype=torch.bfloat16) * 0.02
+            for tokens in (2, 16, 32):
+                weights = torch.zeros(tokens, slots, device="cuda", dtype=torch.bfloat16)
+                token_rows = torch.arange(tokens, device="cuda")
+                lora = kernels.RowLoRA(a, b, weights, token_rows, parts, rank)
+                configs = kernels.fused_lora_configs(weight, None, lora, partials, gated)
+                times = kernels.time_linear_configs(
+                    tokens, weight, None, configs, gated, lora, partials
+                )
+                unfused = times.pop(None) * 1000
+                best = min(times, key=times.get) if times else None
+                fused = times[best] * 1000 if best else float("nan")
+                plain = kernels.time_linear_configs(
+                    tokens, weight, None, kernels.linear_configs(partials, gated), gated
+                )
+                alone = min(plain.values()) * 1000
+                line = (f"{model:<11} {name:<8} {tokens:>6} {alone:8.2f} {unfused:8.2f} "
+                        f"{fused:8.2f} {fused / unfused:6.2f}  {best}")  # fmt: skip
+                print(line, flush=True)
+                lines.append(line)
+                all_us = {str(c): round(t * 1000, 2) for c, t in times.items()}
+                rows.append({"model": model, "proj": name, "kind": KINDS[name], "tokens": tokens,
+                             "no_lora_us": alone, "unfused_us": unfused, "fused_us": fused,
+                             "best_fused": best, "all_fused_us": all_us})  # fmt: skip
+    return rows, lines
 
 
 def main() -> None:
@@ -73,10 +119,15 @@ def main() -> None:
                 rows.append({"model": model, "proj": name, "tokens": tokens,
                              "default_us": default, "best_us": times[best], "best": best,
                              "all_us": {str(c): round(t, 2) for c, t in times.items()}})  # fmt: skip
+    fused, fused_lines = time_fused(args.slots, args.rank)
     print("\n".join(lines))
+    print(f"\nLoRA ({args.slots} slot(s) of rank {args.rank}) inside the skinny GEMM vs linear + "
+          "lora_add_, us per call:")  # fmt: skip
+    print("\n".join(fused_lines))
     out = Path(args.out) / "lora_add.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    result = {"device": torch.cuda.get_device_name(), "rows": rows, "fused": fused}
+    out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
 

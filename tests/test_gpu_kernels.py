@@ -3,6 +3,7 @@ checked against the references on CUDA (marked gpu, skipped without one)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -16,6 +17,20 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 triton_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.HAS_TRITON), reason="needs CUDA and Triton"
 )
+
+
+@contextlib.contextmanager
+def linear_choices(choices: dict):
+    """Force the skinny-GEMM tuner's choices for some shapes (keys of kernels._linear_choice)
+    while the block runs; what was there before comes back afterwards."""
+    saved = {key: kernels._linear_choice[key] for key in choices if key in kernels._linear_choice}
+    kernels._linear_choice.update(choices)
+    try:
+        yield
+    finally:
+        for key in choices:
+            kernels._linear_choice.pop(key, None)
+        kernels._linear_choice.update(saved)
 
 
 def paged_cache(context_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=0):
@@ -405,20 +420,16 @@ def test_lora_rows_add_into_split_k_partials():
         context_lens=torch.ones(3, dtype=torch.int32, device="cuda"), query_lens=[1, 1, 1],
         token_rows=torch.arange(3, device="cuda"), lora_weights=weights,
     )  # fmt: skip
-    want = layer.forward(x, batch).float()
-    key = (2048, 2048, 4, torch.bfloat16, True, False)  # (out, in, rows, dtype, partials, gated)
-    saved = kernels._linear_choice.get(key, "unset")
-    try:
-        for config in kernels.SPLIT_CONFIGS:
-            kernels._linear_choice[key] = config
+    # (out, in, rows, dtype, partials, gated, LoRA): the plain matmul's split, LoRA unfused
+    key = (2048, 2048, 4, torch.bfloat16, True, False, None)
+    unfused = {key[:-1] + (layer.row_lora(batch).key(),): None}
+    with linear_choices({key[:4] + (False, False, layer.row_lora(batch).key()): None}):
+        want = layer.forward(x, batch).float()
+    for config in kernels.SPLIT_CONFIGS:
+        with linear_choices({key: config, **unfused}):
             got = layer.forward_partials(x, batch)
-            assert got.dim() == 3
-            torch.testing.assert_close(got.sum(0), want, atol=3e-2, rtol=2e-2)
-    finally:
-        if saved == "unset":
-            kernels._linear_choice.pop(key)
-        else:
-            kernels._linear_choice[key] = saved
+        assert got.dim() == 3
+        torch.testing.assert_close(got.sum(0), want, atol=3e-2, rtol=2e-2)
 
 
 @triton_cuda
@@ -473,3 +484,173 @@ def test_decode_attention_finishes_the_raw_new_token_like_the_two_kernel_path(
     padding = tables[3, 0].long() * block  # the padding row's stale slot
     assert torch.equal(kc.flatten(0, 1)[padding], k_cache.flatten(0, 1)[padding])
     assert torch.equal(buf, qkv)  # q, k and v stay raw
+
+
+def random_lora(k_dim, parts, slots, rank, tokens, dtype=torch.bfloat16, seed=0):
+    """A RowLoRA of `slots` random adapters in the engine's block layout, `tokens` tokens over
+    four rows: a one-hot row, a router mix of two adapters, another one-hot row at weight 0.7,
+    and row 0 on no adapter (base: every fourth token)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    width = slots * len(parts) * rank
+    a = torch.randn(k_dim, width, device="cuda", generator=gen) * 0.05
+    b = torch.randn(width, sum(parts), device="cuda", generator=gen) * 0.05
+    for slot in range(slots):  # part p of a slot only maps into part p's columns
+        for p in range(len(parts)):
+            col = (slot * len(parts) + p) * rank
+            b[col : col + rank, : sum(parts[:p])] = 0
+            b[col : col + rank, sum(parts[: p + 1]) :] = 0
+    token_rows = (torch.arange(tokens, device="cuda") + 1) % 4
+    weights = torch.zeros(4, slots, device="cuda")
+    weights[1, 0] = 1.0
+    weights[2, 0] += 0.5
+    weights[2, slots - 1] += 0.5
+    weights[3, slots - 1] = 0.7
+    return kernels.RowLoRA(a.to(dtype), b.to(dtype), weights.to(dtype), token_rows, parts, rank)
+
+
+def lora_linear_ref(x, weight, bias, lora, gated=False):
+    """linear + `lora_add_ref` (+ silu(gate) * up), in float32."""
+    f = lambda t: t.float() if t is not None else None  # noqa: E731
+    y = F.linear(f(x), f(weight), f(bias))
+    kernels.lora_add_ref(y, f(x), f(lora.lora_a), f(lora.lora_b), f(lora.row_weights),
+                         lora.token_rows, len(lora.part_sizes), lora.rank)  # fmt: skip
+    return kernels.silu_and_mul_ref(*y.chunk(2, -1)) if gated else y
+
+
+@triton_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 2, 16, 32])
+@pytest.mark.parametrize(
+    "kind,k_dim,parts,slots,rank",
+    [("plain", 1024, [512, 256, 256], 3, 8), ("partials", 2048, [1024], 1, 16),
+     ("gated", 1024, [768, 768], 4, 16)],
+)  # fmt: skip
+def test_fused_lora_linear_matches_linear_plus_lora_add(tokens, kind, k_dim, parts, slots, rank):
+    """The skinny kernel with the LoRA inside against linear + lora_add_ref: plain (with bias),
+    split-K partial sums, gated (silu(gate) * up); base rows come out exactly as without LoRA."""
+    gated, partials = kind == "gated", kind == "partials"
+    x = torch.randn(tokens, k_dim, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(sum(parts), k_dim, device="cuda", dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(sum(parts), device="cuda", dtype=torch.bfloat16) if kind == "plain" else None
+    lora = random_lora(k_dim, parts, slots, rank, tokens)
+    want = lora_linear_ref(x, w, bias, lora, gated)
+    base = lora.row_weights[lora.token_rows].sum(1) == 0
+    configs = kernels.fused_lora_configs(w, bias, lora, partials, gated)
+    assert configs and all(all(p % c[0] == 0 for p in parts) for c in configs)
+    picked = [configs[0], [c for c in configs if len(c) == 5][-1] if partials else configs[-1]]
+    ran = []
+    for config in picked:
+        try:
+            got = kernels._skinny_linear(x, w, bias, config, gated, lora)
+        except kernels.OutOfResources:  # wide tiles plus the A tiles: the tuner skips those
+            continue
+        ran.append(config)
+        got = got.sum(0) if got.dim() == 3 else got
+        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+        plain = kernels._skinny_linear(x, w, bias, config, gated)
+        plain = plain.sum(0) if plain.dim() == 3 else plain
+        assert torch.equal(got[base], plain[base])
+    assert ran
+    key = (w.shape[0], k_dim, triton_rows(tokens), x.dtype, partials, gated, lora.key())
+    with linear_choices({key: ran[0]}):
+        got = kernels.lora_linear(x, w, bias, lora, partials, gated)
+    got = got.sum(0) if got.dim() == 3 else got
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+    assert (want - lora_linear_ref(x, w, bias, kernels.RowLoRA(
+        lora.lora_a, lora.lora_b, lora.row_weights * 0, lora.token_rows, parts, rank), gated)
+    ).abs().max() > 0.1  # the LoRA changes the output  # fmt: skip
+
+
+def triton_rows(tokens: int) -> int:
+    return 1 << (tokens - 1).bit_length()
+
+
+def layer_output(layer, call: str, x, batch, choices: dict, graph_weights=None):
+    """float32 output of layer.<call>(x, batch) (partial sums added up) under forced tuner
+    choices; with `graph_weights`, captured in a CUDA graph that is replayed after the batch's
+    LoRA row weights were overwritten with them."""
+    with linear_choices(choices):
+        if graph_weights is None:
+            out = getattr(layer, call)(x, batch)
+        else:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                out = getattr(layer, call)(x, batch)
+            batch.lora_weights.copy_(graph_weights)
+            graph.replay()
+    return out.sum(0) if out.dim() == 3 else out.float()
+
+
+@triton_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [2, 32])
+def test_lora_layers_give_the_same_output_fused_and_unfused(tokens):
+    """LinearWithLoRA (forward, forward_partials) and its gated form at the Qwen3-0.6B shapes
+    with one rank-16 expert, half the rows on it: the fused kernel (forced), also replayed in
+    a CUDA graph with other rows on the expert, against linear + lora_add_ (forced)."""
+    from models.engine.attention import ForwardBatch
+    from models.engine.lora import LinearWithLoRA
+
+    gen = torch.Generator().manual_seed(1)
+    layers = {  # name: (in, parts, how it is called)
+        "qkv": (1024, [2048, 1024, 1024], "forward"), "o": (2048, [1024], "forward_partials"),
+        "gate_up": (1024, [3072, 3072], "forward_gated"), "down": (3072, [1024], "forward_partials"),
+    }  # fmt: skip
+    odd_rows = (torch.arange(tokens, device="cuda") % 2).to(torch.bfloat16)[:, None]
+    batch = ForwardBatch(
+        is_decode=True, slot_mapping=torch.zeros(tokens, dtype=torch.long, device="cuda"),
+        block_tables=torch.zeros(tokens, 1, dtype=torch.int32, device="cuda"),
+        context_lens=torch.ones(tokens, dtype=torch.int32, device="cuda"),
+        query_lens=[1] * tokens, token_rows=torch.arange(tokens, device="cuda"),
+        lora_weights=odd_rows.clone(),
+    )  # fmt: skip
+    for name, (k_dim, parts, call) in layers.items():
+        layer = LinearWithLoRA(k_dim, parts, False).cuda().to(torch.bfloat16)
+        layer.weight.normal_(0, 0.02)
+        layer.allocate_lora(num_slots=1, rank=16)
+        for p, size in enumerate(parts):
+            a = torch.randn(16, k_dim, generator=gen) * 0.05
+            layer.set_slot(0, p, a, torch.randn(size, 16, generator=gen) * 0.05, 2.0)
+        x = torch.randn(tokens, k_dim, device="cuda", dtype=torch.bfloat16)
+        gated, partials = call == "forward_gated", call == "forward_partials"
+        lora = layer.row_lora(batch)
+        key = (sum(parts), k_dim, tokens, torch.bfloat16, partials, gated)
+        configs = kernels.fused_lora_configs(layer.weight, None, lora, partials, gated)
+        fused = [c for c in configs if len(c) == 5][-1] if partials else configs[0]
+        plain = {key[:-1] + (False, None): None}  # the unfused path's matmul: cuBLAS
+        unfused = {**plain, key + (lora.key(),): None}
+        fused = {key + (lora.key(),): fused, **plain}
+
+        batch.lora_weights.copy_(odd_rows)
+        want = layer_output(layer, call, x, batch, unfused)
+        torch.testing.assert_close(layer_output(layer, call, x, batch, fused), want,
+                                   atol=3e-2, rtol=3e-2, msg=name)  # fmt: skip
+        replayed = layer_output(layer, call, x, batch, fused, graph_weights=1 - odd_rows)
+        want = layer_output(layer, call, x, batch, unfused)
+        torch.testing.assert_close(replayed, want, atol=3e-2, rtol=3e-2, msg=name)
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_lora_linear_tuner_times_fused_against_unfused():
+    """At a tuned size (Qwen3-0.6B qkv, 8 MB) the first call times the fused configs against
+    linear + lora_add_ and keeps a fused config or None; the answer is right either way. Eight
+    adapters of rank 16 are too wide to fuse."""
+    parts = [2048, 1024, 1024]
+    w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    lora = random_lora(1024, parts, 1, 16, 3)
+    times = kernels.time_linear_configs(
+        3, w, None, kernels.fused_lora_configs(w, None, lora)[:2], lora=lora
+    )
+    assert None in times and len(times) == 3 and all(t > 0 for t in times.values())
+    key = (4096, 1024, 4, torch.bfloat16, False, False, lora.key())
+    kernels._linear_choice.pop(key, None)
+    got = kernels.lora_linear(x, w, None, lora)
+    assert key in kernels._linear_choice
+    assert kernels._linear_choice[key] in [None, *kernels.fused_lora_configs(w, None, lora)]
+    torch.testing.assert_close(got.float(), lora_linear_ref(x, w, None, lora), atol=3e-2, rtol=3e-2)
+    wide = random_lora(1024, parts, 8, 16, 3)
+    assert kernels.fused_lora_configs(w, None, wide) == []

@@ -632,6 +632,10 @@ if HAS_TRITON:
         w_ptr,
         bias_ptr,
         y_ptr,
+        a_ptr,
+        b_ptr,
+        lw_ptr,
+        rows_ptr,
         rows,
         n_out,
         k_dim,
@@ -639,24 +643,40 @@ if HAS_TRITON:
         stride_w,
         stride_y,
         stride_split,
+        stride_a,
+        stride_b,
+        stride_lw,
+        end0,
+        end1,
+        lora_cols,
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
         GATED: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        LORA_R: tl.constexpr,
+        RANK: tl.constexpr,
+        NUM_PARTS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         """y = x @ w.T (+ bias), or split-K partial sums; GATED (no split, no bias): w is
-        [gate; up], each n_out rows, and y = silu(x @ gate.T) * (x @ up.T)."""
+        [gate; up], each n_out rows, and y = silu(x @ gate.T) * (x @ up.T).
+
+        HAS_LORA adds the per-row LoRA of `lora_add_` (a, b, row weights lw, token rows): the
+        program's output columns lie in one part (part ends end0, end1), so only that part's
+        `lora_cols` = slots x RANK columns of A and rows of B reach them. Linear in K, so each
+        split adds its K range's share into its partial sum."""
         _pdl_start(USE_PDL)
         split = tl.program_id(1)
         k_per_split = tl.cdiv(tl.cdiv(k_dim, BLOCK_K), SPLIT_K) * BLOCK_K
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, k_dim)
+        n0 = tl.program_id(0) * BLOCK_N
         offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mmask = offs_m < rows
         nmask = offs_n < n_out
@@ -664,6 +684,14 @@ if HAS_TRITON:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
         up_rows = w_rows + n_out * stride_w
+        # LoRA: column j of the part's slice is rank j % RANK of slot j // RANK (GATED: the
+        # gate's part; the up part's columns follow RANK later)
+        part = (n0 >= end0).to(tl.int32) + (n0 >= end1).to(tl.int32)
+        j = tl.arange(0, LORA_R)
+        jmask = j < lora_cols
+        lora_col = ((j // RANK) * NUM_PARTS + part) * RANK + j % RANK
+        t = tl.zeros([BLOCK_M, LORA_R], tl.float32)
+        t_up = tl.zeros([BLOCK_M, LORA_R], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + offs_k
             kmask = k < k_end
@@ -677,6 +705,28 @@ if HAS_TRITON:
             if GATED:
                 u = tl.load(up_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
                 acc_up += tl.dot(x, tl.trans(u), input_precision=DOT_PRECISION)
+            if HAS_LORA:
+                a_tile = a_ptr + k[:, None] * stride_a + lora_col[None, :]
+                amask = kmask[:, None] & jmask[None, :]
+                t += tl.dot(x, tl.load(a_tile, mask=amask, other=0.0), input_precision=DOT_PRECISION)
+                if GATED:
+                    a = tl.load(a_tile + RANK, mask=amask, other=0.0)
+                    t_up += tl.dot(x, a, input_precision=DOT_PRECISION)
+        if HAS_LORA:  # weight each (row, slot) by the row's mix, then map into the outputs
+            token_row = tl.load(rows_ptr + offs_m, mask=mmask, other=0)
+            mix = tl.load(
+                lw_ptr + token_row[:, None] * stride_lw + (j // RANK)[None, :],
+                mask=mmask[:, None] & jmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            # in float32, as lora_add_ does: x @ A is large next to the delta it gives
+            b_tile = b_ptr + lora_col[:, None] * stride_b + offs_n[None, :]
+            bmask = jmask[:, None] & nmask[None, :]
+            b = tl.load(b_tile, mask=bmask, other=0.0).to(tl.float32)
+            acc += tl.dot(t * mix, b, input_precision="ieee")
+            if GATED:
+                b = tl.load(b_tile + RANK * stride_b + n_out, mask=bmask, other=0.0)
+                acc_up += tl.dot(t_up * mix, b.to(tl.float32), input_precision="ieee")
         if GATED:  # rounded as the unfused path rounds the gate_up output, then silu * up
             dtype = y_ptr.dtype.element_ty
             gate = acc.to(dtype).to(tl.float32)
@@ -1133,6 +1183,35 @@ def lora_add_(
     return y
 
 
+@dataclass
+class RowLoRA:
+    """A linear layer's stacked LoRA slots with this step's per-row slot weights (the
+    arguments of `lora_add_`): lora_a [in, S*P*r], lora_b [S*P*r, out], row_weights [rows, S],
+    token_rows int64 [T], the P output parts' sizes and the slot rank r."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    row_weights: torch.Tensor
+    token_rows: torch.Tensor
+    part_sizes: list[int]
+    rank: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.row_weights.shape[1]
+
+    def key(self) -> tuple:
+        """What the tuner's choice depends on: part sizes, slots and rank."""
+        return tuple(self.part_sizes), self.num_slots, self.rank
+
+    def add_(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y += this LoRA of x, in place (`lora_add_`); returns y."""
+        return lora_add_(
+            y, x, self.lora_a, self.lora_b, self.row_weights, self.token_rows, self.part_sizes,
+            self.rank,
+        )  # fmt: skip
+
+
 SKINNY_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (16, 256, 4, 4),
     (16, 512, 4, 3),
@@ -1164,6 +1243,10 @@ _linear_choice: dict[tuple, tuple | None] = {}
 MAX_SKINNY_ROWS = 32  # more rows than this always use cuBLAS
 MIN_TUNED_WEIGHT_BYTES = 4 << 20  # smaller weights always use cuBLAS
 MAX_TUNING_COPIES = 64
+# LoRA columns (slots x rank) per part that the skinny kernel may carry: every program reads
+# all of them, used or not, where `lora_add_` skips a slot no row uses (8 adapters of rank 16)
+MAX_FUSED_LORA_COLUMNS = 64
+FUSED_LORA = os.environ.get("TANDEM_FUSED_LORA", "1") != "0"  # 0: always linear + lora_add_
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -1190,6 +1273,31 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _linear(x, weight, None, partials=False, gated=True)
 
 
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: RowLoRA,
+    partials: bool = False,
+    gated: bool = False,
+) -> torch.Tensor:
+    """x @ weight.T (+ bias) plus the per-row LoRA `lora` (see `lora_add_`). partials: may
+    return float32 split-K partial sums, as `linear_partials`; gated (weight = [gate; up],
+    parts [I, I], no bias): silu(gate) * up, [T, I]. On CUDA at decode sizes the LoRA runs
+    inside the skinny GEMM, one launch, where the tuner found that faster than the linear plus
+    `lora_add_` (plus silu-and-mul when gated); else exactly those (torch on CPU)."""
+    config = _tuned_config(x, weight, bias, partials, gated, lora)
+    if config is not None:
+        return _skinny_linear(x, weight, bias, config, gated, lora)
+    return _lora_linear_unfused(x, weight, bias, lora, partials, gated)
+
+
+def _lora_linear_unfused(x, weight, bias, lora: RowLoRA, partials: bool, gated: bool):
+    y = _linear(x, weight, bias, partials)
+    lora.add_(y[0] if y.dim() == 3 else y, x)  # partial sums: the LoRA joins the first
+    return silu_and_mul(*y.chunk(2, dim=-1)) if gated else y
+
+
 def _linear(x, weight, bias, partials: bool, gated: bool = False) -> torch.Tensor:
     config = _tuned_config(x, weight, bias, partials, gated)
     if config is None:
@@ -1205,23 +1313,54 @@ def linear_configs(partials: bool = False, gated: bool = False) -> list[tuple]:
     return SKINNY_CONFIGS + (SPLIT_CONFIGS if partials else [])
 
 
-def _tuned_config(x, weight, bias, partials: bool, gated: bool) -> tuple | None:
-    """The skinny config chosen for this shape, or None for cuBLAS (timed at first use)."""
+def _tuned_config(x, weight, bias, partials: bool, gated: bool, lora: RowLoRA | None = None):
+    """The skinny config chosen for this shape, or None for cuBLAS (timed at first use). With
+    `lora`: the config of the fused kernel, or None for the linear plus `lora_add_`."""
     if not use_triton(x) or x.dim() != 2 or x.shape[0] > MAX_SKINNY_ROWS or x.stride(-1) != 1:
         return None
+    if lora is not None and not FUSED_LORA:
+        return None
     rows = triton.next_power_of_2(x.shape[0])
-    key = (weight.shape[0], weight.shape[1], rows, x.dtype, partials, gated)
+    lora_key = lora.key() if lora is not None else None
+    key = (weight.shape[0], weight.shape[1], rows, x.dtype, partials, gated, lora_key)
     if key not in _linear_choice:
         if torch.cuda.is_current_stream_capturing():
             return None
-        configs = linear_configs(partials, gated)
-        _linear_choice[key] = _pick_linear(x, weight, bias, configs, gated)
+        if lora is None:
+            configs = linear_configs(partials, gated)
+        else:
+            configs = fused_lora_configs(weight, bias, lora, partials, gated)
+            if configs:  # the unfused path it competes with picks its own config first
+                _tuned_config(x, weight, bias, partials, False)
+        _linear_choice[key] = _pick_linear(x, weight, bias, configs, gated, lora, partials)
     return _linear_choice[key]
 
 
-def _skinny_linear(x, weight, bias, config, gated: bool = False) -> torch.Tensor:
+def fused_lora_configs(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: RowLoRA,
+    partials: bool = False,
+    gated: bool = False,
+) -> list[tuple]:
+    """The skinny configs that can carry this LoRA inside the matmul: no output block may
+    straddle two parts (each part size a multiple of BLOCK_N); none when the LoRA is wider than
+    MAX_FUSED_LORA_COLUMNS per part or its tensors are strided."""
+    parts = lora.part_sizes
+    if lora.num_slots * lora.rank > MAX_FUSED_LORA_COLUMNS or sum(parts) != weight.shape[0]:
+        return []
+    if lora.lora_a.stride(-1) != 1 or lora.lora_b.stride(-1) != 1:
+        return []
+    if gated and (bias is not None or len(parts) != 2 or parts[0] != parts[1]):
+        return []
+    configs = linear_configs(partials, gated)
+    return [c for c in configs if all(p % c[0] == 0 for p in parts)]
+
+
+def _skinny_linear(x, weight, bias, config, gated: bool = False, lora: RowLoRA | None = None):
     """[rows, out] in x's dtype; with a split-K config, float32 partial sums [S, rows, out];
-    gated: [rows, out / 2], silu of the first half times the second."""
+    gated: [rows, out / 2], silu of the first half times the second. With `lora` (whose
+    parts the config's BLOCK_N divides) the per-row LoRA is added inside."""
     block_n, block_k, warps, stages, *rest = config
     split = rest[0] if rest else 1
     rows, n_out = x.shape[0], weight.shape[0] // (2 if gated else 1)
@@ -1229,11 +1368,22 @@ def _skinny_linear(x, weight, bias, config, gated: bool = False) -> torch.Tensor
         y = torch.empty(split, rows, n_out, device=x.device, dtype=torch.float32)
     else:
         y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
+    ends = [n_out, n_out]
+    lora_cols = lora.num_slots * lora.rank if lora is not None else 0
+    if lora is not None:
+        ends = ([sum(lora.part_sizes[: i + 1]) for i in range(len(lora.part_sizes))] + ends)[:2]
+        a, b, lw, token_rows = lora.lora_a, lora.lora_b, lora.row_weights, lora.token_rows
+    else:
+        a = b = lw = token_rows = weight
     _skinny_linear_kernel[(triton.cdiv(n_out, block_n), split)](
         x,
         weight,
         bias if bias is not None else weight,
         y,
+        a,
+        b,
+        lw,
+        token_rows,
         rows,
         n_out,
         x.shape[1],
@@ -1241,12 +1391,22 @@ def _skinny_linear(x, weight, bias, config, gated: bool = False) -> torch.Tensor
         weight.stride(0),
         y.stride(-2),
         rows * n_out,
+        a.stride(0) if lora is not None else 0,
+        b.stride(0) if lora is not None else 0,
+        lw.stride(0) if lora is not None else 0,
+        ends[0],
+        ends[1],
+        lora_cols,
         HAS_BIAS=bias is not None,
         BLOCK_M=16 if rows <= 16 else 32,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SPLIT_K=split,
         GATED=gated,
+        HAS_LORA=lora is not None,
+        LORA_R=max(16, triton.next_power_of_2(lora_cols)),
+        RANK=lora.rank if lora is not None else 16,
+        NUM_PARTS=len(lora.part_sizes) if lora is not None else 1,
         DOT_PRECISION=dot_precision(x),
         num_warps=warps,
         num_stages=stages,
@@ -1255,14 +1415,23 @@ def _skinny_linear(x, weight, bias, config, gated: bool = False) -> torch.Tensor
     return y
 
 
-def _pick_linear(x, weight, bias, configs: list[tuple], gated: bool = False) -> tuple | None:
-    """The fastest skinny config for this shape, or None when cuBLAS is faster."""
-    if weight.stride(-1) != 1 or weight.shape[1] % 16:
+def _pick_linear(
+    x,
+    weight,
+    bias,
+    configs: list[tuple],
+    gated: bool = False,
+    lora: RowLoRA | None = None,
+    partials: bool = False,
+) -> tuple | None:
+    """The fastest skinny config for this shape, or None when cuBLAS is faster (with `lora`:
+    the fastest fused config, or None when the linear plus `lora_add_` is faster)."""
+    if weight.stride(-1) != 1 or weight.shape[1] % 16 or not configs:
         return None
     nbytes = weight.numel() * weight.element_size()
     if nbytes < MIN_TUNED_WEIGHT_BYTES:  # launch-bound and L2-resident: nothing to win
         return None
-    times = time_linear_configs(x.shape[0], weight, bias, configs, gated)
+    times = time_linear_configs(x.shape[0], weight, bias, configs, gated, lora, partials)
     best, best_ms = None, times.pop(None)
     for config, ms in times.items():
         if ms < best_ms * 0.97:
@@ -1288,25 +1457,40 @@ def time_linear_configs(
     bias: torch.Tensor | None,
     configs: list[tuple],
     gated: bool = False,
+    lora: RowLoRA | None = None,
+    partials: bool = False,
 ) -> dict[tuple | None, float]:
     """Milliseconds per call of x[rows] @ weight.T for cuBLAS (key None) and each skinny
     config (gated: `silu_mul_linear`, against cuBLAS plus the silu-and-mul kernel). Timed in a
     CUDA graph over enough weight copies that they stream from HBM as in a real step, not
-    from L2."""
+    from L2. With `lora` (only its tensors and shape count: every odd row takes one slot),
+    `lora_linear`: key None is the unfused path (the linear's own tuned choice, `partials`
+    telling which, plus `lora_add_`), the configs are timed as fused kernels."""
     nbytes = weight.numel() * weight.element_size()
     rows = triton.next_power_of_2(rows)
     probe = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
     # enough copies to stream from HBM as in a real step; capped, since each is a graph launch
     copies = min(MAX_TUNING_COPIES, max(2, -(-(192 << 20) // nbytes)))
     weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    loras: list[RowLoRA | None] = [None] * copies
+    if lora is not None:  # each weight copy with its own copy of A and B
+        mix = torch.zeros(rows, lora.num_slots, device=weight.device, dtype=lora.row_weights.dtype)
+        odd = torch.arange(1, rows, 2, device=weight.device)
+        mix[odd, (odd // 2) % lora.num_slots] = 1.0  # base and adapter rows side by side
+        token_rows = torch.arange(rows, device=weight.device)
+        a, b = lora.lora_a, lora.lora_b
+        loras = [RowLoRA(a, b, mix, token_rows, lora.part_sizes, lora.rank)] + [
+            RowLoRA(a.clone(), b.clone(), mix, token_rows, lora.part_sizes, lora.rank)
+            for _ in range(copies - 1)
+        ]
 
     def graph_ms(fn) -> float:
-        for w in weights:
-            fn(w)
+        for w, rl in zip(weights, loras, strict=True):
+            fn(w, rl)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=_tuning_stream(weight.device)):
-            for w in weights:
-                fn(w)
+            for w, rl in zip(weights, loras, strict=True):
+                fn(w, rl)
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -1316,14 +1500,18 @@ def time_linear_configs(
         end.synchronize()
         return start.elapsed_time(end) / (5 * len(weights))
 
-    def cublas(w: torch.Tensor) -> torch.Tensor:
+    def baseline(w: torch.Tensor, rl: RowLoRA | None) -> torch.Tensor:
+        if rl is not None:
+            return _lora_linear_unfused(probe, w, bias, rl, partials, gated)
         y = torch.nn.functional.linear(probe, w, bias)
         return silu_and_mul(*y.chunk(2, dim=-1)) if gated else y
 
-    times: dict[tuple | None, float] = {None: graph_ms(cublas)}
+    times: dict[tuple | None, float] = {None: graph_ms(baseline)}
     for config in configs:
         try:
-            times[config] = graph_ms(lambda w, c=config: _skinny_linear(probe, w, bias, c, gated))
+            times[config] = graph_ms(
+                lambda w, rl, c=config: _skinny_linear(probe, w, bias, c, gated, rl)
+            )
         except OutOfResources:  # e.g. float32 tiles past shared memory: not a candidate here
             continue
     return times

@@ -200,12 +200,7 @@ class MLP(nn.Module):
         self.down_proj = LinearWithLoRA(inter, [args.hidden_size], False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate_up = self.gate_up_proj
-        if gate_up.lora_a is None or batch.lora_weights is None:  # one kernel where it pays
-            h = kernels.silu_mul_linear(x, gate_up.weight)
-        else:  # LoRA rows add into gate and up before the product
-            h = kernels.silu_and_mul(*gate_up(x, batch).chunk(2, dim=-1))
-        return self.down_proj.forward_partials(h, batch)
+        return self.down_proj.forward_partials(self.gate_up_proj.forward_gated(x, batch), batch)
 
 
 class DecoderLayer(nn.Module):

@@ -5,7 +5,7 @@ For a linear layer with output parts (q|k|v, gate|up or one part), slot s and pa
 into part p's output columns; alpha/r scaling folded into B). For a batch with per-row slot
 weights W [rows, S] (one-hot for a single adapter, the router's mix for top-k, zero = base):
 
-    y = x @ W_base.T + ((x @ A_cat) * W[token_rows][:, column_slot]) @ B_cat
+    y = x @ W_base.T + ((x @ A_cat) * W[token_rows][:, slot of column]) @ B_cat
 
 Static shapes and no per-row branching, so it is CUDA-graph friendly.
 """
@@ -32,7 +32,6 @@ class LinearWithLoRA(nn.Module):
         )
         self.lora_a: torch.Tensor | None = None  # [in, S*P*r]
         self.lora_b: torch.Tensor | None = None  # [S*P*r, out]
-        self.column_slot: torch.Tensor | None = None  # int64 [S*P*r]
         self.rank = 0
 
     def allocate_lora(self, num_slots: int, rank: int) -> None:
@@ -43,11 +42,10 @@ class LinearWithLoRA(nn.Module):
         self.rank = rank
         self.lora_a = torch.zeros(self.in_features, cols, dtype=w.dtype, device=w.device)
         self.lora_b = torch.zeros(cols, w.shape[0], dtype=w.dtype, device=w.device)
-        self.column_slot = torch.arange(num_slots, device=w.device).repeat_interleave(parts * rank)
 
     def free_lora(self) -> None:
         """Drop the LoRA room: the layer is a plain linear again."""
-        self.lora_a = self.lora_b = self.column_slot = None
+        self.lora_a = self.lora_b = None
         self.rank = 0
 
     def set_slot(
@@ -72,30 +70,28 @@ class LinearWithLoRA(nn.Module):
         for part in range(len(self.part_sizes)):
             self.set_slot(slot, part, None, None, 1.0)
 
+    def row_lora(self, batch: ForwardBatch) -> kernels.RowLoRA:
+        """The slots with this step's per-row weights, for `kernels.lora_linear`."""
+        return kernels.RowLoRA(
+            self.lora_a, self.lora_b, batch.lora_weights, batch.token_rows, self.part_sizes,
+            self.rank,
+        )  # fmt: skip
+
     def forward_partials(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """forward(), or float32 split-K partial sums [S, tokens, out] when that is faster:
-        only for an output that feeds a fused residual norm (which sums them). LoRA rows add
-        their share into the first partial."""
+        only for an output that feeds a fused residual norm (which sums them)."""
         if self.lora_a is None or batch.lora_weights is None:
             return kernels.linear_partials(x, self.weight, self.bias)
-        if not kernels.use_triton(x):
-            return self.forward(x, batch)
-        y = kernels.linear_partials(x, self.weight, self.bias)
-        kernels.lora_add_(
-            y[0] if y.dim() == 3 else y, x, self.lora_a, self.lora_b, batch.lora_weights,
-            batch.token_rows, self.part_sizes, self.rank,
-        )  # fmt: skip
-        return y
+        return kernels.lora_linear(x, self.weight, self.bias, self.row_lora(batch), partials=True)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        y = kernels.linear(x, self.weight, self.bias)
         if self.lora_a is None or batch.lora_weights is None:
-            return y
-        if kernels.use_triton(x):  # one fused kernel; unused slots cost nothing
-            return kernels.lora_add_(
-                y, x, self.lora_a, self.lora_b, batch.lora_weights, batch.token_rows,
-                self.part_sizes, self.rank,
-            )  # fmt: skip
-        token_weights = batch.lora_weights.index_select(0, batch.token_rows)
-        mask = token_weights[:, self.column_slot]
-        return y + ((x @ self.lora_a) * mask) @ self.lora_b
+            return kernels.linear(x, self.weight, self.bias)
+        return kernels.lora_linear(x, self.weight, self.bias, self.row_lora(batch))
+
+    def forward_gated(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """silu(gate) * up for a [gate; up] layer without bias, [tokens, out / 2]; LoRA rows add
+        into gate and up before the product. One kernel on CUDA where that is faster."""
+        if self.lora_a is None or batch.lora_weights is None:
+            return kernels.silu_mul_linear(x, self.weight)
+        return kernels.lora_linear(x, self.weight, None, self.row_lora(batch), gated=True)
