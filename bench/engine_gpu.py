@@ -654,6 +654,20 @@ def ratio(results, base, new) -> str:
     return f"{results[base] / results[new]:.1f}x"
 
 
+def write_tuning_table(out: Path) -> None:
+    """The matmul tuner's choices of this run, in the layout of the shipped tables: copy the
+    file to models/engine/tuned/ to make a cold engine start skip the timing."""
+    from models.engine import kernels
+
+    if not torch.cuda.is_available():
+        return
+    name = torch.cuda.get_device_name()
+    table = {"device": name, "choices": kernels.tuning_table()}
+    path = out / f"{kernels.tuning_file_stem(name)}.json"
+    path.write_text(json.dumps(table, indent=1))
+    log(f"tuner choices: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -722,6 +736,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("engine_gpu_tiny_cpu.json" if args.tiny else "engine_gpu.json")
     (out / name).write_text(json.dumps(results, indent=1))
+    write_tuning_table(out)
     print()
     print(table(results))
     print(f"\nJSON: {out / name}")

@@ -394,6 +394,10 @@ def main() -> None:
         print_serve_table(results)
     (out / name).write_text(json.dumps(results, indent=1))
     log(f"wrote {out / name}")
+    if args.part == "gpu":
+        from bench.engine_gpu import write_tuning_table
+
+        write_tuning_table(out)
 
 
 if __name__ == "__main__":

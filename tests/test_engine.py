@@ -336,3 +336,15 @@ def test_stack_rows_views_evenly_spaced_rows_and_copies_the_rest():
     assert shuffled.untyped_storage().data_ptr() != batch.untyped_storage().data_ptr()
     apart = [torch.ones(4), torch.zeros(4)]  # separate tensors: a copy
     assert torch.equal(stack_rows(apart), torch.stack(apart))
+
+
+def test_tuner_keys_as_the_shipped_tables_spell_them():
+    from models.engine import kernels
+
+    lora = ((2048, 1024, 1024), 1, 16)
+    key = (4096, 2048, 16, torch.bfloat16, True, False, lora)
+    assert kernels._table_key(key) == (
+        "4096x2048 rows=16 bfloat16 partials=1 gated=0 lora=2048+1024+1024/1x16"
+    )
+    assert kernels._table_key((*key[:6], None)).endswith("gated=0")
+    assert kernels.tuning_file_stem("NVIDIA H200") == "NVIDIA_H200"

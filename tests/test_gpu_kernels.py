@@ -654,3 +654,26 @@ def test_lora_linear_tuner_times_fused_against_unfused():
     torch.testing.assert_close(got.float(), lora_linear_ref(x, w, None, lora), atol=3e-2, rtol=3e-2)
     wide = random_lora(1024, parts, 8, 16, 3)
     assert kernels.fused_lora_configs(w, None, wide) == []
+
+
+@triton_cuda
+@pytest.mark.gpu
+def test_a_shipped_tuner_choice_is_used_without_timing(monkeypatch, tmp_path):
+    """A shape in models/engine/tuned/<GPU>.json takes the shipped config: nothing is timed."""
+    import json
+
+    w = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+    key = (4096, 2048, 2, torch.bfloat16, False, False, None)
+    config = kernels.SKINNY_CONFIGS[0]
+    name = torch.cuda.get_device_name()
+    table = {"device": name, "choices": {kernels._table_key(key): list(config)}}
+    (tmp_path / f"{kernels.tuning_file_stem(name)}.json").write_text(json.dumps(table))
+    monkeypatch.setattr(kernels, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(kernels, "_shipped", {})
+    monkeypatch.setattr(kernels, "_linear_choice", {})
+    monkeypatch.setattr(kernels, "time_linear_configs", lambda *a, **k: pytest.fail("timed"))
+    got = kernels.linear(x, w)
+    assert kernels._linear_choice[key] == config
+    assert kernels.tuning_table() == {kernels._table_key(key): list(config)}
+    torch.testing.assert_close(got.float(), x.float() @ w.float().T, atol=2e-2, rtol=2e-2)

@@ -13,8 +13,10 @@ a padding token that writes nothing. Query head h reads KV head h // (num_heads 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -1330,6 +1332,11 @@ def _tuned_config(x, weight, bias, partials: bool, gated: bool, lora: RowLoRA | 
     if key not in _linear_choice:
         if torch.cuda.is_current_stream_capturing():
             return None
+        shipped = _shipped_choices(x.device)
+        if _table_key(key) in shipped:  # chosen on this GPU model before: no timing
+            value = shipped[_table_key(key)]
+            _linear_choice[key] = tuple(value) if value is not None else None
+            return _linear_choice[key]
         if lora is None:
             configs = linear_configs(partials, gated)
         else:
@@ -1338,6 +1345,50 @@ def _tuned_config(x, weight, bias, partials: bool, gated: bool, lora: RowLoRA | 
                 _tuned_config(x, weight, bias, partials, False)
         _linear_choice[key] = _pick_linear(x, weight, bias, configs, gated, lora, partials)
     return _linear_choice[key]
+
+
+TUNED_DIR = Path(__file__).with_name("tuned")  # shipped tuner choices: <GPU name>.json
+
+
+def _table_key(key: tuple) -> str:
+    """A tuner key as the shipped tables spell it, e.g. "4096x2048 rows=16 bfloat16
+    partials=0 gated=0" (+ " lora=2048+1024+1024/1x16": part sizes / slots x rank)."""
+    out, inp, rows, dtype, partials, gated, lora_key = key
+    text = f"{out}x{inp} rows={rows} {str(dtype).removeprefix('torch.')} "
+    text += f"partials={int(partials)} gated={int(gated)}"
+    if lora_key is not None:
+        parts, slots, rank = lora_key
+        text += f" lora={'+'.join(map(str, parts))}/{slots}x{rank}"
+    return text
+
+
+_shipped: dict[str, dict[str, list | None]] = {}
+
+
+def _shipped_choices(device: torch.device) -> dict[str, list | None]:
+    """The choices shipped for this GPU model (models/engine/tuned/<name>.json, written from
+    `tuning_table()` by the GPU benchmarks), so a cold start compiles only the chosen kernels
+    instead of timing every candidate. TANDEM_RETUNE=1 ignores them."""
+    name = torch.cuda.get_device_name(device)
+    if name not in _shipped:
+        file = TUNED_DIR / f"{tuning_file_stem(name)}.json"
+        retune = os.environ.get("TANDEM_RETUNE", "0") != "0"
+        loaded = json.loads(file.read_text())["choices"] if file.exists() and not retune else {}
+        _shipped[name] = loaded
+    return _shipped[name]
+
+
+def tuning_file_stem(device_name: str) -> str:
+    """"NVIDIA H200" -> "NVIDIA_H200"."""
+    return "".join(c if c.isalnum() else "_" for c in device_name)
+
+
+def tuning_table() -> dict[str, list | None]:
+    """Every choice the tuner made in this process, keyed as the shipped tables are."""
+    return {
+        _table_key(key): list(value) if value is not None else None
+        for key, value in sorted(_linear_choice.items(), key=lambda kv: str(kv[0]))
+    }
 
 
 def fused_lora_configs(
