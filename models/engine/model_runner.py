@@ -100,19 +100,21 @@ def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     first = rows[0]
     if len(rows) == 1:
         return first.unsqueeze(0)
-    step = rows[1].storage_offset() - first.storage_offset()
-    ptr = first.untyped_storage().data_ptr()
-    if step > 0 and all(
-        r.untyped_storage().data_ptr() == ptr
-        and r.storage_offset() == first.storage_offset() + i * step
-        and r.shape == first.shape
-        and r.stride() == first.stride()
-        and r.dtype == first.dtype
+    # rows at evenly spaced addresses with one layout are exactly the strided view below (and
+    # as_strided refuses a view past the first row's storage: then it is a copy after all)
+    ptr, size = first.data_ptr(), first.element_size()
+    gap = rows[1].data_ptr() - ptr
+    shape, stride = first.shape, first.stride()
+    if gap > 0 and gap % size == 0 and all(
+        r.data_ptr() == ptr + i * gap and r.shape == shape and r.stride() == stride
         for i, r in enumerate(rows)
-    ):
-        return first.as_strided(
-            (len(rows), *first.shape), (step, *first.stride()), first.storage_offset()
-        )
+    ) and all(r.dtype == first.dtype for r in rows):
+        try:
+            return first.as_strided(
+                (len(rows), *shape), (gap // size, *stride), first.storage_offset()
+            )
+        except RuntimeError:
+            pass
     return torch.stack(rows)
 
 

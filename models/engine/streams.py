@@ -19,14 +19,17 @@ import torch
 _held: set[tuple[int, int]] = set()  # (device index, stream handle)
 
 
-def private_stream(device: torch.device | int | None = None, owner: object = None):
+def private_stream(
+    device: torch.device | int | None = None, owner: object = None, priority: int = 0
+):
     """A pool stream not held by any other caller; released when `owner` is collected (held
-    for the life of the process when there is no owner)."""
+    for the life of the process when there is no owner). priority -1: from the high-priority
+    pool (its kernels are scheduled first when streams compete for the GPU)."""
     for attempt in range(2):
         if attempt:
             gc.collect()  # owners caught in reference cycles give their streams back
         for _ in range(64):  # the pool hands out its 32 streams round-robin
-            stream = torch.cuda.Stream(device)
+            stream = torch.cuda.Stream(device, priority=priority)
             key = (stream.device_index, stream.cuda_stream)
             if key not in _held:
                 _held.add(key)

@@ -95,7 +95,8 @@ class PagedSmallModel:
         if self.device.type == "cuda":
             from models.engine.streams import private_stream
 
-            self.side_stream = private_stream(self.device, owner=self)
+            # high priority: the step waits for the small model, which starts after the big one
+            self.side_stream = private_stream(self.device, owner=self, priority=-1)
         self.reads_in_background = self.side_stream is not None
         if hasattr(self.runner, "capture_graphs"):  # CUDA: decode steps replay from graphs
             self.runner.capture_graphs()
