@@ -306,7 +306,7 @@ def add_lora(model, slots: int, rank: int, seed: int = 1) -> None:
 
 def remove_lora(model) -> None:
     for layer, _ in model.lora_linears().values():
-        layer.lora_a = layer.lora_b = layer.column_slot = None
+        layer.lora_a = layer.lora_b = None
 
 
 # ----------------------------------------------------------------------------- sections
