@@ -98,3 +98,35 @@ def test_graphs_agree_with_eager_decode_under_steering_and_lora(tmp_path):
     assert with_graphs == eager
     assert with_graphs["r1"] != with_graphs["r0"], "steering did not change the text"
     assert with_graphs["r2"] != with_graphs["r0"], "the adapter did not change the text"
+
+
+def test_to_device_copies_host_data_once_and_leaves_gpu_tensors_alone():
+    from models.engine.model_runner import to_device
+
+    on_gpu = torch.arange(6.0, device="cuda")
+    same = to_device(on_gpu, torch.float32, torch.device("cuda"))  # no index: the current GPU
+    assert same.data_ptr() == on_gpu.data_ptr()
+    flat = to_device([3, 1, 2], torch.int64, torch.device("cuda"))  # through a numpy view
+    nested = to_device([[1.5, 2.0], [0.0, -1.0]], torch.bfloat16, torch.device("cuda"))
+    assert flat.tolist() == [3, 1, 2] and flat.dtype == torch.int64
+    assert nested.tolist() == [[1.5, 2.0], [0.0, -1.0]] and nested.dtype == torch.bfloat16
+
+
+def test_staged_inputs_hold_what_each_write_queued():
+    from models.engine.cuda_graph import StagedInputs
+
+    staged = StagedInputs(rows=8, max_blocks=4, device=torch.device("cuda"))
+    b = staged.buffers
+    for ids, positions, tables, width in (
+        ([7, 8, 9], [4, 9, 2], [1, 2, 3, 4, 0, 5], 2),
+        ([6], [30], [9, 8, 7, 6], 4),  # the other mirror; fewer rows than before
+    ):
+        n = len(ids)
+        slots = [p * 10 for p in positions]
+        staged.write(4, ids, positions, slots, tables, width)
+        torch.cuda.synchronize()
+        assert b["ids"][:4].tolist() == ids + [0] * (4 - n)  # padded to the bucket
+        assert b["pos"][:n].tolist() == positions and b["slots"][:4].tolist()[:n] == slots
+        assert b["ctx"][:4].tolist() == [p + 1 for p in positions] + [0] * (4 - n)
+        assert b["slots"][n:4].tolist() == [0] * (4 - n)  # pad rows write the null slot
+        assert b["tables"][:n, :width].flatten().tolist() == tables

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from models.engine.attention import ForwardBatch
@@ -109,16 +110,16 @@ class CudaGraphRunner:
     def buffers_device(self) -> torch.device:
         return next(iter(self.buffers.values())).device
 
-    def replay(self, batch: int) -> torch.Tensor:
+    def replay(self, batch: int, pad: bool = True) -> torch.Tensor:
         """Run the step for the first `batch` rows already written into the buffers; rows up to
-        the bucket are padded here. Returns a view of the static output (valid until the next
-        replay): its first `batch` rows along dim 0."""
+        the bucket are padded here (unless the caller did: `pad` False). Returns a view of the
+        static output (valid until the next replay): its first `batch` rows along dim 0."""
         size = self.bucket_for(batch)
         if size is None or size not in self.graphs:
             raise ValueError(
                 f"no captured graph holds a batch of {batch} (buckets {self.batch_sizes})"
             )
-        if batch < size:
+        if pad and batch < size:
             for name in self.buffers:
                 self._pad(name, batch, size)
         self.graphs[size].replay()
@@ -145,12 +146,72 @@ class CudaGraphRunner:
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, ForwardBatch], torch.Tensor]
 
 
+class StagedInputs:
+    """The decode graphs' token inputs as views of one device buffer, filled from a pinned host
+    mirror of the same layout: ids, positions, slots (int64 [rows]), context lengths (int32
+    [rows]) and block tables (int32 [rows, max_blocks]).
+
+    A step writes its rows into the mirror through numpy views (no torch tensor is built) and
+    one non-blocking copy moves them, instead of a tensor, a staging copy and a device-side copy
+    per input. Two mirrors alternate; each waits for its previous copy to finish before it is
+    written again (in practice that copy ended a step ago)."""
+
+    def __init__(self, rows: int, max_blocks: int, device: torch.device):
+        self.rows, self.max_blocks = rows, max_blocks
+        self.tables_at = 3 * rows * 8 + rows * 4  # byte offset of the block tables
+        nbytes = self.tables_at + rows * max_blocks * 4
+        self.device_bytes = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.buffers = self._views(self.device_bytes)
+        self.mirrors = [torch.zeros(nbytes, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        self.host = [{k: v.numpy() for k, v in self._views(m).items()} for m in self.mirrors]
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.next = 0
+
+    def _views(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = self.rows
+        longs = raw[: 3 * rows * 8].view(torch.int64)
+        ints = raw[3 * rows * 8 :].view(torch.int32)
+        return {
+            "ids": longs[:rows],
+            "pos": longs[rows : 2 * rows],
+            "slots": longs[2 * rows :],
+            "ctx": ints[:rows],
+            "tables": ints[rows:].view(rows, self.max_blocks),
+        }
+
+    def write(self, size: int, ids, positions, slots, tables: list[int], width: int) -> None:
+        """Queue the step's rows (lists; `tables` flat, `width` entries per row) on the current
+        stream; rows len(ids)..size-1 get zeros (context 0: they read nothing and write their
+        K/V to the null slot 0)."""
+        n = len(ids)
+        i, self.next = self.next, 1 - self.next
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        host = self.host[i]
+        host["ids"][:n], host["pos"][:n], host["slots"][:n] = ids, positions, slots
+        ctx = host["ctx"]
+        ctx[:n] = positions
+        ctx[:n] += 1
+        for name in ("ids", "pos", "slots", "ctx"):
+            host[name][n:size] = 0
+        host["tables"][:n, :width] = np.asarray(tables, dtype=np.int32).reshape(n, width)
+        end = self.tables_at + n * self.max_blocks * 4
+        self.device_bytes[:end].copy_(self.mirrors[i][:end], non_blocking=True)
+        event = self.events[i] or torch.cuda.Event()
+        event.record()
+        self.events[i] = event
+
+
 class DecodeGraphs:
     """The engine's decode step (`decode(ids, positions, ForwardBatch) -> logits`) in CUDA
     graphs: static ForwardBatch buffers, a graph per batch bucket, captured once without and
     once with the per-row LoRA path (when the model has LoRA slots). Steering deltas are always
     read (a zero delta costs one row read inside the fused norm), so steered and plain rows
     share a graph.
+
+    Rows past the live batch in a bucket compute values nobody reads: every kernel keeps rows
+    apart, their context length is 0 and their slot the null slot, so only the token inputs are
+    padded (steering and LoRA rows there keep whatever they held).
     """
 
     def __init__(
@@ -167,16 +228,12 @@ class DecodeGraphs:
         self.decode = decode
         max_bs = max(batch_sizes)
         self.max_blocks = max_blocks
-        rows = torch.arange(max_bs, device=device)
-        self.buffers = {
-            "ids": torch.zeros(max_bs, dtype=torch.int64, device=device),
-            "pos": torch.zeros(max_bs, dtype=torch.int64, device=device),
-            "slots": torch.zeros(max_bs, dtype=torch.int64, device=device),
-            "tables": torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device),
-            "ctx": torch.zeros(max_bs, dtype=torch.int32, device=device),
-            "steer": torch.zeros(num_layers, max_bs, hidden_size, dtype=dtype, device=device),
-        }
-        self.rows = rows  # token_rows of a decode batch: the identity, never padded
+        self.inputs = StagedInputs(max_bs, max_blocks, device)
+        self.buffers = dict(
+            self.inputs.buffers,
+            steer=torch.zeros(num_layers, max_bs, hidden_size, dtype=dtype, device=device),
+        )
+        self.rows = torch.arange(max_bs, device=device)  # a decode batch's token_rows
         self.lora = torch.zeros(max_bs, max(lora_slots, 1), dtype=dtype, device=device)
         self.steer_dirty = False
         self.steer_copied: torch.Tensor | None = None  # what the steer buffer holds now
@@ -225,36 +282,39 @@ class DecodeGraphs:
             seconds += self.with_lora.capture()
         return seconds
 
-    def fits(self, batch: ForwardBatch) -> bool:
-        """Whether a decode batch can be replayed (a bucket holds it and its tables fit)."""
-        return (
-            batch.is_decode
-            and batch.context_lens.shape[0] <= self.plain.max_batch_size
-            and batch.block_tables.shape[1] <= self.max_blocks
-        )
+    def holds(self, rows: int, width: int) -> bool:
+        """Whether a decode step of `rows` rows with block tables `width` wide can replay."""
+        return rows <= self.plain.max_batch_size and width <= self.max_blocks
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
-        """Copy the step into the static buffers and replay; returns logits [rows, vocab]
-        (a view of the graph's output, valid until the next replay)."""
-        n = input_ids.shape[0]
-        b = self.buffers
-        b["ids"][:n].copy_(input_ids)
-        b["pos"][:n].copy_(positions)
-        b["slots"][:n].copy_(batch.slot_mapping)
-        b["ctx"][:n].copy_(batch.context_lens)
-        b["tables"][:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
-        if batch.steer_deltas is None:
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        tables: list[int],
+        width: int,
+        steer_deltas: torch.Tensor | None,
+        lora_weights: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One decode step from host lists (`tables` flat, `width` per row) and device row
+        tensors; returns logits [rows, vocab] (a view of the graph's output, valid until the
+        next replay)."""
+        n = len(ids)
+        size = self.plain.bucket_for(n)
+        self.inputs.write(size, ids, positions, slots, tables, width)
+        steer = self.buffers["steer"]
+        if steer_deltas is None:
             if self.steer_dirty:
-                b["steer"].zero_()
+                steer.zero_()
                 self.steer_dirty = False
             self.steer_copied = None
-        elif self.steer_copied is not batch.steer_deltas:  # the engine reuses unchanged deltas
-            b["steer"][:, :n].copy_(batch.steer_deltas)
+        elif self.steer_copied is not steer_deltas:  # the engine reuses unchanged deltas
+            steer[:, :n].copy_(steer_deltas)
             self.steer_dirty = True
-            self.steer_copied = batch.steer_deltas
-        if batch.lora_weights is not None and self.with_lora is not None:
-            if self.lora_copied is not batch.lora_weights or self.lora_rows != n:
-                self.lora[:n].copy_(batch.lora_weights)  # else: the same tensor as last time
-                self.lora_copied, self.lora_rows = batch.lora_weights, n
-            return self.with_lora.replay(n)
-        return self.plain.replay(n)
+            self.steer_copied = steer_deltas
+        if lora_weights is not None and self.with_lora is not None:
+            if self.lora_copied is not lora_weights or self.lora_rows != n:
+                self.lora[:n].copy_(lora_weights)  # else: the same tensor as last time
+                self.lora_copied, self.lora_rows = lora_weights, n
+            return self.with_lora.replay(n, pad=False)
+        return self.plain.replay(n, pad=False)

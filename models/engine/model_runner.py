@@ -6,6 +6,7 @@ whose shape depends only on the batch bucket (see models.engine.attention for th
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
@@ -21,9 +22,15 @@ GIB = 1 << 30
 
 
 def pick_device(config: EngineConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    """The configured device; a GPU with its index (the current one when none is given), so
+    that it compares equal to the device of the tensors made on it."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
@@ -38,19 +45,34 @@ def to_device(data: list | torch.Tensor, dtype: torch.dtype, device: torch.devic
     queued GPU work first, which would serialise the step's host work behind the GPU). The
     pinned memory is a reused staging buffer (see PinnedStaging), not a new pinned allocation
     per call."""
-    if isinstance(data, torch.Tensor) and data.device == device:
+    if isinstance(data, torch.Tensor) and is_on(data, device):
         return data.to(dtype)
-    cpu = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
+        cpu = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
         return cpu.to(device)
-    return _staging(device).copy(cpu)
+    return _staging(device).copy(data, dtype)
+
+
+def is_on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` lives on `device` ("cuda" without an index meaning the current one:
+    torch.device("cuda") != torch.device("cuda:0"), though both name the same GPU)."""
+    if tensor.device.type != device.type:
+        return False
+    if device.index is None and device.type == "cuda":
+        return tensor.device.index == torch.cuda.current_device()
+    return tensor.device.index == device.index
+
+
+NUMPY_DTYPES = (torch.int64, torch.int32, torch.float32, torch.float64)
 
 
 class PinnedStaging:
     """A ring of pinned host buffers for host->device copies on one device. Each copy takes
     the next buffer (grown when too small), fills it, and queues a non-blocking copy on the
     current stream; an event tells when that buffer may be filled again (with enough buffers
-    in the ring the host never waits: the GPU finished those copies steps ago)."""
+    in the ring the host never waits: the GPU finished those copies steps ago). A flat list of
+    numbers is written through a numpy view of the buffer, several times cheaper than building
+    a torch tensor from it."""
 
     def __init__(self, device: torch.device, slots: int = 16, min_bytes: int = 1 << 16):
         self.device = device
@@ -60,9 +82,18 @@ class PinnedStaging:
         self.events: list[torch.cuda.Event | None] = [None] * slots
         self.next = 0
 
-    def copy(self, cpu: torch.Tensor) -> torch.Tensor:
-        cpu = cpu.contiguous()
-        nbytes = cpu.numel() * cpu.element_size()
+    def copy(self, data: list | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = (
+            isinstance(data, list)
+            and dtype in NUMPY_DTYPES
+            and not (data and isinstance(data[0], (list, tuple)))
+        )
+        if flat:
+            cpu, shape = None, (len(data),)
+        else:
+            cpu = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+            cpu, shape = cpu.contiguous(), cpu.shape
+        nbytes = math.prod(shape) * dtype.itemsize
         with self.lock:
             i = self.next
             self.next = (i + 1) % len(self.buffers)
@@ -72,8 +103,11 @@ class PinnedStaging:
             if buf is None or buf.numel() < nbytes:
                 size = max(nbytes, self.min_bytes)
                 buf = self.buffers[i] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            staged = buf[:nbytes].view(cpu.dtype).view(cpu.shape)
-            staged.copy_(cpu)
+            staged = buf[:nbytes].view(dtype).view(shape)
+            if cpu is None:
+                staged.numpy()[:] = data
+            else:
+                staged.copy_(cpu)
             out = staged.to(self.device, non_blocking=True)
             event = self.events[i] or torch.cuda.Event()
             event.record()
@@ -207,20 +241,9 @@ class ModelRunner:
         steer_deltas: torch.Tensor | None,
         lora_weights: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
-        """`prepare` for a step where every row adds one token (the common case, kept lean:
-        it is host time on every decode step)."""
-        bs = self.block_size
-        seqs = [item.seq for item in scheduled]
-        n = len(seqs)
-        positions = [s.num_computed for s in seqs]
-        ids = [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
-        width = max(len(s.block_table) for s in seqs)
-        tables = []
-        for s in seqs:
-            tables += s.block_table
-            if len(s.block_table) < width:
-                tables += [0] * (width - len(s.block_table))
+        """`prepare` for a step where every row adds one token."""
+        ids, positions, slots, tables, width = self._decode_rows(scheduled)
+        n = len(ids)
         longs = to_device(ids + positions + slots, torch.int64, self.device)
         ints = to_device([p + 1 for p in positions] + tables, torch.int32, self.device)
         batch = ForwardBatch(
@@ -233,6 +256,25 @@ class ModelRunner:
             **self._row_inputs(steer_deltas, lora_weights),
         )
         return longs[:n], longs[n : 2 * n], batch
+
+    def _decode_rows(
+        self, scheduled: list[ScheduledSequence]
+    ) -> tuple[list[int], list[int], list[int], list[int], int]:
+        """A decode step's host inputs: token ids, positions, cache slots, the block tables
+        (flat, each row padded with the null block to the widest) and their width. Kept lean:
+        it is host time on every decode step."""
+        bs = self.block_size
+        seqs = [item.seq for item in scheduled]
+        positions = [s.num_computed for s in seqs]
+        ids = [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
+        width = max(len(s.block_table) for s in seqs)
+        tables = []
+        for s in seqs:
+            tables += s.block_table
+            if len(s.block_table) < width:
+                tables += [0] * (width - len(s.block_table))
+        return ids, positions, slots, tables, width
 
     def _row_inputs(self, steer_deltas: torch.Tensor | None, lora_weights: torch.Tensor | None):
         """ForwardBatch's per-row steering deltas and LoRA weights, on the device."""
@@ -259,10 +301,13 @@ class ModelRunner:
         lora_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run one step; float32 logits [rows, vocab] at each row's last new token."""
+        if self.graphs is not None and all(item.num_tokens == 1 for item in scheduled):
+            rows = self._decode_rows(scheduled)
+            if self.graphs.holds(len(scheduled), rows[-1]):  # the host lists go straight in
+                row_inputs = self._row_inputs(steer_deltas, lora_weights)
+                return self.graphs.run(*rows, row_inputs["steer_deltas"], row_inputs["lora_weights"])
         input_ids, positions, batch = self.prepare(scheduled, steer_deltas, lora_weights)
         if batch.is_decode:
-            if self.graphs is not None and self.graphs.fits(batch):
-                return self.graphs.run(input_ids, positions, batch)
             return self.decode(input_ids, positions, batch)
         hidden = self.model(input_ids, positions, batch)
         last = to_device(batch.query_lens, torch.int64, self.device).cumsum(0) - 1
