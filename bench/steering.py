@@ -137,14 +137,15 @@ def bench_gpu(args) -> dict:
 
     steering = SteeringConfig(
         expert_adapter="expert",
-        read_ahead=True,
         device=device.type,
         kv_cache_gib=2.0 if device.type == "cuda" else 0.1,
         policies=[{"name": "proxy", "kind": "proxy_tuning", "params": {"alpha": 1.0}},
                   {"name": "contrast", "kind": "contrastive"}],
     )  # fmt: skip
     t = time.perf_counter()
-    runtime = SteeringRuntime(steering, str(big), str(small), {"expert": str(expert)})
+    runtime = SteeringRuntime(
+        steering, str(big), str(small), {"expert": str(expert)}, max_model_len=max_len
+    )  # the small model reads what the big one does (as the Generator configures it)
     log(f"steering runtime ready in {time.perf_counter() - t:.1f} s")
     # colocated: the runtime answers in the engine thread; async: its coroutine runs on
     # another thread while the engine goes on (as a remote Steerer would)
@@ -159,12 +160,13 @@ def bench_gpu(args) -> dict:
         "unsteered": {},
         "vector_4_layers": {"steer_vectors": [SteerVectorSpec("v", 1.0, steer_layers)]},
         "proxy_colocated": {"steering": {"policy": "proxy", "mode": "colocated"}},
-        "proxy_colocated_no_read_ahead": {"steering": {"policy": "proxy", "mode": "colocated"}},
         "contrastive_colocated": {"steering": {"policy": "contrast", "mode": "colocated"}},
-        "contrastive_colocated_no_read_ahead": {
+        "proxy_async": {"steering": {"policy": "proxy", "mode": "async"}},
+        # steering.read_ahead (opt-in): a guessed next token read in the background
+        "proxy_colocated_read_ahead": {"steering": {"policy": "proxy", "mode": "colocated"}},
+        "contrastive_colocated_read_ahead": {
             "steering": {"policy": "contrast", "mode": "colocated"}
         },
-        "proxy_async": {"steering": {"policy": "proxy", "mode": "async"}},
     }
     if args.modes:
         modes = {m: modes[m] for m in ["unsteered", *args.modes]}
@@ -178,7 +180,7 @@ def bench_gpu(args) -> dict:
                         for i, p in enumerate(prompts)]  # fmt: skip
                 mode_name = (extra.get("steering") or {}).get("mode", "colocated")
                 engine.set_step_observer(observers[mode_name])
-                runtime.config.read_ahead = not mode.endswith("no_read_ahead")
+                runtime.config.read_ahead = mode.endswith("_read_ahead")
                 ms, steps = decode_step_ms(engine, reqs)
                 runtime.release([r.request_id for r in reqs])
                 row[f"{mode}_ms"] = min(ms, row.get(f"{mode}_ms", float("inf")))

@@ -102,7 +102,10 @@ class Generator:
         async with self._start_lock:
             if self._observer.colocated is None:
                 self._observer.colocated = await asyncio.to_thread(
-                    SteeringRuntime.from_source, self.config.steering, self.config.model.source
+                    SteeringRuntime.from_source,
+                    self.config.steering,
+                    self.config.model.source,
+                    self.config.engine.max_model_len,
                 )
 
     def _vector_library(self):

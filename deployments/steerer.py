@@ -37,11 +37,13 @@ class Steerer:
 
             full = TandemConfig.model_validate(config)
             steering, source = full.steering, model_source or full.model.source
+            max_len = full.engine.max_model_len
         else:
             if model_source is None:
                 raise ValueError("Steerer: a bare steering config needs model_source")
             steering, source = SteeringConfig.model_validate(config), model_source
-        self.runtime = SteeringRuntime.from_source(steering, source)
+            max_len = None
+        self.runtime = SteeringRuntime.from_source(steering, source, max_len)
         logger.info("Steerer ready: policies %s", ", ".join(self.runtime.policies) or "none")
 
     @serve.batch(max_batch_size=MAX_BATCHED_CALLS, batch_wait_timeout_s=BATCH_WAIT_S)

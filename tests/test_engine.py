@@ -348,3 +348,15 @@ def test_tuner_keys_as_the_shipped_tables_spell_them():
     )
     assert kernels._table_key((*key[:6], None)).endswith("gated=0")
     assert kernels.tuning_file_stem("NVIDIA H200") == "NVIDIA_H200"
+
+
+def test_block_manager_fit_grows_shrinks_and_refuses():
+    from models.engine.block_manager import BlockManager
+    from models.steering.paged_small_model import PagedKV
+
+    blocks = BlockManager(num_blocks=5, block_size=4)  # 4 usable
+    seq = PagedKV()
+    assert blocks.fit(seq, 9) and len(seq.block_table) == 3 and blocks.num_free == 1
+    assert not blocks.fit(seq, 21) and len(seq.block_table) == 3  # 6 blocks: refused, unchanged
+    assert blocks.fit(seq, 4) and len(seq.block_table) == 1 and blocks.num_free == 3
+    assert blocks.fit(seq, 4) and len(seq.block_table) == 1

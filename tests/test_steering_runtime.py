@@ -336,3 +336,53 @@ def test_a_policy_may_name_its_expert_by_path(tiny):
     assert isinstance(only_logits(ok), AdjustedLogits)
     bad = run(rt, [RowEvents("b", [Prefilled([3])], "p", {"expert": "other"})])["b"]
     assert "cannot choose another" in bad.error
+
+
+def test_request_state_keeps_exactly_the_cache_prefix_that_still_holds():
+    from models.steering.paged_small_model import PagedKV
+    from models.steering.state import RequestState
+
+    state = RequestState("s", "proxy")
+    state.reset([1, 2, 3], [4, 5])
+    kv = state.kv["base"] = PagedKV(state.tokens, num_computed=5)
+    state.sync([1, 2, 3, 4, 5, 6, 7], 3)  # grew: the cache keeps all it read
+    assert state.generated == [4, 5, 6, 7] and kv.num_computed == 5
+    state.set_generated(4, [8])  # a new token at the end
+    assert state.tokens == [1, 2, 3, 4, 5, 6, 7, 8] and kv.num_computed == 5
+    state.set_generated(4, [8])  # already known (a prefetch read it): nothing moves
+    assert state.generated == [4, 5, 6, 7, 8] and kv.num_computed == 5
+    state.set_generated(3, [7])  # token 3 is last now: token 4 is gone, the cache holds
+    assert state.generated == [4, 5, 6, 7] and kv.num_computed == 5
+    state.sync([1, 2, 3, 4, 9, 6], 3)  # same prefix up to token 4, then a rewrite
+    assert state.tokens == [1, 2, 3, 4, 9, 6] and kv.num_computed == 4
+    state.sync([1, 2, 0, 4], 3)  # a new prompt: only what it shares stays
+    assert state.prompt_ids == [1, 2, 0] and state.generated == [4] and kv.num_computed == 2
+    state.set_generated(0, [5])  # a rewrite at step 0 (a backtrack)
+    assert state.tokens == [1, 2, 0, 5] and kv.num_computed == 2
+
+
+def test_stacked_small_model_logits_are_a_view_of_one_read():
+    from models.steering.state import SmallOutput, stack_logits
+
+    read = torch.arange(24.0).view(6, 4)  # base and expert rows of three requests, interleaved
+    base = [SmallOutput(read, row, length=3) for row in (0, 2, 4)]
+    stacked = stack_logits(base)
+    assert torch.equal(stacked, read[[0, 2, 4]])
+    assert stacked.data_ptr() == read.data_ptr()  # no copy
+    assert torch.equal(stack_logits(base[:1]), read[:1])
+    mixed = [SmallOutput(read, 3, 3), SmallOutput(read, 1, 3), SmallOutput(read[1:], 0, 3)]
+    assert torch.equal(stack_logits(mixed), read[[3, 1, 1]])  # not evenly spaced: a copy
+
+
+def test_the_small_model_refuses_sequences_past_its_context(tiny):
+    config = SteeringConfig.model_validate({**CONFIG, "small_model_runner": "engine"})
+    short = SteeringRuntime.from_source(config, "builtin:tiny", max_model_len=8)
+    assert short.small_model.max_len == 8
+    rows = [RowEvents("long", [ForwardPass(6)], "proxy", {}, 3, token_ids=list(range(3, 12))),
+            RowEvents("ok", [ForwardPass(2)], "proxy", {}, 3, token_ids=[3, 4, 5, 6, 7])]  # fmt: skip
+    answers = run(short, rows)
+    assert "reads at most 8 (steering.max_model_len)" in answers["long"].error
+    only_logits(answers["ok"])  # the rest of the step is answered
+    # the config's own setting wins over the big model's context
+    config = config.model_copy(update={"max_model_len": 16})
+    assert SteeringRuntime.from_source(config, "builtin:tiny", 8).small_model.max_len == 16

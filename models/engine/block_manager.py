@@ -41,6 +41,19 @@ class BlockManager:
         for _ in range(self.extra_blocks(seq, num_tokens)):
             seq.block_table.append(self.free.popleft())
 
+    def fit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make seq's table exactly what its first `num_tokens` tokens need (grow or shrink);
+        False, changing nothing, when too few blocks are free."""
+        table, need = seq.block_table, self.blocks_for(num_tokens)
+        if len(table) < need:
+            if need - len(table) > len(self.free):
+                return False
+            table.extend(self.free.popleft() for _ in range(need - len(table)))
+        elif len(table) > need:
+            self.free.extend(table[need:])
+            del table[need:]
+        return True
+
     def shrink(self, seq: Sequence, num_tokens: int) -> None:
         """Return blocks beyond what the first `num_tokens` tokens need (backtrack)."""
         keep = self.blocks_for(num_tokens)

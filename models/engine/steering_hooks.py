@@ -84,15 +84,15 @@ class RowSteering:
     prefilled_reported: bool = False
     in_flight: bool = False
     pending_logits: dict[int, AdjustedLogits] = field(default_factory=dict)
+    # tokens whose text is held back so a backtrack inside the window stays invisible
+    held_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.held_tokens = int(self.request.params.get("max_backtrack", 0))
 
     @property
     def waits(self) -> bool:
         return self.request.mode in SYNC_MODES
-
-    @property
-    def held_tokens(self) -> int:
-        """Tokens whose text is held back so a backtrack inside the window stays invisible."""
-        return int(self.request.params.get("max_backtrack", 0))
 
 
 @dataclass

@@ -82,6 +82,13 @@ class SteeringConfig(BaseModel):
     kv_cache_gib: float = Field(
         1.0, gt=0, description="Size of the small model's paged KV cache (engine runner)."
     )
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="Longest sequence the small model reads (engine runner: its block tables "
+        "and decode attention are sized for it). None = the big model's context "
+        "(engine.max_model_len), else the small checkpoint's own, at most 16384.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the small model runs; auto picks CUDA when a GPU is visible."
     )

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from models.steering.state import BASE, RequestState, SmallOutput, common_prefix
+from models.steering.state import BASE, RequestState, SmallOutput
 
 MAX_ROWS = 128  # (request, variant) rows in one decode step that CUDA graphs cover
+MAX_LEN_DEFAULT = 16384  # tokens per sequence when the big model's context is not given
 
 
 @dataclass(eq=False)
@@ -31,6 +32,7 @@ class PagedKV:
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    read: int = 0  # the last read that scheduled it (a pair listed twice is read once)
 
     @property
     def length(self) -> int:
@@ -55,6 +57,7 @@ class PagedSmallModel:
         dtype: str = "auto",
         kv_cache_gib: float = 1.0,
         block_size: int = 16,
+        max_model_len: int | None = None,
     ):
         from models.engine.adapters import LoRAAdapters
         from models.engine.block_manager import BlockManager
@@ -64,7 +67,12 @@ class PagedSmallModel:
         adapters = dict(adapters or {})
         self.path = path
         self.config_dict = json.loads((Path(path) / "config.json").read_text())
-        max_len = min(int(self.config_dict.get("max_position_embeddings", 4096)), 16384)
+        # the block tables and the attention grid of its decode graphs are sized for this, so
+        # it should be what the big model reads, not the small checkpoint's own limit
+        max_len = max_model_len or min(
+            int(self.config_dict.get("max_position_embeddings", 4096)), MAX_LEN_DEFAULT
+        )
+        self.max_len = max_len
         config = EngineConfig(
             device=device,
             dtype=dtype,
@@ -88,6 +96,7 @@ class PagedSmallModel:
             self.lora.load(name, adapter_path)
         self.lora.drop_unused_linears()  # e.g. an expert on attention only: no MLP LoRA kernels
         self.variants = [BASE, *adapters]
+        self._reads = 0
         self._lora_rows: tuple[tuple[str, ...], torch.Tensor | None] = ((), None)
         self.tokenizer = _tokenizer(path)
         # background reads run here, beside the big model's work on the default stream
@@ -164,31 +173,8 @@ class PagedSmallModel:
         self, items: list[tuple[RequestState, str]], hidden_layers: Sequence[int]
     ) -> list[torch.Tensor]:
         """The forward in the current stream; returns the tensors it made for the outputs."""
-        from models.engine.scheduler import ScheduledSequence
-
-        scheduled, rows, seen = [], [], set()
-        for state, variant in items:
-            self.check_variant(variant)
-            if state.output(variant) is not None or (id(state), variant) in seen:
-                continue
-            seen.add((id(state), variant))
-            kv = state.kv.setdefault(variant, PagedKV())
-            tokens = state.tokens  # a new list: the cache may keep it
-            if not tokens:
-                raise ValueError(f"request {state.request_id} has no tokens to read")
-            kv.num_computed = min(kv.num_computed, common_prefix(kv.token_ids, tokens))
-            kv.num_computed = min(kv.num_computed, len(tokens) - 1)  # re-read the last token
-            kv.token_ids = tokens
-            self.blocks.shrink(kv, kv.num_computed)
-            if not self.blocks.can_grow(kv, len(tokens)):
-                raise RuntimeError(
-                    f"the small model's KV cache is full ({self.blocks.num_usable} blocks); "
-                    "raise steering.kv_cache_gib"
-                )
-            self.blocks.grow(kv, len(tokens))
-            scheduled.append(ScheduledSequence(kv, len(tokens) - kv.num_computed))
-            rows.append((state, variant))
-        if not scheduled:
+        rows, scheduled = self._stale_rows(items)
+        if not rows:
             return []
         captured = self._capture_hidden(hidden_layers) if hidden_layers else None
         graphs = getattr(self.runner, "graphs", None)
@@ -204,28 +190,66 @@ class PagedSmallModel:
         # a graph replay returns a view of its static output: keep one copy for all rows
         logits = logits.clone()
         made = [logits]
-        starts = [0]
-        for item in scheduled:
-            starts.append(starts[-1] + item.num_tokens)
-        for i, ((state, variant), item) in enumerate(zip(rows, scheduled, strict=True)):
-            item.seq.num_computed = len(item.seq.token_ids)
+        start = 0
+        for row, ((state, variant, kv), item) in enumerate(zip(rows, scheduled, strict=True)):
+            kv.num_computed = length = len(kv.token_ids)
             hidden = {}
             if captured is not None:
-                hidden = {layer: h[starts[i] : starts[i + 1]].float()
-                          for layer, h in captured["hidden"].items()}  # fmt: skip
+                end = start + item.num_tokens
+                hidden = {layer: h[start:end].float() for layer, h in captured["hidden"].items()}
                 made.extend(hidden.values())
-            state.outputs[variant] = SmallOutput(
-                logits=logits[i], length=item.seq.num_computed, hidden=hidden
-            )
+                start = end
+            state.outputs[variant] = SmallOutput(logits, row, length, hidden)
         return made
 
-    def _lora_weights(self, rows: list[tuple[RequestState, str]]) -> torch.Tensor | None:
+    def _stale_rows(
+        self, items: list[tuple[RequestState, str]]
+    ) -> tuple[list[tuple[RequestState, str, PagedKV]], list[Any]]:
+        """The (state, variant) pairs whose output is not current, once each, with their caches
+        set to read the state's tokens (what they hold of them stays; the rest, at least the
+        last token for its logits, is read; their block tables fit), and their schedule."""
+        from models.engine.scheduler import ScheduledSequence
+
+        unknown = {variant for _, variant in items}.difference(self.variants)
+        if unknown:
+            self.check_variant(unknown.pop())
+        self._reads += 1
+        rows, scheduled = [], []
+        last, tokens = None, []
+        for state, variant in items:
+            kv = state.kv.get(variant)
+            if kv is None:
+                kv = state.kv[variant] = PagedKV()
+            elif kv.read == self._reads or state.output(variant) is not None:
+                continue  # listed twice, or current
+            kv.read = self._reads
+            if state is not last:  # a request's variants follow each other: one token list
+                last, tokens = state, state.tokens
+                if not tokens or len(tokens) > self.max_len:
+                    raise ValueError(
+                        f"request {state.request_id} has {len(tokens)} tokens; the small model "
+                        f"reads 1 to {self.max_len} (steering.max_model_len)"
+                    )
+            # the state crops its caches whenever its tokens change (RequestState._keep_prefix),
+            # so the first num_computed tokens of the cache are still the state's
+            kv.num_computed = min(kv.num_computed, len(tokens) - 1)
+            kv.token_ids = tokens  # read-only: the variants of one request share the list
+            if not self.blocks.fit(kv, len(tokens)):
+                raise RuntimeError(
+                    f"the small model's KV cache is full ({self.blocks.num_usable} blocks); "
+                    "raise steering.kv_cache_gib"
+                )
+            rows.append((state, variant, kv))
+            scheduled.append(ScheduledSequence(kv, len(tokens) - kv.num_computed))
+        return rows, scheduled
+
+    def _lora_weights(self, rows: list[tuple[RequestState, str, PagedKV]]) -> torch.Tensor | None:
         """Per-row LoRA slot weights [rows, slots] on the device; while the rows' variants
         stay the same (every decode step of the same requests) the same tensor, so neither a
         new copy nor the graph runner's copy into its buffer is made again."""
         from models.engine.model_runner import to_device
 
-        variants = tuple(v for _, v in rows)
+        variants = tuple(v for _, v, _ in rows)
         if all(v == BASE for v in variants):
             return None
         if variants != self._lora_rows[0]:

@@ -172,8 +172,10 @@ def check_action(event: Event, action: Action) -> None:
 
 def check_legal_after(events: list[Event], action: Action) -> None:
     """Legal when some event of a call allows it; else the error names the last event."""
-    if not events or any(isinstance(action, LEGAL_ACTIONS[type(e)]) for e in events):
-        return  # (checked on every row of every step: no exception on the way)
+    if not events or isinstance(action, LEGAL_ACTIONS[type(events[-1])]):
+        return  # the usual case, on every row of every step: one lookup, no exception
+    if any(isinstance(action, LEGAL_ACTIONS[type(e)]) for e in events):
+        return
     check_action(events[-1], action)
 
 

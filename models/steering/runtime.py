@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -65,6 +66,7 @@ class SteeringRuntime:
         big_model_path: str | None,
         small_model_path: str | None = None,
         small_adapters: dict[str, str] | None = None,
+        max_model_len: int | None = None,
     ):
         self.config = config
         self.states: OrderedDict[str, RequestState] = OrderedDict()  # least recent first
@@ -79,7 +81,8 @@ class SteeringRuntime:
                     "steering policies are configured but there is no small model: set "
                     "steering.small_model_source or use a builtin model source"
                 )
-            self.small_model = load_small_model(config, small_model_path, adapters)
+            max_len = config.max_model_len or max_model_len
+            self.small_model = load_small_model(config, small_model_path, adapters, max_len)
         self.context = PolicyContext(
             small_model=self.small_model,
             big_model_path=big_model_path,
@@ -89,14 +92,19 @@ class SteeringRuntime:
             expert_adapter=expert,
         )
         self.policies: dict[str, Policy] = {}
+        self._variants: dict[str, tuple[list[str], list[int]]] = {}  # policy -> what it reads
         for spec in config.policies:
             policy = policy_class(spec.kind)(spec.name, spec.params, self.context)
             policy.start()
             self.policies[spec.name] = policy
+            self._variants[spec.name] = (list(policy.variants), list(policy.hidden_layers))
 
     @classmethod
-    def from_source(cls, config: SteeringConfig, model_source: str) -> SteeringRuntime:
-        """Build from the config and the big model's `model.source` (builtin:… or a directory)."""
+    def from_source(
+        cls, config: SteeringConfig, model_source: str, max_model_len: int | None = None
+    ) -> SteeringRuntime:
+        """Build from the config and the big model's `model.source` (builtin:… or a directory);
+        max_model_len: the big model's context (engine.max_model_len), if set."""
         from models.builtin import resolve_source
 
         paths = resolve_source(model_source)
@@ -104,7 +112,7 @@ class SteeringRuntime:
         if config.small_model_source:
             own = resolve_source(config.small_model_source)
             small, adapters = own.big, own.adapters
-        return cls(config, paths.big, small, adapters)
+        return cls(config, paths.big, small, adapters, max_model_len)
 
     async def process(self, batch: list[RowEvents]) -> list[RowActions]:
         """The actions for every row of one engine step; one small-model forward for all rows
@@ -124,16 +132,16 @@ class SteeringRuntime:
         the outputs current. Requests not seen yet (no state) wait for that call."""
         if self.small_model is None:
             return
+        limit = getattr(self.small_model, "max_len", None) or sys.maxsize
         with self._lock:
             reads, layers = [], set()
             for request_id, token_ids, num_prompt in rows:
                 state = self.states.get(request_id)
-                policy = self.policies.get(state.policy) if state is not None else None
-                if policy is None or not policy.variants:
-                    continue
-                state.reset(token_ids[:num_prompt], token_ids[num_prompt:])
-                reads += [(state, variant) for variant in policy.variants]
-                layers.update(policy.hidden_layers)
+                variants, hidden = self._variants.get(state.policy, ((), ())) if state else ((), ())
+                if variants and len(token_ids) <= limit:  # (a longer one errs in the step)
+                    state.sync(token_ids, num_prompt)
+                    reads += [(state, variant) for variant in variants]
+                    layers.update(hidden)
             if reads:
                 self.small_model.read(reads, hidden_layers=sorted(layers), background=True)
                 self._stats.prefetched_rows += len(reads)
@@ -246,8 +254,7 @@ class SteeringRuntime:
         if row.token_ids is not None:
             if state is None or state.policy != row.policy:
                 state = self._new_state(row, policy)
-            n = row.num_prompt_tokens
-            state.reset(row.token_ids[:n], row.token_ids[n:])
+            state.sync(row.token_ids, row.num_prompt_tokens)
         elif state is None:
             if not (row.events and isinstance(row.events[0], Prefilled)):
                 self._stats.resyncs += 1
@@ -260,11 +267,21 @@ class SteeringRuntime:
             self._forget(row.request_id)
             self._stats.resyncs += 1
             return RowActions(row.request_id, resync=True)
+        self._check_length(state)
         if guess is not None and guess[0] < state.next_step:
             hit = state.generated[guess[0]] == guess[1]
             self._stats.read_ahead_hits += hit
             self._stats.read_ahead_misses += not hit
         return state, policy
+
+    def _check_length(self, state: RequestState) -> None:
+        """Refuse (on this row only) a sequence longer than the small model reads."""
+        limit = getattr(self.small_model, "max_len", None)
+        if limit is not None and state.num_tokens > limit:
+            raise ValueError(
+                f"request {state.request_id} has {state.num_tokens} tokens; the small model "
+                f"reads at most {limit} (steering.max_model_len)"
+            )
 
     def _new_state(self, row: RowEvents, policy: Policy) -> RequestState:
         state = RequestState(
@@ -371,7 +388,9 @@ def _adapters_to_load(
 ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what the torch engine loads
 
 
-def load_small_model(config: SteeringConfig, path: str, adapters: dict[str, str]) -> Any:
+def load_small_model(
+    config: SteeringConfig, path: str, adapters: dict[str, str], max_model_len: int | None = None
+) -> Any:
     """The small model on the engine's paged runner when it can load it, else transformers."""
     runner = config.small_model_runner
     if runner == "auto":
@@ -381,7 +400,12 @@ def load_small_model(config: SteeringConfig, path: str, adapters: dict[str, str]
         from models.steering.paged_small_model import PagedSmallModel
 
         return PagedSmallModel(
-            path, adapters, config.device, config.dtype, kv_cache_gib=config.kv_cache_gib
+            path,
+            adapters,
+            config.device,
+            config.dtype,
+            kv_cache_gib=config.kv_cache_gib,
+            max_model_len=max_model_len,
         )
     from models.steering.small_model import SmallModel
 

@@ -148,8 +148,9 @@ class SmallModel:
             output_hidden_states=bool(hidden_layers),
             **kwargs,
         )
+        last = torch.tensor([len(ids) - 1 for ids in new], device=out.logits.device)
+        logits = out.logits[torch.arange(rows, device=last.device), last].float()  # [rows, vocab]
         for i, ((state, variant), kv, ids) in enumerate(zip(items, kvs, new, strict=True)):
-            last = len(ids) - 1
             kv.layers = [
                 _append(kv, layer, cache.layers[layer].keys[i], cache.layers[layer].values[i],
                         past, len(ids))
@@ -157,7 +158,8 @@ class SmallModel:
             ]  # fmt: skip
             kv.length += len(ids)
             state.outputs[variant] = SmallOutput(
-                logits=out.logits[i, last].float(),
+                batch=logits,
+                row=i,
                 length=kv.length,
                 hidden={
                     layer: out.hidden_states[layer + 1][i, : len(ids)].float()

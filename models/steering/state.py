@@ -36,14 +36,37 @@ class KVState:
 class SmallOutput:
     """The small model's view after reading the sequence up to `length` tokens.
 
-    logits: next-token logits [vocab]. hidden: block index -> that block's output [n, hidden]
-    for the tokens at positions length - n .. length - 1 (the ones the producing forward read),
-    for the blocks that were asked for.
+    batch: the next-token logits of every row of the read that made this output [rows, vocab];
+    this output's are row `row` (`logits`). hidden: block index -> that block's output
+    [n, hidden] for the tokens at positions length - n .. length - 1 (the ones the producing
+    forward read), for the blocks that were asked for.
     """
 
-    logits: torch.Tensor
+    batch: torch.Tensor
+    row: int
     length: int  # tokens read; the output is current while the sequence has this many
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Next-token logits [vocab]."""
+        return self.batch[self.row]
+
+
+def stack_logits(outputs: list[SmallOutput]) -> torch.Tensor:
+    """The outputs' logits as one tensor [len(outputs), vocab]. When they are evenly spaced
+    rows of one read (the usual case: a step's rows were read together, a request's variants
+    side by side) it is a strided view of that read's logits, not a copy; callers only read it."""
+    first = outputs[0]
+    rows = [out.row for out in outputs]
+    gap = rows[1] - rows[0] if len(rows) > 1 else 1
+    if (
+        gap > 0
+        and all(out.batch is first.batch for out in outputs)
+        and rows == list(range(rows[0], rows[0] + gap * len(rows), gap))
+    ):
+        return first.batch[rows[0] :: gap][: len(rows)]
+    return torch.stack([out.logits for out in outputs])
 
 
 @dataclass
@@ -76,19 +99,41 @@ class RequestState:
 
     def reset(self, prompt_ids: list[int], generated: list[int]) -> None:
         """The sequence is now prompt_ids + generated; caches keep the prefix that still holds."""
-        self._keep_prefix(common_prefix(self.tokens, list(prompt_ids) + list(generated)))
-        self.prompt_ids = list(prompt_ids)
+        if list(prompt_ids) == self.prompt_ids:  # the usual case: only generated tokens moved
+            self._keep_prefix(len(self.prompt_ids) + common_prefix(self.generated, generated))
+        else:
+            self._keep_prefix(common_prefix(self.tokens, [*prompt_ids, *generated]))
+            self.prompt_ids = list(prompt_ids)
         self.generated = list(generated)
+
+    def sync(self, token_ids: list[int], num_prompt: int) -> None:
+        """reset(token_ids[:num_prompt], token_ids[num_prompt:]), cheap in the usual case of a
+        sequence that only grew since the state last saw it (one compare, one extend)."""
+        known = num_prompt + len(self.generated)
+        if (
+            num_prompt == len(self.prompt_ids)
+            and len(token_ids) >= known
+            and token_ids[:known] == self.prompt_ids + self.generated
+        ):
+            self.generated.extend(token_ids[known:])  # the caches still hold what they held
+        else:
+            self.reset(token_ids[:num_prompt], token_ids[num_prompt:])
 
     def set_generated(self, step: int, token_ids: list[int]) -> None:
         """Generated tokens from index `step` on are now `token_ids` (later ones are gone: a
         backtrack, or a rewrite). Raises LookupError when tokens before `step` are unknown."""
-        if step > len(self.generated):
+        generated = self.generated
+        if step > len(generated):
             raise LookupError(
-                f"request {self.request_id}: tokens {len(self.generated)}..{step - 1} were never "
+                f"request {self.request_id}: tokens {len(generated)}..{step - 1} were never "
                 "reported"
             )
-        same = common_prefix(self.generated[step:], token_ids)
+        if step == len(generated):  # new tokens at the end (every step): caches stay valid
+            generated.extend(token_ids)
+            return
+        if generated[step:] == list(token_ids):  # already known (a prefetch read them)
+            return
+        same = common_prefix(generated[step:], token_ids)
         self._keep_prefix(len(self.prompt_ids) + step + same)
         self.generated = self.generated[:step] + list(token_ids)
 

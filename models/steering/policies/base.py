@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from models.steering.protocol import Action, AdjustedLogits, Event
+from models.steering.protocol import Action, Added, AdjustedLogits, Event, ForwardPass, Prefilled
 from models.steering.state import RequestState
 
 ENGINE_PARAMS = ("max_backtrack",)
@@ -112,16 +112,17 @@ class LogitPolicy(Policy):
     def decide(self, rows: list[tuple[RequestState, list[Event]]]) -> list[list[Action]]:
         due = []  # (row, step): the first event of the row that takes an adjustment
         for row, (state, events) in enumerate(rows):
-            steps = (adjust_step(state, event) for event in events)
-            step = next((s for s in steps if s is not None), None)
-            if step is not None:
-                due.append((row, step))
+            for event in events:
+                step = adjust_step(state, event)
+                if step is not None:
+                    due.append((row, step))
+                    break
         actions: list[list[Action]] = [[] for _ in rows]
         if due:
             deltas = self.big_vocab_delta(self.deltas([rows[row][0] for row, _ in due]))
             for delta, (row, step) in zip(deltas, due, strict=True):  # views of one tensor
                 alpha = self.plausibility_alpha(rows[row][0])
-                actions[row].append(AdjustedLogits(step, delta=delta, plausibility_alpha=alpha))
+                actions[row].append(AdjustedLogits(step, None, delta, alpha))
         return actions
 
     @staticmethod
@@ -144,8 +145,6 @@ def adjust_step(state: RequestState, event: Event) -> int | None:
     The small model's outputs predict generated token `state.next_step`; a request gets one
     adjustment per step, answered on the first event of a call that allows AdjustedLogits.
     """
-    from models.steering.protocol import Added, ForwardPass, Prefilled
-
     if not isinstance(event, (Prefilled, ForwardPass, Added)):
         return None
     step = state.next_step

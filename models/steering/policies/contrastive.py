@@ -6,7 +6,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.steering.policies.base import LogitPolicy, check_same_tokenizer
-from models.steering.state import BASE, RequestState
+from models.steering.state import BASE, RequestState, stack_logits
 
 
 class ContrastiveParams(BaseModel):
@@ -33,9 +33,7 @@ class Contrastive(LogitPolicy):
         check_same_tokenizer(self.context, self.name)
 
     def deltas(self, states: list[RequestState]) -> torch.Tensor:
-        from models.engine.model_runner import stack_rows
-
-        small = stack_rows([state.output(BASE).logits for state in states])
+        small = stack_logits([state.output(BASE) for state in states])
         return -self.row_params(states, "beta", small) * small
 
     def plausibility_alpha(self, state: RequestState) -> float | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.steering.policies.base import LogitPolicy, check_same_tokenizer
-from models.steering.state import BASE, RequestState, variant_name
+from models.steering.state import BASE, RequestState, stack_logits, variant_name
 
 
 class ProxyTuningParams(BaseModel):
@@ -27,7 +29,7 @@ class ProxyTuning(LogitPolicy):
 
     Params = ProxyTuningParams
 
-    @property
+    @cached_property
     def expert(self) -> str:
         expert = self.defaults.expert or self.context.expert_adapter
         if not expert:
@@ -54,8 +56,7 @@ class ProxyTuning(LogitPolicy):
         return params
 
     def deltas(self, states: list[RequestState]) -> torch.Tensor:
-        from models.engine.model_runner import stack_rows
-
-        expert = stack_rows([state.output(self.expert).logits for state in states])
-        base = stack_rows([state.output(BASE).logits for state in states])
-        return self.row_params(states, "alpha", expert) * (expert - base)
+        expert = stack_logits([state.output(self.expert) for state in states])
+        delta = expert - stack_logits([state.output(BASE) for state in states])
+        alpha = self.row_params(states, "alpha", expert)  # a column when the rows differ
+        return delta if isinstance(alpha, float) and alpha == 1.0 else delta.mul_(alpha)
