@@ -192,8 +192,9 @@ class StagedInputs:
         ctx = host["ctx"]
         ctx[:n] = positions
         ctx[:n] += 1
-        for name in ("ids", "pos", "slots", "ctx"):
-            host[name][n:size] = 0
+        if n < size:
+            for name in ("ids", "pos", "slots", "ctx"):
+                host[name][n:size] = 0
         host["tables"][:n, :width] = np.asarray(tables, dtype=np.int32).reshape(n, width)
         end = self.tables_at + n * self.max_blocks * 4
         self.device_bytes[:end].copy_(self.mirrors[i][:end], non_blocking=True)

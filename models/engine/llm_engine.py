@@ -186,12 +186,13 @@ class LLMEngine(SequenceEditor):
     def _run(self, scheduled: list[ScheduledSequence]) -> None:
         seqs = [item.seq for item in scheduled]
         logits = self.runner.run(scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs))
-        sampling = []
-        for row, item in enumerate(scheduled):
-            if item.samples:
-                sampling.append((item.seq, logits[row]))
+        samples = [item.samples for item in scheduled]  # (before num_computed moves)
+        for item in scheduled:
             item.seq.num_computed += item.num_tokens
-        self.steering.prefetch([s for s, _ in sampling])  # the small model starts now
+        # the small model starts now, before any other host work of the step
+        self.steering.prefetch([item.seq for item, s in zip(scheduled, samples, strict=True) if s])
+        rows = zip(scheduled, logits.unbind(0), samples, strict=True)
+        sampling = [(item.seq, row) for item, row, s in rows if s]
         self.steering.consult(sampling, self._stats.steps)
         adjustments = [self.steering.take_adjustment(s) for s, _ in sampling]
         ready = [(s, lg, adjust) for (s, lg), adjust in zip(sampling, adjustments, strict=True)

@@ -198,7 +198,8 @@ class SteeringHooks:
         hook = getattr(self.observer, "prefetch", None)
         if hook is None:
             return
-        rows = [(s.request_id, s.token_ids, s.num_prompt_tokens) for s in seqs if self._due(s)]
+        due = self._due
+        rows = [(s.request.request_id, s.token_ids, s.num_prompt_tokens) for s in seqs if due(s)]
         if rows:
             try:
                 hook(rows)

@@ -75,9 +75,9 @@ class SteeringConfig(BaseModel):
         description="After answering a step from the big model's logits, read the small model "
         "on the token greedy decoding will pick, in the background (a side CUDA stream), so "
         "the next step finds it ready; a wrong guess is re-read. Off by default: every read "
-        "already overlaps the big model's forward on a side stream, and on the H200 read-ahead "
-        "changed proxy tuning's step by +1 % at batch 1 and +5 % at batch 16 "
-        "(bench/steering.py gpu).",
+        "already overlaps the big model's forward on a side stream, and the guess costs a "
+        "host sync per step (on the H200 proxy tuning's step goes 1.26x -> 1.37x the unsteered "
+        "one at batch 1, 1.42x -> 1.63x at batch 16; bench/steering.py gpu).",
     )
     kv_cache_gib: float = Field(
         1.0, gt=0, description="Size of the small model's paged KV cache (engine runner)."

@@ -35,6 +35,7 @@ from models.steering.protocol import (
 from models.steering.state import RequestState, variant_name
 
 log = logging.getLogger(__name__)
+NO_READS: tuple[list[str], list[int]] = ([], [])  # a policy that reads no small-model output
 
 
 @dataclass
@@ -135,13 +136,17 @@ class SteeringRuntime:
         limit = getattr(self.small_model, "max_len", None) or sys.maxsize
         with self._lock:
             reads, layers = [], set()
+            states, plans = self.states, self._variants
             for request_id, token_ids, num_prompt in rows:
-                state = self.states.get(request_id)
-                variants, hidden = self._variants.get(state.policy, ((), ())) if state else ((), ())
-                if variants and len(token_ids) <= limit:  # (a longer one errs in the step)
+                state = states.get(request_id)
+                if state is None or len(token_ids) > limit:  # (a longer one errs in the step)
+                    continue
+                variants, hidden = plans.get(state.policy, NO_READS)
+                if variants:
                     state.sync(token_ids, num_prompt)
                     reads += [(state, variant) for variant in variants]
-                    layers.update(hidden)
+                    if hidden:
+                        layers.update(hidden)
             if reads:
                 self.small_model.read(reads, hidden_layers=sorted(layers), background=True)
                 self._stats.prefetched_rows += len(reads)
