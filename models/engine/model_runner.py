@@ -152,6 +152,18 @@ def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def padded_tables(seqs: list) -> tuple[list[int], int]:
+    """The rows' block tables as one flat list, each padded with the null block 0 to the
+    widest, and that width."""
+    width = max(len(s.block_table) for s in seqs)
+    tables = []
+    for s in seqs:
+        tables += s.block_table
+        if len(s.block_table) < width:
+            tables += [0] * (width - len(s.block_table))
+    return tables, width
+
+
 class ModelRunner:
     """The model, its paged KV cache, and the conversion of a schedule into tensors."""
 
@@ -214,12 +226,7 @@ class ModelRunner:
             rows.extend([row] * item.num_tokens)
             query_lens.append(item.num_tokens)
             context_lens.append(end)
-        max_blocks = max(len(item.seq.block_table) for item in scheduled)
-        tables = []
-        for item in scheduled:
-            table = item.seq.block_table
-            tables.extend(table)
-            tables.extend([0] * (max_blocks - len(table)))
+        tables, max_blocks = padded_tables([item.seq for item in scheduled])
         # two host->device copies per step, neither waiting for the GPU (see to_device)
         n_tok, n_rows = len(ids), len(scheduled)
         longs = to_device(ids + positions + slots + rows, torch.int64, self.device)
@@ -268,12 +275,7 @@ class ModelRunner:
         positions = [s.num_computed for s in seqs]
         ids = [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
-        width = max(len(s.block_table) for s in seqs)
-        tables = []
-        for s in seqs:
-            tables += s.block_table
-            if len(s.block_table) < width:
-                tables += [0] * (width - len(s.block_table))
+        tables, width = padded_tables(seqs)
         return ids, positions, slots, tables, width
 
     def _row_inputs(self, steer_deltas: torch.Tensor | None, lora_weights: torch.Tensor | None):
