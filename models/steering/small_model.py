@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from models.engine.model_runner import to_device
 from models.steering.state import BASE, KVState, RequestState, SmallOutput
 
 LONG_READ = 32  # rows with more unread tokens than this get their own forward (no big padding)
@@ -148,7 +149,7 @@ class SmallModel:
             output_hidden_states=bool(hidden_layers),
             **kwargs,
         )
-        last = torch.tensor([len(ids) - 1 for ids in new], device=out.logits.device)
+        last = to_device([len(ids) - 1 for ids in new], torch.int64, out.logits.device)
         logits = out.logits[torch.arange(rows, device=last.device), last].float()  # [rows, vocab]
         for i, ((state, variant), kv, ids) in enumerate(zip(items, kvs, new, strict=True)):
             kv.layers = [
