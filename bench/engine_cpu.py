@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
-from models.engine.types import GenerationRequest, SamplingParams
+from models.protocol.requests import GenerationRequest, SamplingParams
 
 RESULTS = Path(__file__).parent / "results" / "engine_cpu.json"
 

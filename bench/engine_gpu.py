@@ -534,7 +534,7 @@ def bench_llm_engine(path: Path, device, shape, args, results: dict) -> None:
     """The whole engine (scheduler, sampler, outputs) stepping real requests: start time with
     graph capture, ms per step at 1 and 32 rows, tokens/s with 128 concurrent requests."""
     from models.engine.llm_engine import LLMEngine
-    from models.engine.types import GenerationRequest, SamplingParams
+    from models.protocol.requests import GenerationRequest, SamplingParams
 
     max_batch = max(args.batch_sizes)
     max_len = args.prompt_len + args.new_tokens + 16

@@ -30,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.protocol.steering import StepObserver  # noqa: E402
+
 SHAPES = {
     "qwen3-1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, intermediate_size=6144,
@@ -76,7 +78,7 @@ def write_lora(path: Path, shape: dict, rank: int = 16, seed: int = 2) -> Path:
     return path
 
 
-class AsyncObserver:
+class AsyncObserver(StepObserver):
     """The runtime behind a coroutine, as the engine sees a remote Steerer."""
 
     def __init__(self, runtime):
@@ -105,7 +107,8 @@ def bench_gpu(args) -> dict:
     from bench.engine_gpu import build_checkpoint
     from models.engine.config import EngineConfig
     from models.engine.llm_engine import LLMEngine
-    from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSpec
+    from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
+    from models.protocol.steering import SteeringRequest
     from models.steering.config import SteeringConfig
     from models.steering.runtime import SteeringRuntime
 
@@ -159,13 +162,13 @@ def bench_gpu(args) -> dict:
     modes = {
         "unsteered": {},
         "vector_4_layers": {"steer_vectors": [SteerVectorSpec("v", 1.0, steer_layers)]},
-        "proxy_colocated": {"steering": {"policy": "proxy", "mode": "colocated"}},
-        "contrastive_colocated": {"steering": {"policy": "contrast", "mode": "colocated"}},
-        "proxy_async": {"steering": {"policy": "proxy", "mode": "async"}},
+        "proxy_colocated": {"steering": SteeringRequest("proxy", mode="colocated")},
+        "contrastive_colocated": {"steering": SteeringRequest("contrast", mode="colocated")},
+        "proxy_async": {"steering": SteeringRequest("proxy", mode="async")},
         # steering.read_ahead (opt-in): a guessed next token read in the background
-        "proxy_colocated_read_ahead": {"steering": {"policy": "proxy", "mode": "colocated"}},
+        "proxy_colocated_read_ahead": {"steering": SteeringRequest("proxy", mode="colocated")},
         "contrastive_colocated_read_ahead": {
-            "steering": {"policy": "contrast", "mode": "colocated"}
+            "steering": SteeringRequest("contrast", mode="colocated")
         },
     }
     if args.modes:
@@ -189,7 +192,7 @@ def bench_gpu(args) -> dict:
             engine.set_step_observer(runtime)
             runtime.config.read_ahead = False
             params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-            steer = {"steering": {"policy": "proxy", "mode": "colocated"}}
+            steer = {"steering": SteeringRequest("proxy", mode="colocated")}
             reqs = [GenerationRequest(f"trace-{i}", p, params, **steer)
                     for i, p in enumerate(prompts)]  # fmt: skip
             trace_steps(engine, reqs, Path(args.out) / "steering_trace.json")

@@ -12,8 +12,8 @@ from typing import Any
 
 from ray import serve
 
+from models.protocol.steering import RowActions, RowEvents
 from models.steering.config import SteeringConfig
-from models.steering.protocol import RowActions, RowEvents
 
 logger = logging.getLogger("ray.serve")
 

@@ -14,12 +14,8 @@ from models.engine import EngineUnavailableError, build_engine
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
-from models.engine.types import (
-    EngineOverloadedError,
-    GenerationRequest,
-    PromptTooLongError,
-    SamplingParams,
-)
+from models.protocol.errors import EngineOverloadedError, PromptTooLongError
+from models.protocol.requests import GenerationRequest, SamplingParams
 
 PROMPT_LENGTHS = (3, 17, 9, 30, 5)
 

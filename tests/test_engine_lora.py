@@ -13,12 +13,8 @@ from transformers import AutoModelForCausalLM
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
-from models.engine.types import (
-    AdapterNotFoundError,
-    EngineError,
-    GenerationRequest,
-    SamplingParams,
-)
+from models.protocol.errors import AdapterNotFoundError, EngineError
+from models.protocol.requests import GenerationRequest, SamplingParams
 
 PROMPT = [10, 20, 30, 40, 50, 60]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
-from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSpec
-from models.steering.protocol import (
+from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
+from models.protocol.steering import (
     AdjustedLogits,
     AdjustedPrefill,
     Backtrack,
@@ -24,7 +24,9 @@ from models.steering.protocol import (
     Prefilled,
     RowActions,
     Sampled,
+    SteeringRequest,
     SteerVector,
+    StepObserver,
 )
 
 PROMPT = [11, 22, 33, 44, 55]
@@ -40,7 +42,7 @@ def hf(ckpt):
     return AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
 
 
-class Policy:
+class Policy(StepObserver):
     """A step observer whose answer per row comes from `decide(row, forward_step)`."""
 
     def __init__(self, decide=None, fail: Exception | None = None, delay: float = 0.0):
@@ -74,7 +76,7 @@ def steered(rid: str, mode: str = "sync", max_tokens: int = 10, **steering) -> G
         rid,
         list(PROMPT),
         SamplingParams(max_tokens=max_tokens, temperature=0),
-        steering={"policy": "test", "mode": mode, **steering},
+        steering=SteeringRequest(**{"policy": "test", "mode": mode, **steering}),
     )
 
 
@@ -252,7 +254,7 @@ def test_every_k_consults_every_k_tokens(ckpt):
 
 
 def test_async_adjusted_logits_for_a_sampled_step_is_late(ckpt):
-    class SyncPolicy:  # answers at once, but async rows still never wait for it
+    class SyncPolicy(StepObserver):  # answers at once, but async rows still never wait for it
         def on_step(self, rows):
             return [RowActions(r.request_id, [AdjustedLogits(r.events[-1].step)]) for r in rows]
 
@@ -290,7 +292,7 @@ def test_held_back_text_hides_a_backtrack_from_the_stream():
         "h",
         prompt,
         SamplingParams(max_tokens=16, temperature=0),
-        steering={"policy": "test", "mode": "sync", "params": {"max_backtrack": 4}},
+        steering=SteeringRequest("test", {"max_backtrack": 4}, mode="sync"),
     )
     outs = run(eng, req)["h"]
     final_ids = tokens(outs)
@@ -309,7 +311,7 @@ def test_bad_forced_tokens_fail_only_their_row(ckpt, hf):
 
 
 def test_unknown_vector_or_layer_is_refused_at_add(ckpt):
-    from models.engine.types import EngineError
+    from models.protocol.errors import EngineError
 
     eng = make_engine(ckpt)
     eng.register_vector("v", torch.ones(2, 64))

@@ -10,7 +10,7 @@ from models.engine import kernels
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
-from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSpec
+from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
 
 pytestmark = [
     pytest.mark.gpu,

@@ -148,8 +148,8 @@ def test_steering_request_translated(engine):
             "policy": "guard", "params": {"threshold": 0.7}, "mode": "sync", "every": 2})))
     req = rec.requests[0]
     assert req.steer_vectors[0].name == "positive" and req.steer_vectors[0].layers == [1, 2]
-    assert req.steering["policy"] == "guard" and req.steering["mode"] == "sync"
-    assert req.steering["params"] == {"threshold": 0.7} and req.steering["every"] == 2
+    assert req.steering.policy == "guard" and req.steering.mode == "sync"
+    assert req.steering.params == {"threshold": 0.7} and req.steering.every == 2
 
 
 def test_completions_prompt_forms_and_echo(engine):
@@ -166,7 +166,7 @@ def test_completions_prompt_forms_and_echo(engine):
 
 
 def test_a_generation_that_fails_midway_reports_why(engine):
-    from models.engine.types import RequestOutput
+    from models.protocol.outputs import RequestOutput
 
     async def failing(request):
         yield RequestOutput(request.request_id, [5], "Mia", num_generated_tokens=1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.engine.types import EngineError
+from models.protocol.errors import EngineError
 from models.routing.adapter_paths import (
     AdapterConfigError,
     AdapterDirNotFoundError,

@@ -9,7 +9,7 @@ import torch
 
 from models.engine.sampler import sample, truncate
 from models.engine.sequence import Sequence
-from models.engine.types import GenerationRequest, SamplingParams
+from models.protocol.requests import GenerationRequest, SamplingParams
 
 
 def seq(seed: int = 0, **params) -> Sequence:

@@ -13,7 +13,8 @@ from models.builtin import resolve_source
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.engine.torch_engine import TorchEngine
-from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSpec
+from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
+from models.protocol.steering import SteeringRequest, StepObserver
 from models.steering.config import SteeringConfig
 from models.steering.runtime import SteeringRuntime
 from models.steering.vectors import extract_vector, steered_transformers, transformers_hidden_states
@@ -120,6 +121,7 @@ def run_all(eng: LLMEngine, requests: list[GenerationRequest]) -> dict:
 
 def request(rid, prompt, steering=None, **kw) -> GenerationRequest:
     params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
+    steering = SteeringRequest(**steering) if steering else None
     return GenerationRequest(rid, prompt, params, steering=steering, **kw)
 
 
@@ -191,7 +193,7 @@ def test_a_failing_steerer_leaves_the_generation_complete_and_flagged(tiny, runt
     runtime.release(["x", "y"])
 
 
-class ForgetfulReplica:
+class ForgetfulReplica(StepObserver):
     """The real runtime, except that at one step it forgets every request, as a Steerer
     replica that never saw them would."""
 
@@ -298,7 +300,7 @@ def test_read_ahead_guesses_greedy_tokens_and_keeps_them_exact(tiny, models):
     # a sampled row: wrong guesses are re-read, and the answers stay those of the formula
     sampled = GenerationRequest(
         "s", PROMPTS[1], SamplingParams(max_tokens=N, temperature=5.0, seed=3, ignore_eos=True),
-        steering={"policy": "proxy", "mode": "sync"},
+        steering=SteeringRequest("proxy", mode="sync"),
     )  # fmt: skip
     plain = SteeringRuntime.from_source(SteeringConfig.model_validate(CONFIG), "builtin:tiny")
     a = run_all(eng, [sampled])["s"][0]

@@ -9,9 +9,9 @@ import torch
 from models.builtin import resolve_source
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
-from models.engine.types import GenerationRequest, SamplingParams
+from models.protocol.requests import GenerationRequest, SamplingParams
+from models.protocol.steering import ForwardPass, Prefilled, RowEvents, Sampled, SteeringRequest
 from models.steering.config import SteeringConfig
-from models.steering.protocol import ForwardPass, Prefilled, RowEvents, Sampled
 from models.steering.runtime import SteeringRuntime
 
 pytestmark = pytest.mark.gpu
@@ -51,7 +51,7 @@ def generate(rt: SteeringRuntime) -> tuple[dict, dict]:
     eng.set_step_observer(rt)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for k, p in PROMPTS.items():
-        steering = {"policy": "proxy", "mode": "colocated"}
+        steering = SteeringRequest("proxy", mode="colocated")
         eng.add_request(GenerationRequest(k, p, params, steering=steering))
     tokens: dict[str, list[int]] = {k: [] for k in PROMPTS}
     adjusted: dict[str, int] = {k: 0 for k in PROMPTS}

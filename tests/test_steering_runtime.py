@@ -11,9 +11,7 @@ import torch
 
 from models.builtin import resolve_source
 from models.engine.steering_hooks import apply_adjustments
-from models.steering.config import SteeringConfig
-from models.steering.policies import Policy, TokenizerMismatchError
-from models.steering.protocol import (
+from models.protocol.steering import (
     Added,
     AdjustedLogits,
     Backtrack,
@@ -27,6 +25,8 @@ from models.steering.protocol import (
     SteerVector,
     check_action,
 )
+from models.steering.config import SteeringConfig
+from models.steering.policies import Policy, TokenizerMismatchError
 from models.steering.runtime import SteeringRuntime
 
 HAPPY = ["the cat is happy and glad", "a happy song"]

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
+from models.protocol.steering import AdjustedLogits, ForwardPass, Prefilled, RowEvents, Sampled
 from models.steering.config import SteeringConfig
-from models.steering.protocol import AdjustedLogits, ForwardPass, Prefilled, RowEvents, Sampled
 from models.steering.runtime import SteeringRuntime
 
 pytestmark = pytest.mark.serve

@@ -11,7 +11,8 @@ import torch
 from models.builtin import ModelSourceError, quality, resolve_source, world
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
-from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSpec
+from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
+from models.protocol.steering import SteeringRequest
 from models.steering.config import SteeringConfig
 from models.steering.runtime import SteeringRuntime
 from models.steering.vectors import default_layers, extract_vector, transformers_hidden_states
@@ -116,7 +117,7 @@ def test_proxy_tuning_turns_negative_stories_positive(toy, tok, positive_vector)
         return quality.continuation_stats(texts)
 
     plain = stats(None)
-    steered = stats({"policy": "proxy", "mode": "sync"})
+    steered = stats(SteeringRequest("proxy", mode="sync"))
     assert plain["positive"] < 0.5
     assert steered["positive"] >= plain["positive"] + 0.4, (plain, steered)
     assert steered["valid"] >= 0.8
@@ -136,7 +137,7 @@ def test_vector_guard_steers_only_the_gloomy_stories(toy, tok, positive_vector):
     gloomy = [tok(p).input_ids for p in quality.negative_prompts(6)]
     sunny = [tok(story(p)).input_ids for p in world.mood_prompts(6, True, seed=5)]
     params = SamplingParams(max_tokens=8, temperature=0)
-    steering = {"policy": "cheer_up", "mode": "sync"}
+    steering = SteeringRequest("cheer_up", mode="sync")
     reqs = [GenerationRequest(f"g{i}", p, params, steering=steering) for i, p in enumerate(gloomy)]
     reqs += [GenerationRequest(f"s{i}", p, params, steering=steering) for i, p in enumerate(sunny)]
     out = run(eng, reqs)

@@ -1,4 +1,4 @@
-"""Inference engines behind one protocol (models.engine.types.Engine).
+"""The own torch engine, behind the Engine contract (models.protocol.engine.Engine).
 
 `build_engine(config, model_path)` gives the engine the config names; the own torch engine
 (`TorchEngine`) is the default. Every engine carries the checkpoint's tokenizer as
@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from models.engine.config import EngineConfig
-from models.engine.types import Engine
+from models.protocol.engine import Engine
 
 
 class EngineUnavailableError(RuntimeError):

@@ -19,12 +19,8 @@ from models.engine.config import EngineConfig
 from models.engine.llama import LlamaForCausalLM
 from models.engine.lora import LinearWithLoRA
 from models.engine.sequence import Sequence
-from models.engine.types import (
-    AdapterNotFoundError,
-    EngineError,
-    EngineOverloadedError,
-    GenerationRequest,
-)
+from models.protocol.errors import AdapterNotFoundError, EngineError, EngineOverloadedError
+from models.protocol.requests import GenerationRequest
 
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -138,10 +134,7 @@ class LoRAAdapters:
         return {request.adapter: 1.0} if request.adapter else {}
 
     def _not_found(self, name: str) -> AdapterNotFoundError:
-        loaded = ", ".join(self.names()) or "none"
-        return AdapterNotFoundError(
-            f"adapter '{name}' is not loaded; loaded: {loaded}", param="adapter"
-        )
+        return AdapterNotFoundError.naming(name, self.names(), param="adapter")
 
     def _free_slot(self) -> int:
         if None in self.slots:

@@ -28,17 +28,16 @@ from models.engine.steering_hooks import (
     SequenceEditor,
     SteeringHooks,
     apply_adjustments,
-    parse_steering,
 )
-from models.engine.types import (
+from models.protocol.errors import (
     EngineError,
     EngineOverloadedError,
-    EngineStats,
-    GenerationRequest,
     PromptTooLongError,
-    RequestOutput,
+    VectorNotFoundError,
 )
-from models.steering.protocol import Added, Sampled
+from models.protocol.outputs import EngineStats, RequestOutput
+from models.protocol.requests import GenerationRequest
+from models.protocol.steering import Added, Sampled, StepObserver
 
 
 def load_tokenizer(model_path: str | Path) -> Any | None:
@@ -105,10 +104,8 @@ class LLMEngine(SequenceEditor):
             )
         for spec in request.steer_vectors:
             self._check_vector(spec.name, spec.layers)
-        if request.steering is not None:
-            steering = parse_steering(request.steering)
-            if steering.policy is not None and self.steering.observer is None:
-                raise EngineError("steering policy requested but no step observer is set")
+        if request.steering is not None and self.steering.observer is None:
+            raise EngineError("steering policy requested but no step observer is set")
         self.adapters.check(request)
 
     def _check_token_ids(self, token_ids: list[int], what: str) -> None:
@@ -143,9 +140,7 @@ class LLMEngine(SequenceEditor):
         seq.adapter_weights = self.adapters.acquire(request)
         self.reset_vectors(seq)
         if request.steering is not None:
-            steering = parse_steering(request.steering)
-            if steering.policy is not None:
-                seq.steering = RowSteering(steering)
+            seq.steering = RowSteering(request.steering)
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -232,7 +227,7 @@ class LLMEngine(SequenceEditor):
     def stats(self) -> EngineStats:
         return EngineStats(**self._stats.__dict__)
 
-    def set_step_observer(self, observer: Any) -> None:
+    def set_step_observer(self, observer: StepObserver | None) -> None:
         """`observer.on_step(list[RowEvents]) -> list[RowActions]` (a coroutine or not), once
         per engine step for all steered rows that are due."""
         self.steering.observer = observer
@@ -251,10 +246,7 @@ class LLMEngine(SequenceEditor):
 
     def _check_vector(self, name: str, layers: list[int] | None) -> None:
         if name not in self.vectors:
-            raise EngineError(
-                f"steering vector '{name}' is not registered; registered: "
-                f"{', '.join(sorted(self.vectors)) or 'none'}"
-            )
+            raise VectorNotFoundError.naming(name, self.vectors, param="steering.vectors")
         bad = [x for x in layers or [] if not 0 <= x < self.args.num_layers]
         if bad:
             raise EngineError(

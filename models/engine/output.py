@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.engine.sequence import Sequence, SequenceStatus
-from models.engine.types import RequestOutput
+from models.protocol.outputs import RequestOutput
 
 DECODE_WINDOW = 6  # tokens decoded again before new ones, so merges at the edge come out right
 

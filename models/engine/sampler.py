@@ -12,7 +12,8 @@ import torch
 
 from models.engine.model_runner import to_device
 from models.engine.sequence import Sequence
-from models.engine.types import SamplingParams, TokenLogprob
+from models.protocol.outputs import TokenLogprob
+from models.protocol.requests import SamplingParams
 
 
 def apply_logit_biases(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from models.engine.types import GenerationRequest, Intervention, TokenLogprob
+from models.protocol.outputs import Intervention, TokenLogprob
+from models.protocol.requests import GenerationRequest
 
 
 class SequenceStatus(Enum):

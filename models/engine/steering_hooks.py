@@ -30,8 +30,9 @@ import torch
 from models.engine.model_runner import stack_rows, to_device
 from models.engine.output import finish
 from models.engine.sequence import Sequence
-from models.engine.types import EngineError, Intervention
-from models.steering.protocol import (
+from models.protocol.errors import EngineError
+from models.protocol.outputs import Intervention
+from models.protocol.steering import (
     AdjustedLogits,
     AdjustedPrefill,
     Backtrack,
@@ -43,34 +44,17 @@ from models.steering.protocol import (
     ForwardPass,
     IllegalActionError,
     Noop,
+    PrefetchRow,
     Prefilled,
     RowActions,
     RowEvents,
     SteeringRequest,
     SteerVector,
+    StepObserver,
     check_legal_after,
 )
 
-SYNC_MODES = ("sync", "colocated")
 log = logging.getLogger(__name__)
-
-
-def parse_steering(value: dict[str, Any] | SteeringRequest) -> SteeringRequest:
-    if isinstance(value, SteeringRequest):
-        return value
-    known = set(SteeringRequest.__dataclass_fields__)
-    unknown = set(value) - known
-    if unknown:
-        raise EngineError(
-            f"unknown steering keys: {', '.join(sorted(unknown))} (allowed: {', '.join(known)})",
-            param="steering",
-        )
-    req = SteeringRequest(**value)
-    if req.mode not in ("async", "sync", "colocated"):
-        raise EngineError(f"steering mode '{req.mode}' is not async, sync or colocated")
-    if req.every < 1:
-        raise EngineError(f"steering every must be >= 1, got {req.every}")
-    return req
 
 
 @dataclass
@@ -88,11 +72,11 @@ class RowSteering:
     held_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.held_tokens = int(self.request.params.get("max_backtrack", 0))
+        self.held_tokens = self.request.max_backtrack
 
     @property
     def waits(self) -> bool:
-        return self.request.mode in SYNC_MODES
+        return self.request.waits
 
 
 @dataclass
@@ -122,7 +106,7 @@ class SteeringHooks:
 
     def __init__(self, editor: SequenceEditor):
         self.editor = editor
-        self.observer: Any | None = None
+        self.observer: StepObserver | None = None
         self.runner = CoroutineRunner()
         self.in_flight: list[ObserverCall] = []
         self.num_calls = 0
@@ -168,6 +152,7 @@ class SteeringHooks:
                     params=st.request.params,
                     num_prompt_tokens=seq.num_prompt_tokens,
                     token_ids=list(seq.token_ids) if st.send_token_ids else None,
+                    mode=st.request.mode,
                 )
             )
             call_rows[seq.request_id] = (seq, st.events)
@@ -189,20 +174,22 @@ class SteeringHooks:
             self.in_flight.append(call)
 
     def prefetch(self, seqs: list[Sequence]) -> None:
-        """Give an in-process observer with a `prefetch(rows)` method (a colocated steering
-        runtime) the due rows' tokens, rows = [(request_id, token_ids, num_prompt_tokens)],
-        right after the step's forward was queued and before `consult` builds the call: the
+        """Give the observer's `prefetch(rows)` (a colocated steering runtime reads there) the
+        due rows' tokens right after the step's forward was queued and before `consult` builds the call: the
         small model's read of the same tokens can then run on the GPU beside the big model's
         forward instead of after it. Only a head start: `consult` still makes the step's one
         call, and a prefetch that fails changes nothing."""
-        hook = getattr(self.observer, "prefetch", None)
-        if hook is None:
+        if self.observer is None:
             return
         due = self._due
-        rows = [(s.request.request_id, s.token_ids, s.num_prompt_tokens) for s in seqs if due(s)]
+        rows = [
+            PrefetchRow(s.request_id, s.token_ids, s.num_prompt_tokens, s.steering.request.mode)
+            for s in seqs
+            if due(s)
+        ]
         if rows:
             try:
-                hook(rows)
+                self.observer.prefetch(rows)
             except Exception:  # noqa: BLE001 - the step's call reads (and reports) anyway
                 log.exception("steering prefetch failed")
 

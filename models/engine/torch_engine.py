@@ -21,27 +21,17 @@ import torch
 
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
-from models.engine.types import (
-    EngineCapabilities,
-    EngineError,
-    EngineStats,
-    GenerationRequest,
-    RequestOutput,
-)
+from models.protocol.engine import Engine
+from models.protocol.errors import EngineError
+from models.protocol.outputs import EngineStats, RequestOutput
+from models.protocol.requests import GenerationRequest
+from models.protocol.steering import StepObserver
 
 logger = logging.getLogger(__name__)
 
 
-class TorchEngine:
+class TorchEngine(Engine):
     """The own torch engine: continuous batching, paged KV, steering hooks, per-row LoRA."""
-
-    capabilities = EngineCapabilities(
-        token_events=True,
-        hidden_state_steering=True,
-        per_row_lora=True,
-        backtrack=True,
-        logits_access=True,
-    )
 
     def __init__(self, config: EngineConfig, model_path: str | Path, tokenizer: Any = "auto"):
         self.core = LLMEngine(config, model_path, tokenizer)
@@ -109,7 +99,7 @@ class TorchEngine:
         """A steering vector [num_layers, hidden] for SteerVector actions and steer_vectors."""
         self.core.register_vector(name, vector)  # one dict store: safe beside the engine thread
 
-    def set_step_observer(self, observer: Any) -> None:
+    def set_step_observer(self, observer: StepObserver | None) -> None:
         """See LLMEngine.set_step_observer; its coroutines run on the caller's event loop."""
         self.core.set_step_observer(observer)
 

@@ -14,6 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.openai.errors import OpenAIError
+from models.protocol.requests import SteerVectorSpec
+from models.protocol.steering import SteeringMode, SteeringRequest
+
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 
@@ -50,8 +54,33 @@ class SteeringOptions(BaseModel):
     vectors: list[SteeringVectorRef] = Field(default_factory=list)
     policy: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    mode: Literal["async", "sync", "colocated"] | None = None
+    mode: SteeringMode | None = None
     every: int = Field(1, ge=1, le=1024)
+
+    def vector_specs(self) -> list[SteerVectorSpec]:
+        """The static vectors, as the engine takes them."""
+        return [SteerVectorSpec(v.name, v.coeff, v.layers) for v in self.vectors]
+
+    def to_request(
+        self, policies: dict[str, dict[str, Any]], default_mode: SteeringMode, timeout_s: float
+    ) -> SteeringRequest | None:
+        """The policy part, typed once for the engine: None without a policy; 404 for a policy
+        the config does not have. policies: name -> the config's default params."""
+        if self.policy is None:
+            return None
+        if self.policy not in policies:
+            raise OpenAIError(
+                f"steering policy '{self.policy}' does not exist; available: "
+                f"{', '.join(policies) or 'none'}",
+                404, param="steering.policy", code="policy_not_found",
+            )
+        return SteeringRequest(
+            policy=self.policy,
+            params={**policies[self.policy], **self.params},
+            mode=self.mode or default_mode,
+            every=self.every,
+            timeout_s=timeout_s,
+        )
 
 
 class SamplingFields(BaseModel):

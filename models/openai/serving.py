@@ -18,12 +18,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models.engine.types import (
-    GenerationRequest,
-    RequestOutput,
-    SamplingParams,
-    SteerVectorSpec,
-)
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.protocol import (
     ChatCompletionRequest,
@@ -33,6 +27,10 @@ from models.openai.protocol import (
     now,
     usage,
 )
+from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
+from models.protocol.outputs import RequestOutput
+from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
+from models.protocol.steering import SteeringMode, SteeringRequest
 
 logger = logging.getLogger("tandem.serving")
 
@@ -66,7 +64,7 @@ class ServingLimits:
     default_vector_store_ids: list[str] = field(default_factory=list)
     default_top_k: int = 4
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> default params
-    default_steering_mode: str = "async"
+    default_steering_mode: SteeringMode = "async"
     steering_timeout_s: float = 2.0
 
 
@@ -82,7 +80,7 @@ class PreparedRequest:
     adapter: str | None
     adapter_weights: dict[str, float] | None
     steer_vectors: list[SteerVectorSpec]
-    steering: dict[str, Any] | None
+    steering: SteeringRequest | None
     tandem: dict[str, Any]
     stream: bool
     include_usage: bool
@@ -206,11 +204,7 @@ class OpenAIServing:
             return "auto"
         names = await self._adapter_names()
         if wanted not in names:
-            loaded = ", ".join(names) or "none"
-            raise OpenAIError(
-                f"adapter '{wanted}' is not loaded; loaded: {loaded}",
-                404, param="model", code="adapter_not_found",
-            )
+            raise to_openai_error(AdapterNotFoundError.naming(wanted, names, param="model"))
         return wanted
 
     async def _route(self, adapter_field: str | None, query: str) -> dict:
@@ -229,7 +223,9 @@ class OpenAIServing:
         threshold = rag.score_threshold if rag else None
         return await self.backends.search(query, store_ids, top_k, threshold)
 
-    async def _steering(self, req: SamplingFields) -> tuple[list[SteerVectorSpec], dict | None]:
+    async def _steering(
+        self, req: SamplingFields
+    ) -> tuple[list[SteerVectorSpec], SteeringRequest | None]:
         s = req.steering
         if s is None:
             return [], None
@@ -237,29 +233,12 @@ class OpenAIServing:
             known = await self._vector_names()
             for v in s.vectors:
                 if v.name not in known:
-                    raise OpenAIError(
-                        f"steering vector '{v.name}' does not exist; available: "
-                        f"{', '.join(known) or 'none'}",
-                        404, param="steering.vectors", code="vector_not_found",
-                    )
-        vectors = [SteerVectorSpec(v.name, v.coeff, v.layers) for v in s.vectors]
-        if s.policy is None:
-            return vectors, None
-        if s.policy not in self.limits.policies:
-            raise OpenAIError(
-                f"steering policy '{s.policy}' does not exist; available: "
-                f"{', '.join(self.limits.policies) or 'none'}",
-                404, param="steering.policy", code="policy_not_found",
-            )
-        params = {**self.limits.policies[s.policy], **s.params}
-        steering = {
-            "policy": s.policy,
-            "params": params,
-            "mode": s.mode or self.limits.default_steering_mode,
-            "every": s.every,
-            "timeout_s": self.limits.steering_timeout_s,
-        }
-        return vectors, steering
+                    error = VectorNotFoundError.naming(v.name, known, param="steering.vectors")
+                    raise to_openai_error(error)
+        limits = self.limits
+        policy = s.to_request(limits.policies, limits.default_steering_mode,
+                              limits.steering_timeout_s)  # fmt: skip
+        return s.vector_specs(), policy
 
     def _sampling(self, req: SamplingFields, i: int, limit: int | None, prompt_len: int) -> SamplingParams:
         room = self.limits.max_model_len - prompt_len
@@ -347,7 +326,7 @@ class OpenAIServing:
                         adapter=prep.adapter,
                         adapter_weights=prep.adapter_weights,
                         steer_vectors=list(prep.steer_vectors),
-                        steering=dict(prep.steering) if prep.steering else None,
+                        steering=prep.steering,
                     )
                 )
         return reqs

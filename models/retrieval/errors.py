@@ -6,7 +6,7 @@ Constructed with the message only, so they survive pickling through Ray handles 
 
 from __future__ import annotations
 
-from models.errors import TandemError
+from models.protocol.errors import TandemError
 
 
 class RetrievalError(TandemError):

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.engine.types import EngineError
+from models.protocol.errors import EngineError
 
 SAFETENSORS_FILE = "adapter_model.safetensors"
 TORCH_BIN_FILE = "adapter_model.bin"

@@ -19,19 +19,22 @@ from typing import Any
 
 import torch
 
-from models.steering.config import SteeringConfig
-from models.steering.policies import Policy, PolicyContext, policy_class
-from models.steering.protocol import (
+from models.protocol.small_model import SmallModel
+from models.protocol.steering import (
     Action,
     Added,
     AdjustedLogits,
     ForwardPass,
+    PrefetchRow,
     Prefilled,
     RowActions,
     RowEvents,
     Sampled,
+    StepObserver,
     check_legal_after,
 )
+from models.steering.config import SteeringConfig
+from models.steering.policies import Policy, PolicyContext, policy_class
 from models.steering.state import RequestState, variant_name
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class RuntimeStats:
     prefetched_rows: int = 0  # (request, variant) reads started by `prefetch`
 
 
-class SteeringRuntime:
+class SteeringRuntime(StepObserver):
     """Holds the small model and the configured policies; keeps per-request state by id.
 
     config: the `steering:` block. big_model_path: the big model's checkpoint (its tokenizer and
@@ -74,7 +77,7 @@ class SteeringRuntime:
         self._stats = RuntimeStats()
         self._lock = threading.Lock()  # one step at a time, whichever event loop calls
         self._released: list[str] = []
-        self.small_model = None
+        self.small_model: SmallModel | None = None
         expert, adapters = _adapters_to_load(config, small_adapters or {})
         if config.policies:
             if small_model_path is None:
@@ -125,19 +128,18 @@ class SteeringRuntime:
         engine's, which waits for the answer anyway), so no event-loop hop per step."""
         return self._process_locked(batch)
 
-    def prefetch(self, rows: list[tuple[str, list[int], int]]) -> None:
-        """Start the small model's read of these requests' tokens, rows = [(request_id,
-        token_ids, num_prompt_tokens)], without waiting for it (on CUDA it runs on the small
+    def prefetch(self, rows: list[PrefetchRow]) -> None:
+        """Start the small model's read of these requests' tokens without waiting for it (on CUDA it runs on the small
         model's side stream). Colocated, the engine calls this right after it queued the big
         model's forward, so the two forwards share the GPU; the step's `on_step` then finds
         the outputs current. Requests not seen yet (no state) wait for that call."""
         if self.small_model is None:
             return
-        limit = getattr(self.small_model, "max_len", None) or sys.maxsize
+        limit = self.small_model.max_len or sys.maxsize
         with self._lock:
             reads, layers = [], set()
             states, plans = self.states, self._variants
-            for request_id, token_ids, num_prompt in rows:
+            for request_id, token_ids, num_prompt, _ in rows:
                 state = states.get(request_id)
                 if state is None or len(token_ids) > limit:  # (a longer one errs in the step)
                     continue
@@ -210,7 +212,7 @@ class SteeringRuntime:
             rows = [(i, row, state) for i, row, state, _ in group]
             for i, _, actions in self._decide(policy, rows):
                 answers[i] = actions
-        if self.config.read_ahead and getattr(self.small_model, "reads_in_background", False):
+        if self.config.read_ahead and self.small_model.reads_in_background:
             self._read_ahead([(row, state, policy, answers[i]) for i, row, state, policy in live])
         return [a for a in answers if a is not None]
 
@@ -281,7 +283,7 @@ class SteeringRuntime:
 
     def _check_length(self, state: RequestState) -> None:
         """Refuse (on this row only) a sequence longer than the small model reads."""
-        limit = getattr(self.small_model, "max_len", None)
+        limit = self.small_model.max_len
         if limit is not None and state.num_tokens > limit:
             raise ValueError(
                 f"request {state.request_id} has {state.num_tokens} tokens; the small model "
@@ -395,7 +397,7 @@ ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what the torch en
 
 def load_small_model(
     config: SteeringConfig, path: str, adapters: dict[str, str], max_model_len: int | None = None
-) -> Any:
+) -> SmallModel:
     """The small model on the engine's paged runner when it can load it, else transformers."""
     runner = config.small_model_runner
     if runner == "auto":
@@ -412,12 +414,12 @@ def load_small_model(
             kv_cache_gib=config.kv_cache_gib,
             max_model_len=max_model_len,
         )
-    from models.steering.small_model import SmallModel
+    from models.steering.transformers_small_model import TransformersSmallModel
 
-    return SmallModel(path, adapters, device=config.device, dtype=config.dtype)
+    return TransformersSmallModel(path, adapters, device=config.device, dtype=config.dtype)
 
 
-def _vocab_size(big_model_path: str | None, small_model: Any) -> int:
+def _vocab_size(big_model_path: str | None, small_model: SmallModel | None) -> int:
     if big_model_path:
         from transformers import AutoConfig
 

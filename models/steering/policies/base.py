@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from models.steering.protocol import Action, Added, AdjustedLogits, Event, ForwardPass, Prefilled
+from models.protocol.small_model import SmallModel
+from models.protocol.steering import Action, Added, AdjustedLogits, Event, ForwardPass, Prefilled
 from models.steering.state import RequestState
 
 ENGINE_PARAMS = ("max_backtrack",)
@@ -28,7 +29,7 @@ class PolicyContext:
     """What a policy may use besides the request: the small model, the big model's shape, and
     the steering config's vectors (with their contrastive pairs)."""
 
-    small_model: Any  # models.steering.small_model.SmallModel, or None when none is loaded
+    small_model: SmallModel | None  # None when no small model is loaded
     big_model_path: str | None
     big_vocab_size: int
     big_tokenizer: Any = None

@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.protocol.steering import Action, Backtrack, ClearSteer, Event, Prefilled, SteerVector
 from models.steering.policies.base import Policy
-from models.steering.protocol import Action, Backtrack, ClearSteer, Event, Prefilled, SteerVector
 from models.steering.state import BASE, RequestState
 
 

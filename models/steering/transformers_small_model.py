@@ -1,7 +1,7 @@
 """The small model in the loop: one transformers checkpoint, its LoRA variants, batched reads.
 
-`SmallModel.read(items)` brings every (request, variant) pair up to date with its request's
-tokens in one batched forward: each request keeps its own KV cache (`KVState`), the caches are
+`TransformersSmallModel.read(items)` brings every (request, variant) pair up to date with its
+request's tokens in one batched forward: each request keeps its own KV cache (`KVState`), the caches are
 left-padded into one batch cache, the unread tokens right-padded after them, and the new keys
 and values are split back per request. Variants are `base` (no LoRA) or a PEFT adapter name;
 one forward mixes them per row (PEFT `adapter_names`). A paged runner can replace this class
@@ -24,7 +24,7 @@ from models.steering.state import BASE, KVState, RequestState, SmallOutput
 LONG_READ = 32  # rows with more unread tokens than this get their own forward (no big padding)
 
 
-class SmallModel:
+class TransformersSmallModel:
     """A causal LM (the steering model) with optional LoRA adapters, read incrementally.
 
     path: checkpoint directory. adapters: variant name -> PEFT adapter directory.
@@ -84,7 +84,8 @@ class SmallModel:
         """Drop the request's caches (plain tensors: freed when unreferenced)."""
         state.kv.clear()
 
-    reads_in_background = False
+    reads_in_background = False  # every read runs at once
+    max_len: int | None = None  # reads whatever length the checkpoint takes
 
     @torch.no_grad()
     def read(

@@ -10,10 +10,14 @@ carries the logits from which generated token s is sampled; Sampled/Added(step=s
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
+
+from models.protocol.errors import EngineError
 
 # ---- events ----------------------------------------------------------------------------------
 
@@ -182,23 +186,45 @@ def check_legal_after(events: list[Event], action: Action) -> None:
 # ---- what travels between Generator and Steerer ----------------------------------------------
 
 SteeringMode = Literal["async", "sync", "colocated"]
+STEERING_MODES: tuple[SteeringMode, ...] = get_args(SteeringMode)
+WAITING_MODES: tuple[SteeringMode, ...] = ("sync", "colocated")  # the step waits for actions
 
 
 @dataclass
 class SteeringRequest:
-    """The `steering` object of one request, validated (see models.steering.config for parsing).
+    """The steering policy one request asked for, typed once at the API edge.
 
-    policy: a policy name from the config, or None for static vectors only.
-    mode: async (actions land when they arrive; the big model never waits), sync (each step
-    waits for its actions), colocated (the policy runs inside the Generator replica).
-    every: consult the policy every k generated tokens.
+    policy: a policy name from the config. params: the policy's parameters (the config's
+    defaults overlaid with the request's). mode: async (actions land when they arrive; the big
+    model never waits), sync (each step waits for its actions), colocated (the policy runs
+    inside the Generator replica). every: consult the policy every k generated tokens.
+    timeout_s: a call slower than this leaves the row unsteered.
     """
 
-    policy: str | None = None
+    policy: str
     params: dict[str, Any] = field(default_factory=dict)
     mode: SteeringMode = "async"
     every: int = 1
     timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in STEERING_MODES:
+            raise EngineError(
+                f"steering mode '{self.mode}' is not one of {', '.join(STEERING_MODES)}",
+                param="steering.mode",
+            )
+        if self.every < 1:
+            raise EngineError(f"steering every must be >= 1, got {self.every}", "steering.every")
+
+    @property
+    def waits(self) -> bool:
+        """Whether the engine step waits for this row's actions before sampling."""
+        return self.mode in WAITING_MODES
+
+    @property
+    def max_backtrack(self) -> int:
+        """Generated tokens the engine holds back so a backtrack stays invisible."""
+        return int(self.params.get("max_backtrack", 0))
 
 
 @dataclass
@@ -206,7 +232,8 @@ class RowEvents:
     """The events of one steered row after one engine step.
 
     `token_ids` is the whole sequence so far (prompt + generated), sent when the Steerer may
-    not hold this request's state (first call, or on resync); otherwise None.
+    not hold this request's state (first call, or on resync); otherwise None. `mode` tells the
+    Generator where the row is answered (colocated: in the replica; else the Steerer).
     """
 
     request_id: str
@@ -215,6 +242,17 @@ class RowEvents:
     params: dict[str, Any] = field(default_factory=dict)
     num_prompt_tokens: int = 0
     token_ids: list[int] | None = None
+    mode: SteeringMode = "async"
+
+
+class PrefetchRow(NamedTuple):
+    """A due row's tokens handed to a colocated observer before the step's call (see
+    StepObserver.prefetch)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    mode: SteeringMode
 
 
 @dataclass
@@ -238,3 +276,24 @@ class RowActions:
                     if tensor is not None and tensor.untyped_storage().nbytes() > tensor.nbytes:
                         setattr(action, name, tensor.clone())
         return self
+
+
+class StepObserver(ABC):
+    """What the engine consults once per step for all its due steered rows.
+
+    `on_step` answers every row's events with its actions (a coroutine or a plain return);
+    `prefetch` is an optional head start for an in-process observer, called right after the
+    step's forward was queued; `release` forgets finished requests.
+    """
+
+    @abstractmethod
+    def on_step(self, rows: list[RowEvents]) -> list[RowActions] | Awaitable[list[RowActions]]:
+        """The actions for every row of one engine step, row for row."""
+
+    def prefetch(self, rows: list[PrefetchRow]) -> None:
+        """Start reading these rows' tokens before `on_step` asks (default: nothing)."""
+        return None
+
+    def release(self, request_ids: list[str]) -> None | Awaitable[None]:
+        """Forget these finished requests (default: nothing to forget)."""
+        return None

@@ -1,0 +1,59 @@
+"""What comes out of an engine: each step's new tokens and text per request, and counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TokenLogprob:
+    """The sampled token's logprob and the top alternatives (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Intervention:
+    """Something a steering policy did to a request, reported back to the client."""
+
+    step: int  # index of the generated token at which it took effect
+    action: str  # e.g. "SteerVector", "Backtrack", "ForceTokens"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request: new tokens and text since the last one.
+
+    `text` holds only text that is final: characters that might still be the start of a stop
+    string, or that a backtrack could still take back, are held until they are settled.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    interventions: list[Intervention] = field(default_factory=list)
+    error: str | None = None  # set when finish_reason == "error"
+
+
+@dataclass
+class EngineStats:
+    """Counters for metrics and tests."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    max_running_seen: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    preemptions: int = 0
+    observer_calls: int = 0  # step-observer calls: one per engine step with due steered rows

@@ -1,0 +1,54 @@
+"""What goes into an engine: one sequence to generate and how to sample it.
+
+Every engine speaks these types; the OpenAI layer builds them once (models.openai.protocol
+converts its request models into them). Plain dataclasses, so they pickle across Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.protocol.steering import SteeringRequest
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one sequence.
+
+    temperature 0 means greedy. top_k 0 means off. `logprobs` is None for no logprobs, or the
+    number of top alternatives to return with each sampled token's own logprob (0 = only it).
+    `seed` makes a sequence reproducible on its own, whatever else shares the batch.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class SteerVectorSpec:
+    """A steering vector to add to the big model's hidden states: h_l += coeff * v_l."""
+
+    name: str
+    coeff: float
+    layers: list[int] | None = None  # None: every layer the vector has
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate. n > 1 in the API becomes n requests with derived ids and seeds."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # LoRA adapter name; None = base model
+    adapter_weights: dict[str, float] | None = None  # top-k router mix: name -> weight
+    steer_vectors: list[SteerVectorSpec] = field(default_factory=list)  # static, whole request
+    steering: SteeringRequest | None = None  # a policy consulted token by token

@@ -1,0 +1,114 @@
+"""The steering vectors one Generator replica serves: its library on disk, uploads, extraction.
+
+`VectorService` owns the replica's `VectorLibrary` (the configured vectors are extracted or
+loaded at start), validates uploaded GGUF/safetensors files, extracts new vectors from
+contrastive prompt pairs on the big model, and registers with the engine every vector it
+does not have yet.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from models.protocol.engine import Engine
+from models.protocol.errors import TandemError
+from models.steering.config import SteeringConfig
+from models.steering.vectors import (
+    VectorLibrary,
+    ensure_default_vectors,
+    extract_vector,
+    load_transformers_model,
+    load_vector,
+    save_gguf,
+    transformers_hidden_states,
+)
+
+
+class VectorUploadError(TandemError):
+    """A steering vector upload or extraction that cannot be used (bad file, wrong shape)."""
+
+    code = "invalid_steering_vector"
+
+
+class VectorFileTypeError(VectorUploadError):
+    """An uploaded steering vector that is neither GGUF nor safetensors."""
+
+    status_code = 415
+
+
+class VectorService:
+    """The vector library of the big model at `big_model_path`, kept in step with an engine."""
+
+    def __init__(self, config: SteeringConfig, big_model_path: str):
+        from models.steering.runtime import default_vector_dir
+
+        self.big_model_path = big_model_path
+        shape = json.loads((Path(big_model_path) / "config.json").read_text())
+        root = config.vector_dir or default_vector_dir(big_model_path)
+        self.library = VectorLibrary(root, shape["num_hidden_layers"], shape["hidden_size"])
+        ensure_default_vectors(config, big_model_path, self.library)
+        self._registered: set[str] = set()
+
+    def names(self) -> list[str]:
+        return self.library.list()
+
+    def sync(self, engine: Engine) -> None:
+        """Register with the engine every library vector it does not have yet."""
+        for name in self.library.list():
+            if name not in self._registered:
+                vector = self.library.get(name)
+                engine.register_vector(name, vector.as_tensor(self.library.num_layers))
+                self._registered.add(name)
+
+    def registered(self, names: list[str]) -> bool:
+        """Whether the engine already has every one of these vectors."""
+        return all(name in self._registered for name in names)
+
+    def describe(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The vectors (or the one named) as OpenAI-list style objects."""
+        out = []
+        for vector_name in [name] if name else self.library.list():
+            v = self.library.get(vector_name)
+            out.append({"id": vector_name, "object": "steering.vector", "name": vector_name,
+                        "layers": v.layers, "hidden_size": v.hidden_size,
+                        "model_hint": v.model_hint, "metadata": v.metadata})
+        return out
+
+    def add_upload(self, name: str, data: bytes, filename: str) -> None:
+        """Validate and store an uploaded GGUF or safetensors vector (registered on next sync)."""
+        suffix = Path(filename).suffix.lower()
+        if suffix not in (".gguf", ".safetensors"):
+            raise VectorFileTypeError(
+                f"steering vector files must be .gguf or .safetensors, got '{filename}'"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(data)
+            try:
+                vector = load_vector(path, name)
+            except Exception as exc:
+                raise VectorUploadError(f"cannot read steering vector '{filename}': {exc}") from None
+        try:
+            self.library.add(vector)
+        except ValueError as exc:
+            raise VectorUploadError(str(exc)) from None
+        self._registered.discard(name)
+
+    def extract_gguf(self, name: str, positive: list[str], negative: list[str],
+                     layers: list[int] | None, method: str) -> bytes:
+        """Extract a vector from contrastive pairs on the big model (blocking: seconds);
+        returns it as GGUF bytes."""
+        try:
+            model, tokenizer = load_transformers_model(self.big_model_path)
+            vector = extract_vector(name, transformers_hidden_states(model, tokenizer), positive,
+                                    negative, layers=layers, method=method,
+                                    model_hint=getattr(model.config, "model_type", ""))
+        except ValueError as exc:
+            raise VectorUploadError(str(exc)) from None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "v.gguf"
+            save_gguf(vector, path)
+            return path.read_bytes()
