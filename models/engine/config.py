@@ -12,8 +12,11 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["torch", "vllm", "exllamav2"] = Field(
-        "torch", description="Engine implementation: the own torch engine, vLLM, or exllamav2."
+    kind: str = Field(
+        "torch",
+        description="Engine implementation: torch (the own engine), vllm, exllamav2, or an "
+        "import path module:Class of an Engine subclass (e.g. tests.fakes.engine:FakeEngine).",
+        pattern=r"^(torch|vllm|exllamav2|[\w.]+:\w+)$",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs; auto picks CUDA when a GPU is visible."
