@@ -7,7 +7,7 @@ PYTHON ?= python3
 CONSTRAINTS ?= -c constraints-cpu.txt
 PY := $(VENV)/bin/python
 
-.PHONY: setup serve test bench-cpu lint
+.PHONY: setup serve test lint
 
 setup: $(VENV)/.installed
 

@@ -8,7 +8,6 @@ aborts a request when its caller goes away, and hands the engine a step observer
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,8 +23,6 @@ from models.protocol.requests import GenerationRequest
 from models.steering.observer import ReplicaObserver
 from models.steering.runtime import SteeringRuntime
 from models.steering.vector_service import VectorService
-
-logger = logging.getLogger("ray.serve")
 
 ENGINE_GAUGES = {
     "num_running": "Sequences in the running batch.",
