@@ -1,9 +1,11 @@
 """TorchEngine: the async `Engine` protocol over LLMEngine, stepped by one engine thread.
 
 Callers on the event loop never touch LLMEngine directly: requests, aborts and adapter
-changes go through an inbox the engine thread drains between steps, and each step's
-outputs are handed back to the per-request asyncio queues with call_soon_threadsafe. Step
-observer coroutines run on the caller's event loop.
+changes go through an inbox the engine thread drains between steps. Each step's outputs cross
+to the event loop in ONE hand-off (call_soon_threadsafe per step, not per output), land in
+per-request buffers, and a consumer that fell behind takes everything waiting as one merged
+output: the loop's work per step stays small, so the engine thread keeps the GIL for stepping.
+Step observer coroutines run on the caller's event loop.
 """
 
 from __future__ import annotations
@@ -30,6 +32,36 @@ from models.protocol.steering import StepObserver
 logger = logging.getLogger(__name__)
 
 
+class _Stream:
+    """One request's outputs waiting on its caller's event loop."""
+
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[RequestOutput | BaseException] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Called on the stream's event loop."""
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> RequestOutput:
+        """Everything that arrived since the last take, merged; raises a delivered error
+        once the outputs before it were taken."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        outputs = []
+        while self.items and not isinstance(self.items[0], BaseException):
+            outputs.append(self.items.pop(0))
+        if not outputs:
+            raise self.items.pop(0)
+        return RequestOutput.merged(outputs)
+
+
 class TorchEngine(Engine):
     """The own torch engine: continuous batching, paged KV, steering hooks, per-row LoRA."""
 
@@ -37,7 +69,7 @@ class TorchEngine(Engine):
         self.core = LLMEngine(config, model_path, tokenizer)
         self.tokenizer = self.core.tokenizer
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failure: BaseException | None = None
@@ -61,18 +93,15 @@ class TorchEngine(Engine):
         await self.start()
         self._raise_if_failed()
         self.core.check_request(request)
-        loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (loop, stream)
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request.request_id] = stream
         self._inbox.put(lambda: self._add(request))
         finished = False
         try:
             while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                out = await stream.take()
+                finished = out.finished
+                yield out
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:
@@ -123,25 +152,30 @@ class TorchEngine(Engine):
         try:
             self.core.add_request(request)
         except EngineError as exc:
-            self._deliver(request.request_id, exc)
+            self._deliver([(request.request_id, exc)])
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+    def _deliver(self, items: list[RequestOutput] | list[tuple[str, BaseException]]) -> None:
+        """Hand one step's outputs (or errors by request id) to their event loops: one
+        call_soon_threadsafe per loop, whatever the number of rows."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for item in items:
+            request_id = item[0] if isinstance(item, tuple) else item.request_id
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _loop(self) -> None:
         try:
             while not self._stopping:
                 self._drain_inbox(block=not self.core.has_unfinished())
                 if self.core.has_unfinished():
-                    for out in self._step():
-                        self._deliver(out.request_id, out)
+                    self._deliver(self._step())
         except BaseException as exc:
             self._failure = exc
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineError(f"the engine failed: {exc!r}"))
+            error = EngineError(f"the engine failed: {exc!r}")
+            self._deliver([(request_id, error) for request_id in list(self._streams)])
 
     def _step(self) -> list[RequestOutput]:
         """One engine step; if it raises, its requests end with an error and serving goes on."""
@@ -167,3 +201,8 @@ class TorchEngine(Engine):
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
             raise EngineError(f"the engine failed: {self._failure!r}")
+
+
+def _put_all(batch: list[tuple[_Stream, RequestOutput | tuple[str, BaseException]]]) -> None:
+    for stream, item in batch:
+        stream.put(item[1] if isinstance(item, tuple) else item)

@@ -43,6 +43,30 @@ class RequestOutput:
     interventions: list[Intervention] = field(default_factory=list)
     error: str | None = None  # set when finish_reason == "error"
 
+    @classmethod
+    def merged(cls, outputs: list[RequestOutput]) -> RequestOutput:
+        """Consecutive outputs of one request as one (a consumer that fell behind takes all
+        that waited at once): tokens, text, logprobs and interventions joined in order, the
+        rest as of the last."""
+        if len(outputs) == 1:
+            return outputs[0]
+        last = outputs[-1]
+        logprobs = None
+        if any(o.logprobs is not None for o in outputs):
+            logprobs = [lp for o in outputs for lp in o.logprobs or []]
+        return cls(
+            request_id=last.request_id,
+            token_ids=[t for o in outputs for t in o.token_ids],
+            text="".join(o.text for o in outputs),
+            finished=last.finished,
+            finish_reason=last.finish_reason,
+            logprobs=logprobs,
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_generated_tokens=last.num_generated_tokens,
+            interventions=[i for o in outputs for i in o.interventions],
+            error=last.error,
+        )
+
 
 @dataclass
 class EngineStats:
