@@ -1,7 +1,8 @@
 """Generator deployment: the big model behind a continuous-batching engine (GPU or CPU).
 
-A thin shell: it builds the engine from the config, streams RequestOutputs to the Ingress,
-aborts a request when its caller goes away, and hands the engine a step observer
+A thin shell: it builds the engine from the config, admits requests (`submit`), streams each
+Ingress session's outputs as one message per engine step (`stream`, see streams.py), aborts a
+request when its caller goes away, and hands the engine a step observer
 (models/steering/observer.py) that answers steered rows in the replica or through the Steerer.
 """
 
@@ -13,7 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
+from deployments.metrics import export_engine_stats
+from deployments.streams import PinnedRouter, Sessions
 from models.builtin import resolve_adapter, resolve_source
 from models.config import TandemConfig
 from models.engine import build_engine
@@ -24,17 +28,10 @@ from models.steering.observer import ReplicaObserver
 from models.steering.runtime import SteeringRuntime
 from models.steering.vector_service import VectorService
 
-ENGINE_GAUGES = {
-    "num_running": "Sequences in the running batch.",
-    "num_waiting": "Requests waiting for KV-cache space or a batch slot.",
-    "free_blocks": "Free KV-cache blocks.",
-    "generated_tokens": "Tokens generated since start.",
-    "steps": "Engine steps since start.",
-    "observer_calls": "Steerer calls since start (one per steered step).",
-}
 
-
-@serve.deployment(name="Generator")
+@serve.deployment(
+    name="Generator", request_router_config=RequestRouterConfig(request_router_class=PinnedRouter)
+)
 class Generator:
     """Serves GenerationRequests from one engine replica."""
 
@@ -52,6 +49,8 @@ class Generator:
             steerer.release.remote if steerer else None,
             self._load_colocated,
         )
+        self.sessions = Sessions()
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -70,23 +69,12 @@ class Generator:
                 await self.engine.load_adapter(name, path)
             if self.config.steering.policies:
                 self.engine.set_step_observer(self.observer)
-            self._metrics_task = asyncio.create_task(self._export_metrics())
+            self._metrics_task = asyncio.create_task(export_engine_stats(self.engine))
             self._started = True
 
-    async def _export_metrics(self, period_s: float = 1.0) -> None:
-        """Engine counters as Ray metrics (Ray dashboard / Prometheus), once a second."""
-        from ray.serve import metrics
-
-        gauges = {n: metrics.Gauge(f"tandem_engine_{n}", description=d)
-                  for n, d in ENGINE_GAUGES.items()}  # fmt: skip
-        while True:
-            stats = self.engine.stats()
-            for name, gauge in gauges.items():
-                gauge.set(float(getattr(stats, name)))
-            await asyncio.sleep(period_s)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the engine's outputs for one request; abort it if the caller goes away."""
+    async def submit(self, request: GenerationRequest, session: str) -> str:
+        """Admit one request for an Ingress session (its outputs go to that session's
+        stream); raises the error it deserves. Returns this replica's id."""
         if not self._started:
             await self._ensure_started()
         if not self.vectors.registered([v.name for v in request.steer_vectors]):
@@ -94,8 +82,13 @@ class Generator:
         steering = request.steering
         if steering is not None and steering.mode == "colocated" and self.config.steering.policies:
             await self.observer.ensure_colocated()
-        finished = False
+        self.engine.check_request(request)
         self._requests_served += 1
+        self.sessions.start(session, request.request_id, self._outputs(request))
+        return self.replica
+
+    async def _outputs(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        finished = False
         try:
             async for out in self.engine.generate(request):
                 finished = out.finished
@@ -103,8 +96,17 @@ class Generator:
         finally:
             if not finished:
                 await self.engine.abort(request.request_id)
-            if steering is not None:
+            if request.steering is not None:
                 await self.observer.release([request.request_id])
+
+    async def stream(self, session: str, replica: str) -> AsyncIterator[list]:
+        """The session's outputs, one item per engine step with output (pinned here)."""
+        async for batch in self.sessions.stream(session):
+            yield batch
+
+    async def abort(self, request_id: str, replica: str) -> None:
+        """Stop a request of this replica whose caller went away (pinned here)."""
+        self.sessions.abort(request_id)
 
     async def adapters(self) -> list[str]:
         return sorted(self.adapter_paths)
@@ -140,8 +142,8 @@ class Generator:
     async def stats(self) -> dict:
         """Engine counters plus this replica's identity and request count."""
         s = self.engine.stats()
-        replica = serve.get_replica_context().replica_id.unique_id
-        return {**s.__dict__, "replica": replica, "requests_served": self._requests_served}
+        return {**s.__dict__, "replica": self.replica, "requests_served": self._requests_served,
+                "sessions": len(self.sessions)}
 
     async def check_health(self) -> None:
         if self._started:

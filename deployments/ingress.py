@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.streams import GeneratorStreams
 from models.config import TandemConfig
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.serving import Backends, OpenAIServing, ServingLimits
@@ -101,6 +102,7 @@ class Ingress:
 
         self.config = TandemConfig.model_validate(config)
         self.generator = generator
+        self.streams = GeneratorStreams(generator)
         self.router = router
         self.retriever = retriever
         paths = resolve_source(self.config.model.source)
@@ -112,7 +114,7 @@ class Ingress:
             model_name=self.config.model.name,
             tokenizer=self.tokenizer,
             backends=Backends(
-                generate=self._generate,
+                generate=self.streams.generate,
                 route=self._route,
                 search=self._search,
                 adapters=self._adapters,
@@ -142,17 +144,6 @@ class Ingress:
                            dependencies=[Depends(self._check_auth)])
 
     # ---- backends for the serving layer -------------------------------------------------
-
-    async def _generate(self, request) -> AsyncIterator:
-        gen = self.generator.options(stream=True).generate.remote(request)
-        finished = False
-        try:
-            async for out in gen:
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                gen.cancel()
 
     async def _route(self, prompt: str) -> dict:
         return await self.router.route.remote(prompt)

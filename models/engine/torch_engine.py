@@ -25,41 +25,11 @@ from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.protocol.engine import Engine
 from models.protocol.errors import EngineError
-from models.protocol.outputs import EngineStats, RequestOutput
+from models.protocol.outputs import EngineStats, OutputBuffer, RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import StepObserver
 
 logger = logging.getLogger(__name__)
-
-
-class _Stream:
-    """One request's outputs waiting on its caller's event loop."""
-
-    __slots__ = ("loop", "items", "waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.items: list[RequestOutput | BaseException] = []
-        self.waiter: asyncio.Future | None = None
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        """Called on the stream's event loop."""
-        self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def take(self) -> RequestOutput:
-        """Everything that arrived since the last take, merged; raises a delivered error
-        once the outputs before it were taken."""
-        while not self.items:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        outputs = []
-        while self.items and not isinstance(self.items[0], BaseException):
-            outputs.append(self.items.pop(0))
-        if not outputs:
-            raise self.items.pop(0)
-        return RequestOutput.merged(outputs)
 
 
 class TorchEngine(Engine):
@@ -69,7 +39,7 @@ class TorchEngine(Engine):
         self.core = LLMEngine(config, model_path, tokenizer)
         self.tokenizer = self.core.tokenizer
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, OutputBuffer] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failure: BaseException | None = None
@@ -93,7 +63,7 @@ class TorchEngine(Engine):
         await self.start()
         self._raise_if_failed()
         self.core.check_request(request)
-        stream = _Stream(asyncio.get_running_loop())
+        stream = OutputBuffer(asyncio.get_running_loop())
         self._streams[request.request_id] = stream
         self._inbox.put(lambda: self._add(request))
         finished = False
@@ -106,6 +76,9 @@ class TorchEngine(Engine):
             self._streams.pop(request.request_id, None)
             if not finished:
                 self._inbox.put(lambda: self.core.abort(request.request_id))
+
+    def check_request(self, request: GenerationRequest) -> None:
+        self.core.check_request(request)  # reads only: safe beside the engine thread
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(lambda: self.core.abort(request_id))
@@ -203,6 +176,6 @@ class TorchEngine(Engine):
             raise EngineError(f"the engine failed: {self._failure!r}")
 
 
-def _put_all(batch: list[tuple[_Stream, RequestOutput | tuple[str, BaseException]]]) -> None:
+def _put_all(batch: list[tuple[OutputBuffer, RequestOutput | tuple[str, BaseException]]]) -> None:
     for stream, item in batch:
         stream.put(item[1] if isinstance(item, tuple) else item)

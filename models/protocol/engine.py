@@ -31,6 +31,10 @@ class Engine(ABC):
         """Get ready to serve (idempotent); called before the first request."""
 
     @abstractmethod
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise the error (an EngineError) the request deserves, without admitting it."""
+
+    @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs step by step; the last one has finished=True.
         Leaving the iterator early aborts the request."""

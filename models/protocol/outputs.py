@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,3 +82,38 @@ class EngineStats:
     total_blocks: int = 0
     preemptions: int = 0
     observer_calls: int = 0  # step-observer calls: one per engine step with due steered rows
+
+
+class OutputBuffer:
+    """One request's outputs waiting on its consumer's event loop.
+
+    The producer `put`s outputs (or an error) on that loop; the consumer `take`s everything
+    that arrived since its last take as one merged output, so a consumer that fell behind
+    catches up in one go instead of one wake-up per token.
+    """
+
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[RequestOutput | BaseException] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Called on the buffer's event loop."""
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> RequestOutput:
+        """What arrived since the last take, merged; raises a delivered error once the
+        outputs before it were taken."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        outputs = []
+        while self.items and not isinstance(self.items[0], BaseException):
+            outputs.append(self.items.pop(0))
+        if not outputs:
+            raise self.items.pop(0)
+        return RequestOutput.merged(outputs)

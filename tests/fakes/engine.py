@@ -81,7 +81,8 @@ class FakeEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         await self.start()
-        row = self._admit(request)
+        self.check_request(request)
+        row = self._completion(request)
         self.rows[request.request_id] = row
         self._wake.set()
         finished = False
@@ -94,7 +95,7 @@ class FakeEngine(Engine):
             row.aborted = True
             self.rows.pop(request.request_id, None)
 
-    def _admit(self, request: GenerationRequest) -> _Row:
+    def check_request(self, request: GenerationRequest) -> None:
         params, prompt = request.params, request.prompt_token_ids
         if not prompt:
             raise EngineError("the prompt is empty", param="prompt")
@@ -111,7 +112,6 @@ class FakeEngine(Engine):
                 raise VectorNotFoundError.naming(spec.name, self.vectors, "steering.vectors")
         if request.steering is not None:
             raise EngineError("the fake engine runs no steering policies", param="steering")
-        return self._completion(request)
 
     def _completion(self, request: GenerationRequest) -> _Row:
         """The whole completion, decided at admission: tokens, each one's text, why it ends."""

@@ -1,0 +1,209 @@
+"""The token path between Ingress and Generator: one Ray message per engine step per Ingress.
+
+A streamed Ray item costs about half a millisecond of CPU on each side, so one item per token
+per request caps a node at about 1.8k tok/s (PLATFORM.md). Instead, each Ingress replica is a
+*session*: it submits a request with a plain call (any Generator replica, by the usual load
+balancing; admission errors come back as HTTP errors), then reads every output of its
+requests on that replica through ONE long-lived stream, whose items each carry all the
+outputs one engine step made for the session. Both sides hold a request's outputs in an
+`OutputBuffer`, so a reader that fell behind takes what waited as one merged output.
+
+`PinnedRouter` is the Generator's request router: a call with the keyword `replica=<id>`
+(the stream, an abort) goes to that replica; every other call is routed as Serve always does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import PendingRequest, RunningReplica
+
+from models.protocol.errors import TandemError
+from models.protocol.outputs import OutputBuffer, RequestOutput
+from models.protocol.requests import GenerationRequest
+
+logger = logging.getLogger("ray.serve")
+UNCLAIMED_SESSION_S = 60.0  # a session nobody streams from this long is dropped
+
+
+class GeneratorGoneError(TandemError):
+    """The Generator replica holding a request went away mid-generation."""
+
+    status_code = 503
+    code = "generator_unavailable"
+
+
+class PinnedRouter(PowerOfTwoChoicesRequestRouter):
+    """Power of two choices, except for calls that name their replica (`replica=<id>`)."""
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        target = pending_request.kwargs.get("replica") if pending_request is not None else None
+        if target is None:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        pinned = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+        if not pinned:
+            raise GeneratorGoneError(f"Generator replica {target} is gone")
+        return [pinned]
+
+
+@dataclass
+class RequestFailure:
+    """A request that failed after admission, as it travels in a session's batch."""
+
+    request_id: str
+    error: BaseException
+
+
+@dataclass
+class _Session:
+    batch: list[RequestOutput | RequestFailure] = field(default_factory=list)
+    waiter: asyncio.Future | None = None
+    pumps: dict[str, asyncio.Task] = field(default_factory=dict)
+    claimed: bool = False
+
+    def publish(self, item: RequestOutput | RequestFailure) -> None:
+        self.batch.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[RequestOutput | RequestFailure]:
+        while not self.batch:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        batch, self.batch = self.batch, []
+        return merge_by_request(batch)
+
+
+def merge_by_request(batch: list) -> list:
+    """Consecutive outputs of each request merged into one (failures kept as they are)."""
+    runs: dict[str, list[RequestOutput]] = {}
+    order: list = []
+    for item in batch:
+        if isinstance(item, RequestFailure):
+            order.append(item)
+        elif item.request_id in runs:
+            runs[item.request_id].append(item)
+        else:
+            runs[item.request_id] = [item]
+            order.append(item.request_id)
+    return [RequestOutput.merged(runs[x]) if isinstance(x, str) else x for x in order]
+
+
+class Sessions:
+    """The Generator's side: each session's outputs, gathered per engine step."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, _Session] = {}
+
+    def start(self, session: str, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
+        """Pump one admitted request's outputs into its session's batches."""
+        s = self._sessions.get(session)
+        if s is None:
+            s = self._sessions[session] = _Session()
+            asyncio.get_running_loop().call_later(UNCLAIMED_SESSION_S, self._drop_unclaimed, session)
+        s.pumps[request_id] = asyncio.create_task(self._pump(s, request_id, outputs))
+
+    @staticmethod
+    async def _pump(s: _Session, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in outputs:
+                s.publish(out)
+        except Exception as exc:  # noqa: BLE001 - the request fails, its session goes on
+            s.publish(RequestFailure(request_id, exc))
+        finally:
+            s.pumps.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        for s in self._sessions.values():
+            if (task := s.pumps.get(request_id)) is not None:
+                task.cancel()  # the engine stream's finally aborts the request there
+
+    async def stream(self, session: str) -> AsyncIterator[list]:
+        """Every batch of the session until its reader goes away (then its requests stop)."""
+        s = self._sessions.setdefault(session, _Session())
+        s.claimed = True
+        try:
+            while True:
+                yield await s.take()
+        finally:
+            for task in list(s.pumps.values()):
+                task.cancel()
+            self._sessions.pop(session, None)
+
+    def _drop_unclaimed(self, session: str) -> None:
+        s = self._sessions.get(session)
+        if s is not None and not s.claimed:
+            for task in list(s.pumps.values()):
+                task.cancel()
+            del self._sessions[session]
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+class GeneratorStreams:
+    """The Ingress's side: submit to any Generator replica, read one stream per replica.
+
+    handle: the Generator deployment's handle. `messages` counts the stream items received
+    (one per engine step with output for this session, whatever the number of requests).
+    """
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.session = uuid.uuid4().hex
+        self.buffers: dict[str, tuple[OutputBuffer, str | None]] = {}
+        self.readers: dict[str, asyncio.Task] = {}
+        self.messages = 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """The request's outputs, merged when the caller fell behind; leaving early aborts it."""
+        rid = request.request_id
+        buffer = OutputBuffer(asyncio.get_running_loop())
+        self.buffers[rid] = (buffer, None)  # before submitting: its first output may come first
+        replica, finished = None, False
+        try:
+            replica = await self.handle.submit.remote(request, self.session)
+            self.buffers[rid] = (buffer, replica)
+            self._read_from(replica)
+            while not finished:
+                out = await buffer.take()
+                finished = out.finished
+                yield out
+        finally:
+            self.buffers.pop(rid, None)
+            if replica is not None and not finished:
+                asyncio.create_task(self._abort(rid, replica))
+
+    async def _abort(self, request_id: str, replica: str) -> None:
+        try:
+            await self.handle.abort.remote(request_id, replica=replica)
+        except Exception:  # noqa: BLE001 - a replica that is gone has nothing to abort
+            logger.debug("abort of %s on %s failed", request_id, replica, exc_info=True)
+
+    def _read_from(self, replica: str) -> None:
+        task = self.readers.get(replica)
+        if task is None or task.done():
+            self.readers[replica] = asyncio.create_task(self._read(replica))
+
+    async def _read(self, replica: str) -> None:
+        error: BaseException = GeneratorGoneError(f"Generator replica {replica} ended the stream")
+        try:
+            stream = self.handle.options(stream=True).stream.remote(self.session, replica=replica)
+            async for batch in stream:
+                self.messages += 1
+                for item in batch:
+                    if (entry := self.buffers.get(item.request_id)) is not None:
+                        entry[0].put(item.error if isinstance(item, RequestFailure) else item)
+        except Exception as exc:  # noqa: BLE001 - every request on that replica fails
+            error = exc
+        for buffer, where in list(self.buffers.values()):
+            if where == replica:
+                buffer.put(error)
