@@ -15,8 +15,8 @@ from ray import serve
 
 from models.retrieval.errors import RetrievalError
 from models.retrieval.records import SearchHit
+from models.retrieval.search import SearchRequest
 from models.retrieval.service import RetrieverService
-from models.retrieval.store import SearchRequest
 
 SEARCH_BATCH_SIZE = 32
 SEARCH_BATCH_WAIT_S = 0.003

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from models.embedding import shared_embedder
-from models.retrieval.store import DocumentStore, SearchRequest
+from models.retrieval.search import SearchRequest
+from models.retrieval.store import DocumentStore
 
 DATA = Path(__file__).resolve().parent / "data"
 STRATEGIES = {

@@ -15,7 +15,8 @@ from typing import Any
 from models.retrieval.config import RetrievalConfig
 from models.retrieval.errors import InvalidRequest
 from models.retrieval.records import SearchHit
-from models.retrieval.store import DocumentStore, SearchRequest
+from models.retrieval.search import SearchRequest
+from models.retrieval.store import DocumentStore
 
 log = logging.getLogger(__name__)
 
