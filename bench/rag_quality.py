@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.builtin import resolve_source  # noqa: E402
 from models.builtin.validate import answer_is_right  # noqa: E402
-from models.builtin.world import world_questions  # noqa: E402
+from models.builtin.world import world_documents, world_questions  # noqa: E402
 from models.engine import build_engine  # noqa: E402
 from models.engine.config import EngineConfig  # noqa: E402
 from models.openai.serving import Backends, OpenAIServing, ServingLimits  # noqa: E402
@@ -52,7 +52,9 @@ def main() -> None:
 
     questions = world_questions()
     with tempfile.TemporaryDirectory() as data_dir:
-        retriever = RetrieverService({"data_dir": data_dir, "builtin_documents": True})
+        retriever = RetrieverService(
+            {"data_dir": data_dir, "builtin_documents": True}, builtin_documents=world_documents
+        )
         docs = {f["id"]: f["filename"] for f in retriever.list_files()["data"]}
 
         async def search(query, store_ids, top_k, threshold):

@@ -34,7 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from models.embedding import EMBEDDING_DIM, shared_embedder  # noqa: E402
-from models.retrieval.store import DocumentStore, SearchRequest  # noqa: E402
+from models.retrieval.search import SearchRequest  # noqa: E402
+from models.retrieval.store import DocumentStore  # noqa: E402
 
 TARGET_P50_MS_100K = 10.0
 CONCURRENCY = 32
@@ -150,7 +151,7 @@ def bench_search(embedder, n_chunks: int, index_kind: str, repeats: int) -> dict
         queries = near_queries(data, repeats, rng)
         one = [SearchRequest([vs_id], "", 10)]
         store.search_vectors(one, queries[:1])  # warm up
-        raw_index = store._indexes[vs_id].index  # baseline: the bare FAISS call, same queries
+        raw_index = store.indexes.get(vs_id).index  # baseline: the bare FAISS call, same queries
         single, raw = [], []
         for i in range(repeats):  # interleaved, so load changes hit both alike
             single.append(timed(store.search_vectors, one, queries[i : i + 1]))

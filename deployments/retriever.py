@@ -1,4 +1,5 @@
-"""The Retriever deployment (CPU): a thin Ray Serve shell over models.retrieval.RetrieverService.
+"""The Retriever deployment (CPU): a thin Ray Serve shell over models.retrieval.RetrieverService,
+with the built-in world documents (models.builtin.world) handed in.
 
 Concurrent `search` calls are batched (one embedder call and one FAISS search per store for the
 batch); everything blocking runs in a worker thread so the replica keeps accepting requests.
@@ -13,10 +14,12 @@ from typing import Any
 
 from ray import serve
 
+from models.builtin.world import world_documents
+from models.retrieval.config import RetrievalConfig
 from models.retrieval.errors import RetrievalError
 from models.retrieval.records import SearchHit
+from models.retrieval.search import SearchRequest
 from models.retrieval.service import RetrieverService
-from models.retrieval.store import SearchRequest
 
 SEARCH_BATCH_SIZE = 32
 SEARCH_BATCH_WAIT_S = 0.003
@@ -39,9 +42,9 @@ class Retriever:
     """Documents, vector stores and search; the constructor takes RetrievalConfig as a dict."""
 
     def __init__(self, config: dict[str, Any] | None = None):
-        config = config or {}
-        self.threads = set_threads(int(config.get("threads", 0) or 0))
-        self.service = RetrieverService(config)
+        retrieval = RetrievalConfig.model_validate(config or {})
+        self.threads = set_threads(retrieval.threads)
+        self.service = RetrieverService(retrieval, builtin_documents=world_documents)
 
     async def search(
         self,
@@ -61,25 +64,7 @@ class Retriever:
     async def _search_batched(
         self, requests: list[SearchRequest]
     ) -> list[list[SearchHit] | RetrievalError]:
-        return await asyncio.to_thread(self._search_each_settled, requests)
-
-    def _search_each_settled(
-        self, requests: list[SearchRequest]
-    ) -> list[list[SearchHit] | RetrievalError]:
-        """The batch's hits; if the batch fails on one bad request (an unknown store, say),
-        each request is searched alone so only that one gets the error."""
-        try:
-            return self.service.search_batch(requests)
-        except RetrievalError:
-            if len(requests) == 1:
-                raise
-        results: list[list[SearchHit] | RetrievalError] = []
-        for request in requests:
-            try:
-                results.append(self.service.search_batch([request])[0])
-            except RetrievalError as exc:
-                results.append(exc)
-        return results
+        return await asyncio.to_thread(self.service.search_batch_settled, requests)
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """all-MiniLM-L6-v2 embeddings (normalised, 384 floats each), for POST /v1/embeddings."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from models.embedding import shared_embedder
-from models.retrieval.store import DocumentStore, SearchRequest
+from models.retrieval.search import SearchRequest
+from models.retrieval.store import DocumentStore
 
 DATA = Path(__file__).resolve().parent / "data"
 STRATEGIES = {
@@ -90,7 +91,7 @@ def test_builtin_world_questions_find_their_document(tmp_path):
     from models.retrieval.service import BUILTIN_STORE_ID, ensure_builtin_store
 
     store = DocumentStore(str(tmp_path / "data"), shared_embedder())
-    assert ensure_builtin_store(store)
+    assert ensure_builtin_store(store, world.world_documents())
     questions = world.world_questions()
     requests = [SearchRequest([BUILTIN_STORE_ID], q, 4) for q, _, _ in questions]
     found = sum(

@@ -15,6 +15,7 @@ import pytest
 
 from models.embedding import shared_embedder
 from models.retrieval import store as store_module
+from models.retrieval.catalogue import Catalogue
 from models.retrieval.chunking import chunk_text, resolve_chunking_strategy
 from models.retrieval.errors import (
     BadFile,
@@ -120,7 +121,7 @@ def test_delete_removes_from_search(store):
     assert store.retrieve_vector_store(vs_id).file_counts["total"] == 1
     with pytest.raises(NotFoundError):
         store.retrieve_file(ids["garden.txt"])
-    assert not os.path.exists(store._file_path(ids["garden.txt"]))
+    assert not os.path.exists(store.blobs.path(ids["garden.txt"]))
 
     store.detach_file(vs_id, ids["kitchen.md"])
     assert store.search([vs_id], "green tea", 5) == []
@@ -152,7 +153,7 @@ def test_restart_sees_stores_files_and_identical_results(tmp_path, embedder, ind
 
 
 def _files_on_disk(store: DocumentStore) -> list[str]:
-    return sorted(os.listdir(store._files_dir))
+    return sorted(os.listdir(store.blobs.directory))
 
 
 def test_bad_input_is_refused_and_nothing_is_half_indexed(tmp_path, embedder):
@@ -300,7 +301,7 @@ def test_crash_between_writes_leaves_a_readable_state(tmp_path, embedder, monkey
     before = store.search([vs_id], "tomato fruit rot", 3)
 
     target = {
-        "inside the transaction": (DocumentStore, "_insert_chunks"),
+        "inside the transaction": (Catalogue, "_insert_chunks"),
         "after commit, before index save": (VectorIndex, "save"),
         "before index rename": (os, "replace"),
     }[where]
@@ -320,9 +321,9 @@ def test_crash_between_writes_leaves_a_readable_state(tmp_path, embedder, monkey
     else:
         assert attached == {*ids.values(), late.id}  # committed: the index catches up on load
         assert car_hits[0].file_id == late.id
-    on_disk = reopened._indexes[vs_id].ids()
-    assert sorted(on_disk) == sorted(reopened._stored_vectors(vs_id)[0])
-    assert not [n for n in os.listdir(reopened._indexes_dir) if n.startswith(".tmp-")]
+    on_disk = reopened.indexes.get(vs_id).ids()
+    assert sorted(on_disk) == sorted(reopened.catalogue.chunk_ids(vs_id))
+    assert not [n for n in os.listdir(reopened.indexes.directory) if n.startswith(".tmp-")]
     reopened.close()
 
 
@@ -338,12 +339,13 @@ def test_process_killed_mid_transaction_keeps_previous_state(tmp_path, embedder)
         f"""
         import os
         from models.embedding import shared_embedder
+        from models.retrieval.catalogue import Catalogue
         from models.retrieval.store import DocumentStore
-        original = DocumentStore._insert_chunks
+        original = Catalogue._insert_chunks
         def insert_then_die(self, *args):
             original(self, *args)
             os._exit(17)
-        DocumentStore._insert_chunks = insert_then_die
+        Catalogue._insert_chunks = insert_then_die
         DocumentStore({data_dir!r}, shared_embedder()).attach_file({vs_id!r}, {late.id!r})
         """
     )
@@ -355,7 +357,7 @@ def test_process_killed_mid_transaction_keeps_previous_state(tmp_path, embedder)
     reopened = DocumentStore(data_dir, embedder)
     assert {a.id for a in reopened.list_vector_store_files(vs_id)} == set(ids.values())
     assert reopened.search([vs_id], "tomato fruit rot", 3) == before
-    assert reopened.chunk_count(vs_id) == len(reopened._stored_vectors(vs_id)[0])
+    assert reopened.chunk_count(vs_id) == len(reopened.catalogue.chunk_ids(vs_id))
     reopened.close()
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from models.retrieval.config import RetrievalConfig
-from models.retrieval.errors import InvalidRequest
+from models.retrieval.errors import InvalidRequest, RetrievalError
 from models.retrieval.records import SearchHit
-from models.retrieval.store import DocumentStore, SearchRequest
+from models.retrieval.search import SearchRequest
+from models.retrieval.store import DocumentStore
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,19 @@ LIST_LIMIT_MAX = 100
 
 
 class RetrieverService:
-    """A DocumentStore configured from RetrievalConfig, plus the built-in documents."""
+    """A DocumentStore configured from RetrievalConfig, plus the built-in documents.
 
-    def __init__(self, config: RetrievalConfig | dict[str, Any] | None = None, embedder=None):
+    `builtin_documents` produces the documents of the built-in store "world" (see
+    `ensure_builtin_store`); the application passes it in, so retrieval imports no source of
+    documents. It is called on start when the config's `builtin_documents` is on.
+    """
+
+    def __init__(
+        self,
+        config: RetrievalConfig | dict[str, Any] | None = None,
+        embedder=None,
+        builtin_documents: Callable[[], Iterable[Any]] | None = None,
+    ):
         self.config = RetrievalConfig.model_validate(config or {})
         if embedder is None:
             from models.embedding import shared_embedder
@@ -34,7 +45,10 @@ class RetrieverService:
             embedder = shared_embedder()
         self.store = DocumentStore.from_config(self.config, embedder)
         if self.config.builtin_documents:
-            ensure_builtin_store(self.store)
+            if builtin_documents is None:
+                log.info("no built-in documents were given; no built-in store")
+            else:
+                ensure_builtin_store(self.store, list(builtin_documents()))
 
     # For the Ingress
 
@@ -68,6 +82,24 @@ class RetrieverService:
         found = self.store.search_many([requests[i] for i in live])
         for i, hits in zip(live, found, strict=True):
             results[i] = hits
+        return results
+
+    def search_batch_settled(
+        self, requests: Sequence[SearchRequest]
+    ) -> list[list[SearchHit] | RetrievalError]:
+        """`search_batch`, except that a request that fails (an unknown store, say) gets its
+        error in its place and the others their hits: the batch is searched again one by one."""
+        try:
+            return self.search_batch(requests)
+        except RetrievalError:
+            if len(requests) == 1:
+                raise
+        results: list[list[SearchHit] | RetrievalError] = []
+        for request in requests:
+            try:
+                results.append(self.search_batch([request])[0])
+            except RetrievalError as exc:
+                results.append(exc)
         return results
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
@@ -180,18 +212,15 @@ class RetrieverService:
         }
 
 
-def ensure_builtin_store(store: DocumentStore, documents: Sequence[Any] | None = None) -> bool:
+def ensure_builtin_store(store: DocumentStore, documents: Sequence[Any]) -> bool:
     """Create the vector store "world" from the built-in documents once; True if created.
 
-    `documents` defaults to models.builtin.world.world_documents(); items may be dicts with a
-    name (filename/title/name/id) and text (text/content), (name, text) pairs, or plain strings.
+    Items of `documents` (models.builtin.world.world_documents() in the application) may be
+    dicts with a name (filename/title/name/id) and text (text/content), (name, text) pairs, or
+    plain strings.
     """
     if any(s.id == BUILTIN_STORE_ID for s in store.list_vector_stores()):
         return False
-    if documents is None:
-        documents = _world_documents()
-        if documents is None:
-            return False
     file_ids = []
     for n, doc in enumerate(documents):
         name, text = _name_and_text(doc, n)
@@ -208,15 +237,6 @@ def ensure_builtin_store(store: DocumentStore, documents: Sequence[Any] | None =
         "created built-in vector store '%s' from %d documents", BUILTIN_STORE_ID, len(file_ids)
     )
     return True
-
-
-def _world_documents() -> list[Any] | None:
-    try:
-        from models.builtin.world import world_documents
-    except ImportError:
-        log.info("models.builtin.world.world_documents is not available; no built-in store")
-        return None
-    return list(world_documents())
 
 
 def _name_and_text(doc: Any, n: int) -> tuple[str, str]:
