@@ -75,9 +75,13 @@ def test_the_check_catches_an_upward_import():
         room.unlink()
 
 
-@pytest.mark.parametrize("folder,limit", [("models", MAX_MODULE_LINES),
-                                          ("deployments", MAX_DEPLOYMENT_LINES)])
-def test_rooms_stay_small(folder, limit):
+def line_limit(path: Path) -> int:
+    """A deployment (a file with @serve.deployment) is a thin shell; the rest about 600."""
+    return MAX_DEPLOYMENT_LINES if "@serve.deployment" in path.read_text() else MAX_MODULE_LINES
+
+
+@pytest.mark.parametrize("folder", ["models", "deployments"])
+def test_rooms_stay_small(folder):
     long = {str(p.relative_to(ROOT)): n for p in sources(folder)
-            if (n := len(p.read_text().splitlines())) > limit}  # fmt: skip
-    assert long == {}, f"over {limit} lines: {long}"
+            if (n := len(p.read_text().splitlines())) > line_limit(p)}  # fmt: skip
+    assert long == {}, f"over their limit: {long}"
