@@ -34,6 +34,14 @@ class LoadLoraAdapterRequest(UnloadLoraAdapterRequest):
             raise ValueError(f"'{v}' cannot name an adapter (reserved, or contains ':')")
         return v
 
+    def checked_path(self, roots: list[str], max_rank: int | None) -> str:
+        """`lora_path` resolved under one of `roots` and checked to hold a loadable adapter."""
+        from models.routing.adapter_paths import inspect_adapter_dir, resolve_adapter_path
+
+        path = str(resolve_adapter_path(self.lora_path, roots))
+        inspect_adapter_dir(path, max_rank=max_rank)
+        return path
+
 
 class ExtractVectorRequest(BaseModel):
     """Body of POST /v1/steering/vectors/extract: contrastive pairs, mean difference or PCA."""

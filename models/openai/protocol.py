@@ -340,7 +340,7 @@ class ChoiceError(BaseModel):
 
 
 class TandemInfo(BaseModel):
-    """The `tandem` object of a response: chosen adapter, router decision, sources, interventions."""
+    """A response's `tandem` object: chosen adapter, router decision, sources, interventions."""
 
     adapter: str | None = None
     router: dict[str, Any] | None = None  # the Router's decision when the model was `<base>:auto`
@@ -430,4 +430,5 @@ class EmbeddingResponse(BaseModel):
 
     @classmethod
     def of(cls, model: str, vectors: list[list[float]]) -> EmbeddingResponse:
-        return cls(model=model, data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)])
+        data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)]
+        return cls(model=model, data=data)

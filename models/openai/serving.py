@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.engine.types import (
     GenerationRequest,
@@ -45,6 +45,9 @@ from models.openai.protocol import (
     now,
     parse_request,
 )
+
+if TYPE_CHECKING:
+    from models.config import TandemConfig
 
 logger = logging.getLogger("tandem.serving")
 
@@ -110,6 +113,29 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.backends = backends
         self.limits = limits
+
+    @classmethod
+    def from_config(cls, config: TandemConfig, backends: Backends) -> OpenAIServing:
+        """The serving layer for a Tandem config, with the big model's tokenizer and window."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        from models.builtin import resolve_source
+
+        big = resolve_source(config.model.source).big
+        model_cfg = AutoConfig.from_pretrained(big)
+        limits = ServingLimits(
+            max_model_len=config.engine.max_model_len or model_cfg.max_position_embeddings,
+            vocab_size=model_cfg.vocab_size,
+            max_n=config.server.max_n,
+            default_max_tokens=config.server.default_max_tokens,
+            default_vector_store_ids=config.retrieval.default_vector_store_ids,
+            default_top_k=config.retrieval.default_top_k,
+            policies={p.name: dict(p.params) for p in config.steering.policies},
+            default_steering_mode=config.steering.default_mode,
+            steering_timeout_s=config.steering.timeout_s,
+        )
+        return cls(model_name=config.model.name, tokenizer=AutoTokenizer.from_pretrained(big),
+                   backends=backends, limits=limits)
 
     # ---- public entry points ------------------------------------------------------------
 
@@ -389,7 +415,8 @@ class OpenAIServing:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
                 choices=[ChatCompletionChoice(
-                    index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                    index=i, message=AssistantMessage(content=c.text),
+                    finish_reason=c.finish_reason,
                     logprobs=None if c.logprobs is None else self._chat_logprobs(c.logprobs),
                 ) for i, c in enumerate(choices)],
             ).model_dump()
@@ -428,8 +455,8 @@ class OpenAIServing:
                 async for index, out in _merge(streams):
                     lp = None
                     if out.logprobs:
-                        typed = self._chat_logprobs(out.logprobs) if chat else self._text_logprobs(out.logprobs)
-                        lp = typed.model_dump()
+                        lps = self._chat_logprobs if chat else self._text_logprobs
+                        lp = lps(out.logprobs).model_dump()
                     if out.text or out.finished or lp:
                         body = {"delta": {"content": out.text}} if chat else {"text": out.text}
                         choice = {"index": index, **body, "logprobs": lp,
