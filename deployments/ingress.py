@@ -26,13 +26,13 @@ from models.openai.protocol import EmbeddingRequest, EmbeddingResponse
 from models.openai.serving import Backends, OpenAIServing
 
 app = FastAPI(title="Tandem", description="OpenAI-compatible API of Tandem")
-app.state.api_keys = []  # the replica's Ingress sets server.api_keys
 install_error_handlers(app)
 
 
 def check_api_key(request: Request) -> None:
     """When server.api_keys is set, every route but /healthz needs `Authorization: Bearer <key>`."""
-    keys, header = app.state.api_keys, request.headers.get("authorization", "")
+    # request.app: Serve runs a copy of `app` in the replica; the Ingress sets its state.
+    keys, header = request.app.state.api_keys, request.headers.get("authorization", "")
     if keys and (not header.startswith("Bearer ") or header[7:].strip() not in keys):
         raise OpenAIError("invalid or missing API key (send 'Authorization: Bearer <key>')", 401,
                           code="invalid_api_key")
