@@ -1,7 +1,9 @@
 """`build_app`: the import_path target of serve_config.yaml.
 
-Validates `args:` against the one config schema (models/config.py) and binds the five
-deployments, each with its own Ray options from `deployments:` in the config.
+Validates `args:` against the one config schema (models/config.py) and binds the deployments,
+each with its own Ray options from `deployments:` in the config. Those a config does not need
+are left out: no adapters, no Router; `retrieval.enabled: false`, no Retriever; no steering
+policies, no Steerer.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from models.config import load_config
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """The Tandem application: Ingress over Router, Retriever, Generator and Steerer."""
+    """The Tandem application: Ingress over Generator, and Router, Retriever and Steerer
+    where the config needs them."""
     from deployments.generator import Generator
     from deployments.ingress import Ingress
     from deployments.retriever import Retriever
@@ -24,10 +27,16 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config = load_config(args)
     raw = config.model_dump(mode="json")
     d = config.deployments
-    steerer = Steerer.options(**d.steerer.ray_options()).bind(raw)
+    steerer = None
+    if config.steering.policies:
+        steerer = Steerer.options(**d.steerer.ray_options()).bind(raw)
     generator = Generator.options(**d.generator.ray_options()).bind(raw, steerer)
-    router = Router.options(**d.router.ray_options()).bind(
-        [a.model_dump() for a in config.adapters], config.router.model_dump()
-    )
-    retriever = Retriever.options(**d.retriever.ray_options()).bind(config.retrieval.model_dump())
+    router = None
+    if config.adapters:
+        adapters = [a.model_dump() for a in config.adapters]
+        router = Router.options(**d.router.ray_options()).bind(adapters, config.router.model_dump())
+    retriever = None
+    if config.retrieval.enabled:
+        retrieval = config.retrieval.model_dump()
+        retriever = Retriever.options(**d.retriever.ray_options()).bind(retrieval)
     return Ingress.options(**d.ingress.ray_options()).bind(raw, generator, router, retriever)

@@ -3,16 +3,27 @@
 Requests are pydantic models that accept unknown fields (the official SDK sends fields we don't
 use), but keep them in `model_extra` so the serving layer can name them in a warning instead of
 dropping them silently. Tandem's extensions travel in the body (`extra_body` in the SDK): `rag`,
-`steering`, `adapter`.
+`steering`, `adapter`. `parse_request` turns a JSON body into one of them, or into a 400 naming
+the field. Responses are models too, dumped to dicts once by the serving layer's entry points;
+the streamed chunks stay dicts (a chunk is written per token, and a model per chunk is slower).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    computed_field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from models.openai.errors import OpenAIError
 from models.protocol.requests import SteerVectorSpec
@@ -20,6 +31,9 @@ from models.protocol.steering import SteeringMode, SteeringRequest
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
+MAX_EMBEDDING_INPUTS = 2048
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class StreamOptions(BaseModel):
@@ -221,9 +235,227 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+def parse_request(model: type[M], body: Any) -> M:
+    """`body` (parsed JSON) as a `model`; any problem is a 400 whose `param` names the field."""
+    if not isinstance(body, dict):
+        raise OpenAIError("the request body must be a JSON object", 400)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+        if err["type"] == "missing":
+            text = f"missing required field '{where}'"
+        else:
+            text = f"invalid value for '{where}': {msg}" if where else msg
+        raise OpenAIError(text + more, 400, param=where or None, code="invalid_value") from None
+
+
+class EmbeddingRequest(BaseModel):
+    """Body of POST /v1/embeddings; `input` is a string or strings (token ids are refused)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: list[str]
+    encoding_format: str | None = None  # floats are sent either way; the SDK reads both
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _check_input(cls, v):
+        texts = [v] if isinstance(v, str) else v
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t for t in texts)):
+            raise ValueError("must be a non-empty string or list of non-empty strings")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        return texts
+
+
+class VectorStoreCreate(BaseModel):
+    """Body of POST /v1/vector_stores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    file_ids: list[str] = Field(default_factory=list)
+    chunking_strategy: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    description: str | None = None
+
+
+class VectorStoreFileCreate(BaseModel):
+    """Body of POST /v1/vector_stores/{id}/files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_id: str
+    chunking_strategy: dict[str, Any] | None = None
+    attributes: dict[str, str | float | bool] | None = None
+
+
+class RankingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ranker: str | None = None
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class VectorStoreSearch(BaseModel):
+    """Body of POST /v1/vector_stores/{id}/search (filters and query rewriting are not served)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str | list[str]
+    max_num_results: int = Field(10, ge=1, le=50)
+    ranking_options: RankingOptions = Field(default_factory=RankingOptions)
+    rewrite_query: bool = False
+    filters: dict[str, Any] | None = None
+
+    def refuse_unserved_options(self) -> None:
+        """400 for the options this server accepts in the schema but cannot honour."""
+        if self.filters:
+            raise OpenAIError(
+                "attribute filters are not supported by this server; search without 'filters'",
+                400, param="filters", code="unsupported_parameter",
+            )
+        if self.rewrite_query:
+            raise OpenAIError(
+                "query rewriting is not supported by this server; set rewrite_query to false",
+                400, param="rewrite_query", code="unsupported_parameter",
+            )
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @computed_field
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobToken(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobToken]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class ChoiceError(BaseModel):
+    """A choice that ended with finish_reason "error", and why."""
+
+    index: int
+    message: str
+
+
+class TandemInfo(BaseModel):
+    """A response's `tandem` object: chosen adapter, router decision, sources, interventions."""
+
+    adapter: str | None = None
+    router: dict[str, Any] | None = None  # the Router's decision when the model was `<base>:auto`
+    sources: list[dict[str, Any]] = Field(default_factory=list)
+    interventions: list[dict[str, Any]] = Field(default_factory=list)
+    errors: list[ChoiceError] | None = None
+
+    @model_serializer(mode="wrap")
+    def _errors_only_when_any(self, handler):
+        data = handler(self)
+        if self.errors is None:
+            del data["errors"]
+        return data
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class _Completion(BaseModel):
+    """What chat and text completions share; the subclasses fix `object` and the choice type."""
+
+    id: str
+    object: str
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[Any]
+    usage: UsageInfo
+    tandem: TandemInfo
+
+
+class ChatCompletionResponse(_Completion):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatCompletionChoice]
+
+
+class CompletionResponse(_Completion):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tandem"
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float]
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage = Field(default_factory=EmbeddingUsage)
+
+    @classmethod
+    def of(cls, model: str, vectors: list[list[float]]) -> EmbeddingResponse:
+        data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)]
+        return cls(model=model, data=data)

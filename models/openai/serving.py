@@ -14,23 +14,38 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatLogprobToken,
+    ChoiceError,
+    CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
     SamplingFields,
+    TandemInfo,
+    TopLogprob,
+    UsageInfo,
     new_id,
     now,
-    usage,
+    parse_request,
 )
 from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
 from models.protocol.steering import SteeringMode, SteeringRequest
+
+if TYPE_CHECKING:
+    from models.config import TandemConfig
 
 logger = logging.getLogger("tandem.serving")
 
@@ -81,10 +96,11 @@ class PreparedRequest:
     adapter_weights: dict[str, float] | None
     steer_vectors: list[SteerVectorSpec]
     steering: SteeringRequest | None
-    tandem: dict[str, Any]
+    tandem: TandemInfo
     stream: bool
     include_usage: bool
     n: int
+    echo: bool = False  # completions: the prompt text leads each choice's text
 
 
 class OpenAIServing:
@@ -96,11 +112,34 @@ class OpenAIServing:
         self.backends = backends
         self.limits = limits
 
+    @classmethod
+    def from_config(cls, config: TandemConfig, backends: Backends) -> OpenAIServing:
+        """The serving layer for a Tandem config, with the big model's tokenizer and window."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        from models.builtin import resolve_source
+
+        big = resolve_source(config.model.source).big
+        model_cfg = AutoConfig.from_pretrained(big)
+        limits = ServingLimits(
+            max_model_len=config.engine.max_model_len or model_cfg.max_position_embeddings,
+            vocab_size=model_cfg.vocab_size,
+            max_n=config.server.max_n,
+            default_max_tokens=config.server.default_max_tokens,
+            default_vector_store_ids=config.retrieval.default_vector_store_ids,
+            default_top_k=config.retrieval.default_top_k,
+            policies={p.name: dict(p.params) for p in config.steering.policies},
+            default_steering_mode=config.steering.default_mode,
+            steering_timeout_s=config.steering.timeout_s,
+        )
+        return cls(model_name=config.model.name, tokenizer=AutoTokenizer.from_pretrained(big),
+                   backends=backends, limits=limits)
+
     # ---- public entry points ------------------------------------------------------------
 
     async def chat(self, body: Any) -> dict | AsyncIterator[str]:
         """A chat completion: a response dict, or an async iterator of SSE lines when streamed."""
-        req = _parse(ChatCompletionRequest, body)
+        req = parse_request(ChatCompletionRequest, body)
         messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         prep = await self._prepare(req, query, lambda ctx: [self._chat_prompt(messages, ctx)])
@@ -111,7 +150,7 @@ class OpenAIServing:
 
     async def completions(self, body: Any) -> dict | AsyncIterator[str]:
         """A text completion; `prompt` may be a string, strings, or token ids."""
-        req = _parse(CompletionRequest, body)
+        req = parse_request(CompletionRequest, body)
         if req.suffix:
             raise OpenAIError("suffix is not supported by this model", param="suffix")
         prompts = req.prompts()
@@ -124,22 +163,17 @@ class OpenAIServing:
         if req.logprobs is not None:
             for p in prep.params:
                 p.logprobs = req.logprobs
-        prep.tandem["echo"] = req.echo
+        prep.echo = req.echo
         return await self._respond(prep, chat=False)
 
     async def list_models(self) -> dict:
         """GET /v1/models: the base, every `<base>:<adapter>`, and `<base>:auto`."""
         names = await self._adapter_names()
-        created = now()
-        ids = [self.model_name, f"{self.model_name}:auto"] + [f"{self.model_name}:{a}" for a in names]
-        return {
-            "object": "list",
-            "data": [
-                {"id": i, "object": "model", "created": created, "owned_by": "tandem",
-                 "root": self.model_name, "parent": None if i == self.model_name else self.model_name}
-                for i in ids
-            ],
-        }
+        created, base = now(), self.model_name
+        ids = [base, f"{base}:auto"] + [f"{base}:{a}" for a in names]
+        cards = [ModelCard(id=i, created=created, root=base, parent=None if i == base else base)
+                 for i in ids]
+        return ModelList(data=cards).model_dump()
 
     # ---- preparation --------------------------------------------------------------------
 
@@ -162,12 +196,11 @@ class OpenAIServing:
         decision, hits = await asyncio.gather(route_task, search_task)
         context = self._format_sources(hits) if hits else ""
         prompt_ids = build(context)
-        tandem: dict[str, Any] = {
-            "adapter": decision.get("adapter"),
-            "router": decision if adapter_field == "auto" else None,
-            "sources": self._sources_for_response(hits) if hits else [],
-            "interventions": [],
-        }
+        tandem = TandemInfo(
+            adapter=decision.get("adapter"),
+            router=decision if adapter_field == "auto" else None,
+            sources=self._sources_for_response(hits) if hits else [],
+        )
         limit = req.completion_limit()
         params = []
         for i in range(req.n):
@@ -352,45 +385,36 @@ class OpenAIServing:
             choices = await asyncio.gather(*(s.drain() for s in streams))
         finally:  # on cancellation (client gone) too: the engine stops work on every choice
             await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
-        prompt_tokens = sum(len(ids) for ids in prep.prompt_ids)
-        completion_tokens = sum(c.num_generated for c in choices)
-        tandem = dict(prep.tandem)
-        echo = tandem.pop("echo", False)
-        tandem["interventions"] = _interventions(choices)
-        if errors := [{"index": i, "message": c.error} for i, c in enumerate(choices) if c.error]:
-            tandem["errors"] = errors  # choices that ended with finish_reason "error", and why
-        body: dict[str, Any] = {
-            "id": prep.request_id,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": now(),
-            "model": prep.model,
-            "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens),
-            "tandem": tandem,
-        }
-        for i, c in enumerate(choices):
-            if chat:
-                body["choices"].append({
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.logprobs) if c.logprobs is not None else None,
-                    "finish_reason": c.finish_reason,
-                })
-            else:
-                prefix = self.tokenizer.decode(prep.prompt_ids[i // prep.n]) if echo else ""
-                body["choices"].append({
-                    "index": i,
-                    "text": prefix + c.text,
-                    "logprobs": self._text_logprobs(c.logprobs) if c.logprobs is not None else None,
-                    "finish_reason": c.finish_reason,
-                })
-        return body
+        usage = UsageInfo(prompt_tokens=sum(len(ids) for ids in prep.prompt_ids),
+                          completion_tokens=sum(c.num_generated for c in choices))
+        errors = [ChoiceError(index=i, message=c.error) for i, c in enumerate(choices) if c.error]
+        tandem = prep.tandem.model_copy(
+            update={"interventions": _interventions(choices), "errors": errors or None})
+        if chat:
+            return ChatCompletionResponse(
+                id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
+                choices=[ChatCompletionChoice(
+                    index=i, message=AssistantMessage(content=c.text),
+                    finish_reason=c.finish_reason,
+                    logprobs=None if c.logprobs is None else self._chat_logprobs(c.logprobs),
+                ) for i, c in enumerate(choices)],
+            ).model_dump()
+        return CompletionResponse(
+            id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
+            choices=[CompletionChoice(
+                index=i, text=self._echo(prep, i) + c.text, finish_reason=c.finish_reason,
+                logprobs=None if c.logprobs is None else self._text_logprobs(c.logprobs),
+            ) for i, c in enumerate(choices)],
+        ).model_dump()
+
+    def _echo(self, prep: PreparedRequest, choice: int) -> str:
+        """The prompt text that leads a completion choice when `echo` is set, else ""."""
+        return self.tokenizer.decode(prep.prompt_ids[choice // prep.n]) if prep.echo else ""
 
     def _sse(self, prep: PreparedRequest, streams: list[_Stream], chat: bool) -> AsyncIterator[str]:
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
-        tandem = {k: v for k, v in prep.tandem.items() if k != "echo"}
-        echo = prep.tandem.get("echo", False)
+        tandem = prep.tandem.model_dump()
 
         def chunk(choices: list[dict], **extra) -> str:
             payload = {"id": prep.request_id, "object": obj, "created": created,
@@ -403,14 +427,15 @@ class OpenAIServing:
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}
                                  for i in range(len(streams))], tandem=tandem)
-                elif echo:
-                    yield chunk([{"index": i, "text": self.tokenizer.decode(prep.prompt_ids[i // prep.n]),
+                elif prep.echo:
+                    yield chunk([{"index": i, "text": self._echo(prep, i),
                                   "logprobs": None, "finish_reason": None}
                                  for i in range(len(streams))], tandem=tandem)
                 async for index, out in _merge(streams):
                     lp = None
                     if out.logprobs:
-                        lp = self._chat_logprobs(out.logprobs) if chat else self._text_logprobs(out.logprobs)
+                        lps = self._chat_logprobs if chat else self._text_logprobs
+                        lp = lps(out.logprobs).model_dump()
                     if out.text or out.finished or lp:
                         body = {"delta": {"content": out.text}} if chat else {"text": out.text}
                         choice = {"index": index, **body, "logprobs": lp,
@@ -423,9 +448,9 @@ class OpenAIServing:
                                 extra["tandem"]["errors"] = [{"index": index, "message": out.error}]
                         yield chunk([choice], **extra)
                 if prep.include_usage:
-                    prompt_tokens = sum(len(ids) for ids in prep.prompt_ids)
-                    completion = sum(s.num_generated for s in streams)
-                    yield chunk([], usage=usage(prompt_tokens, completion))
+                    usage = UsageInfo(prompt_tokens=sum(len(ids) for ids in prep.prompt_ids),
+                                      completion_tokens=sum(s.num_generated for s in streams))
+                    yield chunk([], usage=usage.model_dump())
                 yield "data: [DONE]\n\n"
             except OpenAIError as exc:
                 yield f"data: {json.dumps(exc.to_dict())}\n\n"
@@ -439,31 +464,31 @@ class OpenAIServing:
     def _token(self, tid: int) -> str:
         return self.tokenizer.decode([tid])
 
-    def _chat_logprobs(self, lps: list) -> dict:
+    def _top(self, tid: int, logprob: float) -> TopLogprob:
+        tok = self._token(tid)
+        return TopLogprob(token=tok, logprob=logprob, bytes=list(tok.encode()))
+
+    def _chat_logprobs(self, lps: list) -> ChatLogprobs:
         content = []
         for lp in lps:
             tok = self._token(lp.token_id)
-            content.append({
-                "token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
-                "top_logprobs": [
-                    {"token": (t := self._token(tid)), "logprob": v, "bytes": list(t.encode())}
-                    for tid, v in lp.top
-                ],
-            })
-        return {"content": content}
+            content.append(ChatLogprobToken(
+                token=tok, logprob=lp.logprob, bytes=list(tok.encode()),
+                top_logprobs=[self._top(tid, v) for tid, v in lp.top]))
+        return ChatLogprobs(content=content)
 
-    def _text_logprobs(self, lps: list) -> dict:
+    def _text_logprobs(self, lps: list) -> CompletionLogprobs:
         tokens = [self._token(lp.token_id) for lp in lps]
         offsets, pos = [], 0
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{self._token(tid): v for tid, v in lp.top} for lp in lps],
-            "text_offset": offsets,
-        }
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[lp.logprob for lp in lps],
+            top_logprobs=[{self._token(tid): v for tid, v in lp.top} for lp in lps],
+            text_offset=offsets,
+        )
 
     async def _adapter_names(self) -> list[str]:
         return list(await self.backends.adapters()) if self.backends.adapters else []
@@ -577,19 +602,3 @@ def _interventions(choices: list[_Stream]) -> list[dict]:
 def _role(role: str) -> str:
     return "system" if role == "developer" else role
 
-
-def _parse(model: type, body: Any):
-    if not isinstance(body, dict):
-        raise OpenAIError("the request body must be a JSON object", 400)
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-        if err["type"] == "missing":
-            text = f"missing required field '{where}'"
-        else:
-            text = f"invalid value for '{where}': {msg}" if where else msg
-        raise OpenAIError(text + more, 400, param=where or None, code="invalid_value") from None

@@ -12,6 +12,11 @@ class RetrievalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    enabled: bool = Field(
+        True,
+        description="Run the Retriever: documents, vector stores, RAG and embeddings. false "
+        "leaves the deployment (and its embedder) out; those routes then answer 404.",
+    )
     data_dir: str = Field(
         "~/.cache/tandem/retrieval",
         description="Directory for files, FAISS indexes and the SQLite database (persists).",

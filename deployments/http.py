@@ -1,0 +1,105 @@
+"""HTTP plumbing the Ingress routes share: bodies in, OpenAI error JSON and SSE out."""
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.openai.errors import OpenAIError, to_openai_error
+from models.openai.protocol import parse_request
+
+logger = logging.getLogger("ray.serve")
+
+UPLOAD_READ_BYTES = 1 << 20
+M = TypeVar("M", bound=BaseModel)
+
+
+def to_error(exc: BaseException) -> OpenAIError:
+    """Any failure as an OpenAIError; FastAPI's own (bad form fields, 404 routes) included."""
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return OpenAIError(f"invalid value for '{where}': {first['msg']}", 400, param=where)
+    if isinstance(exc, StarletteHTTPException):
+        return OpenAIError(str(exc.detail), exc.status_code)
+    return to_openai_error(exc)
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    err = to_error(exc)
+    if err.status_code >= 500:
+        logger.exception("request failed", exc_info=exc)
+    return JSONResponse(err.to_dict(), status_code=err.status_code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure in `app` answers OpenAI's error JSON with its status."""
+
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    for kind in (OpenAIError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)
+
+
+class OpenAIErrorRoute(APIRoute):
+    """A route that answers its failures as OpenAI error JSON in any app that includes it."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request):
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return error_response(exc)
+
+        return answer
+
+
+async def read_json(request: Request, limit: int | None = None) -> Any:
+    """The request body as JSON: 413 over the limit, 400 when it is not JSON."""
+    length = request.headers.get("content-length")
+    if limit is not None and length and length.isdigit() and int(length) > limit:
+        raise OpenAIError(f"request body is {length} bytes; the limit is {limit}", 413)
+    raw = await request.body()
+    if limit is not None and len(raw) > limit:
+        raise OpenAIError(f"request body is {len(raw)} bytes; the limit is {limit}", 413)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(f"the request body is not valid JSON: {exc}", 400,
+                          code="invalid_json") from None
+
+
+async def read_request(request: Request, model: type[M], limit: int | None = None) -> M:
+    """The JSON body parsed into `model`; a problem is a 400 naming the field."""
+    return parse_request(model, await read_json(request, limit))
+
+
+async def read_upload(file: UploadFile, limit: int | None) -> bytes:
+    """An uploaded file's bytes, refusing (413) as soon as they pass `limit`."""
+    parts, size = [], 0
+    while chunk := await file.read(UPLOAD_READ_BYTES):
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise OpenAIError(f"'{file.filename}' is over the upload limit of {limit} bytes",
+                              413, param="file", code="file_too_large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def streaming(events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
