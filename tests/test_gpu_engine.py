@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.engine import kernels
 from models.engine.config import EngineConfig
+from models.engine.kernels.launch import HAS_TRITON
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
 from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSpec
@@ -15,7 +15,7 @@ from models.engine.types import GenerationRequest, SamplingParams, SteerVectorSp
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not (torch.cuda.is_available() and kernels.HAS_TRITON), reason="needs CUDA and Triton"
+        not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton"
     ),
 ]
 
