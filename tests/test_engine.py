@@ -324,7 +324,7 @@ def test_rope_scaling_and_qkv_bias_match_transformers(variant, tmp_path):
 
 
 def test_stack_rows_views_evenly_spaced_rows_and_copies_the_rest():
-    from models.engine.model_runner import stack_rows
+    from models.engine.device import stack_rows
 
     batch = torch.arange(24.0).view(6, 4)
     every_other = stack_rows([batch[i] for i in (1, 3, 5)])

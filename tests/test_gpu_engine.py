@@ -101,7 +101,7 @@ def test_graphs_agree_with_eager_decode_under_steering_and_lora(tmp_path):
 
 
 def test_to_device_copies_host_data_once_and_leaves_gpu_tensors_alone():
-    from models.engine.model_runner import to_device
+    from models.engine.device import to_device
 
     on_gpu = torch.arange(6.0, device="cuda")
     same = to_device(on_gpu, torch.float32, torch.device("cuda"))  # no index: the current GPU
