@@ -110,6 +110,41 @@ def _tuning_stream(device: torch.device) -> torch.cuda.Stream:
     return _tuning_streams[index]
 
 
+def _lora_copies(lora: RowLoRA, rows: int, copies: int) -> list[RowLoRA]:
+    """`copies` RowLoRAs for the tuner, each (but the first) with its own copy of A and B, and
+    row weights that put every odd row of `rows` on one slot (base and adapter rows side by
+    side)."""
+    device = lora.lora_a.device
+    mix = torch.zeros(rows, lora.num_slots, device=device, dtype=lora.row_weights.dtype)
+    odd = torch.arange(1, rows, 2, device=device)
+    mix[odd, (odd // 2) % lora.num_slots] = 1.0
+    token_rows = torch.arange(rows, device=device)
+    a, b = lora.lora_a, lora.lora_b
+    return [RowLoRA(a, b, mix, token_rows, lora.part_sizes, lora.rank)] + [
+        RowLoRA(a.clone(), b.clone(), mix, token_rows, lora.part_sizes, lora.rank)
+        for _ in range(copies - 1)
+    ]
+
+
+def _graph_ms(fn, weights: list[torch.Tensor], loras: list[RowLoRA | None]) -> float:
+    """Milliseconds per call of fn(weight, lora) over the weight copies, captured in one CUDA
+    graph on the tuner's stream and replayed five times."""
+    for w, rl in zip(weights, loras, strict=True):
+        fn(w, rl)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=_tuning_stream(weights[0].device)):
+        for w, rl in zip(weights, loras, strict=True):
+            fn(w, rl)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (5 * len(weights))
+
+
 def time_linear_configs(
     rows: int,
     weight: torch.Tensor,
@@ -131,33 +166,7 @@ def time_linear_configs(
     # enough copies to stream from HBM as in a real step; capped, since each is a graph launch
     copies = min(MAX_TUNING_COPIES, max(2, -(-(192 << 20) // nbytes)))
     weights = [weight] + [weight.clone() for _ in range(copies - 1)]
-    loras: list[RowLoRA | None] = [None] * copies
-    if lora is not None:  # each weight copy with its own copy of A and B
-        mix = torch.zeros(rows, lora.num_slots, device=weight.device, dtype=lora.row_weights.dtype)
-        odd = torch.arange(1, rows, 2, device=weight.device)
-        mix[odd, (odd // 2) % lora.num_slots] = 1.0  # base and adapter rows side by side
-        token_rows = torch.arange(rows, device=weight.device)
-        a, b = lora.lora_a, lora.lora_b
-        loras = [RowLoRA(a, b, mix, token_rows, lora.part_sizes, lora.rank)] + [
-            RowLoRA(a.clone(), b.clone(), mix, token_rows, lora.part_sizes, lora.rank)
-            for _ in range(copies - 1)
-        ]
-
-    def graph_ms(fn) -> float:
-        for w, rl in zip(weights, loras, strict=True):
-            fn(w, rl)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=_tuning_stream(weight.device)):
-            for w, rl in zip(weights, loras, strict=True):
-                fn(w, rl)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / (5 * len(weights))
+    loras = _lora_copies(lora, rows, copies) if lora is not None else [None] * copies
 
     def baseline(w: torch.Tensor, rl: RowLoRA | None) -> torch.Tensor:
         if rl is not None:
@@ -165,11 +174,11 @@ def time_linear_configs(
         y = torch.nn.functional.linear(probe, w, bias)
         return silu_and_mul(*y.chunk(2, dim=-1)) if gated else y
 
-    times: dict[tuple | None, float] = {None: graph_ms(baseline)}
+    times: dict[tuple | None, float] = {None: _graph_ms(baseline, weights, loras)}
     for config in configs:
         try:
-            times[config] = graph_ms(
-                lambda w, rl, c=config: skinny_linear(probe, w, bias, c, gated, rl)
+            times[config] = _graph_ms(
+                lambda w, rl, c=config: skinny_linear(probe, w, bias, c, gated, rl), weights, loras
             )
         except OutOfResources:  # e.g. float32 tiles past shared memory: not a candidate here
             continue
