@@ -67,8 +67,7 @@ def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    batch: ForwardBatch,
     scale: float,
     new_token: NewToken | None = None,
 ) -> torch.Tensor:
@@ -79,13 +78,12 @@ def paged_attention(
     CUDA graph can capture them. With `new_token`, q is raw and the step's k / v are not in the
     cache yet (see `paged_decode_attention`): the kernel finishes them, the torch path first.
     """
+    tables, lens = batch.block_tables, batch.context_lens
     if use_triton(q):
-        return paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, scale, new_token=new_token
-        )
+        return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, new_token=new_token)
     if new_token is not None:
         new_token.prepare(q, k_cache, v_cache)
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
 
 
 def varlen_attention(

@@ -175,9 +175,8 @@ class Attention(nn.Module):
             )  # fmt: skip
             if batch.is_decode:  # ... inside the attention kernel: one launch fewer
                 out = paged_attention(
-                    q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens,
-                    self.scale, new_token=new,
-                )  # fmt: skip
+                    q, self.k_cache, self.v_cache, batch, self.scale, new_token=new
+                )
                 return self.o_proj.forward_partials(out.reshape(-1, q_size), batch)
             new.prepare(q, self.k_cache, self.v_cache)
         else:
@@ -186,9 +185,7 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, q), self.rotary(positions, k)
             store_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
         if batch.is_decode:
-            out = paged_attention(
-                q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens, self.scale
-            )
+            out = paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
         else:
             out = varlen_attention(q, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj.forward_partials(out.reshape(-1, q_size), batch)
