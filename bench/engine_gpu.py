@@ -25,10 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.engine import kernels  # noqa: E402
 from models.engine.attention import ForwardBatch  # noqa: E402
 from models.engine.config import EngineConfig  # noqa: E402
 from models.engine.cuda_graph import CudaGraphRunner  # noqa: E402
+from models.engine.kernels.decode_attention import (  # noqa: E402
+    decode_partition_size,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
 from models.engine.model_runner import ModelRunner  # noqa: E402
 
 SHAPES = {
@@ -327,26 +331,20 @@ def bench_kernels(device, shape, results: dict) -> None:
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
         q = torch.randn(batch, h, d, device=device, dtype=torch.bfloat16)
         call = (q, kc, vc, tables, lens, d**-0.5)
-        ms = graph_ms(lambda c=call: kernels.paged_decode_attention(*c), device)
-        ref_ms = graph_ms(lambda c=call: paged_attention_torch(*c), device)
+        ms = graph_ms(lambda c=call: paged_decode_attention(*c), device)
+        ref_ms = graph_ms(lambda c=call: paged_decode_attention_ref(*c), device)
         kv_bytes = 2 * batch * ctx * kvh * d * 2
-        chosen = kernels.decode_partition_size(batch, kvh, blocks_per * 16)
+        chosen = decode_partition_size(batch, kvh, blocks_per * 16)
         by_partition = {}  # tokens per partition -> us (the engine's choice is `partition`)
         for part in (32, 64, 128, 256, 512):
             args = (*call, part)
-            by_partition[part] = round(graph_ms(lambda c=args: kernels.paged_decode_attention(*c), device) * 1000, 2)
+            by_partition[part] = round(graph_ms(lambda c=args: paged_decode_attention(*c), device) * 1000, 2)
         rows.append({"batch": batch, "ctx": ctx, "triton_us": ms * 1000, "torch_sdpa_us": ref_ms * 1000,
                      "floor_us": kv_bytes / bw * 1e6, "partition": chosen, "us_by_partition": by_partition})
         log(f"attention bs {batch} ctx {ctx}: partition {chosen}; us by partition {by_partition}")
         log(f"attention bs {batch} ctx {ctx}: triton {ms*1000:.1f} us, torch {ref_ms*1000:.1f} us, "
             f"floor {kv_bytes / bw * 1e6:.1f} us")
     results["attention_kernel"] = rows
-
-
-def paged_attention_torch(q, kc, vc, tables, lens, scale):
-    from models.engine.attention import paged_attention
-
-    return paged_attention(q, kc, vc, tables, lens, scale)
 
 
 def bench_engine(path, device, shape, args, results: dict) -> DecodeBench:
@@ -657,13 +655,13 @@ def ratio(results, base, new) -> str:
 def write_tuning_table(out: Path) -> None:
     """The matmul tuner's choices of this run, in the layout of the shipped tables: copy the
     file to models/engine/tuned/ to make a cold engine start skip the timing."""
-    from models.engine import kernels
+    from models.engine.kernels.tuning import tuning_file_stem, tuning_table
 
     if not torch.cuda.is_available():
         return
     name = torch.cuda.get_device_name()
-    table = {"device": name, "choices": kernels.tuning_table()}
-    path = out / f"{kernels.tuning_file_stem(name)}.json"
+    table = {"device": name, "choices": tuning_table()}
+    path = out / f"{tuning_file_stem(name)}.json"
     path.write_text(json.dumps(table, indent=1))
     log(f"tuner choices: {path}")
 

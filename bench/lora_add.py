@@ -1,5 +1,5 @@
-"""The per-row LoRA at decode shapes: `kernels.lora_add_` by launch config, and the LoRA fused
-into the skinny GEMM (`kernels.lora_linear`) against the linear plus `lora_add_`.
+"""The per-row LoRA at decode shapes: `lora_add_` by launch config, and the LoRA fused
+into the skinny GEMM (`lora_linear`) against the linear plus `lora_add_`.
 
 For the projections of the Qwen3-0.6B shape (the steering bench's small model, whose proxy-tuning
 expert is a LoRA) and the Qwen3-1.7B shape, at 2 and 32 tokens with one row in two (or every
@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine_gpu import graph_ms  # noqa: E402
-from models.engine import kernels  # noqa: E402
+from models.engine.kernels import tuning  # noqa: E402
+from models.engine.kernels.lora import LORA_CONFIG, RowLoRA, lora_add_  # noqa: E402
+from models.engine.kernels.skinny_gemm import fused_lora_configs, linear_configs  # noqa: E402
 
 # (name, in, parts): the engine's fused projections
 SHAPES = {
@@ -63,16 +65,16 @@ def time_fused(slots: int, rank: int) -> tuple[list[dict], list[str]]:
             for tokens in (2, 16, 32):
                 weights = torch.zeros(tokens, slots, device="cuda", dtype=torch.bfloat16)
                 token_rows = torch.arange(tokens, device="cuda")
-                lora = kernels.RowLoRA(a, b, weights, token_rows, parts, rank)
-                configs = kernels.fused_lora_configs(weight, None, lora, partials, gated)
-                times = kernels.time_linear_configs(
+                lora = RowLoRA(a, b, weights, token_rows, parts, rank)
+                configs = fused_lora_configs(weight, None, lora, partials, gated)
+                times = tuning.time_linear_configs(
                     tokens, weight, None, configs, gated, lora, partials
                 )
                 unfused = times.pop(None) * 1000
                 best = min(times, key=times.get) if times else None
                 fused = times[best] * 1000 if best else float("nan")
-                plain = kernels.time_linear_configs(
-                    tokens, weight, None, kernels.linear_configs(partials, gated), gated
+                plain = tuning.time_linear_configs(
+                    tokens, weight, None, linear_configs(partials, gated), gated
                 )
                 alone = min(plain.values()) * 1000
                 line = (f"{model:<11} {name:<8} {tokens:>6} {alone:8.2f} {unfused:8.2f} "
@@ -105,11 +107,11 @@ def main() -> None:
                 weights[1::2, 0] = 1.0  # proxy tuning: base and expert rows side by side
                 token_rows = torch.arange(tokens, device="cuda")
                 call = functools.partial(
-                    kernels.lora_add_, y, x, a, b, weights, token_rows, parts, args.rank
+                    lora_add_, y, x, a, b, weights, token_rows, parts, args.rank
                 )
                 times = {c: graph_us(functools.partial(call, config=c)) for c in CONFIGS}
                 default = (
-                    times[kernels.LORA_CONFIG] if kernels.LORA_CONFIG in times else graph_us(call)
+                    times[LORA_CONFIG] if LORA_CONFIG in times else graph_us(call)
                 )
                 best = min(times, key=times.get)
                 line = (f"{model:<11} {name:<8} tokens {tokens:>3}: default {default:6.2f} us, "

@@ -2,9 +2,9 @@
 
 For each projection of the Qwen3-1.7B and Qwen3-0.6B shapes (the big and small model of the
 steering benchmark) at 1 to 32 rows, times cuBLAS and each Triton skinny-GEMM config
-(`models.engine.kernels.SKINNY_CONFIGS`, plus the split-K ones where the engine accepts partial
-sums) the way the engine's start-up tuner does, and prints which wins, at what share of copy
-bandwidth. Shows where a decode step's matmul time goes and whether the candidate list covers
+(`models.engine.kernels.skinny_gemm.SKINNY_CONFIGS`, plus the split-K ones where the engine
+accepts partial sums) the way the engine's start-up tuner does, and prints which wins, at what
+share of copy bandwidth. Shows where a decode step's matmul time goes and whether the candidate list covers
 each shape. Writes JSON.
 
     PYTHONUNBUFFERED=1 python3 bench/skinny_gemm.py --out $OUT      # H200
@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.engine import kernels  # noqa: E402
+from models.engine.kernels import tuning  # noqa: E402
+from models.engine.kernels.skinny_gemm import linear_configs  # noqa: E402
 
 # (name, out, in, kind): kind "partials" = the engine calls it through linear_partials,
 # "gated" = through silu_mul_linear (gate_up and silu(gate) * up in one kernel; cuBLAS is timed
@@ -65,9 +66,9 @@ def main() -> None:
         for name, n_out, n_in, kind in projections:
             weight = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
             gated = kind == "gated"
-            configs = kernels.linear_configs(kind == "partials", gated)
+            configs = linear_configs(kind == "partials", gated)
             for rows in args.rows:
-                times = kernels.time_linear_configs(rows, weight, None, configs, gated)
+                times = tuning.time_linear_configs(rows, weight, None, configs, gated)
                 cublas = times[None]
                 best = min(times, key=times.get)
                 nbytes = weight.numel() * 2

@@ -320,7 +320,7 @@ def test_rope_scaling_and_qkv_bias_match_transformers(variant, tmp_path):
 
 
 def test_stack_rows_views_evenly_spaced_rows_and_copies_the_rest():
-    from models.engine.model_runner import stack_rows
+    from models.engine.device import stack_rows
 
     batch = torch.arange(24.0).view(6, 4)
     every_other = stack_rows([batch[i] for i in (1, 3, 5)])
@@ -335,15 +335,15 @@ def test_stack_rows_views_evenly_spaced_rows_and_copies_the_rest():
 
 
 def test_tuner_keys_as_the_shipped_tables_spell_them():
-    from models.engine import kernels
+    from models.engine.kernels import tuning
 
     lora = ((2048, 1024, 1024), 1, 16)
     key = (4096, 2048, 16, torch.bfloat16, True, False, lora)
-    assert kernels._table_key(key) == (
+    assert tuning._table_key(key) == (
         "4096x2048 rows=16 bfloat16 partials=1 gated=0 lora=2048+1024+1024/1x16"
     )
-    assert kernels._table_key((*key[:6], None)).endswith("gated=0")
-    assert kernels.tuning_file_stem("NVIDIA H200") == "NVIDIA_H200"
+    assert tuning._table_key((*key[:6], None)).endswith("gated=0")
+    assert tuning.tuning_file_stem("NVIDIA H200") == "NVIDIA_H200"
 
 
 def test_block_manager_fit_grows_shrinks_and_refuses():

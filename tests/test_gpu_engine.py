@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.engine import kernels
 from models.engine.config import EngineConfig
+from models.engine.kernels.launch import HAS_TRITON
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
@@ -15,7 +15,7 @@ from models.protocol.requests import GenerationRequest, SamplingParams, SteerVec
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not (torch.cuda.is_available() and kernels.HAS_TRITON), reason="needs CUDA and Triton"
+        not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton"
     ),
 ]
 
@@ -101,7 +101,7 @@ def test_graphs_agree_with_eager_decode_under_steering_and_lora(tmp_path):
 
 
 def test_to_device_copies_host_data_once_and_leaves_gpu_tensors_alone():
-    from models.engine.model_runner import to_device
+    from models.engine.device import to_device
 
     on_gpu = torch.arange(6.0, device="cuda")
     same = to_device(on_gpu, torch.float32, torch.device("cuda"))  # no index: the current GPU

@@ -10,27 +10,54 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.engine import kernels
 from models.engine.cuda_graph import CudaGraphRunner
+from models.engine.kernels import tuning
+from models.engine.kernels.decode_attention import (
+    MAX_DECODE_PROGRAMS,
+    NewToken,
+    decode_partition_size,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+from models.engine.kernels.launch import HAS_TRITON, OutOfResources
+from models.engine.kernels.linear import linear, linear_partials, lora_linear, silu_mul_linear
+from models.engine.kernels.lora import RowLoRA, lora_add_, lora_add_ref
+from models.engine.kernels.norm_rope import (
+    qk_norm_rope_store,
+    qk_norm_rope_store_ref,
+    rms_norm,
+    rms_norm_ref,
+    store_kv_cache,
+    store_kv_cache_ref,
+)
+from models.engine.kernels.skinny_gemm import (
+    GATED_CONFIGS,
+    SKINNY_CONFIGS,
+    SPLIT_CONFIGS,
+    fused_lora_configs,
+    silu_and_mul,
+    silu_and_mul_ref,
+    skinny_linear,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 triton_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels.HAS_TRITON), reason="needs CUDA and Triton"
+    not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton"
 )
 
 
 @contextlib.contextmanager
 def linear_choices(choices: dict):
-    """Force the skinny-GEMM tuner's choices for some shapes (keys of kernels._linear_choice)
+    """Force the skinny-GEMM tuner's choices for some shapes (keys of tuning._linear_choice)
     while the block runs; what was there before comes back afterwards."""
-    saved = {key: kernels._linear_choice[key] for key in choices if key in kernels._linear_choice}
-    kernels._linear_choice.update(choices)
+    saved = {key: tuning._linear_choice[key] for key in choices if key in tuning._linear_choice}
+    tuning._linear_choice.update(choices)
     try:
         yield
     finally:
         for key in choices:
-            kernels._linear_choice.pop(key, None)
-        kernels._linear_choice.update(saved)
+            tuning._linear_choice.pop(key, None)
+        tuning._linear_choice.update(saved)
 
 
 def paged_cache(context_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=0):
@@ -59,7 +86,7 @@ def test_paged_attention_reference_matches_dense_sdpa():
     heads, kv_heads, dim = 8, 2, 16
     k_cache, v_cache, tables, ctx, dense = paged_cache(lens, kv_heads, dim, 4, torch.float32, "cpu")
     q = torch.randn(len(lens), heads, dim)
-    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, dim**-0.5)
+    out = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, dim**-0.5)
     for row, (k, v) in enumerate(dense):
         k = k.transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
         v = v.transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
@@ -74,7 +101,7 @@ def test_rms_norm_reference_matches_hf_and_updates_residual():
     hf.weight.data = torch.randn(32)
     x, res, steer = torch.randn(5, 32), torch.randn(5, 32), torch.randn(5, 32)
     want_h = x + res + steer
-    out, new_res = kernels.rms_norm(x, hf.weight.data, 1e-6, residual=res.clone(), steer=steer)
+    out, new_res = rms_norm(x, hf.weight.data, 1e-6, residual=res.clone(), steer=steer)
     torch.testing.assert_close(new_res, want_h)
     torch.testing.assert_close(out, hf(want_h))
 
@@ -102,7 +129,7 @@ def test_qk_norm_rope_reference_matches_hf_qwen3():
     k_cache = torch.zeros(4, 8, kv_heads, dim)
     v_cache = torch.zeros(4, 8, kv_heads, dim)
     slots = torch.tensor([8, 9, 10, -1, 16, 17])
-    kernels.qk_norm_rope_store(
+    qk_norm_rope_store(
         q, k, v, positions, cos, sin, qn.weight.data, kn.weight.data, 1e-6, k_cache, v_cache, slots
     )
     torch.testing.assert_close(q, want_q[0].transpose(0, 1))
@@ -113,11 +140,11 @@ def test_qk_norm_rope_reference_matches_hf_qwen3():
 
 
 def test_decode_partitions_keep_the_attention_grid_small():
-    size = kernels.decode_partition_size
+    size = decode_partition_size
     assert size(1, 8, 784) == 64 and size(32, 8, 784) == 128  # short contexts: many partitions
     for batch, ctx in [(1, 40960), (32, 16384), (128, 40960), (256, 131072)]:
         part = size(batch, 8, ctx)
-        assert batch * 8 * -(-ctx // part) <= kernels.MAX_DECODE_PROGRAMS or part >= ctx
+        assert batch * 8 * -(-ctx // part) <= MAX_DECODE_PROGRAMS or part >= ctx
         assert part & (part - 1) == 0  # a power of two
 
 
@@ -141,8 +168,8 @@ def test_triton_paged_attention_matches_reference(heads, kv_heads, lens, partiti
         lens, kv_heads, dim, block, torch.bfloat16, "cuda"
     )
     q = torch.randn(len(lens), heads, dim, device="cuda", dtype=torch.bfloat16)
-    got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, dim**-0.5, partition)
-    want = kernels.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, dim**-0.5)
+    got = paged_decode_attention(q, k_cache, v_cache, tables, ctx, dim**-0.5, partition)
+    want = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, dim**-0.5)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert torch.isfinite(got).all()
 
@@ -156,7 +183,7 @@ def test_triton_paged_attention_replays_in_a_cuda_graph_with_new_contexts():
     )
     q = torch.randn(2, heads, dim, device="cuda", dtype=torch.bfloat16)
     runner = CudaGraphRunner(
-        lambda b: kernels.paged_decode_attention(
+        lambda b: paged_decode_attention(
             b["q"], k_cache, v_cache, b["tables"], b["ctx"], 0.1
         ),
         {"q": q.clone(), "tables": tables.clone(), "ctx": ctx.clone()},
@@ -167,12 +194,12 @@ def test_triton_paged_attention_replays_in_a_cuda_graph_with_new_contexts():
         new_ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
         new_q = torch.randn_like(q)
         got = runner.run({"q": new_q, "tables": tables.flip(0), "ctx": new_ctx}).clone()
-        want = kernels.paged_decode_attention_ref(
+        want = paged_decode_attention_ref(
             new_q, k_cache, v_cache, tables.flip(0), new_ctx, 0.1
         )
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     one = runner.run({"q": q[:1], "tables": tables[:1], "ctx": ctx[:1]})
-    want = kernels.paged_decode_attention_ref(q[:1], k_cache, v_cache, tables[:1], ctx[:1], 0.1)
+    want = paged_decode_attention_ref(q[:1], k_cache, v_cache, tables[:1], ctx[:1], 0.1)
     torch.testing.assert_close(one.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -184,8 +211,8 @@ def test_triton_rms_norm_matches_reference(with_residual):
     w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
     res = torch.randn_like(x) if with_residual else None
     steer = torch.randn_like(x) if with_residual else None
-    got, got_res = kernels.rms_norm(x, w, 1e-6, res.clone() if res is not None else None, steer)
-    want, want_res = kernels.rms_norm_ref(
+    got, got_res = rms_norm(x, w, 1e-6, res.clone() if res is not None else None, steer)
+    want, want_res = rms_norm_ref(
         x, w, 1e-6, res.clone() if res is not None else None, steer
     )
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
@@ -210,7 +237,7 @@ def test_triton_qk_norm_rope_store_matches_reference():
     slots = torch.randperm(64, device="cuda")[:tokens]
     slots[2] = -1
     results = []
-    for fn in (kernels.qk_norm_rope_store, kernels.qk_norm_rope_store_ref):
+    for fn in (qk_norm_rope_store, qk_norm_rope_store_ref):
         buf = qkv.clone()
         q, k, v = buf.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
         q, k, v = (
@@ -246,13 +273,13 @@ def test_triton_store_kv_and_silu_and_mul_match_reference():
     v = torch.randn_like(k)
     slots = torch.tensor([3, 40, -1, 17, 63], device="cuda")
     caches = [torch.zeros(4, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-    kernels.store_kv_cache(k, v, caches[0], caches[1], slots)
-    kernels.store_kv_cache_ref(k, v, caches[2], caches[3], slots)
+    store_kv_cache(k, v, caches[0], caches[1], slots)
+    store_kv_cache_ref(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     gate_up = torch.randn(6, 2 * 6144, device="cuda", dtype=torch.bfloat16)
     gate, up = gate_up.chunk(2, -1)
     torch.testing.assert_close(
-        kernels.silu_and_mul(gate, up), kernels.silu_and_mul_ref(gate, up), atol=2e-2, rtol=2e-2
+        silu_and_mul(gate, up), silu_and_mul_ref(gate, up), atol=2e-2, rtol=2e-2
     )
 
 
@@ -281,8 +308,8 @@ def test_triton_lora_add_matches_reference(tokens, k_dim, parts, rank):
     weights[1:, 3] = 1.0
     weights[2::2, 5] = 0.5  # a router mix of two adapters
     y = torch.randn(tokens, out, device="cuda", dtype=torch.bfloat16, generator=gen)
-    got = kernels.lora_add_(y.clone(), x, a, b, weights, rows, parts, rank)
-    want = kernels.lora_add_ref(y.float(), x.float(), a.float(), b.float(), weights.float(), rows,
+    got = lora_add_(y.clone(), x, a, b, weights, rows, parts, rank)
+    want = lora_add_ref(y.float(), x.float(), a.float(), b.float(), weights.float(), rows,
                                 len(parts), rank)  # fmt: skip
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
     assert torch.equal(got[:2], y[:2])  # row 0 uses no adapter: its outputs are untouched
@@ -299,14 +326,14 @@ def test_skinny_linear_matches_cublas_for_every_config(rows, dtype):
     bias = torch.randn(1000, device="cuda", dtype=dtype)
     want = torch.nn.functional.linear(x.float(), w.float(), bias.float())
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
-    for config in kernels.SKINNY_CONFIGS:
+    for config in SKINNY_CONFIGS:
         try:
-            got = kernels._skinny_linear(x, w, bias, config)
-        except kernels.OutOfResources:  # 32-row tiles of the widest configs: the tuner skips
+            got = skinny_linear(x, w, bias, config)
+        except OutOfResources:  # 32-row tiles of the widest configs: the tuner skips
             assert rows > 16
             continue
         torch.testing.assert_close(got.float(), want, **tol)
-    torch.testing.assert_close(kernels.linear(x, w, bias).float(), want, **tol)
+    torch.testing.assert_close(linear(x, w, bias).float(), want, **tol)
 
 
 @triton_cuda
@@ -321,20 +348,20 @@ def test_gated_skinny_linear_is_silu_of_gate_times_up(rows, dtype):
     x = torch.randn(rows, 1024, device="cuda", dtype=dtype)
     w = torch.randn(2 * inter, 1024, device="cuda", dtype=dtype) * 0.05
     y = torch.nn.functional.linear(x, w)
-    want = kernels.silu_and_mul_ref(y[:, :inter].float(), y[:, inter:].float())
+    want = silu_and_mul_ref(y[:, :inter].float(), y[:, inter:].float())
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
     ran = 0
-    for config in kernels.GATED_CONFIGS:
+    for config in GATED_CONFIGS:
         try:
-            got = kernels._skinny_linear(x, w, None, config, gated=True)
-        except kernels.OutOfResources:  # float32 or 32-row tiles of the widest configs
+            got = skinny_linear(x, w, None, config, gated=True)
+        except OutOfResources:  # float32 or 32-row tiles of the widest configs
             assert dtype == torch.float32 or rows > 16
             continue
         ran += 1
         assert got.shape == (rows, inter)
         torch.testing.assert_close(got.float(), want, **tol)
-    assert ran >= len(kernels.GATED_CONFIGS) // 2
-    torch.testing.assert_close(kernels.silu_mul_linear(x, w).float(), want, **tol)
+    assert ran >= len(GATED_CONFIGS) // 2
+    torch.testing.assert_close(silu_mul_linear(x, w).float(), want, **tol)
     assert want.abs().max() > 0.1
 
 
@@ -344,8 +371,8 @@ def test_triton_kernels_are_exact_enough_in_float32():
     lens = [50, 7]
     k_cache, v_cache, tables, ctx, _ = paged_cache(lens, 2, 32, 4, torch.float32, "cuda")
     q = torch.randn(2, 4, 32, device="cuda")
-    got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.2, 16)
-    want = kernels.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.2)
+    got = paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.2, 16)
+    want = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, 0.2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -357,15 +384,15 @@ def test_split_k_partial_sums_feed_the_fused_residual_norm():
     norm_w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
     full = torch.nn.functional.linear(x, w)
-    want, want_res = kernels.rms_norm_ref(full, norm_w, 1e-6, res.clone())
-    for config in kernels.SPLIT_CONFIGS:
-        parts = kernels._skinny_linear(x, w, None, config)
+    want, want_res = rms_norm_ref(full, norm_w, 1e-6, res.clone())
+    for config in SPLIT_CONFIGS:
+        parts = skinny_linear(x, w, None, config)
         assert parts.shape == (config[-1], 3, 2048) and parts.dtype == torch.float32
         torch.testing.assert_close(parts.sum(0), full.float(), atol=2e-2, rtol=2e-2)
-        got, got_res = kernels.rms_norm(parts, norm_w, 1e-6, res.clone())
+        got, got_res = rms_norm(parts, norm_w, 1e-6, res.clone())
         torch.testing.assert_close(got_res.float(), want_res.float(), atol=3e-2, rtol=2e-2)
         torch.testing.assert_close(got.float(), want.float(), atol=6e-2, rtol=3e-2)
-    out = kernels.linear_partials(x, w)
+    out = linear_partials(x, w)
     summed = out.sum(0) if out.dim() == 3 else out.float()
     torch.testing.assert_close(summed.float(), full.float(), atol=2e-2, rtol=2e-2)
 
@@ -425,7 +452,7 @@ def test_lora_rows_add_into_split_k_partials():
     unfused = {key[:-1] + (layer.row_lora(batch).key(),): None}
     with linear_choices({key[:4] + (False, False, layer.row_lora(batch).key()): None}):
         want = layer.forward(x, batch).float()
-    for config in kernels.SPLIT_CONFIGS:
+    for config in SPLIT_CONFIGS:
         with linear_choices({key: config, **unfused}):
             got = layer.forward_partials(x, batch)
         assert got.dim() == 3
@@ -466,13 +493,13 @@ def test_decode_attention_finishes_the_raw_new_token_like_the_two_kernel_path(
         cells = slots.clone()
         if not fused:
             cells[3] = -1  # the two-kernel path writes any slot it is given
-        new = kernels.NewToken(k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim),
+        new = NewToken(k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim),
                                positions, cos, sin, qw, kw, 1e-6, cells)  # fmt: skip
         if fused:
-            out = kernels.paged_decode_attention(q, kc, vc, tables, ctx, dim**-0.5, partition, new)
+            out = paged_decode_attention(q, kc, vc, tables, ctx, dim**-0.5, partition, new)
         else:
             new.prepare(q, kc, vc)
-            out = kernels.paged_decode_attention(q, kc, vc, tables, ctx, dim**-0.5, partition)
+            out = paged_decode_attention(q, kc, vc, tables, ctx, dim**-0.5, partition)
         return out, kc, vc, buf
 
     out, kc, vc, buf = run(fused=True)
@@ -505,16 +532,16 @@ def random_lora(k_dim, parts, slots, rank, tokens, dtype=torch.bfloat16, seed=0)
     weights[2, 0] += 0.5
     weights[2, slots - 1] += 0.5
     weights[3, slots - 1] = 0.7
-    return kernels.RowLoRA(a.to(dtype), b.to(dtype), weights.to(dtype), token_rows, parts, rank)
+    return RowLoRA(a.to(dtype), b.to(dtype), weights.to(dtype), token_rows, parts, rank)
 
 
 def lora_linear_ref(x, weight, bias, lora, gated=False):
     """linear + `lora_add_ref` (+ silu(gate) * up), in float32."""
     f = lambda t: t.float() if t is not None else None  # noqa: E731
     y = F.linear(f(x), f(weight), f(bias))
-    kernels.lora_add_ref(y, f(x), f(lora.lora_a), f(lora.lora_b), f(lora.row_weights),
+    lora_add_ref(y, f(x), f(lora.lora_a), f(lora.lora_b), f(lora.row_weights),
                          lora.token_rows, len(lora.part_sizes), lora.rank)  # fmt: skip
-    return kernels.silu_and_mul_ref(*y.chunk(2, -1)) if gated else y
+    return silu_and_mul_ref(*y.chunk(2, -1)) if gated else y
 
 
 @triton_cuda
@@ -535,28 +562,28 @@ def test_fused_lora_linear_matches_linear_plus_lora_add(tokens, kind, k_dim, par
     lora = random_lora(k_dim, parts, slots, rank, tokens)
     want = lora_linear_ref(x, w, bias, lora, gated)
     base = lora.row_weights[lora.token_rows].sum(1) == 0
-    configs = kernels.fused_lora_configs(w, bias, lora, partials, gated)
+    configs = fused_lora_configs(w, bias, lora, partials, gated)
     assert configs and all(all(p % c[0] == 0 for p in parts) for c in configs)
     picked = [configs[0], [c for c in configs if len(c) == 5][-1] if partials else configs[-1]]
     ran = []
     for config in picked:
         try:
-            got = kernels._skinny_linear(x, w, bias, config, gated, lora)
-        except kernels.OutOfResources:  # wide tiles plus the A tiles: the tuner skips those
+            got = skinny_linear(x, w, bias, config, gated, lora)
+        except OutOfResources:  # wide tiles plus the A tiles: the tuner skips those
             continue
         ran.append(config)
         got = got.sum(0) if got.dim() == 3 else got
         torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
-        plain = kernels._skinny_linear(x, w, bias, config, gated)
+        plain = skinny_linear(x, w, bias, config, gated)
         plain = plain.sum(0) if plain.dim() == 3 else plain
         assert torch.equal(got[base], plain[base])
     assert ran
     key = (w.shape[0], k_dim, triton_rows(tokens), x.dtype, partials, gated, lora.key())
     with linear_choices({key: ran[0]}):
-        got = kernels.lora_linear(x, w, bias, lora, partials, gated)
+        got = lora_linear(x, w, bias, lora, partials, gated)
     got = got.sum(0) if got.dim() == 3 else got
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
-    assert (want - lora_linear_ref(x, w, bias, kernels.RowLoRA(
+    assert (want - lora_linear_ref(x, w, bias, RowLoRA(
         lora.lora_a, lora.lora_b, lora.row_weights * 0, lora.token_rows, parts, rank), gated)
     ).abs().max() > 0.1  # the LoRA changes the output  # fmt: skip
 
@@ -617,7 +644,7 @@ def test_lora_layers_give_the_same_output_fused_and_unfused(tokens):
         gated, partials = call == "forward_gated", call == "forward_partials"
         lora = layer.row_lora(batch)
         key = (sum(parts), k_dim, tokens, torch.bfloat16, partials, gated)
-        configs = kernels.fused_lora_configs(layer.weight, None, lora, partials, gated)
+        configs = fused_lora_configs(layer.weight, None, lora, partials, gated)
         fused = [c for c in configs if len(c) == 5][-1] if partials else configs[0]
         plain = {key[:-1] + (False, None): None}  # the unfused path's matmul: cuBLAS
         unfused = {**plain, key + (lora.key(),): None}
@@ -642,18 +669,18 @@ def test_lora_linear_tuner_times_fused_against_unfused():
     w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
     lora = random_lora(1024, parts, 1, 16, 3)
-    times = kernels.time_linear_configs(
-        3, w, None, kernels.fused_lora_configs(w, None, lora)[:2], lora=lora
+    times = tuning.time_linear_configs(
+        3, w, None, fused_lora_configs(w, None, lora)[:2], lora=lora
     )
     assert None in times and len(times) == 3 and all(t > 0 for t in times.values())
     key = (4096, 1024, 4, torch.bfloat16, False, False, lora.key())
-    kernels._linear_choice.pop(key, None)
-    got = kernels.lora_linear(x, w, None, lora)
-    assert key in kernels._linear_choice
-    assert kernels._linear_choice[key] in [None, *kernels.fused_lora_configs(w, None, lora)]
+    tuning._linear_choice.pop(key, None)
+    got = lora_linear(x, w, None, lora)
+    assert key in tuning._linear_choice
+    assert tuning._linear_choice[key] in [None, *fused_lora_configs(w, None, lora)]
     torch.testing.assert_close(got.float(), lora_linear_ref(x, w, None, lora), atol=3e-2, rtol=3e-2)
     wide = random_lora(1024, parts, 8, 16, 3)
-    assert kernels.fused_lora_configs(w, None, wide) == []
+    assert fused_lora_configs(w, None, wide) == []
 
 
 @triton_cuda
@@ -665,15 +692,15 @@ def test_a_shipped_tuner_choice_is_used_without_timing(monkeypatch, tmp_path):
     w = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
     key = (4096, 2048, 2, torch.bfloat16, False, False, None)
-    config = kernels.SKINNY_CONFIGS[0]
+    config = SKINNY_CONFIGS[0]
     name = torch.cuda.get_device_name()
-    table = {"device": name, "choices": {kernels._table_key(key): list(config)}}
-    (tmp_path / f"{kernels.tuning_file_stem(name)}.json").write_text(json.dumps(table))
-    monkeypatch.setattr(kernels, "TUNED_DIR", tmp_path)
-    monkeypatch.setattr(kernels, "_shipped", {})
-    monkeypatch.setattr(kernels, "_linear_choice", {})
-    monkeypatch.setattr(kernels, "time_linear_configs", lambda *a, **k: pytest.fail("timed"))
-    got = kernels.linear(x, w)
-    assert kernels._linear_choice[key] == config
-    assert kernels.tuning_table() == {kernels._table_key(key): list(config)}
+    table = {"device": name, "choices": {tuning._table_key(key): list(config)}}
+    (tmp_path / f"{tuning.tuning_file_stem(name)}.json").write_text(json.dumps(table))
+    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(tuning, "_shipped", {})
+    monkeypatch.setattr(tuning, "_linear_choice", {})
+    monkeypatch.setattr(tuning, "time_linear_configs", lambda *a, **k: pytest.fail("timed"))
+    got = linear(x, w)
+    assert tuning._linear_choice[key] == config
+    assert tuning.tuning_table() == {tuning._table_key(key): list(config)}
     torch.testing.assert_close(got.float(), x.float() @ w.float().T, atol=2e-2, rtol=2e-2)

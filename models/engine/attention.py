@@ -10,8 +10,9 @@ KV cache layout (fixed, so the torch reference and the CUDA/Triton kernels agree
 - `slot_mapping`: int64 [num_tokens]; cache slot of each new token = block_id * block_size +
   offset in the block
 
-`paged_attention` (one query per sequence: decode) is the single entry point a CUDA build
-swaps for a Triton kernel; `varlen_attention` serves prefill chunks and multi-token appends.
+`store_kv` and `paged_attention` (one query per sequence: decode) run the Triton kernel on
+CUDA and its torch reference elsewhere (models.engine.kernels: one reference per op);
+`varlen_attention` serves prefill chunks and multi-token appends.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from models.engine.kernels.decode_attention import (
+    NewToken,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+from models.engine.kernels.launch import use_triton
+from models.engine.kernels.norm_rope import store_kv_cache, store_kv_cache_ref
 
 
 @dataclass
@@ -48,38 +57,33 @@ def store_kv(
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write new keys/values [num_tokens, num_kv_heads, head_dim] into their cache slots."""
-    num_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """Write new keys/values [num_tokens, num_kv_heads, head_dim] into their cache slots (slot
+    -1 writes nothing): the Triton kernel on CUDA, the torch reference elsewhere."""
+    write = store_kv_cache if use_triton(k) else store_kv_cache_ref
+    write(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    batch: ForwardBatch,
     scale: float,
+    new_token: NewToken | None = None,
 ) -> torch.Tensor:
     """Decode attention: q [batch, num_heads, head_dim], one query per sequence, attending to
-    the first context_lens[i] cached tokens of its blocks. Returns [batch, num_heads, head_dim].
+    the first context_lens[i] cached tokens of its blocks (0: zeros). Returns q's shape.
 
-    Pure tensor code with static shapes (gather + masked SDPA): graph-capturable reference.
+    The flash-decoding kernel on CUDA, the torch reference elsewhere; both static-shape, so a
+    CUDA graph can capture them. With `new_token`, q is raw and the step's k / v are not in the
+    cache yet (see `paged_decode_attention`): the kernel finishes them, the torch path first.
     """
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    max_len = block_tables.shape[1] * k_cache.shape[1]
-    k = k_cache[block_tables.long()].reshape(batch, max_len, num_kv_heads, head_dim)
-    v = v_cache[block_tables.long()].reshape(batch, max_len, num_kv_heads, head_dim)
-    positions = torch.arange(max_len, device=q.device)
-    mask = (positions[None, :] < context_lens[:, None]).view(batch, 1, 1, max_len)
-    # enable_gqa: query head h reads KV head h // group, without materialising the expansion
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
-        enable_gqa=True,
-    )
-    return out.squeeze(2)
+    tables, lens = batch.block_tables, batch.context_lens
+    if use_triton(q):
+        return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, new_token=new_token)
+    if new_token is not None:
+        new_token.prepare(q, k_cache, v_cache)
+    return paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
 
 
 def varlen_attention(

@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from models.engine import kernels
 from models.engine.attention import ForwardBatch, paged_attention, store_kv, varlen_attention
+from models.engine.kernels.decode_attention import NewToken
+from models.engine.kernels.launch import use_triton
+from models.engine.kernels.norm_rope import rms_norm
 from models.engine.lora import LinearWithLoRA
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -88,7 +90,7 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor:
         """RMSNorm(x). With `residual`: h = x + residual (+ steer) is written back into
         `residual` (the residual stream) and RMSNorm(h) is returned; one fused kernel on CUDA."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual, steer)[0]
+        return rms_norm(x, self.weight, self.eps, residual, steer)[0]
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -163,19 +165,18 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if kernels.use_triton(qkv):  # q/k norm, RoPE and the cache write in one kernel
+        if use_triton(qkv):  # q/k norm, RoPE and the cache write in one kernel
             half = self.head_dim // 2
-            new = kernels.NewToken(
+            new = NewToken(
                 k, v, positions, self.rotary.cos[:, :half], self.rotary.sin[:, :half],
                 self.q_norm.weight if self.q_norm is not None else None,
                 self.k_norm.weight if self.k_norm is not None else None,
                 self.q_norm.eps if self.q_norm is not None else 0.0, batch.slot_mapping,
             )  # fmt: skip
             if batch.is_decode:  # ... inside the attention kernel: one launch fewer
-                out = kernels.paged_decode_attention(
-                    q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens,
-                    self.scale, new_token=new,
-                )  # fmt: skip
+                out = paged_attention(
+                    q, self.k_cache, self.v_cache, batch, self.scale, new_token=new
+                )
                 return self.o_proj.forward_partials(out.reshape(-1, q_size), batch)
             new.prepare(q, self.k_cache, self.v_cache)
         else:
@@ -184,9 +185,7 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, q), self.rotary(positions, k)
             store_kv(self.k_cache, self.v_cache, k, v, batch.slot_mapping)
         if batch.is_decode:
-            out = paged_attention(
-                q, self.k_cache, self.v_cache, batch.block_tables, batch.context_lens, self.scale
-            )
+            out = paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
         else:
             out = varlen_attention(q, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj.forward_partials(out.reshape(-1, q_size), batch)

@@ -18,7 +18,8 @@ import torch
 from models.engine.adapters import LoRAAdapters
 from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
-from models.engine.model_runner import ModelRunner, stack_rows, to_device
+from models.engine.device import stack_rows, to_device
+from models.engine.model_runner import ModelRunner
 from models.engine.output import OutputBuilder, finish
 from models.engine.sampler import sample
 from models.engine.scheduler import ScheduledSequence, Scheduler

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.engine import kernels
 from models.engine.attention import ForwardBatch
+from models.engine.kernels.linear import linear, linear_partials, lora_linear, silu_mul_linear
+from models.engine.kernels.lora import RowLoRA
 
 
 class LinearWithLoRA(nn.Module):
@@ -70,9 +71,9 @@ class LinearWithLoRA(nn.Module):
         for part in range(len(self.part_sizes)):
             self.set_slot(slot, part, None, None, 1.0)
 
-    def row_lora(self, batch: ForwardBatch) -> kernels.RowLoRA:
-        """The slots with this step's per-row weights, for `kernels.lora_linear`."""
-        return kernels.RowLoRA(
+    def row_lora(self, batch: ForwardBatch) -> RowLoRA:
+        """The slots with this step's per-row weights, for `lora_linear`."""
+        return RowLoRA(
             self.lora_a, self.lora_b, batch.lora_weights, batch.token_rows, self.part_sizes,
             self.rank,
         )  # fmt: skip
@@ -81,17 +82,17 @@ class LinearWithLoRA(nn.Module):
         """forward(), or float32 split-K partial sums [S, tokens, out] when that is faster:
         only for an output that feeds a fused residual norm (which sums them)."""
         if self.lora_a is None or batch.lora_weights is None:
-            return kernels.linear_partials(x, self.weight, self.bias)
-        return kernels.lora_linear(x, self.weight, self.bias, self.row_lora(batch), partials=True)
+            return linear_partials(x, self.weight, self.bias)
+        return lora_linear(x, self.weight, self.bias, self.row_lora(batch), partials=True)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if self.lora_a is None or batch.lora_weights is None:
-            return kernels.linear(x, self.weight, self.bias)
-        return kernels.lora_linear(x, self.weight, self.bias, self.row_lora(batch))
+            return linear(x, self.weight, self.bias)
+        return lora_linear(x, self.weight, self.bias, self.row_lora(batch))
 
     def forward_gated(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """silu(gate) * up for a [gate; up] layer without bias, [tokens, out / 2]; LoRA rows add
         into gate and up before the product. One kernel on CUDA where that is faster."""
         if self.lora_a is None or batch.lora_weights is None:
-            return kernels.silu_mul_linear(x, self.weight)
-        return kernels.lora_linear(x, self.weight, None, self.row_lora(batch), gated=True)
+            return silu_mul_linear(x, self.weight)
+        return lora_linear(x, self.weight, None, self.row_lora(batch), gated=True)

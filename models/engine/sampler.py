@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from models.engine.model_runner import to_device
+from models.engine.device import to_device
 from models.engine.sequence import Sequence
 from models.protocol.outputs import TokenLogprob
 from models.protocol.requests import SamplingParams

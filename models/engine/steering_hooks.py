@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from models.engine.model_runner import stack_rows, to_device
+from models.engine.device import stack_rows, to_device
 from models.engine.output import finish
 from models.engine.sequence import Sequence
 from models.protocol.errors import EngineError

@@ -247,7 +247,7 @@ class PagedSmallModel:
         """Per-row LoRA slot weights [rows, slots] on the device; while the rows' variants
         stay the same (every decode step of the same requests) the same tensor, so neither a
         new copy nor the graph runner's copy into its buffer is made again."""
-        from models.engine.model_runner import to_device
+        from models.engine.device import to_device
 
         variants = tuple(v for _, v, _ in rows)
         if all(v == BASE for v in variants):
@@ -287,8 +287,8 @@ def _lora_rank(path: str) -> int:
 
 
 def _num_blocks(path: str, config: Any, gib: float) -> int:
+    from models.engine.device import pick_device, pick_dtype
     from models.engine.llama import read_model_args
-    from models.engine.model_runner import pick_device, pick_dtype
 
     args = read_model_args(path)
     dtype = pick_dtype(config, pick_device(config))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.engine.model_runner import to_device
+from models.engine.device import to_device
 from models.steering.state import BASE, KVState, RequestState, SmallOutput
 
 LONG_READ = 32  # rows with more unread tokens than this get their own forward (no big padding)

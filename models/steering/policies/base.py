@@ -135,7 +135,7 @@ class LogitPolicy(Policy):
         values = [float(getattr(state.params, name)) for state in states]
         if len(set(values)) == 1:
             return values[0]
-        from models.engine.model_runner import to_device
+        from models.engine.device import to_device
 
         return to_device(values, like.dtype, like.device)[:, None]
 
