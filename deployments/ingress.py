@@ -51,7 +51,7 @@ class Ingress:
         self.limit = self.config.server.max_request_bytes
         app.state.api_keys = list(self.config.server.api_keys)
         self.generator, self.retriever = generator, retriever
-        self.streams = GeneratorStreams(generator)
+        self.streams = GeneratorStreams(generator, self.config.server.stream_interval_s)
         self.serving = OpenAIServing.from_config(self.config, Backends(
             generate=self.streams.generate, route=router.route.remote if router else None,
             search=self._search if retriever else None, adapters=self._adapters,

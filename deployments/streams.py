@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -152,12 +153,15 @@ class Sessions:
 class GeneratorStreams:
     """The Ingress's side: submit to any Generator replica, read one stream per replica.
 
-    handle: the Generator deployment's handle. `messages` counts the stream items received
-    (one per engine step with output for this session, whatever the number of requests).
+    handle: the Generator deployment's handle. interval_s: least time between two outputs
+    handed to one caller (what was made meanwhile comes merged). `messages` counts the stream
+    items received (one per engine step with output for this session, whatever the number of
+    requests).
     """
 
-    def __init__(self, handle: Any):
+    def __init__(self, handle: Any, interval_s: float = 0.0):
         self.handle = handle
+        self.interval_s = interval_s
         self.session = uuid.uuid4().hex
         self.buffers: dict[str, tuple[OutputBuffer, str | None]] = {}
         self.readers: dict[str, asyncio.Task] = {}
@@ -173,8 +177,14 @@ class GeneratorStreams:
             replica = await self.handle.submit.remote(request, self.session)
             self.buffers[rid] = (buffer, replica)
             self._read_from(replica)
+            due = 0.0  # when the next output may go (the first goes at once)
             while not finished:
                 out = await buffer.take()
+                if (wait := due - time.monotonic()) > 0 and not out.finished:
+                    await asyncio.sleep(wait)
+                    if (more := buffer.take_ready()) is not None:
+                        out = RequestOutput.merged([out, more])
+                due = time.monotonic() + self.interval_s
                 finished = out.finished
                 yield out
         finally:

@@ -104,6 +104,15 @@ class ServerConfig(BaseModel):
     request_timeout_s: float = Field(
         300, gt=0, description="A request still running after this is aborted."
     )
+    stream_interval_s: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Least time between two streamed chunks of one response: the tokens "
+        "made meanwhile travel in one chunk (as vLLM's and SGLang's stream_interval). 0 sends "
+        "every engine step's tokens at once. Each chunk costs the HTTP proxy and the Ingress "
+        "about 0.3 ms of CPU, so under load a few tens of ms buy throughput.",
+    )
 
 
 class TandemConfig(BaseModel):

@@ -105,15 +105,23 @@ class OutputBuffer:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
+    def take_ready(self) -> RequestOutput | None:
+        """What arrived since the last take, merged, without waiting (None: nothing, or an
+        error is next, which `take` raises)."""
+        if not self.items or isinstance(self.items[0], BaseException):
+            return None
+        outputs = []
+        while self.items and not isinstance(self.items[0], BaseException):
+            outputs.append(self.items.pop(0))
+        return RequestOutput.merged(outputs)
+
     async def take(self) -> RequestOutput:
         """What arrived since the last take, merged; raises a delivered error once the
         outputs before it were taken."""
         while not self.items:
             self.waiter = self.loop.create_future()
             await self.waiter
-        outputs = []
-        while self.items and not isinstance(self.items[0], BaseException):
-            outputs.append(self.items.pop(0))
-        if not outputs:
+        out = self.take_ready()
+        if out is None:
             raise self.items.pop(0)
-        return RequestOutput.merged(outputs)
+        return out
