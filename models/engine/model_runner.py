@@ -214,33 +214,43 @@ class ModelRunner:
         if all(item.num_tokens == 1 for item in scheduled):
             return self._prepare_decode(scheduled, steer_deltas, lora_weights)
         ids, positions, slots, rows, query_lens, context_lens = [], [], [], [], [], []
+        cu_seqlens = [0]
         for row, item in enumerate(scheduled):
             seq, start = item.seq, item.seq.num_computed
             end = start + item.num_tokens
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(
-                seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                for p in range(start, end)
-            )
+            slots.extend(self._slots(seq.block_table, start, end))
             rows.extend([row] * item.num_tokens)
             query_lens.append(item.num_tokens)
+            cu_seqlens.append(cu_seqlens[-1] + item.num_tokens)
             context_lens.append(end)
         tables, max_blocks = padded_tables([item.seq for item in scheduled])
         # two host->device copies per step, neither waiting for the GPU (see to_device)
         n_tok, n_rows = len(ids), len(scheduled)
         longs = to_device(ids + positions + slots + rows, torch.int64, self.device)
-        ints = to_device(context_lens + tables, torch.int32, self.device)
+        ints = to_device(context_lens + cu_seqlens + tables, torch.int32, self.device)
         batch = ForwardBatch(
             is_decode=all(n == 1 for n in query_lens),
             slot_mapping=longs[2 * n_tok : 3 * n_tok],
-            block_tables=ints[n_rows:].view(n_rows, max_blocks),
+            block_tables=ints[2 * n_rows + 1 :].view(n_rows, max_blocks),
             context_lens=ints[:n_rows],
             query_lens=query_lens,
             token_rows=longs[3 * n_tok :],
+            cu_seqlens_q=ints[n_rows : 2 * n_rows + 1],
+            max_query_len=max(query_lens),
             **self._row_inputs(steer_deltas, lora_weights),
         )
         return longs[:n_tok], longs[n_tok : 2 * n_tok], batch
+
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions start..end-1: one range per block, not a loop per token
+        (a prefill step has thousands of tokens)."""
+        bs, slots = self.block_size, []
+        for b in range(start // bs, (end - 1) // bs + 1):
+            first, base = b * bs, table[b] * bs
+            slots.extend(range(base + max(start, first) - first, base + min(end, first + bs) - first))
+        return slots
 
     def _prepare_decode(
         self,
@@ -312,7 +322,7 @@ class ModelRunner:
         if batch.is_decode:
             return self.decode(input_ids, positions, batch)
         hidden = self.model(input_ids, positions, batch)
-        last = to_device(batch.query_lens, torch.int64, self.device).cumsum(0) - 1
+        last = batch.cu_seqlens_q[1:].long() - 1  # each row's last new token
         return self.model.compute_logits(hidden[last]).float()
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
