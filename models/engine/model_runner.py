@@ -249,7 +249,8 @@ class ModelRunner:
         bs, slots = self.block_size, []
         for b in range(start // bs, (end - 1) // bs + 1):
             first, base = b * bs, table[b] * bs
-            slots.extend(range(base + max(start, first) - first, base + min(end, first + bs) - first))
+            lo, hi = max(start, first) - first, min(end, first + bs) - first
+            slots.extend(range(base + lo, base + hi))
         return slots
 
     def _prepare_decode(

@@ -146,7 +146,11 @@ if triton is not None:
             )  # fmt: skip
         acc = acc / l_i[:, None]
         o_off = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+        tl.store(
+            out_ptr + o_off,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=m_valid[:, None] & d_mask[None, :],
+        )
 
 
 def tile_shape(dtype: torch.dtype, group_pad: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -182,6 +186,12 @@ def prefill_attention(
         return prefill_attention_ref(
             q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         )
+    return _launch(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len, scale
+    )
+
+
+def _launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len, scale):
     tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
