@@ -50,6 +50,8 @@ from models.engine.config import EngineConfig  # noqa: E402
 
 PROMPT_SHAPES = [(1, 2048), (16, 512), (128, 128), (128, 1024)]  # (rows, prompt tokens)
 DATASHEET_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
+KERNEL_CONFIGS = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                  (64, 64, 4, 3), (64, 128, 4, 2)]  # fmt: skip
 TARGETS = {"prefill_tok_s_8k": 80000, "engine_tok_s_128": 15000, "ttft_p50_ms_128": 300}
 
 
@@ -136,6 +138,15 @@ def bench_kernel(shape: dict, results: dict, block_size: int = 16) -> None:
             partial(F.scaled_dot_product_attention, qd, kd, vd, is_causal=True, enable_gqa=True)
         )
         flops = rows * 4 * heads * dim * length * (length + 1) / 2
+        sweep = {}
+        for config in KERNEL_CONFIGS:  # tile rows, BLOCK_N, warps, stages
+            try:
+                ms = event_ms(
+                    partial(pa._launch, q, kc, vc, tables, cu, ctx, length, scale, config)
+                )
+                sweep["x".join(map(str, config))] = ms
+            except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                sweep["x".join(map(str, config))] = repr(exc)[:80]
         row = {
             "rows": rows,
             "prompt_len": length,
@@ -143,12 +154,14 @@ def bench_kernel(shape: dict, results: dict, block_size: int = 16) -> None:
             "sdpa_flash_ms": sdpa_ms,
             "kernel_tflops": flops / kernel_ms / 1e9,
             "sdpa_tflops": flops / sdpa_ms / 1e9,
+            "config_sweep_ms": sweep,
         }
         if tokens <= 16384:  # the old path: one masked SDPA per row, a host sync per row
             batch = ForwardBatch(is_decode=False, slot_mapping=cu, block_tables=tables,
                                  context_lens=ctx, query_lens=[length] * rows, token_rows=cu)  # fmt: skip
             row["old_per_row_ms"] = event_ms(partial(old_varlen, q, kc, vc, batch, scale), iters=3)
         rows_out.append(row)
+        log(f"attention {rows}x{length} configs (rows x BLOCK_N x warps x stages): {sweep}")
         log(f"attention {rows}x{length}: kernel {kernel_ms:.3f} ms ({row['kernel_tflops']:.0f} TFLOP/s), "
             f"dense SDPA flash {sdpa_ms:.3f} ms ({row['sdpa_tflops']:.0f}), old per-row "
             f"{row.get('old_per_row_ms', float('nan')):.1f} ms")  # fmt: skip
@@ -206,7 +219,7 @@ class EngineDriver:
     def __init__(self, path: Path, device, shape: dict, budget: int | None):
         from models.engine.llm_engine import LLMEngine
 
-        self.device, self.shape = device, shape
+        self.device, self.shape, self.path = device, shape, path
         max_len = 4096 + 256
         extra = {} if budget is None else {"max_num_batched_tokens": budget}
         config = EngineConfig(device=device.type, max_num_seqs=128, max_model_len=max_len,
@@ -264,7 +277,8 @@ class EngineDriver:
 
 
 def bench_prefill(driver: EngineDriver, shape: dict, results: dict) -> None:
-    driver.run(4, 256, 1)  # warm-up: Triton compiles, cuBLAS handles
+    for rows, length in ((4, 256), (1, 128), (3, 1000), (16, 512)):  # warm-up: compiles, handles
+        driver.run(rows, length, 1)
     out = []
     for rows, length in PROMPT_SHAPES:
         r = driver.run(rows, length, 1)
@@ -346,8 +360,7 @@ def bench_greedy(driver: EngineDriver, results: dict) -> None:
     prompts = [torch.randint(2, driver.shape["vocab_size"], (n,), generator=gen).tolist()
                for n in (5, 77, 300, 1000)]  # fmt: skip
 
-    def greedy(tag: str) -> list[list[int]]:
-        eng = driver.engine
+    def greedy(eng, tag: str) -> list[list[int]]:
         for i, p in enumerate(prompts):
             eng.add_request(
                 GenerationRequest(
@@ -360,23 +373,50 @@ def bench_greedy(driver: EngineDriver, results: dict) -> None:
                 tokens.setdefault(out.request_id, []).extend(out.token_ids)
         return [tokens[f"{tag}{i}"] for i in range(len(prompts))]
 
-    kernel = greedy("k")
-    pa.ENABLED = False
-    try:
-        reference = greedy("t")
-    finally:
-        pa.ENABLED = True
-    match = [matching_prefix(a, b) for a, b in zip(kernel, reference, strict=True)]
+    def compare(eng, name: str) -> list[int]:
+        kernel = greedy(eng, "k")
+        pa.ENABLED = False
+        try:
+            reference = greedy(eng, "t")
+        finally:
+            pa.ENABLED = True
+        match = [matching_prefix(a, b) for a, b in zip(kernel, reference, strict=True)]
+        log(
+            f"greedy tokens {name}, Triton prefill vs torch reference: matching prefix {match} of 32"
+        )
+        return match
+
     results["greedy_match"] = {
         "prompt_lens": [len(p) for p in prompts],
-        "matching_tokens": match,
+        "matching_tokens": compare(driver.engine, "bf16"),
         "of": 32,
     }
-    log(f"greedy tokens, Triton prefill vs torch reference: matching prefix {match} of 32")
+    if driver.device.type == "cuda":  # float32: both paths exact to ~1e-6, so no near-tie flips
+        from models.engine.llm_engine import LLMEngine
+
+        config = EngineConfig(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=2048,
+                              num_kv_blocks=600, cuda_graphs=False)  # fmt: skip
+        fp32 = LLMEngine(config, driver.path, tokenizer=None)
+        results["greedy_match"]["matching_tokens_fp32"] = compare(fp32, "fp32")
 
 
 def profile_step(driver: EngineDriver, results: dict) -> None:
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
+
+    profiler = cProfile.Profile()  # host time of small prefill steps (8 x 128 tokens, 5 runs)
+    profiler.enable()
+    for _ in range(5):
+        driver.run(8, 128, 1)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+    log(
+        "host profile of 5 prefill steps of 8 x 128 tokens, by tottime:\n" + text.getvalue()[-4000:]
+    )
 
     driver.run(8, 1024, 1)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -430,8 +470,15 @@ def table(results: dict) -> str:
     if results.get("greedy_match"):
         g = results["greedy_match"]
         lines.append(
-            f"Greedy tokens, Triton prefill vs torch reference, prompts {g['prompt_lens']}: matching {g['matching_tokens']} of {g['of']}"
+            f"Greedy tokens, Triton prefill vs torch reference, prompts {g['prompt_lens']}: matching "
+            f"{g['matching_tokens']} of {g['of']} in bf16, {g.get('matching_tokens_fp32')} in fp32"
         )
+    for k in results.get("attention_kernel", []):
+        times = {c: v for c, v in k["config_sweep_ms"].items() if isinstance(v, float)}
+        if times:
+            best = min(times, key=times.get)
+            lines.append(f"attention {k['rows']}x{k['prompt_len']}: default {k['kernel_ms']:.3f} ms, "
+                         f"best config {best} {times[best]:.3f} ms")  # fmt: skip
     if results.get("matmul_tflops"):
         lines.append(
             f"MFU against the datasheet {DATASHEET_TFLOPS:.0f} TFLOP/s; measured cuBLAS bf16 8192^3: {results['matmul_tflops']:.0f} TFLOP/s"

@@ -164,6 +164,11 @@ def padded_tables(seqs: list) -> tuple[list[int], int]:
     return tables, width
 
 
+def _aligned(n: int, multiple: int) -> int:
+    """n rounded up to a multiple."""
+    return -(-n // multiple) * multiple
+
+
 class ModelRunner:
     """The model, its paged KV cache, and the conversion of a schedule into tensors."""
 
@@ -226,22 +231,32 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + item.num_tokens)
             context_lens.append(end)
         tables, max_blocks = padded_tables([item.seq for item in scheduled])
-        # two host->device copies per step, neither waiting for the GPU (see to_device)
+        # two host->device copies per step, neither waiting for the GPU (see to_device); each
+        # part starts 16-byte aligned, since Triton compiles a kernel variant per pointer
+        # alignment and an odd row count would otherwise cost a compile mid-run
         n_tok, n_rows = len(ids), len(scheduled)
-        longs = to_device(ids + positions + slots + rows, torch.int64, self.device)
-        ints = to_device(context_lens + cu_seqlens + tables, torch.int32, self.device)
+        t, pad = _aligned(n_tok, 2), [0] * (_aligned(n_tok, 2) - n_tok)
+        longs = to_device(
+            ids + pad + positions + pad + slots + pad + rows, torch.int64, self.device
+        )
+        r, c = _aligned(n_rows, 4), _aligned(n_rows + 1, 4)
+        ints = to_device(
+            context_lens + [0] * (r - n_rows) + cu_seqlens + [0] * (c - n_rows - 1) + tables,
+            torch.int32,
+            self.device,
+        )
         batch = ForwardBatch(
             is_decode=all(n == 1 for n in query_lens),
-            slot_mapping=longs[2 * n_tok : 3 * n_tok],
-            block_tables=ints[2 * n_rows + 1 :].view(n_rows, max_blocks),
+            slot_mapping=longs[2 * t : 2 * t + n_tok],
+            block_tables=ints[r + c :].view(n_rows, max_blocks),
             context_lens=ints[:n_rows],
             query_lens=query_lens,
-            token_rows=longs[3 * n_tok :],
-            cu_seqlens_q=ints[n_rows : 2 * n_rows + 1],
+            token_rows=longs[3 * t : 3 * t + n_tok],
+            cu_seqlens_q=ints[r : r + n_rows + 1],
             max_query_len=max(query_lens),
             **self._row_inputs(steer_deltas, lora_weights),
         )
-        return longs[:n_tok], longs[n_tok : 2 * n_tok], batch
+        return longs[:n_tok], longs[t : t + n_tok], batch
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         """Cache slots of positions start..end-1: one range per block, not a loop per token

@@ -91,7 +91,9 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit
+    # the block-table width changes every step: specializing on it (== 1, multiple of 16) would
+    # compile a new variant mid-run
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_ptr,
         context_lens_ptr, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh,
@@ -191,12 +193,20 @@ def prefill_attention(
     )
 
 
-def _launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len, scale):
+def _launch(
+    q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len, scale,
+    config: tuple[int, int, int, int] | None = None,
+):  # fmt: skip
+    """The kernel's launch; `config` overrides tile_shape's (tile rows, BLOCK_N, warps, stages)
+    (benchmarks)."""
     tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_tok, block_n, warps, stages = tile_shape(q.dtype, group_pad, head_dim)
+    if config is not None:
+        rows, block_n, warps, stages = config
+        block_tok = max(1, rows // group_pad)
     out = torch.empty(tokens, num_heads, head_dim, device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(max_query_len, block_tok), block_tables.shape[0], num_kv_heads)
     _prefill_attention_kernel[grid](
