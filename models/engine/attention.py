@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from models.engine.kernels.decode_attention import (
     NewToken,
@@ -29,6 +28,7 @@ from models.engine.kernels.decode_attention import (
 )
 from models.engine.kernels.launch import use_triton
 from models.engine.kernels.norm_rope import store_kv_cache, store_kv_cache_ref
+from models.engine.kernels.prefill_attention import prefill_attention
 
 
 @dataclass
@@ -48,6 +48,20 @@ class ForwardBatch:
     token_rows: torch.Tensor  # int64 [num_tokens]
     steer_deltas: torch.Tensor | None = None  # [num_layers, batch, hidden]; zero = unsteered
     lora_weights: torch.Tensor | None = None  # [batch, adapter_slots]; row's weight per slot
+    cu_seqlens_q: torch.Tensor | None = None  # int32 [batch + 1]: row i's tokens start here
+    max_query_len: int = 0  # the most new tokens of one row (host side; 0 = not computed yet)
+
+    def prefill_layout(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """cu_seqlens_q and max_query_len, built once per step from the host query_lens when
+        the caller gave none (ModelRunner does: in the step's one host->device copy)."""
+        if self.cu_seqlens_q is None:
+            starts = [0]
+            for n in self.query_lens:
+                starts.append(starts[-1] + n)
+            self.cu_seqlens_q = torch.tensor(starts, dtype=torch.int32).to(device)
+        if not self.max_query_len:
+            self.max_query_len = max(self.query_lens)
+        return self.cu_seqlens_q, self.max_query_len
 
 
 def store_kv(
@@ -95,23 +109,10 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Causal attention for sequences adding several tokens (prefill chunks, forced tokens):
     q [num_tokens, num_heads, head_dim], tokens of each sequence contiguous; the new tokens
-    are the last query_lens[i] of context_lens[i] cached ones. Returns q's shape."""
-    head_dim = q.shape[2]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    outputs = []
-    start = 0
-    for row, q_len in enumerate(batch.query_lens):
-        ctx = int(batch.context_lens[row])
-        blocks = batch.block_tables[row, : (ctx + block_size - 1) // block_size].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
-        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
-        q_row = q[start : start + q_len].transpose(0, 1)
-        out = F.scaled_dot_product_attention(
-            q_row, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-            enable_gqa=True,
-        )
-        outputs.append(out.transpose(0, 1))
-        start += q_len
-    return torch.cat(outputs, dim=0)
+    are the last query_lens[i] of context_lens[i] cached ones. Returns q's shape. One Triton
+    launch for the whole step on CUDA (see models.engine.prefill_attention)."""
+    cu_seqlens_q, max_query_len = batch.prefill_layout(q.device)
+    return prefill_attention(
+        q, k_cache, v_cache, batch.block_tables, cu_seqlens_q, batch.context_lens,
+        max_query_len, scale,
+    )  # fmt: skip

@@ -36,7 +36,11 @@ class EngineConfig(BaseModel):
     )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_num_batched_tokens: int = Field(
-        4096, ge=16, description="Most prompt tokens prefilled in one engine step."
+        4096,
+        ge=16,
+        description="Most tokens (decode rows first, then prompt chunks) run in one engine step. "
+        "4096 is the measured knee on an H100: 96 % of the prefill tok/s of 8192, while decode "
+        "rows beside a long prompt wait 28 ms per step instead of 46 (bench/prefill.py).",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Context window (prompt + completion); None = the model's own."

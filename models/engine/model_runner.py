@@ -32,6 +32,11 @@ def padded_tables(seqs: list) -> tuple[list[int], int]:
     return tables, width
 
 
+def _aligned(n: int, multiple: int) -> int:
+    """n rounded up to a multiple."""
+    return -(-n // multiple) * multiple
+
+
 class ModelRunner:
     """The model, its paged KV cache, and the conversion of a schedule into tensors."""
 
@@ -82,33 +87,54 @@ class ModelRunner:
         if all(item.num_tokens == 1 for item in scheduled):
             return self._prepare_decode(scheduled, steer_deltas, lora_weights)
         ids, positions, slots, rows, query_lens, context_lens = [], [], [], [], [], []
+        cu_seqlens = [0]
         for row, item in enumerate(scheduled):
             seq, start = item.seq, item.seq.num_computed
             end = start + item.num_tokens
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(
-                seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                for p in range(start, end)
-            )
+            slots.extend(self._slots(seq.block_table, start, end))
             rows.extend([row] * item.num_tokens)
             query_lens.append(item.num_tokens)
+            cu_seqlens.append(cu_seqlens[-1] + item.num_tokens)
             context_lens.append(end)
         tables, max_blocks = padded_tables([item.seq for item in scheduled])
-        # two host->device copies per step, neither waiting for the GPU (see to_device)
+        # two host->device copies per step, neither waiting for the GPU (see to_device); each
+        # part starts 16-byte aligned, since Triton compiles a kernel variant per pointer
+        # alignment and an odd row count would otherwise cost a compile mid-run
         n_tok, n_rows = len(ids), len(scheduled)
-        longs = to_device(ids + positions + slots + rows, torch.int64, self.device)
-        ints = to_device(context_lens + tables, torch.int32, self.device)
+        t, pad = _aligned(n_tok, 2), [0] * (_aligned(n_tok, 2) - n_tok)
+        longs = to_device(
+            ids + pad + positions + pad + slots + pad + rows, torch.int64, self.device
+        )
+        r, c = _aligned(n_rows, 4), _aligned(n_rows + 1, 4)
+        ints = to_device(
+            context_lens + [0] * (r - n_rows) + cu_seqlens + [0] * (c - n_rows - 1) + tables,
+            torch.int32,
+            self.device,
+        )
         batch = ForwardBatch(
             is_decode=all(n == 1 for n in query_lens),
-            slot_mapping=longs[2 * n_tok : 3 * n_tok],
-            block_tables=ints[n_rows:].view(n_rows, max_blocks),
+            slot_mapping=longs[2 * t : 2 * t + n_tok],
+            block_tables=ints[r + c :].view(n_rows, max_blocks),
             context_lens=ints[:n_rows],
             query_lens=query_lens,
-            token_rows=longs[3 * n_tok :],
+            token_rows=longs[3 * t : 3 * t + n_tok],
+            cu_seqlens_q=ints[r : r + n_rows + 1],
+            max_query_len=max(query_lens),
             **self._row_inputs(steer_deltas, lora_weights),
         )
-        return longs[:n_tok], longs[n_tok : 2 * n_tok], batch
+        return longs[:n_tok], longs[t : t + n_tok], batch
+
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions start..end-1: one range per block, not a loop per token
+        (a prefill step has thousands of tokens)."""
+        bs, slots = self.block_size, []
+        for b in range(start // bs, (end - 1) // bs + 1):
+            first, base = b * bs, table[b] * bs
+            lo, hi = max(start, first) - first, min(end, first + bs) - first
+            slots.extend(range(base + lo, base + hi))
+        return slots
 
     def _prepare_decode(
         self,
@@ -180,7 +206,7 @@ class ModelRunner:
         if batch.is_decode:
             return self.decode(input_ids, positions, batch)
         hidden = self.model(input_ids, positions, batch)
-        last = to_device(batch.query_lens, torch.int64, self.device).cumsum(0) - 1
+        last = batch.cu_seqlens_q[1:].long() - 1  # each row's last new token
         return self.model.compute_logits(hidden[last]).float()
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):

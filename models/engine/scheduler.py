@@ -1,8 +1,9 @@
 """Continuous batching: which sequences run in the next step and how many tokens each adds.
 
-Running sequences go first (usually one token each), then waiting ones are admitted in
-arrival order while the token budget (max_num_batched_tokens), max_num_seqs and free cache
-blocks allow; long prompts are prefilled in chunks over several steps. When a running
+Running sequences go first, those decoding (one token each) before those still prefilling, so
+a long prompt's chunks never hold decode rows back; then waiting ones are admitted in arrival
+order while the token budget (max_num_batched_tokens), max_num_seqs and free cache blocks allow;
+long prompts are prefilled in chunks over several steps. When a running
 sequence needs a block and none is free, the most recently arrived running sequence is
 preempted: its blocks are freed and it is recomputed from its tokens when readmitted.
 """
@@ -45,7 +46,8 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_batched_tokens
         scheduled: list[ScheduledSequence] = []
-        for seq in list(self.running):
+        # stable: decode rows keep arrival order, and so do the prefilling rows behind them
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):
             if seq.status != SequenceStatus.RUNNING or budget == 0:
                 continue
             num_tokens = min(seq.num_uncomputed, budget)
