@@ -33,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.builtin import resolve_source  # noqa: E402
+from models.builtin import resolve_adapter, resolve_source  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.engine.llm_engine import LLMEngine  # noqa: E402
 from models.engine.torch_engine import TorchEngine  # noqa: E402
@@ -143,8 +143,11 @@ def in_process(args, app: dict) -> tuple[dict, dict]:
     threads = int(config.deployments.generator.env.get("OMP_NUM_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)  # what the Generator replica runs with
     engine_config = config.engine.model_copy(update={"max_num_seqs": max(args.streams)})
-    path = resolve_source(config.model.source).big
-    async_engine = TorchEngine(engine_config, path)
+    paths = resolve_source(config.model.source)
+    async_engine = TorchEngine(engine_config, paths.big)
+    for adapter in config.adapters:  # loaded as the Generator loads them: same LoRA work
+        path = resolve_adapter(adapter.path, paths)
+        asyncio.run(async_engine.load_adapter(adapter.name, path))
     tokenizer = async_engine.tokenizer
     prompt_ids = list(tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True,

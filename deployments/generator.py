@@ -49,7 +49,7 @@ class Generator:
             steerer.release.remote if steerer else None,
             self._load_colocated,
         )
-        self.sessions = Sessions()
+        self.sessions = Sessions(self.config.server.stream_interval_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
         self._started = False

@@ -80,7 +80,7 @@ class _Session:
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
         batch, self.batch = self.batch, []
-        return merge_by_request(batch)
+        return batch
 
 
 def merge_by_request(batch: list) -> list:
@@ -99,10 +99,12 @@ def merge_by_request(batch: list) -> list:
 
 
 class Sessions:
-    """The Generator's side: each session's outputs, gathered per engine step."""
+    """The Generator's side: each session's outputs, gathered per engine step and sent at
+    most every `interval_s` (what was made meanwhile goes merged in one message)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval_s: float = 0.0) -> None:
         self._sessions: dict[str, _Session] = {}
+        self.interval_s = interval_s
 
     def start(self, session: str, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
         """Pump one admitted request's outputs into its session's batches."""
@@ -131,9 +133,16 @@ class Sessions:
         """Every batch of the session until its reader goes away (then its requests stop)."""
         s = self._sessions.setdefault(session, _Session())
         s.claimed = True
+        due = 0.0
         try:
             while True:
-                yield await s.take()
+                batch = await s.take()
+                if (wait := due - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                    batch += s.batch
+                    s.batch = []
+                due = time.monotonic() + self.interval_s
+                yield merge_by_request(batch)
         finally:
             for task in list(s.pumps.values()):
                 task.cancel()
