@@ -80,6 +80,7 @@ def test_chat_greedy_matches_stream(client):
     full = chat(client, temperature=0, max_tokens=12)
     text = full.choices[0].message.content
     assert text and full.choices[0].finish_reason == "length"
+    assert full.model_extra["tandem"]["interventions"] == []
     assert full.usage.completion_tokens == 12
     assert full.usage.total_tokens == full.usage.prompt_tokens + 12
     chunks = list(chat(client, temperature=0, max_tokens=12, stream=True))
@@ -96,8 +97,10 @@ def test_completions_stream_and_not(client):
 
 
 def test_usage_in_stream_and_seeds(client):
-    chunks = list(chat(client, max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    chunks = list(chat(client, max_tokens=5, stream=True, stream_options={"include_usage": True},
+                       extra_body={"ignore_eos": True}))  # fmt: skip
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     a = chat(client, n=2, temperature=1.0, seed=7, max_tokens=10)
     b = chat(client, n=2, temperature=1.0, seed=7, max_tokens=10)
     assert [c.index for c in a.choices] == [0, 1]
@@ -120,9 +123,13 @@ ERROR_CASES = [
     ({"model": MODEL, "messages": []}, 400),
     ({"model": MODEL, "messages": "hi"}, 400),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**7}, 400),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+      "steering": {"vectors": [{"name": "nope", "coeff": 1}]}}, 404),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
       "steering": {"policy": "nope"}}, 404),
 ]
@@ -146,6 +153,8 @@ def test_malformed_json_and_oversized_body(base_url, client):
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         chat(client, model="missing-model")
+    with pytest.raises(openai.BadRequestError):
+        chat(client, max_tokens=-1)
 
 
 def test_routes_without_their_deployment_say_so(base_url, client):

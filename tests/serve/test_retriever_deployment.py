@@ -11,18 +11,15 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def retriever(tmp_path_factory):
-    import ray
+def retriever(serve_url, tmp_path_factory):
     from ray import serve
 
     from deployments.retriever import Retriever
 
     config = {"data_dir": str(tmp_path_factory.mktemp("retrieval")), "builtin_documents": False}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     deployment = Retriever.options(ray_actor_options={"num_cpus": 0.2}).bind(config)
     yield serve.run(deployment, name="retriever-test", route_prefix=None)
-    serve.shutdown()
-    ray.shutdown()
+    serve.delete("retriever-test")
 
 
 def test_concurrent_searches_with_one_bad_store(retriever):

@@ -13,7 +13,7 @@ from models.embedding import shared_embedder
 from models.retrieval.search import SearchRequest
 from models.retrieval.store import DocumentStore
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 STRATEGIES = {
     "auto": None,
     "static-100": {

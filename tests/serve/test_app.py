@@ -1,16 +1,18 @@
-"""End to end: the real Ray Serve app built from serve_config.yaml's args, driven by the
-official `openai` client over HTTP. One app for the whole module (start-up is the slow part)."""
+"""End to end: the real Ray Serve app built from serve_config.yaml's args with the real tiny
+model, driven by the official `openai` client over HTTP: what needs the model's behaviour
+(adapters, routing, RAG, steering, logprobs, persistence). The plumbing (routes, errors,
+streaming, batching) is tested on the fake engine in test_plumbing.py."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import default_app_args, free_port
+from tests.conftest import default_app_args
+from tests.serve.conftest import deploy
 
 pytestmark = pytest.mark.serve
 
@@ -32,8 +34,7 @@ def adapter_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory, adapter_root):
-    import ray
+def base_url(serve_url, tmp_path_factory, adapter_root):
     from ray import serve
 
     from deployments.app import build_app
@@ -43,15 +44,11 @@ def base_url(tmp_path_factory, adapter_root):
     args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
     args.setdefault("router", {})["adapter_roots"] = [str(adapter_root)]
     APP_ARGS.update(args)
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.monotonic()
-    serve.run(build_app(args), name="tandem", route_prefix="/")
+    deploy(build_app(args), "tandem", "/")
     print(f"app ready in {time.monotonic() - started:.1f} s")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield serve_url
+    serve.delete("tandem")
 
 
 @pytest.fixture(scope="module")
@@ -82,58 +79,6 @@ def test_health_and_models(base_url, client):
     assert ids[0] == MODEL and f"{MODEL}:auto" in ids
 
 
-def test_chat_greedy_matches_stream(client):
-    full = chat(client, temperature=0, max_tokens=12)
-    text = full.choices[0].message.content
-    assert isinstance(text, str) and full.choices[0].finish_reason in ("stop", "length")
-    assert full.usage.completion_tokens >= 1
-    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
-    assert full.model_extra["tandem"]["interventions"] == []
-    chunks = list(chat(client, temperature=0, max_tokens=12, stream=True))
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed == text
-    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
-
-
-def test_completions_stream_and_not(client):
-    full = client.completions.create(model=MODEL, prompt="Mia is", max_tokens=8, temperature=0)
-    parts = client.completions.create(
-        model=MODEL, prompt="Mia is", max_tokens=8, temperature=0, stream=True
-    )
-    assert "".join(c.choices[0].text for c in parts if c.choices) == full.choices[0].text
-    assert full.object == "text_completion" and full.usage.completion_tokens >= 1
-
-
-def test_max_tokens_and_usage_in_stream(client):
-    stream = chat(client, max_tokens=5, stream=True, stream_options={"include_usage": True},
-                  extra_body={"ignore_eos": True})
-    chunks = list(stream)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-
-
-def test_n2_and_seed_reproducible(client):
-    a = chat(client, n=2, temperature=1.0, seed=7, max_tokens=10)
-    b = chat(client, n=2, temperature=1.0, seed=7, max_tokens=10)
-    assert [c.index for c in a.choices] == [0, 1]
-    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
-    c = chat(client, n=1, temperature=1.0, seed=8, max_tokens=10)
-    d = chat(client, n=1, temperature=1.0, seed=8, max_tokens=10)
-    assert c.choices[0].message.content == d.choices[0].message.content
-
-
-def test_stop_string_cuts_text(client):
-    base = chat(client, temperature=0, max_tokens=16, extra_body={"ignore_eos": True})
-    text = base.choices[0].message.content
-    cut = next((i for i in range(3, len(text) - 2) if text[i] != " "), None)
-    if cut is None:
-        pytest.skip("greedy text too short to pick a stop string")
-    stop = text[cut:cut + 2]
-    stopped = chat(client, temperature=0, max_tokens=16, stop=[stop], extra_body={"ignore_eos": True})
-    assert stopped.choices[0].message.content == text[: text.index(stop)]
-    assert stopped.choices[0].finish_reason == "stop"
-
-
 def test_logprobs(client):
     r = chat(client, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
@@ -141,66 +86,6 @@ def test_logprobs(client):
     for item in content:
         assert item.logprob <= 0 and len(item.top_logprobs) == 3
         assert item.logprob == pytest.approx(max(t.logprob for t in item.top_logprobs), abs=1e-4)
-
-
-ERROR_CASES = [
-    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404),
-    ({"model": "tandem:nope", "messages": [{"role": "user", "content": "hi"}]}, 404),
-    ({"model": MODEL}, 400),
-    ({"model": MODEL, "messages": []}, 400),
-    ({"model": MODEL, "messages": "hi"}, 400),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**7}, 400),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-      "steering": {"vectors": [{"name": "nope", "coeff": 1}]}}, 404),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-      "steering": {"policy": "nope"}}, 404),
-]
-
-
-@pytest.mark.parametrize("body,status", ERROR_CASES)
-def test_bad_requests_get_openai_errors(base_url, body, status):
-    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-
-
-def test_malformed_json_and_sdk_errors(base_url, client):
-    r = httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
-    with pytest.raises(openai.NotFoundError):
-        chat(client, model="missing-model")
-    with pytest.raises(openai.BadRequestError):
-        chat(client, max_tokens=-1)
-
-
-def test_sixteen_concurrent_streams_batch_together(aclient):
-    async def one(i: int) -> int:
-        stream = await aclient.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Story {i}"}], max_tokens=24,
-            stream=True, extra_body={"ignore_eos": True}, seed=i,
-        )
-        n = 0
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                n += 1
-        return n
-
-    async def all16():
-        return await asyncio.gather(*(one(i) for i in range(16)))
-
-    counts = asyncio.run(all16())
-    assert all(c > 0 for c in counts)
-    assert generator_stats()["max_running_seen"] > 1
-
-
-# ---- adapters and routing ----------------------------------------------------------------
 
 
 def test_models_list_the_configured_adapters(client):
@@ -352,13 +237,6 @@ def test_uploads_survive_an_app_restart(base_url, client, tmp_path):
     after = client.vector_stores.search(store.id, query="Where are the pears kept?")
     assert [(h.file_id, h.score) for h in after.data] == [(h.file_id, h.score) for h in before.data]
     assert client.files.content(f.id).read() == doc.read_bytes()
-
-
-def test_oversized_body_is_refused(base_url):
-    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
-                   content=b'{"model": "tandem", "messages": [{"role": "user", "content": "'
-                   + b"x" * (2 << 20) + b'"}]}', headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
 
 
 def test_api_keys_are_enforced_when_configured(base_url):

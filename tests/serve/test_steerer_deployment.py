@@ -21,18 +21,14 @@ STEERING = {
 
 
 @pytest.fixture(scope="module")
-def steerer():
-    import ray
+def steerer(serve_url):
     from ray import serve
 
     from deployments.steerer import Steerer
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     app = Steerer.options(ray_actor_options={"num_cpus": 0.5}).bind(STEERING, "builtin:tiny")
-    handle = serve.run(app, name="steerer", route_prefix=None)
-    yield handle
-    serve.shutdown()
-    ray.shutdown()
+    yield serve.run(app, name="steerer", route_prefix=None)
+    serve.delete("steerer")
 
 
 def test_calls_from_several_replicas_share_one_runtime_call(steerer):

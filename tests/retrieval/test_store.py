@@ -28,7 +28,7 @@ from models.retrieval.index import VectorIndex
 from models.retrieval.prompt import format_sources, sources_for_response
 from models.retrieval.store import DocumentStore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL_CHUNKS = {
     "type": "static",
     "static": {"max_chunk_size_tokens": 48, "chunk_overlap_tokens": 8},

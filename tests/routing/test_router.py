@@ -12,7 +12,7 @@ import yaml
 from models.routing.config import AdapterConfig, RouterConfig
 from models.routing.router import AdapterRouter
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 TASK_PROMPTS = {
     "rewrite": "Please rewrite this so it sounds cheerful: the garden is grey and empty.",
     "qa": "Ivy has the lantern. Leo is at the beach. Question: who has the lantern?",

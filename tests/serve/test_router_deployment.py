@@ -10,19 +10,17 @@ import yaml
 
 pytestmark = pytest.mark.serve
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 @pytest.fixture(scope="module")
-def serve_session():
-    import ray
+def serve_session(serve_url):
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(proxy_location="Disabled")
     yield serve
-    serve.shutdown()
-    ray.shutdown()
+    for app in ("router", "router_empty"):
+        if app in serve.status().applications:
+            serve.delete(app)
 
 
 @pytest.fixture(scope="module")

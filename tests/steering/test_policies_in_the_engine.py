@@ -33,7 +33,7 @@ CONFIG = {
         {"name": "guard", "kind": "vector_guard",
          "params": {"vector": "happy", "coeff": 4.0, "threshold": 0.5,
                     "positive": HAPPY[2:3], "negative": SAD[2:3]}},
-        {"name": "explode", "kind": "test_steering_runtime:Exploding"},
+        {"name": "explode", "kind": "tests.steering.test_runtime:Exploding"},
     ],
 }  # fmt: skip
 
