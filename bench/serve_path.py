@@ -172,8 +172,10 @@ def through_serve(args, model: str) -> dict:
     serve_bin = str(Path(sys.executable).parent / "serve")
     proc = subprocess.Popen([serve_bin, "run", args.config], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.monotonic()
     try:
         wait_ready(base_url, model, proc)
+        print(f"serve run -> first answer: {time.monotonic() - started:.1f} s")
         asyncio.run(served(base_url, model, max(args.streams), 8))  # warm-up
         return {n: asyncio.run(served(base_url, model, n, args.max_tokens)) for n in args.streams}
     finally:

@@ -38,30 +38,31 @@ class PromptTooLongError(EngineError):
     code = "context_length_exceeded"
 
 
-class AdapterNotFoundError(EngineError):
-    """A request named a LoRA adapter the engine does not have."""
+class NotFoundError(EngineError):
+    """A request named something the engine does not have; `naming` lists what it has."""
 
     status_code = 404
-    code = "adapter_not_found"
-
-    @classmethod
-    def naming(cls, name: str, loaded: Iterable[str], param: str | None = None):
-        """The error for adapter `name`, listing what is loaded (the one wording)."""
-        listed = ", ".join(sorted(loaded)) or "none"
-        return cls(f"adapter '{name}' is not loaded; loaded: {listed}", param)
-
-
-class VectorNotFoundError(EngineError):
-    """A request named a steering vector that is not registered."""
-
-    status_code = 404
-    code = "vector_not_found"
+    template = "'{name}' does not exist; known: {listed}"
 
     @classmethod
     def naming(cls, name: str, known: Iterable[str], param: str | None = None):
-        """The error for vector `name`, listing what exists (the one wording)."""
+        """The error for `name`, listing what there is (one wording per kind of thing)."""
         listed = ", ".join(sorted(known)) or "none"
-        return cls(f"steering vector '{name}' is not registered; registered: {listed}", param)
+        return cls(cls.template.format(name=name, listed=listed), param)
+
+
+class AdapterNotFoundError(NotFoundError):
+    """A request named a LoRA adapter the engine does not have."""
+
+    code = "adapter_not_found"
+    template = "adapter '{name}' is not loaded; loaded: {listed}"
+
+
+class VectorNotFoundError(NotFoundError):
+    """A request named a steering vector that is not registered."""
+
+    code = "vector_not_found"
+    template = "steering vector '{name}' is not registered; registered: {listed}"
 
 
 class EngineOverloadedError(EngineError):
