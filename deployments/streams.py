@@ -31,6 +31,7 @@ from models.protocol.requests import GenerationRequest
 
 logger = logging.getLogger("ray.serve")
 UNCLAIMED_SESSION_S = 60.0  # a session nobody streams from this long is dropped
+IDLE_STREAM_S = 1.0  # a session's stream with nothing to carry this long ends (and reopens)
 
 
 class GeneratorGoneError(TandemError):
@@ -75,10 +76,16 @@ class _Session:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def take(self) -> list[RequestOutput | RequestFailure]:
+    async def take(self, idle_s: float) -> list[RequestOutput | RequestFailure] | None:
+        """The outputs published since the last take; None once the session had no request
+        and no output for `idle_s`."""
         while not self.batch:
             self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
+            try:
+                await asyncio.wait_for(self.waiter, idle_s)
+            except TimeoutError:
+                if not self.pumps and not self.batch:
+                    return None
         batch, self.batch = self.batch, []
         return batch
 
@@ -130,23 +137,29 @@ class Sessions:
                 task.cancel()  # the engine stream's finally aborts the request there
 
     async def stream(self, session: str) -> AsyncIterator[list]:
-        """Every batch of the session until its reader goes away (then its requests stop)."""
+        """Every batch of the session until it has been idle for IDLE_STREAM_S (the reader
+        opens a new stream with its next request: an idle stream would hold up a replica's
+        graceful shutdown) or its reader goes away (then its requests stop)."""
         s = self._sessions.setdefault(session, _Session())
         s.claimed = True
-        due = 0.0
+        due, idle = 0.0, False
         try:
-            while True:
-                batch = await s.take()
+            while (batch := await s.take(IDLE_STREAM_S)) is not None:
                 if (wait := due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
                     batch += s.batch
                     s.batch = []
                 due = time.monotonic() + self.interval_s
                 yield merge_by_request(batch)
+            idle = True
         finally:
-            for task in list(s.pumps.values()):
-                task.cancel()
-            self._sessions.pop(session, None)
+            if not idle:
+                for task in list(s.pumps.values()):
+                    task.cancel()
+            if self._sessions.get(session) is s and not s.pumps:
+                del self._sessions[session]
+            else:
+                s.claimed = False
 
     def _drop_unclaimed(self, session: str) -> None:
         s = self._sessions.get(session)
@@ -213,14 +226,18 @@ class GeneratorStreams:
             self.readers[replica] = asyncio.create_task(self._read(replica))
 
     async def _read(self, replica: str) -> None:
-        error: BaseException = GeneratorGoneError(f"Generator replica {replica} ended the stream")
+        """Read the replica's stream; one that ended idle is reopened while requests wait."""
         try:
-            stream = self.handle.options(stream=True).stream.remote(self.session, replica=replica)
-            async for batch in stream:
-                self.messages += 1
-                for item in batch:
-                    if (entry := self.buffers.get(item.request_id)) is not None:
-                        entry[0].put(item.error if isinstance(item, RequestFailure) else item)
+            while True:
+                stream = self.handle.options(stream=True).stream.remote(self.session,
+                                                                        replica=replica)
+                async for batch in stream:
+                    self.messages += 1
+                    for item in batch:
+                        if (entry := self.buffers.get(item.request_id)) is not None:
+                            entry[0].put(item.error if isinstance(item, RequestFailure) else item)
+                if not any(where == replica for _, where in self.buffers.values()):
+                    return
         except Exception as exc:  # noqa: BLE001 - every request on that replica fails
             error = exc
         for buffer, where in list(self.buffers.values()):

@@ -37,7 +37,7 @@ from models.protocol.errors import (
     VectorNotFoundError,
 )
 from models.protocol.outputs import EngineStats, RequestOutput
-from models.protocol.requests import GenerationRequest
+from models.protocol.requests import GenerationRequest, SamplingParams
 from models.protocol.steering import Added, Sampled, StepObserver
 
 
@@ -97,6 +97,7 @@ class LLMEngine(SequenceEditor):
             raise EngineError(f"max_tokens must be >= 1, got {params.max_tokens}", "max_tokens")
         self._check_token_ids(request.prompt_token_ids, "prompt")
         self._check_length(n, params.max_tokens)
+        self._check_sampling(params)
         if request.request_id in self.seqs:
             raise EngineError(f"request id '{request.request_id}' is already running")
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
@@ -108,6 +109,20 @@ class LLMEngine(SequenceEditor):
         if request.steering is not None and self.steering.observer is None:
             raise EngineError("steering policy requested but no step observer is set")
         self.adapters.check(request)
+
+    def _check_sampling(self, params: SamplingParams) -> None:
+        """What would make the sampler raise mid-step, refused before admission."""
+        if params.seed is not None and not -(2**63) <= params.seed < 2**64:
+            raise EngineError(f"seed must lie in [-2**63, 2**64), got {params.seed}", "seed")
+        if not 0 <= params.top_k <= self.args.vocab_size:
+            raise EngineError(
+                f"top_k must lie in [0, {self.args.vocab_size}], got {params.top_k}", "top_k"
+            )
+        if params.temperature < 0 or not 0 < params.top_p <= 1:
+            raise EngineError("temperature must be >= 0 and top_p in (0, 1]", "temperature")
+        if params.logprobs is not None and not 0 <= params.logprobs <= 20:
+            raise EngineError(f"logprobs must lie in [0, 20], got {params.logprobs}", "logprobs")
+        self._check_token_ids(list(params.logit_bias), "logit_bias")
 
     def _check_token_ids(self, token_ids: list[int], what: str) -> None:
         vocab = self.args.vocab_size

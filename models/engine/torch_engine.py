@@ -2,10 +2,10 @@
 
 Callers on the event loop never touch LLMEngine directly: requests, aborts and adapter
 changes go through an inbox the engine thread drains between steps. Each step's outputs cross
-to the event loop in ONE hand-off (call_soon_threadsafe per step, not per output), land in
-per-request buffers, and a consumer that fell behind takes everything waiting as one merged
-output: the loop's work per step stays small, so the engine thread keeps the GIL for stepping.
-Step observer coroutines run on the caller's event loop.
+to the event loop in ONE hand-off (call_soon_threadsafe per step, not per output) and land in
+per-request buffers that each consumer reads step by step: the loop's work per step stays
+small, so the engine thread keeps the GIL for stepping. Step observer coroutines run on the
+caller's event loop.
 
 The model is built on the engine thread too: every torch op big enough to run on OpenMP's
 threads then starts from one thread. A second thread's parallel regions get an OpenMP team of
@@ -81,7 +81,7 @@ class TorchEngine(Engine):
         await self.start()
         self._raise_if_failed()
         self.core.check_request(request)
-        stream = OutputBuffer(asyncio.get_running_loop())
+        stream = OutputBuffer(asyncio.get_running_loop(), merge=False)  # step by step
         self._streams[request.request_id] = stream
         self._inbox.put(lambda: self._add(request))
         finished = False
@@ -141,9 +141,13 @@ class TorchEngine(Engine):
         return await asyncio.wrap_future(done)
 
     def _add(self, request: GenerationRequest) -> None:
+        """Admit one request; whatever it gets wrong fails it alone, never the engine."""
         try:
             self.core.add_request(request)
-        except EngineError as exc:
+        except Exception as exc:  # noqa: BLE001 - the request's stream reports it
+            if not isinstance(exc, EngineError):
+                logger.exception("admitting %s failed", request.request_id)
+                exc = EngineError(f"the request could not be admitted: {exc!r}")
             self._deliver([(request.request_id, exc)])
 
     def _deliver(self, items: list[RequestOutput] | list[tuple[str, BaseException]]) -> None:

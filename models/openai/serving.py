@@ -291,6 +291,11 @@ class OpenAIServing:
             )
         else:
             max_tokens = limit
+        if req.top_k > self.limits.vocab_size:
+            raise OpenAIError(
+                f"top_k is {req.top_k}; it must be at most the vocabulary size "
+                f"({self.limits.vocab_size}), or 0 for off", param="top_k",
+            )  # fmt: skip
         bias = {}
         for key, value in (req.logit_bias or {}).items():
             tid = int(key)

@@ -87,15 +87,17 @@ class EngineStats:
 class OutputBuffer:
     """One request's outputs waiting on its consumer's event loop.
 
-    The producer `put`s outputs (or an error) on that loop; the consumer `take`s everything
-    that arrived since its last take as one merged output, so a consumer that fell behind
-    catches up in one go instead of one wake-up per token.
+    The producer `put`s outputs (or an error) on that loop. With `merge`, the consumer
+    `take`s everything that arrived since its last take as one merged output, so a consumer
+    that fell behind catches up in one go instead of one wake-up per token; without, it takes
+    them one step at a time.
     """
 
-    __slots__ = ("loop", "items", "waiter")
+    __slots__ = ("loop", "merge", "items", "waiter")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, merge: bool = True):
         self.loop = loop
+        self.merge = merge
         self.items: list[RequestOutput | BaseException] = []
         self.waiter: asyncio.Future | None = None
 
@@ -106,18 +108,18 @@ class OutputBuffer:
             self.waiter.set_result(None)
 
     def take_ready(self) -> RequestOutput | None:
-        """What arrived since the last take, merged, without waiting (None: nothing, or an
-        error is next, which `take` raises)."""
+        """What arrived since the last take (merged, or the next one), without waiting
+        (None: nothing, or an error is next, which `take` raises)."""
         if not self.items or isinstance(self.items[0], BaseException):
             return None
-        outputs = []
-        while self.items and not isinstance(self.items[0], BaseException):
+        outputs = [self.items.pop(0)]
+        while self.merge and self.items and not isinstance(self.items[0], BaseException):
             outputs.append(self.items.pop(0))
         return RequestOutput.merged(outputs)
 
     async def take(self) -> RequestOutput:
-        """What arrived since the last take, merged; raises a delivered error once the
-        outputs before it were taken."""
+        """What arrived since the last take (merged, or the next one); raises a delivered
+        error once the outputs before it were taken."""
         while not self.items:
             self.waiter = self.loop.create_future()
             await self.waiter

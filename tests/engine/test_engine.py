@@ -14,7 +14,7 @@ from models.engine import EngineUnavailableError, build_engine
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
-from models.protocol.errors import EngineOverloadedError, PromptTooLongError
+from models.protocol.errors import EngineError, EngineOverloadedError, PromptTooLongError
 from models.protocol.requests import GenerationRequest, SamplingParams
 
 PROMPT_LENGTHS = (3, 17, 9, 30, 5)
@@ -356,3 +356,52 @@ def test_block_manager_fit_grows_shrinks_and_refuses():
     assert not blocks.fit(seq, 21) and len(seq.block_table) == 3  # 6 blocks: refused, unchanged
     assert blocks.fit(seq, 4) and len(seq.block_table) == 1 and blocks.num_free == 3
     assert blocks.fit(seq, 4) and len(seq.block_table) == 1
+
+
+def test_sampling_fields_out_of_range_are_refused_before_admission(qwen3):
+    eng = engine(qwen3)
+    cases = [
+        (SamplingParams(max_tokens=2, seed=2**64), "seed"),
+        (SamplingParams(max_tokens=2, top_k=10**19), "top_k"),
+        (SamplingParams(max_tokens=2, logit_bias={10**9: 1.0}), "logit_bias"),
+        (SamplingParams(max_tokens=2, logprobs=10**6), "logprobs"),
+    ]
+    for params, field in cases:
+        with pytest.raises(EngineError) as err:
+            eng.check_request(GenerationRequest(f"bad-{field}", [1, 2], params))
+        assert err.value.param == field
+    assert not eng.has_unfinished()
+
+
+def test_a_request_that_cannot_be_admitted_fails_alone(qwen3):
+    """A non-EngineError at admission (a sampler that cannot take the request) stands in for
+    any bug a request could trigger: it fails that request, the engine serves the rest."""
+
+    async def main():
+        eng = build_engine(EngineConfig(num_kv_blocks=64, block_size=4), str(qwen3))
+        await eng.start()
+        real_add = eng.core.add_request
+
+        def add(request):
+            if request.request_id == "poison":
+                raise OverflowError("Overflow when unpacking long long")
+            real_add(request)
+
+        eng.core.add_request = add
+        good = [eng.generate(GenerationRequest(f"g{i}", [1, 2, 3 + i], greedy(6))) for i in range(3)]
+        tasks = [asyncio.create_task(_drain(g)) for g in good]
+        with pytest.raises(EngineError, match="could not be admitted"):
+            await _drain(eng.generate(GenerationRequest("poison", [1, 2], greedy(6))))
+        done = await asyncio.gather(*tasks)
+        after = await _drain(eng.generate(GenerationRequest("after", [1, 2], greedy(3))))
+        await eng.check_health()
+        eng.shutdown()
+        return done, after
+
+    done, after = asyncio.run(main())
+    assert all(outs[-1].finish_reason == "length" for outs in done)
+    assert sum(len(o.token_ids) for o in after) == 3
+
+
+async def _drain(stream) -> list:
+    return [o async for o in stream]

@@ -126,6 +126,8 @@ def test_auto_routes_through_the_router(engine):
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "steering": {"policy": "x"}}, 404, "steering.policy"),
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),
     ("not an object", 400, None),
+    ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, 400, "seed"),
+    ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "top_k": 2**63}, 400, "top_k"),
 ])
 def test_bad_requests(engine, body, status, param):
     serving, rec = make_serving(engine)
