@@ -18,6 +18,7 @@ from models.openai.protocol import parse_request
 logger = logging.getLogger("ray.serve")
 
 UPLOAD_READ_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64  # no OpenAI request nests near this; a deep one is an attack
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -73,10 +74,38 @@ async def read_json(request: Request, limit: int | None = None) -> Any:
     if limit is not None and len(raw) > limit:
         raise OpenAIError(f"request body is {len(raw)} bytes; the limit is {limit}", 413)
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OpenAIError(f"the request body is not valid JSON: {exc}", 400,
                           code="invalid_json") from None
+    except RecursionError:
+        raise OpenAIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", 400,
+                          code="invalid_json") from None
+    check_json_value(body)
+    return body
+
+
+def check_json_value(body: Any) -> None:
+    """400 for JSON no request needs and the rest of the code should never meet: nesting
+    deeper than MAX_JSON_DEPTH, or a string with a lone surrogate (valid JSON escapes, but
+    not text: it cannot be encoded, tokenized or stored)."""
+    todo = [(body, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise OpenAIError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                              400, code="invalid_json")  # fmt: skip
+        if isinstance(value, dict):
+            todo += [(k, depth) for k in value] + [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            todo += [(v, depth + 1) for v in value]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise OpenAIError("the request body holds a lone surrogate (\\ud800-\\udfff) "
+                                  "in a string; send valid Unicode text", 400,
+                                  code="invalid_json") from None
 
 
 async def read_request(request: Request, model: type[M], limit: int | None = None) -> M:

@@ -110,7 +110,7 @@ class Ingress:
         vectors = await self._retriever().embed.remote(body.input)
         return EmbeddingResponse.of(body.model or "all-MiniLM-L6-v2", vectors).model_dump()
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self):
         return {"status": "ok", "model": self.config.model.name}
 

@@ -154,6 +154,9 @@ class OpenAIServing:
         if req.suffix:
             raise OpenAIError("suffix is not supported by this model", param="suffix")
         prompts = req.prompts()
+        vocab = self.limits.vocab_size
+        if any(not 0 <= t < vocab for p in prompts if isinstance(p, list) for t in p):
+            raise OpenAIError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         query = prompts[0] if isinstance(prompts[0], str) else self.tokenizer.decode(prompts[0])
 
         def build(ctx: str) -> list[list[int]]:
@@ -327,9 +330,7 @@ class OpenAIServing:
         return list(ids)
 
     def _text_prompt(self, prompt: str | list[int], context: str) -> list[int]:
-        if isinstance(prompt, list):
-            if any(not 0 <= t < self.limits.vocab_size for t in prompt):
-                raise OpenAIError("prompt token ids must be within the vocabulary", param="prompt")
+        if isinstance(prompt, list):  # ids checked by `completions`
             ctx = self.tokenizer.encode(context + "\n\n", add_special_tokens=False) if context else []
             return ctx + prompt
         if not prompt:

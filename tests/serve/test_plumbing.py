@@ -157,6 +157,23 @@ def test_malformed_json_and_oversized_body(base_url, client):
         chat(client, max_tokens=-1)
 
 
+def test_hostile_json_gets_400_and_the_app_answers_after(base_url, client):
+    url = f"{base_url}/v1/chat/completions"
+    deep = b'{"model": "tandem", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    surrogate = b'{"model": "tandem", "messages": [{"role": "user", "content": "a\\ud800"}]}'
+    for body in (deep, surrogate, b"null", b"[]", b'"s"', b"123"):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body[:40], r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": [-1]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                               "seed": 2**64})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    assert httpx.head(f"{base_url}/healthz").status_code == 200
+    assert chat(client, max_tokens=3).usage.completion_tokens == 3
+
+
 def test_routes_without_their_deployment_say_so(base_url, client):
     r = httpx.post(f"{base_url}/v1/embeddings", json={"input": "hi"})
     assert r.status_code == 404 and "retrieval" in r.json()["error"]["message"]
