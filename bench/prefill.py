@@ -276,6 +276,49 @@ class EngineDriver:
                 "decode_tok_s": decode_tokens / decode_s if decode_s > 0 else None}  # fmt: skip
 
 
+def run_poisson(driver: EngineDriver, rate: float, n: int, prompt_len: int, new_tokens: int):
+    """n requests arriving as a Poisson stream of `rate` per second, stepped as they come:
+    TTFT from each request's own arrival, p50/p99, and the generated tok/s."""
+    rng = torch.Generator().manual_seed(11)
+    gaps = torch.empty(n).exponential_(rate, generator=rng).tolist()
+    arrivals = [sum(gaps[: i + 1]) for i in range(n)]
+    synchronize(driver.device)
+    t0 = time.perf_counter()
+    arrived: dict[str, float] = {}
+    ttft: list[float] = []
+    generated, next_i = 0, 0
+    while next_i < n or driver.engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while next_i < n and arrivals[next_i] <= now:
+            (rid,) = driver.add(1, prompt_len, new_tokens)
+            arrived[rid] = arrivals[next_i]
+            next_i += 1
+        if not driver.engine.has_unfinished():
+            time.sleep(max(0.0, arrivals[next_i] - now))
+            continue
+        outs = driver.engine.step()
+        now = time.perf_counter() - t0
+        for out in outs:
+            generated += len(out.token_ids)
+            if out.token_ids and out.request_id in arrived:
+                ttft.append(now - arrived.pop(out.request_id))
+    wall = time.perf_counter() - t0
+    ttft.sort()
+    return {"rate_per_s": rate, "requests": n, "tok_s": generated / wall,
+            "ttft_p50_ms": 1000 * ttft[len(ttft) // 2],
+            "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, math.ceil(0.99 * len(ttft)) - 1)]}
+
+
+def bench_poisson(driver: EngineDriver, results: dict) -> None:
+    driver.run(8, 128, 8)  # warm-up
+    results["ttft_poisson"] = []
+    for rate in (25.0, 50.0, 100.0):
+        r = run_poisson(driver, rate, 256, 128, 128)
+        results["ttft_poisson"].append(r)
+        log(f"Poisson {rate:.0f} req/s x 256 (128+128): {r['tok_s']:.0f} tok/s, "
+            f"TTFT p50 {r['ttft_p50_ms']:.0f} / p99 {r['ttft_p99_ms']:.0f} ms")
+
+
 def bench_prefill(driver: EngineDriver, shape: dict, results: dict) -> None:
     for rows, length in ((4, 256), (1, 128), (3, 1000), (16, 512)):  # warm-up: compiles, handles
         driver.run(rows, length, 1)
@@ -467,6 +510,10 @@ def table(results: dict) -> str:
     if t:
         lines.append(f"\nTTFT, 128 x 128-token requests arriving together: p50 {t['p50_ms']:.0f} ms, p99 {t['p99_ms']:.0f} ms "
                      f"(target p50 <= {TARGETS['ttft_p50_ms_128']})")  # fmt: skip
+    for r in results.get("ttft_poisson", []):
+        lines.append(f"Poisson stream {r['rate_per_s']:.0f} req/s x {r['requests']} (128+128): "
+                     f"{r['tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
+                     f"p99 {r['ttft_p99_ms']:.0f} ms")  # fmt: skip
     if results.get("greedy_match"):
         g = results["greedy_match"]
         lines.append(
@@ -490,7 +537,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model shape (CPU logic check)")
-    parser.add_argument("--sections", default="ceiling,kernel,hf,prefill,chunk,engine,greedy")
+    parser.add_argument("--sections",
+                        default="ceiling,kernel,hf,prefill,chunk,engine,poisson,greedy")
     parser.add_argument(
         "--budget", type=int, default=None, help="max_num_batched_tokens (default: config's)"
     )
@@ -519,7 +567,7 @@ def main() -> None:
         bench_hf(path, device, shape, results)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the transformers model is gone with bench_hf's frame
-    if sections & {"prefill", "chunk", "engine", "greedy", "profile"}:
+    if sections & {"prefill", "chunk", "engine", "poisson", "greedy", "profile"}:
         driver = EngineDriver(path, device, shape, args.budget)
         results["budget"] = driver.budget
         if "prefill" in sections:
@@ -528,6 +576,8 @@ def main() -> None:
             profile_step(driver, results)
         if "engine" in sections:
             bench_engine(driver, results)
+        if "poisson" in sections:
+            bench_poisson(driver, results)
         if "chunk" in sections:
             bench_chunk(driver, shape, results)
         if "greedy" in sections:
