@@ -120,8 +120,10 @@ class LLMEngine(SequenceEditor):
             )
         if params.temperature < 0 or not 0 < params.top_p <= 1:
             raise EngineError("temperature must be >= 0 and top_p in (0, 1]", "temperature")
-        if params.logprobs is not None and not 0 <= params.logprobs <= 20:
-            raise EngineError(f"logprobs must lie in [0, 20], got {params.logprobs}", "logprobs")
+        vocab = self.args.vocab_size
+        if params.logprobs is not None and not 0 <= params.logprobs <= vocab:
+            raise EngineError(f"logprobs must lie in [0, {vocab}], got {params.logprobs}",
+                              "logprobs")  # fmt: skip
         self._check_token_ids(list(params.logit_bias), "logit_bias")
 
     def _check_token_ids(self, token_ids: list[int], what: str) -> None:
