@@ -153,12 +153,12 @@ class Sessions:
                 yield merge_by_request(batch)
             idle = True
         finally:
-            if not idle:
+            if not idle:  # the reader went away: its requests stop
                 for task in list(s.pumps.values()):
                     task.cancel()
-            if self._sessions.get(session) is s and not s.pumps:
+            if self._sessions.get(session) is s and (not idle or not s.pumps):
                 del self._sessions[session]
-            else:
+            else:  # a request came in as the stream ended idle: the reader reopens it
                 s.claimed = False
 
     def _drop_unclaimed(self, session: str) -> None:

@@ -1,0 +1,51 @@
+"""The Generator's side of the session token path (deployments/streams.py) in-process: one
+batch per engine step for all of a session's requests, an idle stream that ends, an abort."""
+
+from __future__ import annotations
+
+import asyncio
+
+from deployments import streams
+from deployments.streams import Sessions
+from models.protocol.outputs import RequestOutput
+
+
+async def outputs(rid: str, n: int, gate: asyncio.Event) -> None:
+    for i in range(n):
+        await gate.wait()
+        yield RequestOutput(rid, [i], f"t{i}", finished=i == n - 1, finish_reason="length")
+
+
+def test_a_session_gets_one_batch_per_step_and_its_stream_ends_when_idle(monkeypatch):
+    monkeypatch.setattr(streams, "IDLE_STREAM_S", 0.2)
+
+    async def main():
+        sessions, gate = Sessions(), asyncio.Event()
+        for rid in ("a", "b", "c"):
+            sessions.start("s1", rid, outputs(rid, 3, gate))
+        gate.set()  # every request makes all its tokens at once: one step's worth each
+        batches = [batch async for batch in sessions.stream("s1")]  # ends 0.2 s after the last
+        return batches, len(sessions)
+
+    batches, left = asyncio.run(main())
+    merged = {out.request_id: out for batch in batches for out in batch}
+    assert len(batches) == 1 and len(batches[0]) == 3  # three requests, one message
+    assert {rid: out.token_ids for rid, out in merged.items()} == {r: [0, 1, 2] for r in "abc"}
+    assert all(out.finished for out in merged.values())
+    assert left == 0
+
+
+def test_abort_stops_only_that_request():
+    async def main():
+        sessions, gate = Sessions(), asyncio.Event()
+        sessions.start("s1", "keep", outputs("keep", 2, gate))
+        sessions.start("s1", "drop", outputs("drop", 2, gate))
+        sessions.abort("drop")
+        gate.set()
+        stream = sessions.stream("s1")
+        batch = await anext(stream)
+        await stream.aclose()
+        return batch
+
+    batch = asyncio.run(main())
+    assert [out.request_id for out in batch] == ["keep"]
