@@ -33,11 +33,16 @@ def to_error(exc: BaseException) -> OpenAIError:
     return to_openai_error(exc)
 
 
+RETRY_AFTER_S = {429: 1, 503: 5}  # a full queue drains fast; a failed replica is replaced
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     err = to_error(exc)
     if err.status_code >= 500:
         logger.exception("request failed", exc_info=exc)
-    return JSONResponse(err.to_dict(), status_code=err.status_code)
+    retry = RETRY_AFTER_S.get(err.status_code)
+    headers = {"Retry-After": str(retry)} if retry else None
+    return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -30,7 +30,7 @@ import torch
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.protocol.engine import Engine
-from models.protocol.errors import EngineError
+from models.protocol.errors import EngineError, EngineFailedError
 from models.protocol.outputs import EngineStats, OutputBuffer, RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import StepObserver
@@ -104,7 +104,7 @@ class TorchEngine(Engine):
     async def check_health(self) -> None:
         self._raise_if_failed()
         if not self._thread.is_alive() and not self._stopping:
-            raise EngineError("the engine thread is not running")
+            raise EngineFailedError("the engine thread is not running")
 
     async def load_adapter(self, name: str, path: str) -> None:
         await self.run_in_engine_thread(lambda: self.core.adapters.load(name, path))
@@ -170,7 +170,7 @@ class TorchEngine(Engine):
                     self._deliver(self._step())
         except BaseException as exc:
             self._failure = exc
-            error = EngineError(f"the engine failed: {exc!r}")
+            error = EngineFailedError(f"the engine failed: {exc!r}")
             self._deliver([(request_id, error) for request_id in list(self._streams)])
 
     def _step(self) -> list[RequestOutput]:
@@ -196,7 +196,7 @@ class TorchEngine(Engine):
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
-            raise EngineError(f"the engine failed: {self._failure!r}")
+            raise EngineFailedError(f"the engine failed: {self._failure!r}")
 
 
 def _put_all(batch: list[tuple[OutputBuffer, RequestOutput | tuple[str, BaseException]]]) -> None:

@@ -65,6 +65,13 @@ class VectorNotFoundError(NotFoundError):
     template = "steering vector '{name}' is not registered; registered: {listed}"
 
 
+class EngineFailedError(EngineError):
+    """The engine itself failed (not the request); the replica should be replaced."""
+
+    status_code = 503
+    code = "engine_failed"
+
+
 class EngineOverloadedError(EngineError):
     """The engine's queue is full; the client should retry later."""
 

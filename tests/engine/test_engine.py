@@ -405,3 +405,23 @@ def test_a_request_that_cannot_be_admitted_fails_alone(qwen3):
 
 async def _drain(stream) -> list:
     return [o async for o in stream]
+
+
+def test_a_failed_engine_answers_503_and_fails_its_health_check(qwen3):
+    """A dead engine thread stands in for a fatal device error: the client gets a 503 to
+    retry elsewhere, and the health check tells Ray to replace the replica."""
+    from models.protocol.errors import EngineFailedError
+
+    async def main():
+        eng = build_engine(EngineConfig(num_kv_blocks=64, block_size=4), str(qwen3))
+        await eng.start()
+        eng._failure = RuntimeError("device lost")  # what the engine loop records as it dies
+        with pytest.raises(EngineFailedError) as err:
+            await _drain(eng.generate(GenerationRequest("x", [1, 2], greedy(2))))
+        with pytest.raises(EngineFailedError):
+            await eng.check_health()
+        eng.shutdown()
+        return err.value
+
+    err = asyncio.run(main())
+    assert err.status_code == 503 and "device lost" in err.message

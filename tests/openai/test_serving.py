@@ -181,3 +181,14 @@ def test_a_generation_that_fails_midway_reports_why(engine):
     r = run(serving.chat(chat_body(max_tokens=4)))
     assert r["choices"][0]["finish_reason"] == "error" and r["choices"][0]["message"]["content"] == "Mia"
     assert r["tandem"]["errors"] == [{"index": 0, "message": "the steering policy raised: boom"}]
+
+
+def test_overload_and_outage_answers_say_when_to_retry():
+    from deployments.http import error_response
+    from models.protocol.errors import EngineFailedError, EngineOverloadedError
+
+    busy = error_response(EngineOverloadedError("the engine queue is full"))
+    down = error_response(EngineFailedError("the engine failed"))
+    assert (busy.status_code, busy.headers["retry-after"]) == (429, "1")
+    assert (down.status_code, down.headers["retry-after"]) == (503, "5")
+    assert b'"code":"engine_failed"' in down.body.replace(b" ", b"")
