@@ -27,7 +27,7 @@ pack)
     grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
     python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
         "${PLATFORMS[@]}" -d .gpu/all 'ray[serve]==2.60.0' openai 'grpcio==1.84.0' \
-        'pydantic==2.14.4'
+        'pydantic==2.14.4' gguf python-multipart pypdf
     for w in .gpu/all/*.whl; do
         name=$(basename "$w")
         if [[ $name == ray-2* ]]; then continue; fi
@@ -48,6 +48,8 @@ install-wheels)
     ;;
 install-ray)
     mkdir -p "$SITE" && tar -C "$SITE" -xJf .gpu/ray/ray.tar.xz
+    # the wheel was unpacked with Python's zipfile, which drops the executable bits
+    find "$SITE/ray" -type f ! -name '*.py' ! -name '*.pyc' -exec chmod a+x {} +
     ln -sf "$SITE/bin/serve" /usr/local/bin/serve 2>/dev/null || true
     ;;
 *) echo "usage: $0 [pack|install-wheels|install-ray]" >&2; exit 2 ;;

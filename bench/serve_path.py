@@ -202,6 +202,7 @@ def in_process(args, app: dict) -> tuple[dict, dict, str]:
         loop[n] = asyncio.run(async_engine.run_in_engine_thread(lambda n=n: best_loop(n)))
     for n in args.streams:
         wrapped[n] = asyncio.run(async_wrapper(async_engine, prompt_ids, n, args.max_tokens))
+        print(f"{n} streams: loop {loop[n]} async {wrapped[n]}", flush=True)
     async_engine.shutdown()
     return loop, wrapped, prompt
 
@@ -225,10 +226,14 @@ def replica_config(path: str, replicas: int) -> str:
 def through_serve(args, model: str, prompt: str, replicas: int) -> dict:
     """Served runs for each stream count (and, with one replica, each steering setting)."""
     base_url = f"http://127.0.0.1:{args.port}"
-    serve_bin = str(Path(sys.executable).parent / "serve")
+    serve_cli = [
+        sys.executable,
+        "-c",
+        "import sys; from ray.serve.scripts import cli; sys.exit(cli())",
+    ]
     config = args.config if replicas == 1 else replica_config(args.config, replicas)
     log = open(Path(tempfile.gettempdir()) / f"serve_path_replicas{replicas}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([serve_bin, "run", config], cwd=ROOT, start_new_session=True,
+    proc = subprocess.Popen([*serve_cli, "run", config], cwd=ROOT, start_new_session=True,
                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     started = time.monotonic()
     results: dict = {}
@@ -241,6 +246,7 @@ def through_serve(args, model: str, prompt: str, replicas: int) -> dict:
             results[("served", n)] = asyncio.run(
                 served(base_url, model, n, args.max_tokens, prompt)
             )
+            print(f"{n} streams: served x{replicas} {results[('served', n)]}", flush=True)
         for setting in args.steer if replicas == 1 else []:
             policy, _, mode = setting.partition(":")
             steering = {"policy": policy, "mode": mode or "async"}
@@ -248,9 +254,11 @@ def through_serve(args, model: str, prompt: str, replicas: int) -> dict:
             for n in args.steer_streams:
                 results[(f"steer {setting}", n)] = asyncio.run(
                     served(base_url, model, n, args.max_tokens, prompt, steering))  # fmt: skip
+                print(f"{n} streams: steer {setting} {results[(f'steer {setting}', n)]}", flush=True)
         return results
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -300,12 +308,24 @@ def main() -> None:
     )
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
+    ap.add_argument("--levels-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.config).read_text())
     app = doc["applications"][0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    loop, wrapped, prompt = in_process(args, app)
+    if args.levels_json:  # the child that runs levels 1 and 2 (see below)
+        loop, wrapped, prompt = in_process(args, app)
+        Path(args.levels_json).write_text(json.dumps([loop, wrapped, prompt]))
+        return
+    # Levels 1 and 2 run in a child process, so that its engine's memory (on a GPU, most of
+    # the card) is given back before `serve run` starts the app.
+    levels = Path(tempfile.mkdtemp()) / "levels.json"
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--levels-json", str(levels)],
+                   check=True)  # fmt: skip
+    loop, wrapped, prompt = json.loads(levels.read_text())
+    loop = {int(n): r for n, r in loop.items()}
+    wrapped = {int(n): r for n, r in wrapped.items()}
     serve: dict = {}
     for replicas in [] if args.skip_serve else args.replicas:
         for (level, n), result in through_serve(args, app["args"]["model"]["name"], prompt,

@@ -17,26 +17,30 @@ from models.config import load_config
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The Tandem application: Ingress over Generator, and Router, Retriever and Steerer
-    where the config needs them."""
+    where the config needs them (a deployment left out is not even imported: no FAISS or
+    embedder for an app without retrieval)."""
     from deployments.generator import Generator
     from deployments.ingress import Ingress
-    from deployments.retriever import Retriever
-    from deployments.router import Router
-    from deployments.steerer import Steerer
 
     config = load_config(args)
     raw = config.model_dump(mode="json")
     d = config.deployments
     steerer = None
     if config.steering.policies:
+        from deployments.steerer import Steerer
+
         steerer = Steerer.options(**d.steerer.ray_options()).bind(raw)
     generator = Generator.options(**d.generator.ray_options()).bind(raw, steerer)
     router = None
     if config.adapters:
+        from deployments.router import Router
+
         adapters = [a.model_dump() for a in config.adapters]
         router = Router.options(**d.router.ray_options()).bind(adapters, config.router.model_dump())
     retriever = None
     if config.retrieval.enabled:
+        from deployments.retriever import Retriever
+
         retrieval = config.retrieval.model_dump()
         retriever = Retriever.options(**d.retriever.ray_options()).bind(retrieval)
     return Ingress.options(**d.ingress.ray_options()).bind(raw, generator, router, retriever)
