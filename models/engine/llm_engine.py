@@ -38,7 +38,7 @@ from models.protocol.errors import (
 )
 from models.protocol.outputs import EngineStats, RequestOutput
 from models.protocol.requests import GenerationRequest, SamplingParams
-from models.protocol.steering import Added, Sampled, StepObserver
+from models.protocol.steering import MAX_STEER_COEFF, Added, Sampled, StepObserver
 
 
 def load_tokenizer(model_path: str | Path) -> Any | None:
@@ -258,7 +258,10 @@ class LLMEngine(SequenceEditor):
                 f"steering vector '{name}' has shape {tuple(vector.shape)}; this model needs "
                 f"[num_layers, hidden] = {list(expected)}"
             )
-        self.vectors[name] = vector.detach().float().cpu()
+        vector = vector.detach().float().cpu()
+        if not bool(torch.isfinite(vector).all()):
+            raise EngineError(f"steering vector '{name}' holds NaN or infinite values")
+        self.vectors[name] = vector
         for seq in self.seqs.values():  # a replaced vector changes the cached row sums
             seq.steer_delta = None
 
@@ -340,6 +343,11 @@ class LLMEngine(SequenceEditor):
 
     def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None):
         self._check_vector(name, layers)
+        if not abs(coeff) <= MAX_STEER_COEFF:  # NaN too
+            raise EngineError(
+                f"SteerVector '{name}': coeff {coeff} outside [-{MAX_STEER_COEFF:g}, "
+                f"{MAX_STEER_COEFF:g}]"
+            )
         seq.steer_vectors[name] = (coeff, layers)
         seq.steer_delta = None
 

@@ -27,7 +27,7 @@ from pydantic import (
 
 from models.openai.errors import OpenAIError
 from models.protocol.requests import SteerVectorSpec
-from models.protocol.steering import SteeringMode, SteeringRequest
+from models.protocol.steering import MAX_STEER_COEFF, SteeringMode, SteeringRequest
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
@@ -56,7 +56,7 @@ class SteeringVectorRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    coeff: float = Field(1.0, ge=-100, le=100)
+    coeff: float = Field(1.0, ge=-MAX_STEER_COEFF, le=MAX_STEER_COEFF)
     layers: list[int] | None = None
 
 

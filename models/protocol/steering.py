@@ -19,6 +19,11 @@ import torch
 
 from models.protocol.errors import EngineError
 
+MAX_STEER_COEFF = 100.0
+"""Largest |coeff| of a steering vector, whether a request sets it (static vectors, a policy's
+params) or a policy answers it (SteerVector): far past where any vector still steers, short of
+where one turns a model's hidden states into overflow."""
+
 # ---- events ----------------------------------------------------------------------------------
 
 

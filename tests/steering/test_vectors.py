@@ -16,10 +16,12 @@ from models.steering.vectors import (
     SteeringVector,
     VectorLibrary,
     VectorShapeError,
+    VectorValueError,
     ensure_default_vectors,
     extract_vector,
     load_gguf,
     load_safetensors,
+    load_vector,
     save_gguf,
     save_safetensors,
     steered_transformers,
@@ -95,6 +97,19 @@ def test_not_a_control_vector_is_refused(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="not a control vector"):
         load_gguf(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e38])
+@pytest.mark.parametrize("suffix", [".gguf", ".safetensors"])
+def test_poisoned_vector_files_are_refused(tmp_path, value, suffix):
+    vector = _vector(layers=(1, 2))
+    vector.directions[2][5] = value  # past the checks of the constructor
+    path = tmp_path / f"v{suffix}"
+    (save_gguf if suffix == ".gguf" else save_safetensors)(vector, path)
+    with pytest.raises(VectorValueError, match="layer 2 (holds NaN or infinite|has norm)"):
+        load_vector(path)
+    with pytest.raises(VectorValueError):
+        SteeringVector("w", {0: torch.full((8,), value)})
 
 
 def test_library_refuses_vectors_that_do_not_fit(tmp_path):
