@@ -374,12 +374,15 @@ class TandemInfo(BaseModel):
     sources: list[dict[str, Any]] = Field(default_factory=list)
     interventions: list[dict[str, Any]] = Field(default_factory=list)
     errors: list[ChoiceError] | None = None
+    # steered choices that went on unsteered: {"index", "reason", "message"}
+    unsteered_because: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _errors_only_when_any(self, handler):
         data = handler(self)
-        if self.errors is None:
-            del data["errors"]
+        for key in ("errors", "unsteered_because"):
+            if getattr(self, key) is None:
+                del data[key]
         return data
 
 
