@@ -231,9 +231,11 @@ class SteeringHooks:
         if call.future.cancelled() or exc is not None:
             self._fail_call(call, "steerer_error", f"the steerer failed: {exc!r}")
             return
-        answered = {}
-        for row_actions in call.future.result() or []:
-            answered[row_actions.request_id] = row_actions
+        try:
+            answered = {a.request_id: a for a in call.future.result() or []}
+        except Exception as exc:  # noqa: BLE001 - an answer that is not RowActions
+            self._fail_call(call, "steerer_error", f"the steerer answered nonsense: {exc!r}")
+            return
         for request_id, (seq, events) in call.rows.items():
             seq.steering.in_flight = False
             row_actions = answered.get(request_id)
@@ -267,6 +269,11 @@ class SteeringHooks:
             except (IllegalActionError, EngineError) as exc:
                 finish(seq, "error", f"steering: {exc}")
                 return
+            except Exception as exc:  # noqa: BLE001 - applying it broke: this row fails alone
+                log.warning("request %s: applying %r failed", seq.request_id, action,
+                            exc_info=True)  # fmt: skip
+                finish(seq, "error", f"steering: applying {type(action).__name__} failed: {exc!r}")
+                return
 
     def _apply(self, seq: Sequence, action: Any) -> None:
         if isinstance(action, Noop):
@@ -274,6 +281,7 @@ class SteeringHooks:
         step = seq.num_generated
         detail: dict[str, Any] = {}
         if isinstance(action, AdjustedLogits):
+            self.editor.check_logits(action)
             if action.step < step:
                 return self._late(seq, action)
             seq.steering.pending_logits[action.step] = action
@@ -370,3 +378,4 @@ class SequenceEditor:
     def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None): ...
     def clear_vector(self, seq: Sequence, name: str | None) -> None: ...
     def reset_vectors(self, seq: Sequence) -> None: ...
+    def check_logits(self, action: AdjustedLogits) -> None: ...

@@ -385,3 +385,52 @@ def test_unchanged_row_deltas_reuse_one_stacked_tensor(ckpt):
     assert again is not first and again[:, 1].eq(-1).all()
     assert eng._steer_deltas([b]) is not again
     assert eng._steer_deltas([eng.seqs["b"]])[:, 0].eq(-1).all()
+
+
+def test_anything_raised_while_stepping_one_row_fails_that_row_alone(ckpt, hf, monkeypatch):
+    """Rows whose steering answer breaks in the engine (a delta the sampler cannot use, a
+    coefficient past the cap, tokens that are not ints) or whose sampling raises end with
+    finish_reason "error"; the other rows of the same batch are untouched, and the engine goes
+    on serving."""
+    vocab = 512
+
+    def decide(row, step):
+        if step != 2:
+            return []
+        return {
+            "bad-delta": [AdjustedLogits(step, delta=torch.empty(vocab, device="meta"))],
+            "bad-shape": [AdjustedLogits(step, delta=torch.zeros(3))],
+            "bad-coeff": [SteerVector("v", 1e30)],
+            "bad-tokens": [ForceTokens(["x"])],
+        }.get(row.request_id, [])
+
+    eng = make_engine(ckpt, Policy(decide))
+    eng.register_vector("v", torch.ones(2, 64))
+    bad = ["bad-delta", "bad-shape", "bad-coeff", "bad-tokens"]
+    outs = run(eng, *(steered(rid) for rid in ["good-1", *bad, "good-2"]))
+    for rid in bad:
+        assert outs[rid][-1].finish_reason == "error" and outs[rid][-1].error, rid
+        assert len(tokens(outs[rid])) <= 3
+    assert "1e+30" in outs["bad-coeff"][-1].error and "(3,)" in outs["bad-shape"][-1].error
+    assert "sampling" in outs["bad-delta"][-1].error
+    expected = hf_greedy(hf, PROMPT, 10)
+    assert tokens(outs["good-1"]) == tokens(outs["good-2"]) == expected
+    assert eng.stats().failed_rows >= 1
+
+    import models.engine.llm_engine as core  # sampling that raises on one row's params
+
+    original = core.sample
+
+    def picky(logits, seqs):
+        if any(s.request_id == "cursed" for s in seqs):
+            raise OverflowError("Overflow when unpacking long long")
+        return original(logits, seqs)
+
+    monkeypatch.setattr(core, "sample", picky)
+    plain = [GenerationRequest(rid, list(PROMPT), SamplingParams(max_tokens=6, temperature=0))
+             for rid in ("a", "cursed", "b")]  # fmt: skip
+    outs = run(eng, *plain)
+    assert outs["cursed"][-1].finish_reason == "error" and "Overflow" in outs["cursed"][-1].error
+    assert tokens(outs["a"]) == tokens(outs["b"]) == expected[:6]
+    monkeypatch.setattr(core, "sample", original)
+    assert tokens(run(eng, steered("after", max_tokens=4))["after"]) == expected[:4]

@@ -199,6 +199,8 @@ class LogitPolicy(Policy):
         actions: list[list[Action]] = [[] for _ in rows]
         if due:
             deltas = self.big_vocab_delta(self.deltas([rows[row][0] for row, _ in due]))
+            for row, step in due:  # only now: a call that raised may be retried row by row
+                rows[row][0].scratch["adjusted_step"] = step
             for delta, (row, step) in zip(deltas, due, strict=True):  # views of one tensor
                 alpha = self.plausibility_alpha(rows[row][0])
                 actions[row].append(AdjustedLogits(step, None, delta, alpha))
@@ -222,14 +224,14 @@ def adjust_step(state: RequestState, event: Event) -> int | None:
     """For logit policies: the step to send AdjustedLogits for after `event`, or None.
 
     The small model's outputs predict generated token `state.next_step`; a request gets one
-    adjustment per step, answered on the first event of a call that allows AdjustedLogits.
+    adjustment per step (LogitPolicy.decide records it in scratch["adjusted_step"]), answered
+    on the first event of a call that allows AdjustedLogits.
     """
     if not isinstance(event, (Prefilled, ForwardPass, Added)):
         return None
     step = state.next_step
     if state.scratch.get("adjusted_step") == step:
         return None
-    state.scratch["adjusted_step"] = step
     return step
 
 
