@@ -205,11 +205,16 @@ class LLMEngine(SequenceEditor):
 
     def step(self) -> list[RequestOutput]:
         self.steering.poll()
+        unparked = self.steering.take_unparked()  # their answer came: sample, then run them
+        if unparked:
+            self._append_tokens([(s, lg, self.steering.take_adjustment(s)) for s, lg in unparked])
         self._release_finished(drop=False)
         scheduled = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         if scheduled:
             self._run(scheduled)
+        elif self.steering.parked:  # only rows waiting for the Steerer: wait with them
+            self.steering.wait_parked()
         for seq in list(self.seqs.values()):
             held = seq.steering.held_tokens if seq.steering is not None else 0
             try:
@@ -235,8 +240,13 @@ class LLMEngine(SequenceEditor):
         sampling = [(item.seq, row) for item, row, s in rows if s]
         self.steering.consult(sampling, self._stats.steps)
         adjustments = [self.steering.take_adjustment(s) for s, _ in sampling]
+        parked = self.steering.is_parked
         ready = [(s, lg, adjust) for (s, lg), adjust in zip(sampling, adjustments, strict=True)
-                 if not s.is_finished and s.num_uncomputed == 0]  # fmt: skip
+                 if not s.is_finished and s.num_uncomputed == 0 and not parked(s)]  # fmt: skip
+        self._append_tokens(ready)
+
+    def _append_tokens(self, ready: list[tuple[Sequence, torch.Tensor, Any]]) -> None:
+        """Sample the rows (seq, logits, adjustment) and append their tokens."""
         for seq, (token, logprob) in self._sample_rows(ready):
             step = seq.num_generated
             seq.append([token], [logprob])

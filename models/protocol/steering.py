@@ -269,6 +269,7 @@ class RowActions:
     actions: list[Action] = field(default_factory=list)
     resync: bool = False
     error: str | None = None
+    unavailable: bool = False  # with error: the Steerer was not consulted (its breaker is open)
 
     def owning_tensors(self) -> RowActions:
         """The same actions with every tensor owning its memory. A policy may answer a step's

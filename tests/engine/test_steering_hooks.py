@@ -434,3 +434,37 @@ def test_anything_raised_while_stepping_one_row_fails_that_row_alone(ckpt, hf, m
     assert tokens(outs["a"]) == tokens(outs["b"]) == expected[:6]
     monkeypatch.setattr(core, "sample", original)
     assert tokens(run(eng, steered("after", max_tokens=4))["after"]) == expected[:4]
+
+
+def test_rows_that_do_not_wait_never_wait_for_a_slow_steerer(ckpt, hf):
+    """A sync row whose Steerer takes 0.5 s per call sits out (parked) while a plain row and an
+    async row of the same batch run at full speed; the sync row still gets every answer
+    before each of its tokens, and its text is whole."""
+    policy = Policy(delay=0.5)
+    eng = make_engine(ckpt, policy)
+    plain = GenerationRequest("plain", list(PROMPT), SamplingParams(max_tokens=10, temperature=0))
+    for r in (steered("sync", "sync", max_tokens=3), plain, steered("async", "async")):
+        eng.add_request(r)
+    start, done, outs = time.monotonic(), {}, {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            outs.setdefault(out.request_id, []).append(out)
+            if out.finished:
+                done[out.request_id] = time.monotonic() - start
+    assert done["plain"] < 0.45 and done["async"] < 0.45, done
+    assert done["sync"] >= 3 * 0.5, done  # each of its tokens waited for its answer
+    expected = hf_greedy(hf, PROMPT, 10)
+    assert tokens(outs["sync"]) == expected[:3] and tokens(outs["plain"]) == expected
+    assert [o.interventions for o in outs["sync"] if o.interventions] == []  # none timed out
+    assert sum(1 for call in policy.calls for r in call if r.request_id == "sync") == 3
+
+
+def test_a_dead_steerer_costs_the_step_its_timeout_only_and_the_row_goes_on(ckpt, hf):
+    policy = Policy(delay=30.0)  # never answers in time
+    eng = make_engine(ckpt, policy)
+    plain = GenerationRequest("plain", list(PROMPT), SamplingParams(max_tokens=10, temperature=0))
+    start = time.monotonic()
+    outs = run(eng, steered("sync", "sync", max_tokens=6, timeout_s=0.3), plain)
+    assert time.monotonic() - start < 3.0
+    assert tokens(outs["sync"]) == hf_greedy(hf, PROMPT, 6) and tokens(outs["plain"])
+    assert [i.action for o in outs["sync"] for i in o.interventions] == ["steerer_timeout"]
