@@ -237,3 +237,28 @@ def test_a_changed_vector_spec_is_extracted_again(big, tmp_path):
     again = library.get("happy")
     assert again.metadata["spec"] != first.metadata["spec"] and again.metadata["pool"] == "mean"
     assert not torch.equal(again.directions[1], first.directions[1])
+
+
+def test_a_poisoned_file_already_in_the_library_is_left_out(tmp_path):
+    """A NaN vector written before uploads were checked neither stops the replica's start
+    (sync) nor the listing; the good ones are served."""
+    from models.steering.vector_service import VectorService
+
+    service = VectorService(SteeringConfig(vector_dir=str(tmp_path)), resolve_source("builtin:tiny").big)
+    layers, hidden = service.library.num_layers, service.library.hidden_size
+    service.library.add(SteeringVector("good", {1: torch.ones(hidden)}))
+    poisoned = SteeringVector("bad", {1: torch.ones(hidden)})
+    poisoned.directions[1][0] = float("nan")
+    save_gguf(poisoned, tmp_path / "bad.gguf")
+
+    class Engine:  # records registrations (plumbing stand-in)
+        registered: dict = {}
+
+        def register_vector(self, name, vector):
+            assert vector.shape == (layers, hidden)
+            self.registered[name] = vector
+
+    engine = Engine()
+    service.sync(engine)
+    assert list(engine.registered) == ["good"]
+    assert [v["id"] for v in service.describe()] == ["good"]
