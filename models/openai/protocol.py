@@ -81,6 +81,9 @@ class SteeringOptions(BaseModel):
         """The policy part, typed once for the engine: None without a policy; 404 for a policy
         the config does not have. policies: name -> the config's default params."""
         if self.policy is None:
+            if self.params:
+                raise OpenAIError("steering.params needs a steering.policy to apply to",
+                                  400, param="steering.params", code="invalid_value")  # fmt: skip
             return None
         if self.policy not in policies:
             raise OpenAIError(

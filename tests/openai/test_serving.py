@@ -124,6 +124,7 @@ def test_auto_routes_through_the_router(engine):
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ({"model": "tandem", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "steering": {"policy": "x"}}, 404, "steering.policy"),
+    ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "steering": {"params": {"alpha": 2}}}, 400, "steering.params"),
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),
     ("not an object", 400, None),
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, 400, "seed"),
