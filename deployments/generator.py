@@ -24,7 +24,7 @@ from models.engine import build_engine
 from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
-from models.steering.observer import ReplicaObserver
+from models.steering.observer import CircuitBreaker, ReplicaObserver
 from models.steering.runtime import SteeringRuntime
 from models.steering.vector_service import VectorService
 
@@ -43,10 +43,8 @@ class Generator:
                               for a in self.config.adapters}  # fmt: skip
         self.vectors = VectorService(self.config.steering, self.paths.big)
         self.observer = ReplicaObserver(
-            steerer.process.remote if steerer else None,
-            steerer.release.remote if steerer else None,
-            self._load_colocated,
-        )
+            steerer.process.remote if steerer else None, steerer.release.remote if steerer
+            else None, self._load_colocated, CircuitBreaker.from_config(self.config.steering))
         self.sessions = Sessions(self.config.server.stream_interval_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0

@@ -13,6 +13,7 @@ ENGINE_GAUGES = {
     "generated_tokens": "Tokens generated since start.",
     "steps": "Engine steps since start.",
     "observer_calls": "Steerer calls since start (one per steered step).",
+    "failed_rows": "Rows finished with an error because stepping them alone raised.",
 }
 
 

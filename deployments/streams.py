@@ -265,7 +265,8 @@ class GeneratorStreams:
                 if not any(where == replica for _, where in self.buffers.values()):
                     return
         except Exception as exc:  # noqa: BLE001 - every request on that replica fails
-            error = exc
+            error = exc if isinstance(exc, TandemError) else GeneratorGoneError(
+                f"the Generator replica {replica} failed mid-generation: {exc!r}")
         for buffer, where in list(self.buffers.values()):
             if where == replica:
                 buffer.put(error)

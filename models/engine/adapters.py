@@ -11,6 +11,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -214,11 +215,25 @@ class LoRAAdapters:
             alpha = cfg.get("alpha_pattern", {}).get(
                 module.split(".")[-1], cfg.get("lora_alpha", 8)
             )
+            if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise EngineError(f"{path}: lora_alpha of '{module}' is {alpha!r}, not a number")
             scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+            _check_finite(path, module, a, b * scale, layer.lora_b)
             out[module] = (a, b, scale)
         if not out:
             raise EngineError(f"{path}: no LoRA weights found")
         return out
+
+
+def _check_finite(path: str, module: str, a: torch.Tensor, b: torch.Tensor, slot: Any) -> None:
+    """EngineError unless both LoRA factors stay finite in the slots' dtype (one NaN there
+    would turn every row of every adapter that shares the batch into NaN)."""
+    dtype = slot.dtype if slot is not None else a.dtype
+    if not all(bool(torch.isfinite(t.to(dtype)).all()) for t in (a, b)):
+        raise EngineError(
+            f"{path}: the LoRA weights of '{module}' hold NaN or infinite values (or values "
+            f"past {dtype}'s range); refusing the adapter"
+        )
 
 
 def _is_regex(target: str) -> bool:

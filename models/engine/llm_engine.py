@@ -9,6 +9,7 @@ its own engine thread.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,29 @@ from models.protocol.errors import (
 )
 from models.protocol.outputs import EngineStats, RequestOutput
 from models.protocol.requests import GenerationRequest, SamplingParams
-from models.protocol.steering import Added, Sampled, StepObserver
+from models.protocol.steering import (
+    MAX_STEER_COEFF,
+    Added,
+    AdjustedLogits,
+    Sampled,
+    StepObserver,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _sample(ready: list[tuple[Sequence, torch.Tensor, Any]]) -> list[tuple]:
+    """Sample rows (seq, logits [vocab], AdjustedLogits or None) as one batch."""
+    logits = stack_rows([lg for _, lg, _ in ready])  # rows of one output: no copy
+    logits = apply_adjustments(logits, [adjust for *_, adjust in ready])
+    return sample(logits, [s for s, *_ in ready])
+
+
+def error_output(seq: Sequence) -> RequestOutput:
+    """The last output of a row whose output could not be built: its error, no text."""
+    return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error",
+                         num_prompt_tokens=seq.num_prompt_tokens,
+                         num_generated_tokens=seq.num_generated, error=seq.error)  # fmt: skip
 
 
 def load_tokenizer(model_path: str | Path) -> Any | None:
@@ -182,14 +205,23 @@ class LLMEngine(SequenceEditor):
 
     def step(self) -> list[RequestOutput]:
         self.steering.poll()
+        unparked = self.steering.take_unparked()  # their answer came: sample, then run them
+        if unparked:
+            self._append_tokens([(s, lg, self.steering.take_adjustment(s)) for s, lg in unparked])
         self._release_finished(drop=False)
         scheduled = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         if scheduled:
             self._run(scheduled)
+        elif self.steering.parked:  # only rows waiting for the Steerer: wait with them
+            self.steering.wait_parked()
         for seq in list(self.seqs.values()):
             held = seq.steering.held_tokens if seq.steering is not None else 0
-            out = self.outputs.collect(seq, held)
+            try:
+                out = self.outputs.collect(seq, held)
+            except Exception as exc:  # noqa: BLE001 - this row's text: it fails alone
+                self.fail_row(seq, "building the output", exc)
+                out = error_output(seq)
             if out is not None:
                 outputs.append(out)
         self._release_finished(drop=True)
@@ -208,19 +240,46 @@ class LLMEngine(SequenceEditor):
         sampling = [(item.seq, row) for item, row, s in rows if s]
         self.steering.consult(sampling, self._stats.steps)
         adjustments = [self.steering.take_adjustment(s) for s, _ in sampling]
+        parked = self.steering.is_parked
         ready = [(s, lg, adjust) for (s, lg), adjust in zip(sampling, adjustments, strict=True)
-                 if not s.is_finished and s.num_uncomputed == 0]  # fmt: skip
-        if not ready:
-            return
-        logits = stack_rows([lg for _, lg, _ in ready])  # rows of one output: no copy
-        logits = apply_adjustments(logits, [adjust for *_, adjust in ready])
-        tokens = sample(logits, [s for s, *_ in ready])
-        for (seq, *_), (token, logprob) in zip(ready, tokens, strict=True):
+                 if not s.is_finished and s.num_uncomputed == 0 and not parked(s)]  # fmt: skip
+        self._append_tokens(ready)
+
+    def _append_tokens(self, ready: list[tuple[Sequence, torch.Tensor, Any]]) -> None:
+        """Sample the rows (seq, logits, adjustment) and append their tokens."""
+        for seq, (token, logprob) in self._sample_rows(ready):
             step = seq.num_generated
             seq.append([token], [logprob])
-            self.steering.record(seq, Sampled(step=step, token_id=token))
-            self.outputs.check_stop(seq, sampled=True)
             self._stats.generated_tokens += 1
+            try:
+                self.steering.record(seq, Sampled(step=step, token_id=token))
+                self.outputs.check_stop(seq, sampled=True)
+            except Exception as exc:  # noqa: BLE001 - this row's stop check: it fails alone
+                self.fail_row(seq, "checking stop conditions", exc)
+
+    def _sample_rows(self, ready: list[tuple[Sequence, torch.Tensor, Any]]) -> list[tuple]:
+        """(seq, (token, logprob)) for the ready rows (seq, logits, adjustment), sampled in
+        one batch; if that raises, row by row, so that a row whose adjustment or sampling
+        fails is finished with an error alone and the others get their token."""
+        try:
+            return list(zip([s for s, *_ in ready], _sample(ready), strict=True))
+        except Exception:  # noqa: BLE001 - find the row(s) at fault below
+            if len(ready) > 1:
+                log.warning("sampling a batch of %d rows failed; sampling row by row", len(ready))
+        sampled = []
+        for row in ready:
+            try:
+                sampled.append((row[0], _sample([row])[0]))
+            except Exception as exc:  # noqa: BLE001 - this row fails alone
+                self.fail_row(row[0], "sampling", exc)
+        return sampled
+
+    def fail_row(self, seq: Sequence, what: str, exc: BaseException) -> None:
+        """Finish one row with an error: something raised while stepping it alone."""
+        log.warning("request %s: %s failed: %r", seq.request_id, what, exc)
+        self._stats.failed_rows += 1
+        if not seq.is_finished:
+            finish(seq, "error", f"{what} failed for this request: {exc!r}")
 
     def _release_finished(self, drop: bool) -> None:
         """Free the blocks and adapter slots of finished rows; `drop` forgets them (after
@@ -258,7 +317,10 @@ class LLMEngine(SequenceEditor):
                 f"steering vector '{name}' has shape {tuple(vector.shape)}; this model needs "
                 f"[num_layers, hidden] = {list(expected)}"
             )
-        self.vectors[name] = vector.detach().float().cpu()
+        vector = vector.detach().float().cpu()
+        if not bool(torch.isfinite(vector).all()):
+            raise EngineError(f"steering vector '{name}' holds NaN or infinite values")
+        self.vectors[name] = vector
         for seq in self.seqs.values():  # a replaced vector changes the cached row sums
             seq.steer_delta = None
 
@@ -279,7 +341,13 @@ class LLMEngine(SequenceEditor):
             return None
         for seq in seqs:
             if seq.steer_vectors and seq.steer_delta is None:
-                seq.steer_delta = to_device(self._row_delta(seq), torch.float32, self.runner.device)
+                try:
+                    delta = self._row_delta(seq)
+                except Exception as exc:  # noqa: BLE001 - this row's vectors: it fails alone
+                    self.fail_row(seq, "adding steering vectors", exc)
+                    seq.steer_vectors = {}
+                    continue
+                seq.steer_delta = to_device(delta, torch.float32, self.runner.device)
                 self._steer_versions += 1
                 seq.steer_version = self._steer_versions
         key = tuple(s.steer_version if s.steer_vectors else 0 for s in seqs)
@@ -340,6 +408,11 @@ class LLMEngine(SequenceEditor):
 
     def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None):
         self._check_vector(name, layers)
+        if not abs(coeff) <= MAX_STEER_COEFF:  # NaN too
+            raise EngineError(
+                f"SteerVector '{name}': coeff {coeff} outside [-{MAX_STEER_COEFF:g}, "
+                f"{MAX_STEER_COEFF:g}]"
+            )
         seq.steer_vectors[name] = (coeff, layers)
         seq.steer_delta = None
 
@@ -349,6 +422,19 @@ class LLMEngine(SequenceEditor):
         else:
             seq.steer_vectors.pop(name, None)
         seq.steer_delta = None
+
+    def check_logits(self, action: AdjustedLogits) -> None:
+        vocab = self.args.vocab_size
+        for name in ("logits", "delta"):
+            tensor = getattr(action, name)
+            if tensor is not None and tuple(tensor.shape) != (vocab,):
+                raise EngineError(
+                    f"AdjustedLogits.{name} has shape {tuple(tensor.shape)}; this model needs "
+                    f"[{vocab}]"
+                )
+        alpha = action.plausibility_alpha
+        if alpha is not None and not 0 <= alpha <= 1:
+            raise EngineError(f"AdjustedLogits.plausibility_alpha {alpha} outside [0, 1]")
 
     def reset_vectors(self, seq: Sequence) -> None:
         seq.steer_vectors = {s.name: (s.coeff, s.layers) for s in seq.request.steer_vectors}

@@ -48,8 +48,8 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         # stable: decode rows keep arrival order, and so do the prefilling rows behind them
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):
-            if seq.status != SequenceStatus.RUNNING or budget == 0:
-                continue
+            if seq.status != SequenceStatus.RUNNING or budget == 0 or seq.num_uncomputed == 0:
+                continue  # (nothing to run: a row parked until the Steerer answers)
             num_tokens = min(seq.num_uncomputed, budget)
             if not self._make_room(seq, seq.num_computed + num_tokens, scheduled):
                 continue

@@ -4,11 +4,14 @@ Once per engine step, every steered row that is due (every k generated tokens, a
 its own still in flight) contributes its events since its last call, ending with
 ForwardPass(step) for the token about to be sampled, to ONE `observer.on_step(rows)` call.
 `sync` and `colocated` rows wait for the answer before sampling (their ForwardPass carries
-logits); `async` rows never wait: their actions are applied at the first step after they
+logits); when the step has other rows to sample, those never wait: the waiting rows are
+*parked* (left out of the next forwards) and sampled at the first step after their answer
+arrived or their timeout passed. `async` rows never wait: their actions are applied at the first step after they
 arrive, and an AdjustedLogits for a token already sampled is dropped and reported as late.
 A call that raises or passes timeout_s leaves its rows unsteered for the rest of the request
 (policy vectors cleared, static steer_vectors kept), flagged by an Intervention
-"steerer_error" / "steerer_timeout". ForceOutput cannot take back text already streamed: when
+"steerer_error" / "steerer_timeout" ("steerer_unavailable" when the observer did not consult a
+Steerer that kept failing). ForceOutput cannot take back text already streamed: when
 `text` does not start with it, the client gets `text` whole after what it already has. An action the legality table forbids after every event
 of its call finishes the row with finish_reason "error".
 """
@@ -110,6 +113,9 @@ class SteeringHooks:
         self.runner = CoroutineRunner()
         self.in_flight: list[ObserverCall] = []
         self.num_calls = 0
+        # sync rows waiting for their call while the step's other rows went on: id -> (seq,
+        # the logits their token is sampled from once the answer is applied)
+        self.parked: dict[str, tuple[Sequence, torch.Tensor]] = {}
 
     def record(self, seq: Sequence, event: Event) -> None:
         if seq.steering is not None and seq.steering.enabled:
@@ -160,7 +166,13 @@ class SteeringHooks:
         timeout = max(s.steering.request.timeout_s for s, _ in due)
         call = ObserverCall(self._submit(batch), call_rows, time.monotonic() + timeout, step_index)
         self.num_calls += 1
-        if any(s.steering.waits for s, _ in due):
+        waiting = [(s, lg) for s, lg in due if s.steering.waits]
+        if waiting and len(waiting) < len(rows) and not call.future.done():
+            # rows that do not wait for this call are in the step: they get their tokens
+            # now, and the waiting rows sit out until the answer (or their timeout) comes
+            self.parked.update((s.request_id, (s, lg)) for s, lg in waiting)
+            self.in_flight.append(call)
+        elif waiting:
             try:
                 call.future.result(timeout=timeout)
             except concurrent.futures.TimeoutError:
@@ -172,6 +184,29 @@ class SteeringHooks:
             self._finish_call(call)
         else:
             self.in_flight.append(call)
+
+    def is_parked(self, seq: Sequence) -> bool:
+        return seq.request_id in self.parked
+
+    def take_unparked(self) -> list[tuple[Sequence, torch.Tensor]]:
+        """Parked rows whose call was answered, failed or timed out (see `poll`), with the
+        logits they wait to sample from; finished ones are dropped."""
+        out = []
+        for request_id, (seq, logits) in list(self.parked.items()):
+            if seq.is_finished or not seq.steering.in_flight:
+                del self.parked[request_id]
+                if not seq.is_finished and seq.num_uncomputed == 0:
+                    out.append((seq, logits))
+        return out
+
+    def wait_parked(self) -> None:
+        """Nothing else to run: wait for the first call a parked row waits on, until the
+        earliest deadline among them (`poll` then applies or times it out)."""
+        calls = [c for c in self.in_flight if any(r in self.parked for r in c.rows)]
+        if calls:
+            timeout = max(0.0, min(c.deadline for c in calls) - time.monotonic())
+            concurrent.futures.wait([c.future for c in calls], timeout,
+                                    concurrent.futures.FIRST_COMPLETED)  # fmt: skip
 
     def prefetch(self, seqs: list[Sequence]) -> None:
         """Give the observer's `prefetch(rows)` (a colocated steering runtime reads there) the
@@ -231,9 +266,11 @@ class SteeringHooks:
         if call.future.cancelled() or exc is not None:
             self._fail_call(call, "steerer_error", f"the steerer failed: {exc!r}")
             return
-        answered = {}
-        for row_actions in call.future.result() or []:
-            answered[row_actions.request_id] = row_actions
+        try:
+            answered = {a.request_id: a for a in call.future.result() or []}
+        except Exception as exc:  # noqa: BLE001 - an answer that is not RowActions
+            self._fail_call(call, "steerer_error", f"the steerer answered nonsense: {exc!r}")
+            return
         for request_id, (seq, events) in call.rows.items():
             seq.steering.in_flight = False
             row_actions = answered.get(request_id)
@@ -256,7 +293,8 @@ class SteeringHooks:
         if row_actions.resync:
             seq.steering.send_token_ids = True
         if row_actions.error:
-            self._unsteer(seq, "steerer_error", row_actions.error)
+            kind = "steerer_unavailable" if row_actions.unavailable else "steerer_error"
+            self._unsteer(seq, kind, row_actions.error)
             return
         for action in row_actions.actions:
             if seq.is_finished:
@@ -267,6 +305,11 @@ class SteeringHooks:
             except (IllegalActionError, EngineError) as exc:
                 finish(seq, "error", f"steering: {exc}")
                 return
+            except Exception as exc:  # noqa: BLE001 - applying it broke: this row fails alone
+                log.warning("request %s: applying %r failed", seq.request_id, action,
+                            exc_info=True)  # fmt: skip
+                finish(seq, "error", f"steering: applying {type(action).__name__} failed: {exc!r}")
+                return
 
     def _apply(self, seq: Sequence, action: Any) -> None:
         if isinstance(action, Noop):
@@ -274,6 +317,7 @@ class SteeringHooks:
         step = seq.num_generated
         detail: dict[str, Any] = {}
         if isinstance(action, AdjustedLogits):
+            self.editor.check_logits(action)
             if action.step < step:
                 return self._late(seq, action)
             seq.steering.pending_logits[action.step] = action
@@ -370,3 +414,4 @@ class SequenceEditor:
     def set_vector(self, seq: Sequence, name: str, coeff: float, layers: list[int] | None): ...
     def clear_vector(self, seq: Sequence, name: str | None) -> None: ...
     def reset_vectors(self, seq: Sequence) -> None: ...
+    def check_logits(self, action: AdjustedLogits) -> None: ...

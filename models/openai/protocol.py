@@ -27,7 +27,7 @@ from pydantic import (
 
 from models.openai.errors import OpenAIError
 from models.protocol.requests import SteerVectorSpec
-from models.protocol.steering import SteeringMode, SteeringRequest
+from models.protocol.steering import MAX_STEER_COEFF, SteeringMode, SteeringRequest
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
@@ -56,7 +56,7 @@ class SteeringVectorRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    coeff: float = Field(1.0, ge=-100, le=100)
+    coeff: float = Field(1.0, ge=-MAX_STEER_COEFF, le=MAX_STEER_COEFF)
     layers: list[int] | None = None
 
 
@@ -81,6 +81,9 @@ class SteeringOptions(BaseModel):
         """The policy part, typed once for the engine: None without a policy; 404 for a policy
         the config does not have. policies: name -> the config's default params."""
         if self.policy is None:
+            if self.params:
+                raise OpenAIError("steering.params needs a steering.policy to apply to",
+                                  400, param="steering.params", code="invalid_value")  # fmt: skip
             return None
         if self.policy not in policies:
             raise OpenAIError(
@@ -374,12 +377,15 @@ class TandemInfo(BaseModel):
     sources: list[dict[str, Any]] = Field(default_factory=list)
     interventions: list[dict[str, Any]] = Field(default_factory=list)
     errors: list[ChoiceError] | None = None
+    # steered choices that went on unsteered: {"index", "reason", "message"}
+    unsteered_because: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _errors_only_when_any(self, handler):
         data = handler(self)
-        if self.errors is None:
-            del data["errors"]
+        for key in ("errors", "unsteered_because"):
+            if getattr(self, key) is None:
+                del data[key]
         return data
 
 

@@ -10,7 +10,6 @@ objects.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,6 @@ from models.openai.protocol import (
     ChatCompletionResponse,
     ChatLogprobs,
     ChatLogprobToken,
-    ChoiceError,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -39,10 +37,13 @@ from models.openai.protocol import (
     now,
     parse_request,
 )
+from models.openai.streaming import ChoiceStream, StreamedResponse, final_tandem, sse_events
 from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
 from models.protocol.steering import SteeringMode, SteeringRequest
+from models.steering.policies.admission import PolicyAdmission
+from models.steering.policies.base import PolicyParamsError
 
 if TYPE_CHECKING:
     from models.config import TandemConfig
@@ -81,6 +82,7 @@ class ServingLimits:
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> default params
     default_steering_mode: SteeringMode = "async"
     steering_timeout_s: float = 2.0
+    policy_admission: PolicyAdmission | None = None  # types each request's steering.params
 
 
 @dataclass
@@ -131,6 +133,8 @@ class OpenAIServing:
             policies={p.name: dict(p.params) for p in config.steering.policies},
             default_steering_mode=config.steering.default_mode,
             steering_timeout_s=config.steering.timeout_s,
+            policy_admission=PolicyAdmission.from_config(
+                config.steering, getattr(model_cfg, "num_hidden_layers", None)),
         )
         return cls(model_name=config.model.name, tokenizer=AutoTokenizer.from_pretrained(big),
                    backends=backends, limits=limits)
@@ -265,15 +269,21 @@ class OpenAIServing:
         s = req.steering
         if s is None:
             return [], None
-        if s.vectors:
-            known = await self._vector_names()
-            for v in s.vectors:
-                if v.name not in known:
-                    error = VectorNotFoundError.naming(v.name, known, param="steering.vectors")
-                    raise to_openai_error(error)
         limits = self.limits
         policy = s.to_request(limits.policies, limits.default_steering_mode,
                               limits.steering_timeout_s)  # fmt: skip
+        named = [(v.name, "steering.vectors") for v in s.vectors]
+        if policy is not None and limits.policy_admission is not None:
+            try:
+                vectors = limits.policy_admission.check(policy.policy, s.params)
+            except PolicyParamsError as exc:
+                raise OpenAIError(str(exc), 400, param=exc.param, code="invalid_value") from None
+            named += [(name, "steering.params.vector") for name in vectors]
+        if named:
+            known = await self._vector_names()
+            for name, param in named:
+                if name not in known:
+                    raise to_openai_error(VectorNotFoundError.naming(name, known, param=param))
         return s.vector_specs(), policy
 
     def _sampling(self, req: SamplingFields, i: int, limit: int | None, prompt_len: int) -> SamplingParams:
@@ -372,7 +382,7 @@ class OpenAIServing:
 
     async def _respond(self, prep: PreparedRequest, chat: bool) -> dict | AsyncIterator[str]:
         reqs = self._engine_requests(prep)
-        streams = [_Stream(self.backends.generate(r)) for r in reqs]
+        streams = [ChoiceStream(self.backends.generate(r)) for r in reqs]
         # The first output of every choice arrives before we answer, so errors found at admission
         # (adapter unknown, prompt too long, queue full) become proper HTTP errors, not broken SSE.
         try:
@@ -386,16 +396,14 @@ class OpenAIServing:
             return self._sse(prep, streams, chat)
         return await self._collect(prep, streams, chat)
 
-    async def _collect(self, prep: PreparedRequest, streams: list[_Stream], chat: bool) -> dict:
+    async def _collect(self, prep: PreparedRequest, streams: list[ChoiceStream], chat: bool) -> dict:
         try:
             choices = await asyncio.gather(*(s.drain() for s in streams))
         finally:  # on cancellation (client gone) too: the engine stops work on every choice
             await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
         usage = UsageInfo(prompt_tokens=sum(len(ids) for ids in prep.prompt_ids),
                           completion_tokens=sum(c.num_generated for c in choices))
-        errors = [ChoiceError(index=i, message=c.error) for i, c in enumerate(choices) if c.error]
-        tandem = prep.tandem.model_copy(
-            update={"interventions": _interventions(choices), "errors": errors or None})
+        tandem = final_tandem(prep.tandem, choices)
         if chat:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
@@ -417,53 +425,11 @@ class OpenAIServing:
         """The prompt text that leads a completion choice when `echo` is set, else ""."""
         return self.tokenizer.decode(prep.prompt_ids[choice // prep.n]) if prep.echo else ""
 
-    def _sse(self, prep: PreparedRequest, streams: list[_Stream], chat: bool) -> AsyncIterator[str]:
-        created = now()
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        tandem = prep.tandem.model_dump()
-
-        def chunk(choices: list[dict], **extra) -> str:
-            payload = {"id": prep.request_id, "object": obj, "created": created,
-                       "model": prep.model, "choices": choices, **extra}
-            return f"data: {json.dumps(payload)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                if chat:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}
-                                 for i in range(len(streams))], tandem=tandem)
-                elif prep.echo:
-                    yield chunk([{"index": i, "text": self._echo(prep, i),
-                                  "logprobs": None, "finish_reason": None}
-                                 for i in range(len(streams))], tandem=tandem)
-                async for index, out in _merge(streams):
-                    lp = None
-                    if out.logprobs:
-                        lps = self._chat_logprobs if chat else self._text_logprobs
-                        lp = lps(out.logprobs).model_dump()
-                    if out.text or out.finished or lp:
-                        body = {"delta": {"content": out.text}} if chat else {"text": out.text}
-                        choice = {"index": index, **body, "logprobs": lp,
-                                  "finish_reason": out.finish_reason if out.finished else None}
-                        extra = {}
-                        if out.finished and (out.interventions or out.error):
-                            extra["tandem"] = {"interventions": [
-                                {"index": index, **_intervention(iv)} for iv in out.interventions]}
-                            if out.error:
-                                extra["tandem"]["errors"] = [{"index": index, "message": out.error}]
-                        yield chunk([choice], **extra)
-                if prep.include_usage:
-                    usage = UsageInfo(prompt_tokens=sum(len(ids) for ids in prep.prompt_ids),
-                                      completion_tokens=sum(s.num_generated for s in streams))
-                    yield chunk([], usage=usage.model_dump())
-                yield "data: [DONE]\n\n"
-            except OpenAIError as exc:
-                yield f"data: {json.dumps(exc.to_dict())}\n\n"
-            finally:
-                await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
-
-        return events()
+    def _sse(self, prep: PreparedRequest, streams: list[ChoiceStream], chat: bool) -> AsyncIterator[str]:
+        resp = StreamedResponse(
+            prep.request_id, prep.model, prep.tandem, sum(len(ids) for ids in prep.prompt_ids),
+            prep.include_usage, (lambda i: self._echo(prep, i)) if prep.echo else None)
+        return sse_events(resp, streams, chat, self._chat_logprobs if chat else self._text_logprobs)
 
     # ---- logprobs ---------------------------------------------------------------------------
 
@@ -501,108 +467,6 @@ class OpenAIServing:
 
     async def _vector_names(self) -> list[str]:
         return list(await self.backends.vectors()) if self.backends.vectors else []
-
-
-class _Stream:
-    """One choice's engine stream: primed (first output awaited) and drained into a result."""
-
-    def __init__(self, it: AsyncIterator[RequestOutput]):
-        self.it = it
-        self.first: RequestOutput | None = None
-        self.text = ""
-        self.num_generated = 0
-        self.finish_reason: str | None = None
-        self.logprobs: list | None = None
-        self.interventions: list = []
-        self.error: str | None = None
-
-    async def prime(self) -> None:
-        try:
-            self.first = await self.it.__anext__()
-        except StopAsyncIteration:
-            raise OpenAIError("the engine ended the request without output", 500) from None
-        _raise_if_error(self.first)
-
-    def absorb(self, out: RequestOutput) -> None:
-        self.text += out.text
-        self.num_generated = max(self.num_generated, out.num_generated_tokens)
-        if out.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + list(out.logprobs)
-        self.interventions.extend(out.interventions)
-        if out.finished:
-            self.finish_reason = out.finish_reason
-            self.error = out.error
-
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
-        if self.first is not None:
-            first, self.first = self.first, None
-            self.absorb(first)
-            yield first
-            if first.finished:
-                return
-        async for out in self.it:
-            _raise_if_error(out)
-            self.absorb(out)
-            yield out
-            if out.finished:
-                return
-
-    async def drain(self) -> _Stream:
-        async for _ in self.outputs():
-            pass
-        return self
-
-    async def close(self) -> None:
-        aclose = getattr(self.it, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def _merge(streams: list[_Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several choices' outputs as they arrive."""
-    if len(streams) == 1:
-        async for out in streams[0].outputs():
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, s: _Stream) -> None:
-        try:
-            async for out in s.outputs():
-                await queue.put((i, out))
-        except BaseException as exc:  # surface the failure in the consumer
-            await queue.put((i, exc))
-        finally:
-            await queue.put((i, done))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(streams)
-    try:
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _raise_if_error(out: RequestOutput) -> None:
-    if out.finished and out.finish_reason == "error" and out.error and not out.token_ids and not out.text and out.num_generated_tokens == 0:
-        raise OpenAIError(out.error, 400, code="generation_error")
-
-
-def _intervention(iv: Any) -> dict:
-    return {"step": iv.step, "action": iv.action, **({"detail": iv.detail} if iv.detail else {})}
-
-
-def _interventions(choices: list[_Stream]) -> list[dict]:
-    return [{"index": i, **_intervention(iv)} for i, c in enumerate(choices) for iv in c.interventions]
 
 
 def _role(role: str) -> str:

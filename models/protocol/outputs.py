@@ -82,6 +82,7 @@ class EngineStats:
     total_blocks: int = 0
     preemptions: int = 0
     observer_calls: int = 0  # step-observer calls: one per engine step with due steered rows
+    failed_rows: int = 0  # rows finished with an error because stepping them alone raised
 
 
 class OutputBuffer:

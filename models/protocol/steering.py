@@ -19,6 +19,11 @@ import torch
 
 from models.protocol.errors import EngineError
 
+MAX_STEER_COEFF = 100.0
+"""Largest |coeff| of a steering vector, whether a request sets it (static vectors, a policy's
+params) or a policy answers it (SteerVector): far past where any vector still steers, short of
+where one turns a model's hidden states into overflow."""
+
 # ---- events ----------------------------------------------------------------------------------
 
 
@@ -264,6 +269,7 @@ class RowActions:
     actions: list[Action] = field(default_factory=list)
     resync: bool = False
     error: str | None = None
+    unavailable: bool = False  # with error: the Steerer was not consulted (its breaker is open)
 
     def owning_tensors(self) -> RowActions:
         """The same actions with every tensor owning its memory. A policy may answer a step's

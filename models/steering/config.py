@@ -56,6 +56,15 @@ class SteeringConfig(BaseModel):
     timeout_s: float = Field(
         2.0, gt=0, description="A Steerer call slower than this leaves the row unsteered."
     )
+    breaker_failures: int = Field(
+        3, ge=1, description="Remote Steerer calls failing or timing out in a row after which a "
+        "Generator replica stops consulting it for breaker_cooldown_s (its rows go on "
+        "unsteered at once, and their responses say so: tandem.unsteered_because).",
+    )  # fmt: skip
+    breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="How long an open breaker leaves the Steerer out; then one "
+        "call tries it again (success closes the breaker, failure opens it again).",
+    )  # fmt: skip
     vector_dir: str | None = Field(
         None,
         description="Directory of the steering-vector library (extracted vectors are cached "

@@ -165,7 +165,11 @@ class SteeringRuntime(StepObserver):
 
     def _drop_released(self) -> None:
         while self._released:
-            self._forget(self._released.pop())
+            request_id = self._released.pop()
+            try:
+                self._forget(request_id)
+            except Exception:  # noqa: BLE001 - a cache that will not free must not stop a step
+                log.exception("freeing the state of %s failed", request_id)
 
     def _forget(self, request_id: str) -> None:
         state = self.states.pop(request_id, None)
@@ -213,7 +217,11 @@ class SteeringRuntime(StepObserver):
             for i, _, actions in self._decide(policy, rows):
                 answers[i] = actions
         if self.config.read_ahead and self.small_model.reads_in_background:
-            self._read_ahead([(row, state, policy, answers[i]) for i, row, state, policy in live])
+            try:
+                self._read_ahead([(row, state, policy, answers[i])
+                                  for i, row, state, policy in live])  # fmt: skip
+            except Exception:  # noqa: BLE001 - only a guess: the next step reads for real
+                log.exception("small-model read-ahead failed")
         return [a for a in answers if a is not None]
 
     def _read_ahead(self, rows: list[tuple[RowEvents, RequestState, Policy, RowActions]]) -> None:
@@ -306,8 +314,10 @@ class SteeringRuntime(StepObserver):
         self, policy: Policy, rows: list[tuple[int, RowEvents, RequestState]]
     ) -> list[tuple[int, RowEvents, RowActions]]:
         """One `policy.decide` for the step's rows of that policy, each action checked against
-        its row's events; an error is reported on every row the call was for (on one row only
-        when its own action is illegal)."""
+        its row's events. If the call raises, each row is decided alone, so a row the policy
+        fails on is reported (on that row only) and the others get their actions."""
+        if len(rows) > 1 and type(policy).decide is Policy.decide:  # row by row anyway:
+            return [answer for row in rows for answer in self._decide(policy, [row])]  # alone
         try:
             decided = policy.decide([(state, row.events) for _, row, state in rows])
             if len(decided) != len(rows):
@@ -315,6 +325,8 @@ class SteeringRuntime(StepObserver):
                     f"policy '{policy.name}' answered {len(decided)} of {len(rows)} rows"
                 )
         except Exception as exc:  # noqa: BLE001 - reported on the rows
+            if len(rows) > 1:
+                return [answer for row in rows for answer in self._decide(policy, [row])]
             return [(i, row, self._error(row, exc)) for i, row, _ in rows]
         out = []
         for (i, row, _), actions in zip(rows, decided, strict=True):

@@ -9,6 +9,7 @@ does not have yet.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from models.protocol.engine import Engine
 from models.protocol.errors import TandemError
 from models.steering.config import SteeringConfig
 from models.steering.vectors import (
+    SteeringVector,
     VectorLibrary,
     ensure_default_vectors,
     extract_vector,
@@ -25,6 +27,8 @@ from models.steering.vectors import (
     save_gguf,
     transformers_hidden_states,
 )
+
+log = logging.getLogger(__name__)
 
 
 class VectorUploadError(TandemError):
@@ -56,12 +60,20 @@ class VectorService:
         return self.library.list()
 
     def sync(self, engine: Engine) -> None:
-        """Register with the engine every library vector it does not have yet."""
+        """Register with the engine every library vector it does not have yet (one that no
+        longer loads, e.g. a NaN file an older version accepted, is left out and logged)."""
         for name in self.library.list():
-            if name not in self._registered:
-                vector = self.library.get(name)
+            if name not in self._registered and (vector := self._get(name)) is not None:
                 engine.register_vector(name, vector.as_tensor(self.library.num_layers))
                 self._registered.add(name)
+
+    def _get(self, name: str) -> SteeringVector | None:
+        try:
+            return self.library.get(name)
+        except (ValueError, OSError) as exc:
+            log.warning("steering vector '%s' in %s is left out: %s", name, self.library.root,
+                        exc)  # fmt: skip
+            return None
 
     def registered(self, names: list[str]) -> bool:
         """Whether the engine already has every one of these vectors."""
@@ -71,7 +83,8 @@ class VectorService:
         """The vectors (or the one named) as OpenAI-list style objects."""
         out = []
         for vector_name in [name] if name else self.library.list():
-            v = self.library.get(vector_name)
+            if (v := self._get(vector_name)) is None:
+                continue
             out.append({"id": vector_name, "object": "steering.vector", "name": vector_name,
                         "layers": v.layers, "hidden_size": v.hidden_size,
                         "model_hint": v.model_hint, "metadata": v.metadata})

@@ -30,8 +30,18 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _METADATA_KEY = "tandem.metadata"
 
 
+MAX_DIRECTION_NORM = 1e4
+"""Largest L2 norm of one layer's direction a vector may have. Directions extracted from real
+models sit around 1 to a few hundred (the toy model's: 28 to 107); 1e4 times the largest
+coefficient a request may give (MAX_STEER_COEFF) still fits float16."""
+
+
 class VectorShapeError(ValueError):
     """A steering vector does not fit the model it is meant for."""
+
+
+class VectorValueError(ValueError):
+    """A steering vector holds NaN or infinite values, or absurdly large ones."""
 
 
 @dataclass
@@ -59,6 +69,8 @@ class SteeringVector:
             raise VectorShapeError(
                 f"steering vector '{self.name}' mixes hidden sizes {sorted(sizes)} across layers"
             )
+        for layer, d in self.directions.items():
+            check_direction(self.name, layer, d)
 
     @property
     def hidden_size(self) -> int:
@@ -92,6 +104,21 @@ class SteeringVector:
         if d is None:
             return hidden
         return hidden + coeff * d.to(device=hidden.device, dtype=hidden.dtype)
+
+
+def check_direction(name: str, layer: int, direction: torch.Tensor) -> None:
+    """Raise VectorValueError unless `direction` is finite with norm <= MAX_DIRECTION_NORM
+    (a poisoned vector would turn every steered row's output into garbage)."""
+    if not bool(torch.isfinite(direction).all()):
+        raise VectorValueError(
+            f"steering vector '{name}': layer {layer} holds NaN or infinite values"
+        )
+    norm = float(direction.double().norm())
+    if norm > MAX_DIRECTION_NORM:
+        raise VectorValueError(
+            f"steering vector '{name}': layer {layer} has norm {norm:.3g}; at most "
+            f"{MAX_DIRECTION_NORM:g} is accepted"
+        )
 
 
 @contextmanager

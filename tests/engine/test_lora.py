@@ -151,6 +151,30 @@ def test_bad_adapters_error_clearly_and_unload_nothing(base, adapters, tmp_path)
     assert run(eng, request("b", "beta"))["b"]  # still serving
 
 
+@pytest.mark.parametrize("poison", ["nan", "inf", "huge", "alpha"])
+def test_poisoned_adapters_are_refused_and_others_keep_serving(base, adapters, tmp_path, poison):
+    from safetensors.torch import load_file, save_file
+
+    eng = make_engine(base)
+    eng.adapters.load("beta", str(adapters["beta"]))
+    before = run(eng, request("b0", "beta"))["b0"]
+    bad = shutil.copytree(adapters["beta"], tmp_path / poison)
+    if poison == "alpha":
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        cfg["lora_alpha"] = float("nan")  # json writes NaN, and json.loads reads it back
+        (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    else:
+        tensors = load_file(str(bad / "adapter_model.safetensors"))
+        key = next(k for k in tensors if ".lora_B." in k)
+        value = {"nan": float("nan"), "inf": float("inf"), "huge": 1e38}[poison]
+        tensors[key][0, 0] = value  # huge: finite in float32, but times the scale it is not
+        save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(EngineError, match="NaN or infinite|not a number"):
+        eng.adapters.load("bad", str(bad))
+    assert eng.adapters.names() == ["beta"]
+    assert run(eng, request("b1", "beta"))["b1"] == before
+
+
 def test_unload_adapter(base, adapters):
     eng = make_engine(base)
     eng.adapters.load("alpha", str(adapters["alpha"]))

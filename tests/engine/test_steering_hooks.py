@@ -385,3 +385,86 @@ def test_unchanged_row_deltas_reuse_one_stacked_tensor(ckpt):
     assert again is not first and again[:, 1].eq(-1).all()
     assert eng._steer_deltas([b]) is not again
     assert eng._steer_deltas([eng.seqs["b"]])[:, 0].eq(-1).all()
+
+
+def test_anything_raised_while_stepping_one_row_fails_that_row_alone(ckpt, hf, monkeypatch):
+    """Rows whose steering answer breaks in the engine (a delta the sampler cannot use, a
+    coefficient past the cap, tokens that are not ints) or whose sampling raises end with
+    finish_reason "error"; the other rows of the same batch are untouched, and the engine goes
+    on serving."""
+    vocab = 512
+
+    def decide(row, step):
+        if step != 2:
+            return []
+        return {
+            "bad-delta": [AdjustedLogits(step, delta=torch.empty(vocab, device="meta"))],
+            "bad-shape": [AdjustedLogits(step, delta=torch.zeros(3))],
+            "bad-coeff": [SteerVector("v", 1e30)],
+            "bad-tokens": [ForceTokens(["x"])],
+        }.get(row.request_id, [])
+
+    eng = make_engine(ckpt, Policy(decide))
+    eng.register_vector("v", torch.ones(2, 64))
+    bad = ["bad-delta", "bad-shape", "bad-coeff", "bad-tokens"]
+    outs = run(eng, *(steered(rid) for rid in ["good-1", *bad, "good-2"]))
+    for rid in bad:
+        assert outs[rid][-1].finish_reason == "error" and outs[rid][-1].error, rid
+        assert len(tokens(outs[rid])) <= 3
+    assert "1e+30" in outs["bad-coeff"][-1].error and "(3,)" in outs["bad-shape"][-1].error
+    assert "sampling" in outs["bad-delta"][-1].error
+    expected = hf_greedy(hf, PROMPT, 10)
+    assert tokens(outs["good-1"]) == tokens(outs["good-2"]) == expected
+    assert eng.stats().failed_rows >= 1
+
+    import models.engine.llm_engine as core  # sampling that raises on one row's params
+
+    original = core.sample
+
+    def picky(logits, seqs):
+        if any(s.request_id == "cursed" for s in seqs):
+            raise OverflowError("Overflow when unpacking long long")
+        return original(logits, seqs)
+
+    monkeypatch.setattr(core, "sample", picky)
+    plain = [GenerationRequest(rid, list(PROMPT), SamplingParams(max_tokens=6, temperature=0))
+             for rid in ("a", "cursed", "b")]  # fmt: skip
+    outs = run(eng, *plain)
+    assert outs["cursed"][-1].finish_reason == "error" and "Overflow" in outs["cursed"][-1].error
+    assert tokens(outs["a"]) == tokens(outs["b"]) == expected[:6]
+    monkeypatch.setattr(core, "sample", original)
+    assert tokens(run(eng, steered("after", max_tokens=4))["after"]) == expected[:4]
+
+
+def test_rows_that_do_not_wait_never_wait_for_a_slow_steerer(ckpt, hf):
+    """A sync row whose Steerer takes 0.5 s per call sits out (parked) while a plain row and an
+    async row of the same batch run at full speed; the sync row still gets every answer
+    before each of its tokens, and its text is whole."""
+    policy = Policy(delay=0.5)
+    eng = make_engine(ckpt, policy)
+    plain = GenerationRequest("plain", list(PROMPT), SamplingParams(max_tokens=10, temperature=0))
+    for r in (steered("sync", "sync", max_tokens=3), plain, steered("async", "async")):
+        eng.add_request(r)
+    start, done, outs = time.monotonic(), {}, {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            outs.setdefault(out.request_id, []).append(out)
+            if out.finished:
+                done[out.request_id] = time.monotonic() - start
+    assert done["plain"] < 0.45 and done["async"] < 0.45, done
+    assert done["sync"] >= 3 * 0.5, done  # each of its tokens waited for its answer
+    expected = hf_greedy(hf, PROMPT, 10)
+    assert tokens(outs["sync"]) == expected[:3] and tokens(outs["plain"]) == expected
+    assert [o.interventions for o in outs["sync"] if o.interventions] == []  # none timed out
+    assert sum(1 for call in policy.calls for r in call if r.request_id == "sync") == 3
+
+
+def test_a_dead_steerer_costs_the_step_its_timeout_only_and_the_row_goes_on(ckpt, hf):
+    policy = Policy(delay=30.0)  # never answers in time
+    eng = make_engine(ckpt, policy)
+    plain = GenerationRequest("plain", list(PROMPT), SamplingParams(max_tokens=10, temperature=0))
+    start = time.monotonic()
+    outs = run(eng, steered("sync", "sync", max_tokens=6, timeout_s=0.3), plain)
+    assert time.monotonic() - start < 3.0
+    assert tokens(outs["sync"]) == hf_greedy(hf, PROMPT, 6) and tokens(outs["plain"])
+    assert [i.action for o in outs["sync"] for i in o.interventions] == ["steerer_timeout"]

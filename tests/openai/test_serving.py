@@ -124,6 +124,7 @@ def test_auto_routes_through_the_router(engine):
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ({"model": "tandem", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "steering": {"policy": "x"}}, 404, "steering.policy"),
+    ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "steering": {"params": {"alpha": 2}}}, 400, "steering.params"),
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),
     ("not an object", 400, None),
     ({"model": "tandem", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, 400, "seed"),
@@ -192,3 +193,89 @@ def test_overload_and_outage_answers_say_when_to_retry():
     assert (busy.status_code, busy.headers["retry-after"]) == (429, "1")
     assert (down.status_code, down.headers["retry-after"]) == (503, "5")
     assert b'"code":"engine_failed"' in down.body.replace(b" ", b"")
+
+
+def test_bad_policy_params_are_a_400_naming_the_field_before_the_engine(engine):
+    from models.steering.config import SteeringConfig
+    from models.steering.policies.admission import PolicyAdmission
+
+    steering = SteeringConfig.model_validate({"policies": [
+        {"name": "guard", "kind": "vector_guard", "params": {"vector": "positive"}},
+        {"name": "contrastive", "kind": "contrastive"}]})
+
+    async def vectors():
+        return ["positive"]
+
+    serving, rec = make_serving(engine, vectors=vectors)
+    serving.limits.policies = {p.name: dict(p.params) for p in steering.policies}
+    serving.limits.policy_admission = PolicyAdmission.from_config(steering, num_layers=2)
+    for policy, params, param, status in [
+        ("guard", {"threshold": "x"}, "steering.params.threshold", 400),
+        ("guard", {"window": 0}, "steering.params.window", 400),
+        ("guard", {"unknown": 1}, "steering.params.unknown", 400),
+        ("guard", {"coeff": 1e30}, "steering.params.coeff", 400),
+        ("guard", {"vector": "nope"}, "steering.params.vector", 404),
+        ("contrastive", {"beta": -1e30}, "steering.params.beta", 400),
+    ]:
+        with pytest.raises(OpenAIError) as err:
+            run(serving.chat(chat_body(max_tokens=2, steering={"policy": policy,
+                                                               "params": params})))
+        assert (err.value.status_code, err.value.param) == (status, param), err.value.message
+        assert err.value.type == ("invalid_request_error" if status == 400 else "not_found_error")
+    assert rec.requests == []  # nothing reached the engine
+
+
+def sse_payloads(lines: list[str]) -> list:
+    return [json.loads(line[6:]) if line.startswith("data: {") else line.strip()
+            for line in lines]  # fmt: skip
+
+
+def collect_stream(serving, body) -> list:
+    async def go():
+        return [line async for line in await serving.chat(body)]
+
+    return sse_payloads(run(go()))
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event_then_done(engine):
+    from models.protocol.errors import EngineFailedError
+    from models.protocol.outputs import Intervention, RequestOutput
+
+    async def dying(request):  # a replica that dies after one token (plumbing fake)
+        yield RequestOutput(request.request_id, [5], "Mia", num_generated_tokens=1)
+        raise EngineFailedError("the engine failed: device lost")
+
+    async def failing_row(request):  # a row the engine failed after one token
+        yield RequestOutput(request.request_id, [5], "Mia", num_generated_tokens=1,
+                            interventions=[Intervention(0, "steerer_timeout", {"message": "slow"})])
+        yield RequestOutput(request.request_id, [], "", finished=True, finish_reason="error",
+                            num_generated_tokens=1, error="sampling row 3 failed")
+
+    limits = ServingLimits(max_model_len=256, vocab_size=len(engine.tokenizer))
+    dead = OpenAIServing(model_name="tandem", tokenizer=engine.tokenizer,
+                         backends=Backends(generate=dying), limits=limits)
+    events = collect_stream(dead, chat_body(max_tokens=4, stream=True))
+    assert events[-2]["error"]["code"] == "engine_failed" and events[-1] == "data: [DONE]"
+    assert events[-2]["error"]["type"] == "service_unavailable_error"
+
+    row = OpenAIServing(model_name="tandem", tokenizer=engine.tokenizer,
+                        backends=Backends(generate=failing_row), limits=limits)
+    events = collect_stream(row, chat_body(max_tokens=4, stream=True))
+    last_chunk, error, done = events[-3:]
+    assert last_chunk["choices"][0]["finish_reason"] == "error"
+    tandem = last_chunk["tandem"]
+    assert tandem["errors"] == [{"index": 0, "message": "sampling row 3 failed"}]
+    assert tandem["unsteered_because"] == [{"index": 0, "reason": "steerer_timeout",
+                                            "message": "slow"}]
+    assert [i["action"] for i in tandem["interventions"]] == ["steerer_timeout"]
+    assert "sampling row 3 failed" in error["error"]["message"] and done == "data: [DONE]"
+    full = run(row.chat(chat_body(max_tokens=4)))  # the same tandem as a non-streamed answer
+    assert full["tandem"]["unsteered_because"] == tandem["unsteered_because"]
+
+
+def test_the_last_chunk_of_a_healthy_stream_carries_tandem(engine):
+    serving, _ = make_serving(engine)
+    events = collect_stream(serving, chat_body(max_tokens=3, n=2, stream=True))
+    assert events[-1] == "data: [DONE]" and not any("error" in e for e in events[:-1])
+    assert events[-2]["tandem"]["interventions"] == []
+    assert "errors" not in events[-2]["tandem"] and "unsteered_because" not in events[-2]["tandem"]

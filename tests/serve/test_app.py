@@ -214,6 +214,131 @@ def test_sync_proxy_tuning_differs_from_plain(client):
     assert proxied.choices[0].message.content != plain.choices[0].message.content
 
 
+# ---- blast radius ----------------------------------------------------------------------------
+
+
+def poisoned_uploads(base_url: str, adapter_root, tmp_path) -> list[tuple[str, dict]]:
+    """(route, httpx.post kwargs) for a NaN LoRA adapter and NaN / huge steering vectors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from models.steering.vectors import SteeringVector, save_gguf
+
+    nan_lora = adapter_root / "qa_nan"
+    if not nan_lora.exists():
+        shutil.copytree(adapter_root / "qa_copy", nan_lora)
+        weights = nan_lora / "adapter_model.safetensors"
+        tensors = load_file(str(weights))
+        tensors[next(k for k in tensors if ".lora_B." in k)][0, 0] = float("nan")
+        save_file(tensors, str(weights))
+    hidden = next(v["hidden_size"] for v in httpx.get(f"{base_url}/v1/steering/vectors")
+                  .json()["data"] if v["id"] == "positive")  # fmt: skip
+    uploads = []
+    for name, value in (("nan_vector", float("nan")), ("huge_vector", 1e38)):
+        vector = SteeringVector(name, {1: torch.ones(hidden)})
+        vector.directions[1][0] = value  # past the constructor's check, as a hostile file is
+        save_gguf(vector, tmp_path / f"{name}.gguf")
+        uploads.append(("/v1/steering/vectors",
+                        {"files": {"file": (f"{name}.gguf", (tmp_path / f"{name}.gguf").read_bytes())}}))
+    return [("/v1/load_lora_adapter", {"json": {"lora_name": "nan", "lora_path": "qa_nan"}}),
+            *uploads]
+
+
+def test_bad_requests_do_not_touch_four_running_streams(base_url, client, adapter_root, tmp_path):
+    """Every bad field of issue 19, sent while four greedy streams run: each bad request gets
+    its 4xx at once, the four streams finish whole (all their tokens, [DONE], no error
+    event) with the text they have alone, and the next request answers 200 at once."""
+    import asyncio
+    import json
+
+    content = "Continue the story: Omar feels gloomy. The park is awful."
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}],
+            "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    alone = chat(client, content, max_tokens=48, temperature=0,
+                 extra_body={"ignore_eos": True}).choices[0].message.content
+
+    def bad(**fields):
+        return {**body, "max_tokens": 4, **fields}
+
+    guard = {"policy": "guard", "mode": "sync"}
+    bad_requests = [
+        ("/v1/chat/completions", {"json": bad(seed=2**64)}, 400, "seed"),
+        ("/v1/chat/completions", {"json": bad(seed=-(2**63) - 1)}, 400, "seed"),
+        ("/v1/chat/completions", {"json": bad(top_k=2**63)}, 400, "top_k"),
+        ("/v1/chat/completions", {"json": bad(logit_bias={"999999": 5})}, 400, "logit_bias"),
+        ("/v1/chat/completions", {"json": bad(logit_bias={"5": 1e9})}, 400, "logit_bias"),
+        ("/v1/completions", {"json": {"model": MODEL, "prompt": [-1], "max_tokens": 2}}, 400,
+         "prompt"),
+        ("/v1/completions", {"json": {"model": MODEL, "prompt": [10**9], "max_tokens": 2}}, 400,
+         "prompt"),
+        ("/v1/chat/completions", {"json": bad(steering={**guard, "params": {"threshold": "x"}})},
+         400, "steering.params.threshold"),
+        ("/v1/chat/completions", {"json": bad(steering={**guard, "params": {"window": 0}})},
+         400, "steering.params.window"),
+        ("/v1/chat/completions", {"json": bad(steering={**guard, "params": {"nope": 1}})},
+         400, "steering.params.nope"),
+        ("/v1/chat/completions", {"json": bad(steering={**guard, "params": {"coeff": 1e30}})},
+         400, "steering.params.coeff"),
+        ("/v1/chat/completions", {"json": bad(steering={"policy": "proxy",
+                                                        "params": {"expert": "nope"}})},
+         400, "steering.params.expert"),
+        ("/v1/chat/completions", {"json": bad(steering={"policy": "contrastive",
+                                                        "params": {"beta": -1e30}})},
+         400, "steering.params.beta"),
+        ("/v1/chat/completions", {"json": bad(steering={"vectors": [{"name": "positive",
+                                                                     "coeff": 1e30}]})},
+         400, "steering.vectors.0.coeff"),
+        *[(route, kw, 400, None) for route, kw in poisoned_uploads(base_url, adapter_root,
+                                                                      tmp_path)],
+    ]
+
+    async def stream(http) -> tuple[str, list[str]]:
+        text, lines = "", []
+        async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if line.startswith("data: {"):
+                        for choice in json.loads(line[6:]).get("choices", []):
+                            text += choice["delta"].get("content") or ""
+        return text, lines
+
+    async def storm(http) -> list:
+        await asyncio.sleep(0.3)  # the streams are running
+        answers = []
+        for route, kw, *_ in bad_requests:
+            started = time.monotonic()
+            r = await http.post(route, **kw)
+            answers.append((r, time.monotonic() - started))
+        return answers
+
+    async def main():
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+            return await asyncio.gather(*(stream(http) for _ in range(4)), storm(http))
+
+    *streams, answers = asyncio.run(main())
+    for (route, kw, status, param), (r, took) in zip(bad_requests, answers, strict=True):
+        err = r.json()["error"]
+        assert r.status_code == status, (route, kw.get("json"), r.text)
+        assert err["type"] == "invalid_request_error" and err["message"], r.text
+        if param:
+            assert err["param"] == param, r.text
+        assert took < 30, (route, took)  # answered, not queued behind the streams
+    for text, lines in streams:
+        assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert text == alone
+    started = time.monotonic()
+    after = chat(client, content, max_tokens=4, temperature=0)
+    assert after.choices[0].finish_reason == "length" and time.monotonic() - started < 10
+    names = {v["id"] for v in httpx.get(f"{base_url}/v1/steering/vectors").json()["data"]}
+    assert not names & {"nan_vector", "huge_vector"}
+    assert f"{MODEL}:nan" not in {m.id for m in client.models.list().data}
+
+
 # ---- restart (keep last: it redeploys the app) -----------------------------------------------
 
 

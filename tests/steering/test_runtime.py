@@ -27,6 +27,7 @@ from models.protocol.steering import (
 )
 from models.steering.config import SteeringConfig
 from models.steering.policies import Policy, TokenizerMismatchError
+from models.steering.policies.base import LogitPolicy
 from models.steering.runtime import SteeringRuntime
 
 HAPPY = ["the cat is happy and glad", "a happy song"]
@@ -52,6 +53,24 @@ class Exploding(Policy):
         raise RuntimeError("policy blew up")
 
 
+class FailsOnBadRows(Policy):
+    """A user policy that raises on rows whose id starts with 'bad' (forces 7 on the rest)."""
+
+    def on_event(self, state, event):
+        if state.request_id.startswith("bad"):
+            raise RuntimeError(f"cannot steer {state.request_id}")
+        return [ForceTokens([7])] if isinstance(event, Prefilled) else []
+
+
+class BatchFailsOnBadRows(LogitPolicy):
+    """A logit policy whose batched math raises when a 'bad' row is in the batch."""
+
+    def deltas(self, states):
+        if any(s.request_id.startswith("bad") for s in states):
+            raise RuntimeError("batch has a bad row")
+        return torch.ones(len(states), self.context.big_vocab_size)
+
+
 CONFIG = {
     "expert_adapter": "positive",
     "vectors": [{"name": "happy", "positive": HAPPY, "negative": SAD}],
@@ -64,6 +83,8 @@ CONFIG = {
         {"name": "force", "kind": f"{__name__}:ForceFirstToken"},
         {"name": "illegal", "kind": f"{__name__}:IllegalBacktrack"},
         {"name": "explode", "kind": f"{__name__}:Exploding"},
+        {"name": "picky", "kind": f"{__name__}:FailsOnBadRows"},
+        {"name": "picky_batch", "kind": f"{__name__}:BatchFailsOnBadRows"},
     ],
 }  # fmt: skip
 
@@ -256,6 +277,19 @@ def test_vector_guard_turns_the_vector_on_when_the_concept_shows(runtime, refere
                                      "guard")])["g"]  # fmt: skip
     assert answer.actions == []
     runtime.release(["h", "s", "g"])
+
+
+@pytest.mark.parametrize("policy", ["picky", "picky_batch"])
+def test_a_policy_that_raises_on_one_row_fails_that_row_alone(runtime, policy):
+    rows = [RowEvents(rid, [Prefilled([1, 2, 3]), ForwardPass(0)], policy)
+            for rid in ("ok1", "bad", "ok2", "ok3")]  # fmt: skip
+    answers = run(runtime, rows)
+    assert answers["bad"].error and not answers["bad"].actions
+    for rid in ("ok1", "ok2", "ok3"):
+        assert answers[rid].error is None, answers[rid]
+        (action,) = answers[rid].actions
+        assert action == ForceTokens([7]) if policy == "picky" else action.delta.sum() > 0
+    runtime.release([r.request_id for r in rows])
 
 
 def test_user_policies_by_import_path_and_their_errors(runtime):

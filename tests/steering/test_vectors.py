@@ -16,10 +16,12 @@ from models.steering.vectors import (
     SteeringVector,
     VectorLibrary,
     VectorShapeError,
+    VectorValueError,
     ensure_default_vectors,
     extract_vector,
     load_gguf,
     load_safetensors,
+    load_vector,
     save_gguf,
     save_safetensors,
     steered_transformers,
@@ -95,6 +97,19 @@ def test_not_a_control_vector_is_refused(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="not a control vector"):
         load_gguf(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e38])
+@pytest.mark.parametrize("suffix", [".gguf", ".safetensors"])
+def test_poisoned_vector_files_are_refused(tmp_path, value, suffix):
+    vector = _vector(layers=(1, 2))
+    vector.directions[2][5] = value  # past the checks of the constructor
+    path = tmp_path / f"v{suffix}"
+    (save_gguf if suffix == ".gguf" else save_safetensors)(vector, path)
+    with pytest.raises(VectorValueError, match="layer 2 (holds NaN or infinite|has norm)"):
+        load_vector(path)
+    with pytest.raises(VectorValueError):
+        SteeringVector("w", {0: torch.full((8,), value)})
 
 
 def test_library_refuses_vectors_that_do_not_fit(tmp_path):
@@ -222,3 +237,28 @@ def test_a_changed_vector_spec_is_extracted_again(big, tmp_path):
     again = library.get("happy")
     assert again.metadata["spec"] != first.metadata["spec"] and again.metadata["pool"] == "mean"
     assert not torch.equal(again.directions[1], first.directions[1])
+
+
+def test_a_poisoned_file_already_in_the_library_is_left_out(tmp_path):
+    """A NaN vector written before uploads were checked neither stops the replica's start
+    (sync) nor the listing; the good ones are served."""
+    from models.steering.vector_service import VectorService
+
+    service = VectorService(SteeringConfig(vector_dir=str(tmp_path)), resolve_source("builtin:tiny").big)
+    layers, hidden = service.library.num_layers, service.library.hidden_size
+    service.library.add(SteeringVector("good", {1: torch.ones(hidden)}))
+    poisoned = SteeringVector("bad", {1: torch.ones(hidden)})
+    poisoned.directions[1][0] = float("nan")
+    save_gguf(poisoned, tmp_path / "bad.gguf")
+
+    class Engine:  # records registrations (plumbing stand-in)
+        registered: dict = {}
+
+        def register_vector(self, name, vector):
+            assert vector.shape == (layers, hidden)
+            self.registered[name] = vector
+
+    engine = Engine()
+    service.sync(engine)
+    assert list(engine.registered) == ["good"]
+    assert [v["id"] for v in service.describe()] == ["good"]

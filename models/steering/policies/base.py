@@ -7,15 +7,36 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.protocol.small_model import SmallModel
 from models.protocol.steering import Action, Added, AdjustedLogits, Event, ForwardPass, Prefilled
 from models.steering.state import RequestState
 
-ENGINE_PARAMS = ("max_backtrack",)
-"""Keys of `steering.params` the engine reads itself (max_backtrack: tokens whose text it holds
-back so a Backtrack stays invisible); every policy accepts them."""
+MAX_BACKTRACK = 256
+
+
+class EngineParams(BaseModel):
+    """Keys of `steering.params` the engine reads itself; every policy accepts them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_backtrack: int = Field(
+        0, ge=0, le=MAX_BACKTRACK, description="Generated tokens whose text the engine holds "
+        "back so a Backtrack inside them stays invisible to the client.",
+    )  # fmt: skip
+
+
+ENGINE_PARAMS = tuple(EngineParams.model_fields)
+
+
+class PolicyParamsError(ValueError):
+    """A request's `steering.params` that its policy cannot take; `param` names the field
+    (steering.params.<key>)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class NoParams(BaseModel):
@@ -48,6 +69,8 @@ class Policy(ABC):
     """
 
     Params: ClassVar[type[BaseModel]] = NoParams
+    FIXED_PARAMS: ClassVar[tuple[str, ...]] = ()
+    """Params read once at `start` (from the config): a request may not change them."""
 
     def __init__(self, name: str, defaults: dict[str, Any], context: PolicyContext):
         self.name = name
@@ -69,8 +92,39 @@ class Policy(ABC):
     def params_for(self, request_params: dict[str, Any]) -> BaseModel:
         """The config's defaults overridden by the request's `steering.params` (less the keys
         the engine owns)."""
+        return self.typed_params(self.name, self.defaults.model_dump(), request_params)
+
+    @classmethod
+    def typed_params(
+        cls, name: str, defaults: dict[str, Any], request_params: dict[str, Any]
+    ) -> BaseModel:
+        """`defaults` overridden by `request_params`, typed by `Params` (the engine's keys
+        typed by EngineParams); PolicyParamsError naming the first field that is unknown, of
+        the wrong type, out of range, or fixed by the config."""
         own = {k: v for k, v in request_params.items() if k not in ENGINE_PARAMS}
-        return self.Params.model_validate({**self.defaults.model_dump(), **own})
+        _validate(EngineParams, {k: v for k, v in request_params.items() if k in ENGINE_PARAMS},
+                  name)  # fmt: skip
+        for key in cls.FIXED_PARAMS:
+            if key in own and own[key] != defaults.get(key, cls.Params.model_fields[key].default):
+                raise PolicyParamsError(
+                    f"steering.params.{key} of policy '{name}' is set by the server's config "
+                    f"({defaults.get(key)!r}); a request cannot change it",
+                    f"steering.params.{key}",
+                )
+        return _validate(cls.Params, {**defaults, **own}, name)
+
+    @classmethod
+    def check_params(
+        cls, name: str, params: BaseModel, defaults: dict[str, Any], setting: PolicySetting
+    ) -> None:
+        """Checks of typed params against what the server has (PolicyParamsError); the
+        default has none."""
+        return None
+
+    @classmethod
+    def vectors_named(cls, params: BaseModel) -> list[str]:
+        """The big-model steering vectors these params name (they must be registered)."""
+        return []
 
     @abstractmethod
     def on_event(self, state: RequestState, event: Event) -> list[Action]:
@@ -92,6 +146,30 @@ class Policy(ABC):
         if have >= size:
             return delta[..., :size] if have > size else delta
         return torch.nn.functional.pad(delta, (0, size - have))
+
+
+@dataclass
+class PolicySetting:
+    """What a request's params are checked against besides their types: the small model's
+    expert adapter (steering.expert_adapter) and the big model's number of layers."""
+
+    expert_adapter: str | None = None
+    num_layers: int | None = None
+
+
+def _validate(model: type[BaseModel], values: dict[str, Any], policy: str) -> BaseModel:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        param = f"steering.params.{where}" if where else "steering.params"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join([*model.model_fields, *ENGINE_PARAMS]) or "none"
+            message = f"policy '{policy}' has no parameter '{where}'; its parameters: {known}"
+        else:
+            message = f"invalid value for '{param}' of policy '{policy}': {err['msg']}"
+        raise PolicyParamsError(message, param) from None
 
 
 class LogitPolicy(Policy):
@@ -121,6 +199,8 @@ class LogitPolicy(Policy):
         actions: list[list[Action]] = [[] for _ in rows]
         if due:
             deltas = self.big_vocab_delta(self.deltas([rows[row][0] for row, _ in due]))
+            for row, step in due:  # only now: a call that raised may be retried row by row
+                rows[row][0].scratch["adjusted_step"] = step
             for delta, (row, step) in zip(deltas, due, strict=True):  # views of one tensor
                 alpha = self.plausibility_alpha(rows[row][0])
                 actions[row].append(AdjustedLogits(step, None, delta, alpha))
@@ -144,14 +224,14 @@ def adjust_step(state: RequestState, event: Event) -> int | None:
     """For logit policies: the step to send AdjustedLogits for after `event`, or None.
 
     The small model's outputs predict generated token `state.next_step`; a request gets one
-    adjustment per step, answered on the first event of a call that allows AdjustedLogits.
+    adjustment per step (LogitPolicy.decide records it in scratch["adjusted_step"]), answered
+    on the first event of a call that allows AdjustedLogits.
     """
     if not isinstance(event, (Prefilled, ForwardPass, Added)):
         return None
     step = state.next_step
     if state.scratch.get("adjusted_step") == step:
         return None
-    state.scratch["adjusted_step"] = step
     return step
 
 

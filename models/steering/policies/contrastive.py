@@ -8,11 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.steering.policies.base import LogitPolicy, check_same_tokenizer
 from models.steering.state import BASE, RequestState, stack_logits
 
+MAX_BETA = 100.0  # the small model's logits times this already swamp the big model's
+
 
 class ContrastiveParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    beta: float = Field(0.5, ge=0, description="Weight of the small model's logits subtracted.")
+    beta: float = Field(
+        0.5, ge=0, le=MAX_BETA, description="Weight of the small model's logits subtracted."
+    )
     plausibility_alpha: float = Field(
         0.1, ge=0, le=1,
         description="Keep only tokens with big-model probability >= alpha * the top one's.",

@@ -7,14 +7,23 @@ from functools import cached_property
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.steering.policies.base import LogitPolicy, check_same_tokenizer
+from models.steering.policies.base import (
+    LogitPolicy,
+    PolicyParamsError,
+    PolicySetting,
+    check_same_tokenizer,
+)
 from models.steering.state import BASE, RequestState, stack_logits, variant_name
+
+MAX_ALPHA = 100.0  # logits differences times this already swamp the big model's
 
 
 class ProxyTuningParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    alpha: float = Field(1.0, description="Weight of (expert - base) small-model logits.")
+    alpha: float = Field(
+        1.0, ge=-MAX_ALPHA, le=MAX_ALPHA, description="Weight of (expert - base) small-model logits."
+    )
     expert: str | None = Field(
         None, description="Small-model LoRA used as the expert; None = steering.expert_adapter."
     )
@@ -49,11 +58,21 @@ class ProxyTuning(LogitPolicy):
 
     def params_for(self, request_params: dict) -> BaseModel:
         params = super().params_for(request_params)
-        if params.expert is not None and variant_name(params.expert) != self.expert:
-            raise ValueError(
-                f"policy '{self.name}' uses expert '{self.expert}'; a request cannot choose another"
-            )
+        setting = PolicySetting(expert_adapter=self.context.expert_adapter)
+        self.check_params(self.name, params, self.defaults.model_dump(), setting)
         return params
+
+    @classmethod
+    def check_params(
+        cls, name: str, params: BaseModel, defaults: dict, setting: PolicySetting
+    ) -> None:
+        expert = defaults.get("expert") or setting.expert_adapter
+        chosen = params.expert
+        if chosen is not None and expert and variant_name(chosen) != variant_name(expert):
+            raise PolicyParamsError(
+                f"policy '{name}' uses expert '{expert}'; a request cannot choose another",
+                "steering.params.expert",
+            )
 
     def deltas(self, states: list[RequestState]) -> torch.Tensor:
         expert = stack_logits([state.output(self.expert) for state in states])

@@ -8,27 +8,42 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.protocol.steering import Action, Backtrack, ClearSteer, Event, Prefilled, SteerVector
-from models.steering.policies.base import Policy
+from models.protocol.steering import (
+    MAX_STEER_COEFF,
+    Action,
+    Backtrack,
+    ClearSteer,
+    Event,
+    Prefilled,
+    SteerVector,
+)
+from models.steering.policies.base import MAX_BACKTRACK, Policy, PolicyParamsError, PolicySetting
 from models.steering.state import BASE, RequestState
+
+MAX_SCORE = 1e3  # concept scores sit near -1..1; past this a threshold is a typo
+MAX_WINDOW = 1 << 16
 
 
 class VectorGuardParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    vector: str = Field(description="Big-model steering vector to turn on (a configured name).")
-    coeff: float = Field(4.0, description="Its coefficient: h_l += coeff * v_l.")
+    vector: str = Field(description="Big-model steering vector to turn on (a registered name).")
+    coeff: float = Field(
+        4.0, ge=-MAX_STEER_COEFF, le=MAX_STEER_COEFF,
+        description="Its coefficient: h_l += coeff * v_l (capped as static vectors are).",
+    )  # fmt: skip
     layers: list[int] | None = Field(None, description="Big-model layers; None = all it has.")
     threshold: float = Field(
-        0.5, description="Concept score (-1 = like the negative prompts, +1 = like the positive "
-        "ones) above which the vector turns on.",
+        0.5, ge=-MAX_SCORE, le=MAX_SCORE, description="Concept score (-1 = like the negative "
+        "prompts, +1 = like the positive ones) above which the vector turns on.",
     )  # fmt: skip
     release_below: float | None = Field(
-        None, description="Turn the vector off again when the score falls below this."
-    )
+        None, ge=-MAX_SCORE, le=MAX_SCORE,
+        description="Turn the vector off again when the score falls below this.",
+    )  # fmt: skip
     backtrack: int = Field(
-        0, ge=0, description="Generated tokens to take back on triggering; at most the "
-        "request's `max_backtrack` (the tokens the engine holds back from the client).",
+        0, ge=0, le=MAX_BACKTRACK, description="Generated tokens to take back on triggering; at "
+        "most the request's `max_backtrack` (the tokens the engine holds back from the client).",
     )  # fmt: skip
     concept_layer: int | None = Field(
         None, description="Small-model block whose output is scored; None = the middle one."
@@ -36,7 +51,7 @@ class VectorGuardParams(BaseModel):
     pool: Literal["mean", "last"] = Field(
         "mean", description="Score the mean state of the last `window` tokens, or the last one."
     )
-    window: int = Field(32, ge=1, description="Tokens of running text the mean covers.")
+    window: int = Field(32, ge=1, le=MAX_WINDOW, description="Tokens of running text the mean covers.")
     positive: list[str] = Field(
         default_factory=list, description="Concept prompts; empty = the vector's positive pairs."
     )
@@ -53,6 +68,24 @@ class VectorGuard(Policy):
     answers SteerVector(vector, coeff, layers) and, once, Backtrack(backtrack)."""
 
     Params = VectorGuardParams
+    FIXED_PARAMS = ("concept_layer", "pool", "positive", "negative")  # the concept, made at start
+
+    @classmethod
+    def check_params(
+        cls, name: str, params: BaseModel, defaults: dict, setting: PolicySetting
+    ) -> None:
+        top = setting.num_layers
+        bad = [x for x in params.layers or [] if x < 0 or (top is not None and x >= top)]
+        if bad:
+            raise PolicyParamsError(
+                f"steering.params.layers of policy '{name}': layers {bad} outside the big "
+                f"model's 0..{top - 1 if top is not None else 'n'}",
+                "steering.params.layers",
+            )
+
+    @classmethod
+    def vectors_named(cls, params: BaseModel) -> list[str]:
+        return [params.vector]
 
     @property
     def variants(self) -> list[str]:
