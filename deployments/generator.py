@@ -2,8 +2,8 @@
 
 A thin shell: it builds the engine from the config, admits requests (`submit`), streams each
 Ingress session's outputs as one message per engine step (`stream`, see streams.py), aborts a
-request when its caller goes away, and hands the engine a step observer
-(models/steering/observer.py) that answers steered rows in the replica or through the Steerer.
+request when its caller goes away, and hands the engine a step observer (models/steering/
+observer.py) that answers steered rows in the replica or through the Steerer.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from models.engine import build_engine
 from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
+from models.routing.registry import AdapterRegistry, load_adapters
 from models.steering.observer import ReplicaObserver
 from models.steering.runtime import SteeringRuntime
 from models.steering.vector_service import VectorService
@@ -39,9 +40,9 @@ class Generator:
         self.config = TandemConfig.model_validate(config)
         self.paths = resolve_source(self.config.model.source)
         self.engine = build_engine(self.config.engine, self.paths.big)
-        self.adapter_paths = {
+        self.adapter_paths = {  # those loaded through the API before this replica came too
             a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
-            for a in self.config.adapters
+            for a in [*AdapterRegistry(self.config.server.state_dir).load(), *self.config.adapters]
         }
         self.vectors = VectorService(self.config.steering, self.paths.big)
         self.observer = ReplicaObserver(
@@ -65,8 +66,7 @@ class Generator:
                 return
             await self.engine.start()
             self.vectors.sync(self.engine)
-            for name, path in self.adapter_paths.items():
-                await self.engine.load_adapter(name, path)
+            await load_adapters(self.engine, self.adapter_paths, self.config.adapters)
             if self.config.steering.policies:
                 self.engine.set_step_observer(self.observer)
             self._metrics_task = asyncio.create_task(export_engine_stats(self.engine))
