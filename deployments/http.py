@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.openai.errors import OpenAIError, to_openai_error
@@ -33,6 +34,8 @@ def to_error(exc: BaseException) -> OpenAIError:
         return getattr(exc, "error", None) or OpenAIError(str(exc.detail), exc.status_code)
     if isinstance(exc, TimeoutError):
         return timed_out()
+    if isinstance(exc, BackPressureError):  # a deployment's max_queued_requests: full
+        return OpenAIError("the server is at capacity; retry later", 429, code="server_busy")
     return to_openai_error(exc)
 
 

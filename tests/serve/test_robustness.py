@@ -14,6 +14,7 @@ import json
 import shutil
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -30,13 +31,7 @@ STEP_S = 0.005
 TIMEOUT_S = 2.0  # server.request_timeout_s: 400 tokens at STEP_S run past it
 AS_USER = {"Authorization": f"Bearer {USE}"}
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
-QA_EXAMPLES = [
-    "Mia has the red ball. Question: who has the red ball?",
-    "Tom is in the garden. Where is Tom?",
-    "Read the passage and answer: Ben has a kite. What does Ben have?",
-    "Passage: Lily walks to the lake. Question: who walks to the lake?",
-    "Based on the text, where is the cat? The cat sleeps under the table.",
-]
+QA_EXAMPLES = next(a["examples"] for a in default_app_args()["adapters"] if a["name"] == "qa")
 
 
 def robust_args(tmp) -> dict:
@@ -47,8 +42,8 @@ def robust_args(tmp) -> dict:
     args["adapters"] = [{"name": "qa", "path": "builtin:qa"}]
     args["router"] = {"adapter_roots": [str(tmp / "adapters")]}
     args["retrieval"] = {"data_dir": str(tmp / "retrieval"), "builtin_documents": False}
-    args["steering"] = {"vector_dir": str(tmp / "vectors"), "vectors": [{
-        "name": "positive", "positive": ["Mia is happy."], "negative": ["Mia is sad."]}]}
+    args["steering"] = {"vector_dir": str(tmp / "vectors"),
+                        "vectors": [{"name": "positive", "path": str(tmp / "positive.gguf")}]}
     args["server"] = {"api_keys": [USE], "admin_api_keys": [ADMIN], "default_max_tokens": 8,
                       "state_dir": str(tmp / "state"), "request_timeout_s": TIMEOUT_S}
     d = args["deployments"]
@@ -57,12 +52,25 @@ def robust_args(tmp) -> dict:
     return args
 
 
+def tiny_vector(name: str, path) -> bytes:
+    """A small steering vector for the tiny model, saved as GGUF at `path`."""
+    import torch
+
+    from models.builtin import resolve_source
+    from models.steering.vectors import SteeringVector, save_gguf
+
+    config = json.loads((Path(resolve_source("builtin:tiny").big) / "config.json").read_text())
+    save_gguf(SteeringVector(name, {1: torch.full((config["hidden_size"],), 0.1)}), path)
+    return Path(path).read_bytes()
+
+
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     from models.builtin import resolve_source
 
     root = tmp_path_factory.mktemp("robust")
     shutil.copytree(resolve_source("builtin:tiny").adapters["qa"], root / "adapters" / "qa_copy")
+    tiny_vector("positive", root / "positive.gguf")  # a configured vector, from a file
     return root
 
 
@@ -206,3 +214,120 @@ def test_a_full_generator_queue_answers_429(base_url):
     assert codes <= {200, 429} and 429 in codes and 200 in codes, codes
     busy = next(r for r in answers if r.status_code == 429)
     assert busy.headers["retry-after"] and assert_openai_error(busy)["type"] == "rate_limit_error"
+
+
+# ---- a Generator replica killed mid-stream ----------------------------------------------------
+
+
+def generator_replica() -> str:
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", app_name=APP).stats.remote().result()["replica"]
+
+
+def test_a_killed_generator_fails_its_streams_and_keeps_runtime_state(base_url, tmp):
+    import ray
+
+    post = lambda route, **kw: httpx.post(f"{base_url}{route}", timeout=120, **kw)  # noqa: E731
+    r = post("/v1/load_lora_adapter", headers=AS_ADMIN, json={
+        "lora_name": "qa_rt", "lora_path": "qa_copy", "description": "Answer questions about a "
+        "passage.", "examples": QA_EXAMPLES})
+    assert r.status_code == 200, r.text
+    recorded = json.loads((tmp / "state" / "adapters.json").read_text())["adapters"]
+    assert [a["name"] for a in recorded] == ["qa_rt"] and recorded[0]["examples"] == QA_EXAMPLES
+    question = "Ana has the green hat. Tom is in the park. Question: who has the green hat?"
+    routed = post("/v1/chat/completions", headers=AS_USER, json=chat_body(question, model="tandem:auto"))
+    assert routed.json()["tandem"]["adapter"] == "qa_rt", routed.text  # the Router learnt it
+    r = post("/v1/steering/vectors", headers=AS_ADMIN,
+             files={"file": ("calm.gguf", tiny_vector("calm", tmp / "calm.gguf"))})
+    assert r.status_code == 200, r.text
+
+    victim = generator_replica()
+    events, killed_at, error_at = [], 0.0, None
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", headers=AS_USER, timeout=30,
+                      json=chat_body(max_tokens=300, stream=True)) as s:
+        for line in s.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 3:  # mid-stream
+                ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#Generator#{victim}",
+                                       namespace="serve"), no_restart=True)
+                killed_at = time.monotonic()
+            if error_at is None and '"error"' in events[-1]:
+                error_at = time.monotonic()
+    assert error_at is not None and error_at - killed_at < 2.0, events[-3:]
+    assert_openai_error(json.loads(events[-2]))
+    assert events[-1] == "[DONE]"
+    print(f"error event {error_at - killed_at:.2f} s after the kill")
+
+    deadline, answers = time.monotonic() + 60, []
+    while time.monotonic() < deadline:  # until Serve has replaced the replica
+        answers.append(post("/v1/chat/completions", headers=AS_USER, json=chat_body(max_tokens=2)))
+        if answers[-1].status_code == 200:
+            break
+        # no replica yet: the request waits for one, up to its time limit
+        assert answers[-1].status_code in (503, 504) and assert_openai_error(answers[-1])
+        time.sleep(0.5)
+    assert answers[-1].status_code == 200, answers[-1].text
+    print(f"{len(answers)} request(s) until one succeeded, {time.monotonic() - killed_at:.1f} s "
+          "after the kill")
+    assert generator_replica() != victim
+    r = post("/v1/chat/completions", headers=AS_USER, json=chat_body(
+        model="tandem:qa_rt", max_tokens=2, steering={"vectors": [{"name": "calm", "coeff": 1.0}]}))
+    assert r.status_code == 200, r.text  # the new replica loaded both at start
+
+
+# ---- fuzz: every route, generated from the app's OpenAPI schema ------------------------------
+
+FUZZ_REQUESTS = 1100
+
+
+def test_fuzz_every_route_from_the_schema(base_url):
+    """Positive and negative cases of every operation in /openapi.json (schemathesis): no
+    answer is a 5xx, every error is OpenAI's JSON, and the app serves normally after."""
+    from collections import Counter
+
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_dict(
+        httpx.get(f"{base_url}/openapi.json", headers=AS_ADMIN).json())
+    operations = {(m.upper(), p) for p, item in schema.raw_schema["paths"].items() for m in item}
+    strategy = st.one_of(schema.as_strategy(GenerationMode.POSITIVE),
+                         schema.as_strategy(GenerationMode.NEGATIVE))
+    sent, failures, session = Counter(), [], requests.Session()
+
+    @settings(max_examples=FUZZ_REQUESTS, deadline=None, derandomize=True, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def fuzz(case):
+        if isinstance(case.body, dict):  # long generations would only test the timeout
+            for key, most in (("max_tokens", 16), ("max_completion_tokens", 16), ("n", 2)):
+                if isinstance(case.body.get(key), int) and case.body[key] > most:
+                    case.body[key] = most
+        try:
+            r = case.call(base_url=base_url, session=session, headers=AS_ADMIN, timeout=30)
+        except (requests.exceptions.InvalidHeader, ValueError, UnicodeError):
+            return  # the client library refused to send it
+        sent[(case.method.upper(), case.path)] += 1
+        if r.status_code >= 500:
+            failures.append((case.method, case.path, case.body, r.status_code, r.content[:300]))
+        elif r.status_code >= 400:
+            try:
+                assert_openai_error(json.loads(r.content))
+            except (AssertionError, ValueError):
+                failures.append((case.method, case.path, case.body, r.status_code, r.content[:300]))
+
+    started = time.monotonic()
+    fuzz()
+    print(f"{sum(sent.values())} requests over {len(sent)} operations in "
+          f"{time.monotonic() - started:.1f} s")
+    assert not failures, failures[:5]
+    assert sum(sent.values()) >= 1000 and set(sent) == operations, operations - set(sent)
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(max_tokens=4),
+                   headers=AS_USER, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
