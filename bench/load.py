@@ -9,7 +9,8 @@ after it (TPOT, from `usage.completion_tokens`). The baseline, in the same run, 
 alone for `--baseline` seconds. Errors: any non-200, an error event, a stream without
 `[DONE]`, or a failed connection. Memory: the RSS of each Ray process (the app's when this
 script starts it: its own process tree; with --url, every process named `ray::…` on this
-machine) after the warm-up and at the end; growth over 5 % is flagged.
+machine) after a warm-up at full load (`--warmup`), every eighth of the run, and at the end;
+growth over 5 % from the start to the end is flagged.
 
 Writes bench/results/load_<device>.json and prints a table.
 """
@@ -69,7 +70,8 @@ def ray_processes(own: bool) -> dict[int, tuple[str, int]]:
     for p in procs:
         try:
             cmd = " ".join(p.cmdline())
-            name = cmd.split()[0] if cmd.startswith("ray::") else Path(p.name()).name
+            # a replica's title names the task it runs too (ray::…:Generator.method)
+            name = cmd.split()[0].split(".")[0] if cmd.startswith("ray::") else p.name()
             if own or cmd.startswith("ray::"):
                 out[p.pid] = (name[:60], p.memory_info().rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
@@ -161,6 +163,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--duration", type=float, default=120.0)
     ap.add_argument("--baseline", type=float, default=15.0, help="seconds of one client alone")
+    ap.add_argument("--warmup", type=float, default=15.0, help="seconds at full load, unmeasured")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -170,15 +173,32 @@ def main() -> None:
     device = "gpu" if torch.cuda.is_available() else "cpu"
     url = a.url or start_app(a.config)
     own = a.url is None
-    print(f"app at {url}; warming up")
-    asyncio.run(phase(url, a.api_key, 4, 5.0, a.max_tokens))
+    print(f"app at {url}; baseline, then warming up at {a.clients} clients")
     baseline = asyncio.run(phase(url, a.api_key, 1, a.baseline, a.max_tokens))
-    before = ray_processes(own)
-    loaded = asyncio.run(phase(url, a.api_key, a.clients, a.duration, a.max_tokens))
-    after = ray_processes(own)
-    rss = [{"pid": pid, "process": name, "start_mib": round(rss / 2**20, 1),
-            "end_mib": round(after[pid][1] / 2**20, 1),
-            "growth": round(after[pid][1] / rss - 1, 4)}
+    # at full concurrency first: buffers and pools sized for N clients are not growth
+    asyncio.run(phase(url, a.api_key, a.clients, a.warmup, a.max_tokens))
+    samples: list[dict[int, tuple[str, int]]] = [ray_processes(own)]
+
+    async def load() -> dict:
+        async def sample() -> None:
+            while True:
+                await asyncio.sleep(a.duration / 8)
+                samples.append(ray_processes(own))
+
+        sampler = asyncio.create_task(sample())
+        try:
+            return await phase(url, a.api_key, a.clients, a.duration, a.max_tokens)
+        finally:
+            sampler.cancel()
+
+    loaded = asyncio.run(load())
+    samples.append(ray_processes(own))
+    before, after = samples[0], samples[-1]
+    mib = 2**-20
+    rss = [{"pid": pid, "process": name, "start_mib": round(rss * mib, 1),
+            "end_mib": round(after[pid][1] * mib, 1),
+            "growth": round(after[pid][1] / rss - 1, 4),
+            "samples_mib": [round(s[pid][1] * mib, 1) for s in samples if pid in s]}
            for pid, (name, rss) in sorted(before.items()) if pid in after and rss > 0]  # fmt: skip
     grew = [r for r in rss if r["growth"] > RSS_GROWTH_LIMIT]
     result = {"device": device, "url": None if own else url, "max_tokens": a.max_tokens,
