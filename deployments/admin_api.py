@@ -18,6 +18,7 @@ from deployments.http import OpenAIErrorRoute, body_schema, read_request, read_u
 from models.config import TandemConfig
 from models.openai import admin
 from models.openai.errors import OpenAIError
+from models.protocol.errors import VectorNotFoundError
 from models.routing.config import AdapterConfig
 from models.routing.registry import AdapterRegistry
 
@@ -87,6 +88,16 @@ def build_admin_router(
         data = await read_upload(file, limit * 64)
         filename = file.filename or "vector.gguf"
         return await add_vector(name or PurePath(filename).stem, data, filename)
+
+    @router.delete("/v1/steering/vectors/{name}")
+    async def delete_vector(name: str):
+        """Every replica forgets the vector (configured ones stay: 409)."""
+        refuse_configured(name, configured_vectors, "steering vector", "name")
+        known = [v["name"] for v in await generator.list_vectors.remote()]
+        if name not in known:
+            raise VectorNotFoundError.naming(name, known, param="name")
+        await generator.broadcast("remove_vector", name).results_async()
+        return {"id": name, "object": "steering.vector.deleted", "deleted": True}
 
     @router.post("/v1/steering/vectors/extract",
                  openapi_extra=body_schema(admin.ExtractVectorRequest))

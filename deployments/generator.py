@@ -45,11 +45,8 @@ class Generator:
             for a in [*AdapterRegistry(self.config.server.state_dir).load(), *self.config.adapters]
         }
         self.vectors = VectorService(self.config.steering, self.paths.big)
-        self.observer = ReplicaObserver(
-            steerer.process.remote if steerer else None,
-            steerer.release.remote if steerer else None,
-            self._load_colocated,
-        )
+        remote = (steerer.process.remote, steerer.release.remote) if steerer else (None, None)
+        self.observer = ReplicaObserver(*remote, self._load_colocated)
         self.sessions = Sessions(self.config.server.stream_interval_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
@@ -132,6 +129,9 @@ class Generator:
         if self._started:
             self.vectors.sync(self.engine)
         return self.vectors.describe(name)[0]
+
+    async def remove_vector(self, name: str) -> None:
+        self.vectors.remove(name)
 
     async def extract_vector(self, name: str, positive: list[str], negative: list[str],
                              layers: list[int] | None, method: str) -> bytes:

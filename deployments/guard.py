@@ -23,7 +23,7 @@ OPEN_PATHS = ("/healthz",)
 ADMIN_ROUTES = [
     ("POST", r"/v1/(load|unload)_lora_adapter"),
     ("POST", r"/v1/steering/vectors(/extract)?"),
-    ("DELETE", r"/v1/(files|vector_stores)/.*"),
+    ("DELETE", r"/v1/(files|vector_stores|steering/vectors)/.*"),
 ]
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around an uploaded file
 

@@ -106,7 +106,7 @@ class ServerConfig(BaseModel):
     admin_api_keys: list[str] = Field(
         default_factory=list,
         description="Bearer keys of the routes that change the server: load/unload adapters, "
-        "upload/extract steering vectors, delete files and vector stores. Empty = the "
+        "upload/extract/delete steering vectors, delete files and vector stores. Empty = the "
         "api_keys (one tier; none = no auth).",
     )
     state_dir: str | None = Field(

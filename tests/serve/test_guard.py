@@ -26,6 +26,8 @@ from deployments.guard import GuardSettings
     ("POST", "/v1/steering/vectors", "use", 403),
     ("POST", "/v1/steering/vectors/extract", "use", 403),
     ("GET", "/v1/steering/vectors", "use", None),
+    ("DELETE", "/v1/steering/vectors/calm", "use", 403),
+    ("DELETE", "/v1/steering/vectors/calm", "admin", None),
 ])
 def test_key_tiers(method, path, key, status):
     settings = GuardSettings(api_keys=["use"], admin_api_keys=["admin"])

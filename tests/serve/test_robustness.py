@@ -135,6 +135,9 @@ def test_configured_adapters_and_vectors_are_protected(base_url, tmp):
     r = httpx.post(f"{base_url}/v1/chat/completions", headers=AS_USER, timeout=30,
                    json=chat_body(model="tandem:qa", max_tokens=2))
     assert r.status_code == 200, r.text
+    r = httpx.delete(f"{base_url}/v1/steering/vectors/positive", headers=AS_ADMIN)
+    assert assert_openai_error(r, 409)["code"] == "configured_vector"
+    assert_openai_error(httpx.delete(f"{base_url}/v1/steering/vectors/nope", headers=AS_ADMIN), 404)
 
 
 # ---- bodies: refused before they are read -----------------------------------------------------
@@ -277,6 +280,10 @@ def test_a_killed_generator_fails_its_streams_and_keeps_runtime_state(base_url, 
     r = post("/v1/chat/completions", headers=AS_USER, json=chat_body(
         model="tandem:qa_rt", max_tokens=2, steering={"vectors": [{"name": "calm", "coeff": 1.0}]}))
     assert r.status_code == 200, r.text  # the new replica loaded both at start
+    assert httpx.delete(f"{base_url}/v1/steering/vectors/calm", headers=AS_ADMIN).json()["deleted"]
+    r = post("/v1/chat/completions", headers=AS_USER, json=chat_body(
+        max_tokens=2, steering={"vectors": [{"name": "calm", "coeff": 1.0}]}))
+    assert assert_openai_error(r, 404)["code"] == "vector_not_found"
 
 
 # ---- fuzz: every route, generated from the app's OpenAPI schema ------------------------------
