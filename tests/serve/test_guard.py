@@ -50,3 +50,34 @@ def test_limits_per_route():
     assert settings.limit("POST", "/v1/files") == 5000
     assert settings.limit("POST", "/v1/chat/completions") == 1000
     assert settings.limit("GET", "/v1/files") == 1000
+
+
+def test_a_chunked_upload_is_cut_off_past_its_limit():
+    """No Content-Length: the guard counts the multipart body as the form parser reads it and
+    stops it at the limit (413), before the route or the Retriever see a byte of the file."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deployments.files_api import build_files_router
+    from deployments.guard import RequestGuard
+    from deployments.http import install_error_handlers
+
+    called = []
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard)
+    app.state.guard = GuardSettings(max_request_bytes=4096, upload_limits={"/v1/files": 8192})
+    app.include_router(build_files_router(lambda: called.append(1)))
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nassistants\r\n"
+            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\n"
+            + b"x" * 100_000 + b"\r\n--b--\r\n")
+
+    def chunks():
+        for i in range(0, len(body), 4096):
+            yield body[i:i + 4096]
+
+    with TestClient(app) as client:
+        r = client.post("/v1/files", content=chunks(),
+                        headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert called == []
