@@ -36,7 +36,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         from deployments.router import Router
 
         adapters = [a.model_dump() for a in config.adapters]
-        router = Router.options(**d.router.ray_options()).bind(adapters, config.router.model_dump())
+        router = Router.options(**d.router.ray_options()).bind(
+            adapters, config.router.model_dump(), config.server.state_dir)
     retriever = None
     if config.retrieval.enabled:
         from deployments.retriever import Retriever

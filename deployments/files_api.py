@@ -17,17 +17,18 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
-from deployments.http import OpenAIErrorRoute, read_request, read_upload
+from deployments.http import OpenAIErrorRoute, body_schema, read_request, read_upload
 from models.openai.protocol import VectorStoreCreate, VectorStoreFileCreate, VectorStoreSearch
 
 
 def build_files_router(
-    retriever: Callable[[], Any], max_upload_bytes: int | None = None
+    retriever: Callable[[], Any], max_upload_bytes: int | None = None,
+    max_json_bytes: int = 1 << 20,
 ) -> APIRouter:
     """The /v1/files and /v1/vector_stores routes over the Retriever.
 
     `max_upload_bytes` stops reading an upload early (413); the Retriever checks its own limit
-    (RetrievalConfig.max_file_bytes) either way.
+    (RetrievalConfig.max_file_bytes) either way. JSON bodies over `max_json_bytes` are a 413.
     """
     router = APIRouter(route_class=OpenAIErrorRoute)
 
@@ -63,9 +64,9 @@ def build_files_router(
         media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         return Response(content=data, media_type=media_type)
 
-    @router.post("/v1/vector_stores")
+    @router.post("/v1/vector_stores", openapi_extra=body_schema(VectorStoreCreate))
     async def create_vector_store(request: Request) -> Response:
-        body = await read_request(request, VectorStoreCreate)
+        body = await read_request(request, VectorStoreCreate, max_json_bytes)
         params = body.model_dump(exclude={"description"})
         return JSONResponse(await retriever().create_vector_store.remote(**params))
 
@@ -84,9 +85,10 @@ def build_files_router(
     async def delete_vector_store(vector_store_id: str) -> Response:
         return JSONResponse(await retriever().delete_vector_store.remote(vector_store_id))
 
-    @router.post("/v1/vector_stores/{vector_store_id}/files")
+    @router.post("/v1/vector_stores/{vector_store_id}/files",
+                 openapi_extra=body_schema(VectorStoreFileCreate))
     async def attach_file(vector_store_id: str, request: Request) -> Response:
-        body = await read_request(request, VectorStoreFileCreate)
+        body = await read_request(request, VectorStoreFileCreate, max_json_bytes)
         return JSONResponse(await retriever().attach_file.remote(
             vector_store_id, body.file_id,
             chunking_strategy=body.chunking_strategy, attributes=body.attributes,
@@ -113,9 +115,10 @@ def build_files_router(
     async def detach_file(vector_store_id: str, file_id: str) -> Response:
         return JSONResponse(await retriever().detach_file.remote(vector_store_id, file_id))
 
-    @router.post("/v1/vector_stores/{vector_store_id}/search")
+    @router.post("/v1/vector_stores/{vector_store_id}/search",
+                 openapi_extra=body_schema(VectorStoreSearch))
     async def search_vector_store(vector_store_id: str, request: Request) -> Response:
-        body = await read_request(request, VectorStoreSearch)
+        body = await read_request(request, VectorStoreSearch, max_json_bytes)
         body.refuse_unserved_options()
         return JSONResponse(await retriever().search_vector_store.remote(
             vector_store_id, query=body.query, max_num_results=body.max_num_results,

@@ -2,8 +2,8 @@
 
 A thin shell: it builds the engine from the config, admits requests (`submit`), streams each
 Ingress session's outputs as one message per engine step (`stream`, see streams.py), aborts a
-request when its caller goes away, and hands the engine a step observer
-(models/steering/observer.py) that answers steered rows in the replica or through the Steerer.
+request when its caller goes away, and hands the engine a step observer (models/steering/
+observer.py) that answers steered rows in the replica or through the Steerer.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from models.engine import build_engine
 from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
+from models.routing.registry import AdapterRegistry, load_adapters
 from models.steering.observer import CircuitBreaker, ReplicaObserver
 from models.steering.runtime import SteeringRuntime
 from models.steering.vector_service import VectorService
@@ -39,12 +40,14 @@ class Generator:
         self.config = TandemConfig.model_validate(config)
         self.paths = resolve_source(self.config.model.source)
         self.engine = build_engine(self.config.engine, self.paths.big)
-        self.adapter_paths = {a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
-                              for a in self.config.adapters}  # fmt: skip
+        self.adapter_paths = {  # those loaded through the API before this replica came too
+            a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
+            for a in [*AdapterRegistry(self.config.server.state_dir).load(), *self.config.adapters]
+        }
         self.vectors = VectorService(self.config.steering, self.paths.big)
-        self.observer = ReplicaObserver(
-            steerer.process.remote if steerer else None, steerer.release.remote if steerer
-            else None, self._load_colocated, CircuitBreaker.from_config(self.config.steering))
+        remote = (steerer.process.remote, steerer.release.remote) if steerer else (None, None)
+        self.observer = ReplicaObserver(*remote, self._load_colocated,
+                                        CircuitBreaker.from_config(self.config.steering))
         self.sessions = Sessions(self.config.server.stream_interval_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
@@ -52,8 +55,8 @@ class Generator:
         self._start_lock = asyncio.Lock()
 
     def _load_colocated(self) -> SteeringRuntime:
-        s = self.config
-        return SteeringRuntime.from_source(s.steering, s.model.source, s.engine.max_model_len)
+        c = self.config
+        return SteeringRuntime.from_source(c.steering, c.model.source, c.engine.max_model_len)
 
     async def _ensure_started(self) -> None:
         async with self._start_lock:
@@ -61,8 +64,7 @@ class Generator:
                 return
             await self.engine.start()
             self.vectors.sync(self.engine)
-            for name, path in self.adapter_paths.items():
-                await self.engine.load_adapter(name, path)
+            await load_adapters(self.engine, self.adapter_paths, self.config.adapters)
             if self.config.steering.policies:
                 self.engine.set_step_observer(self.observer)
             self._metrics_task = asyncio.create_task(export_engine_stats(self.engine))
@@ -129,17 +131,19 @@ class Generator:
             self.vectors.sync(self.engine)
         return self.vectors.describe(name)[0]
 
+    async def remove_vector(self, name: str) -> None:
+        self.vectors.remove(name)
+
     async def extract_vector(self, name: str, positive: list[str], negative: list[str],
                              layers: list[int] | None, method: str) -> bytes:
         """Extract a vector from contrastive pairs on the big model; returns it as GGUF bytes."""
-        return await asyncio.to_thread(
-            self.vectors.extract_gguf, name, positive, negative, layers, method)
+        return await asyncio.to_thread(self.vectors.extract_gguf, name, positive, negative,
+                                       layers, method)  # fmt: skip
 
     async def stats(self) -> dict:
         """Engine counters plus this replica's identity and request count."""
-        s = self.engine.stats()
-        return {**s.__dict__, "replica": self.replica, "requests_served": self._requests_served,
-                "sessions": len(self.sessions)}
+        return {**self.engine.stats().__dict__, "replica": self.replica,
+                "requests_served": self._requests_served, "sessions": len(self.sessions)}
 
     async def check_health(self) -> None:
         if self._started:

@@ -1,5 +1,6 @@
 """HTTP plumbing the Ingress routes share: bodies in, OpenAI error JSON and SSE out."""
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.openai.errors import OpenAIError, to_openai_error
@@ -28,9 +30,18 @@ def to_error(exc: BaseException) -> OpenAIError:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return OpenAIError(f"invalid value for '{where}': {first['msg']}", 400, param=where)
-    if isinstance(exc, StarletteHTTPException):
-        return OpenAIError(str(exc.detail), exc.status_code)
+    if isinstance(exc, StarletteHTTPException):  # guard.BodyTooLargeError carries its own
+        return getattr(exc, "error", None) or OpenAIError(str(exc.detail), exc.status_code)
+    if isinstance(exc, TimeoutError):
+        return timed_out()
+    if isinstance(exc, BackPressureError):  # a deployment's max_queued_requests: full
+        return OpenAIError("the server is at capacity; retry later", 429, code="server_busy")
     return to_openai_error(exc)
+
+
+def timed_out() -> OpenAIError:
+    return OpenAIError("the request ran past the server's time limit (server.request_timeout_s)",
+                       504, code="timeout")  # fmt: skip
 
 
 RETRY_AFTER_S = {429: 1, 503: 5}  # a full queue drains fast; a failed replica is replaced
@@ -53,6 +64,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for kind in (OpenAIError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(kind, handle)
+    install_body_schemas(app)
 
 
 class OpenAIErrorRoute(APIRoute):
@@ -130,8 +142,61 @@ async def read_upload(file: UploadFile, limit: int | None) -> bytes:
     return b"".join(parts)
 
 
-def streaming(events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events, unbuffered by proxies."""
+async def ended_honestly(events: AsyncIterator[str], deadline: float) -> AsyncIterator[str]:
+    """SSE events that always end with `data: [DONE]`: past `deadline` (the event loop's
+    clock) the response stops with a timeout error event (504), and a failure of `events`
+    (a Generator replica gone, say) sends its OpenAI error event first."""
+    last, error = "", None
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    last = await anext(events)
+            except StopAsyncIteration:
+                break
+            yield last
+    except TimeoutError:
+        error = timed_out()
+    except Exception as exc:  # noqa: BLE001 - the client gets it as an error event
+        error = to_error(exc)
+        logger.warning("stream failed: %s", error.message)
+    finally:
+        await events.aclose()  # stops the request's work when the client went away too
+    if error is not None:
+        yield f"data: {json.dumps(error.to_dict())}\n\n"
+    if not last.startswith("data: [DONE]"):
+        yield "data: [DONE]\n\n"
+
+
+BODY_SCHEMAS: dict[str, Any] = {}  # the models' nested schemas, for components/schemas
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` of a route that reads its JSON body by hand (read_request): /docs,
+    /openapi.json and schema-driven clients (and the fuzz test) see the body's schema."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    BODY_SCHEMAS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}  # fmt: skip
+
+
+def install_body_schemas(app: FastAPI) -> None:
+    """app.openapi() with the nested schemas `body_schema` collected."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(BODY_SCHEMAS)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def streaming(events: AsyncIterator[str], deadline: float | None = None) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies; see `ended_honestly` for `deadline`."""
+    if deadline is not None:
+        events = ended_honestly(events, deadline)
     return StreamingResponse(
         events,
         media_type="text/event-stream",

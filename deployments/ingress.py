@@ -11,33 +11,36 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from deployments.admin_api import build_admin_router
 from deployments.files_api import build_files_router
-from deployments.http import install_error_handlers, read_json, read_request, streaming
+from deployments.guard import MULTIPART_SLACK, GuardSettings, RequestGuard
+from deployments.http import (
+    body_schema,
+    install_error_handlers,
+    read_json,
+    read_request,
+    streaming,
+)
 from deployments.streams import GeneratorStreams
 from models.config import TandemConfig
 from models.openai.errors import OpenAIError
-from models.openai.protocol import EmbeddingRequest, EmbeddingResponse
+from models.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+)
 from models.openai.serving import Backends, OpenAIServing
 
 app = FastAPI(title="Tandem", description="OpenAI-compatible API of Tandem")
 install_error_handlers(app)
-
-
-def check_api_key(request: Request) -> None:
-    """When server.api_keys is set, every route but /healthz needs `Authorization: Bearer <key>`."""
-    # request.app: Serve runs a copy of `app` in the replica; the Ingress sets its state.
-    keys, header = request.app.state.api_keys, request.headers.get("authorization", "")
-    if keys and (not header.startswith("Bearer ") or header[7:].strip() not in keys):
-        raise OpenAIError("invalid or missing API key (send 'Authorization: Bearer <key>')", 401,
-                          code="invalid_api_key")
-
-
-AUTH = [Depends(check_api_key)]
+# keys and body limits, before a route reads anything (deployments/guard.py); /docs and
+# /openapi.json need a key too when keys are set
+app.add_middleware(RequestGuard)
 
 
 @serve.deployment(name="Ingress")
@@ -48,8 +51,13 @@ class Ingress:
 
     def __init__(self, config: dict, generator: Any, router: Any | None, retriever: Any | None):
         self.config = TandemConfig.model_validate(config)
-        self.limit = self.config.server.max_request_bytes
-        app.state.api_keys = list(self.config.server.api_keys)
+        server = self.config.server
+        self.limit = server.max_request_bytes
+        # app: Serve runs a copy of the module's `app` in this replica; its state is ours
+        uploads = {"/v1/files": self.config.retrieval.max_file_bytes + MULTIPART_SLACK,
+                   "/v1/steering/vectors": self.limit * 64 + MULTIPART_SLACK}
+        app.state.guard = GuardSettings(list(server.api_keys), list(server.admin_api_keys),
+                                        self.limit, uploads)  # fmt: skip
         self.generator, self.retriever = generator, retriever
         self.streams = GeneratorStreams(generator, self.config.server.stream_interval_s)
         self.serving = OpenAIServing.from_config(self.config, Backends(
@@ -58,9 +66,10 @@ class Ingress:
             vectors=self._vectors,
         ))  # fmt: skip
         self._adapter_cache: tuple[float, list[str]] = (0.0, [])
-        app.include_router(build_files_router(self._retriever), dependencies=AUTH)
-        app.include_router(build_admin_router(generator, self.config, self._forget_adapters),
-                           dependencies=AUTH)  # fmt: skip
+        app.include_router(build_files_router(
+            self._retriever, self.config.retrieval.max_file_bytes, self.limit))
+        app.include_router(build_admin_router(generator, router, self.config,
+                                              self._forget_adapters))  # fmt: skip
 
     def _retriever(self) -> Any:
         if self.retriever is None:
@@ -87,23 +96,27 @@ class Ingress:
         return [v["name"] for v in await self.generator.list_vectors.remote()]
 
     async def _answer(self, request: Request, handler) -> Any:
+        """A generation route's answer: past request_timeout_s a 504, or for a stream an error
+        event and [DONE]."""
         body = await read_json(request, self.limit)
-        result = await asyncio.wait_for(handler(body), timeout=self.config.server.request_timeout_s)
-        return JSONResponse(result) if isinstance(result, dict) else streaming(result)
+        deadline = asyncio.get_running_loop().time() + self.config.server.request_timeout_s
+        async with asyncio.timeout_at(deadline):
+            result = await handler(body)
+        return JSONResponse(result) if isinstance(result, dict) else streaming(result, deadline)
 
-    @app.post("/v1/chat/completions", dependencies=AUTH)
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         return await self._answer(request, self.serving.chat)
 
-    @app.post("/v1/completions", dependencies=AUTH)
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
     async def completions(self, request: Request):
         return await self._answer(request, self.serving.completions)
 
-    @app.get("/v1/models", dependencies=AUTH)
+    @app.get("/v1/models")
     async def models(self):
         return JSONResponse(await self.serving.list_models())
 
-    @app.post("/v1/embeddings", dependencies=AUTH)
+    @app.post("/v1/embeddings", openapi_extra=body_schema(EmbeddingRequest))
     async def embeddings(self, request: Request):
         """all-MiniLM-L6-v2 embeddings (384 dims, normalised) of `input` (string or strings)."""
         body = await read_request(request, EmbeddingRequest, self.limit)

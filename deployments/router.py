@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve import metrics
 
 from models.routing.config import AdapterConfig, RouterConfig
+from models.routing.registry import AdapterRegistry
 from models.routing.router import AdapterRouter
 
 
@@ -21,10 +22,13 @@ class Router:
     """Routes prompts to LoRA adapters; concurrent calls share one embedding batch."""
 
     def __init__(
-        self, adapters: list[dict[str, Any]] | None = None, router: dict[str, Any] | None = None
+        self, adapters: list[dict[str, Any]] | None = None, router: dict[str, Any] | None = None,
+        state_dir: str | None = None,
     ):
         self.config = RouterConfig.model_validate(router or {})
         configs = [AdapterConfig.model_validate(a) for a in adapters or []]
+        names = {a.name for a in configs}  # and those loaded through the API before it came:
+        configs += [a for a in AdapterRegistry(state_dir).load() if a.name not in names]
         self.router = AdapterRouter(configs, self.config)  # loads the embedder only if needed
         self.batches = 0
         self.max_batch_size_seen = 0
@@ -50,6 +54,18 @@ class Router:
         for d in decisions:
             self.decisions.inc(tags={"adapter": d.adapter or "base"})
         return [d.to_dict() for d in decisions]
+
+    async def add_adapter(self, adapter: dict[str, Any]) -> None:
+        """Learn (or relearn) an adapter loaded at run time: the head is retrained."""
+        new = AdapterConfig.model_validate(adapter)
+        await self._retrain([*(a for a in self.router.adapters if a.name != new.name), new])
+
+    async def remove_adapter(self, name: str) -> None:
+        await self._retrain([a for a in self.router.adapters if a.name != name])
+
+    async def _retrain(self, adapters: list[AdapterConfig]) -> None:
+        embedder = self.router.embedder  # kept: loading it again costs seconds
+        self.router = await asyncio.to_thread(AdapterRouter, adapters, self.config, embedder)
 
     def info(self) -> dict[str, Any]:
         """The adapters this router knows, its settings, and batching counters."""

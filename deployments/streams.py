@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 from models.protocol.errors import TandemError
@@ -39,6 +40,14 @@ class GeneratorGoneError(TandemError):
 
     status_code = 503
     code = "generator_unavailable"
+
+
+class GeneratorBusyError(TandemError):
+    """Every Generator replica is at max_ongoing_requests and the queue for them is full
+    (Serve's max_queued_requests): retry later."""
+
+    status_code = 429
+    code = "server_busy"
 
 
 class PinnedRouter(PowerOfTwoChoicesRequestRouter):
@@ -210,7 +219,11 @@ class GeneratorStreams:
         self.buffers[rid] = (buffer, None)  # before submitting: its first output may come first
         replica, finished = None, False
         try:
-            replica, first = await self.handle.submit.remote(request, self.session)
+            try:
+                replica, first = await self.handle.submit.remote(request, self.session)
+            except BackPressureError:
+                raise GeneratorBusyError("the server is at capacity (every Generator replica "
+                                         "busy and its queue full); retry later") from None
             self.buffers[rid] = (buffer, replica)
             if first is not None:
                 buffer.put(first)
@@ -264,6 +277,8 @@ class GeneratorStreams:
                             entry[0].put(item)
                 if not any(where == replica for _, where in self.buffers.values()):
                     return
+        except BackPressureError:  # the stream itself waited in a full queue
+            error = GeneratorBusyError("the server is at capacity; retry later")
         except Exception as exc:  # noqa: BLE001 - every request on that replica fails
             error = exc if isinstance(exc, TandemError) else GeneratorGoneError(
                 f"the Generator replica {replica} failed mid-generation: {exc!r}")

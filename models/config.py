@@ -54,6 +54,12 @@ class DeploymentOptions(BaseModel):
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica (fractions ok).")
     num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (fractions ok).")
     max_ongoing_requests: int = Field(64, ge=1, description="Concurrent requests per replica.")
+    max_queued_requests: int = Field(
+        -1,
+        ge=-1,
+        description="Calls waiting for a replica beyond which new ones are refused (429 with "
+        "Retry-After for calls from the Ingress); -1 = unbounded.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the replica processes."
     )
@@ -63,6 +69,7 @@ class DeploymentOptions(BaseModel):
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
         }
         if self.env:
             opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(self.env)}
@@ -92,7 +99,21 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_keys: list[str] = Field(
-        default_factory=list, description="Bearer keys accepted; empty = no auth."
+        default_factory=list,
+        description="Bearer keys of the use routes (generation, models, embeddings, files, "
+        "vector stores, /docs, /openapi.json); empty = no auth. Admin keys work there too.",
+    )
+    admin_api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys of the routes that change the server: load/unload adapters, "
+        "upload/extract/delete steering vectors, delete files and vector stores. Empty = the "
+        "api_keys (one tier; none = no auth).",
+    )
+    state_dir: str | None = Field(
+        "~/.cache/tandem/state",
+        description="Where adapters loaded through the API are recorded, so every replica "
+        "(new, restarted, autoscaled) loads them at start; None = not recorded (a restart "
+        "forgets them). Uploaded steering vectors live in steering.vector_dir.",
     )
     max_request_bytes: int = Field(
         1 << 20, ge=1024, description="Largest JSON body (413 beyond); file uploads have their own."

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 RESERVED_ADAPTER_NAMES = ("auto", "base")
@@ -23,9 +30,14 @@ class UnloadLoraAdapterRequest(BaseModel):
 
 
 class LoadLoraAdapterRequest(UnloadLoraAdapterRequest):
-    """Body of POST /v1/load_lora_adapter; the path must lie under router.adapter_roots."""
+    """Body of POST /v1/load_lora_adapter; the path must lie under router.adapter_roots.
+    With `examples` (prompts of the adapter's task) the Router learns it, so `auto` can pick
+    it; `description` shows in the Router's info."""
 
     lora_path: NonEmpty
+    description: Annotated[str, StringConstraints(max_length=1000)] = ""
+    examples: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=4000)]],
+                        Field(max_length=200)] = []  # fmt: skip
 
     @field_validator("lora_name")
     @classmethod

@@ -110,6 +110,12 @@ class VectorService:
             raise VectorUploadError(str(exc)) from None
         self._registered.discard(name)
 
+    def remove(self, name: str) -> None:
+        """Delete a vector from the library (and so from the list requests are checked
+        against); the engine keeps its copy until the name is registered again."""
+        self.library.remove(name, missing_ok=True)  # replicas sharing the directory
+        self._registered.discard(name)
+
     def extract_gguf(self, name: str, positive: list[str], negative: list[str],
                      layers: list[int] | None, method: str) -> bytes:
         """Extract a vector from contrastive pairs on the big model (blocking: seconds);

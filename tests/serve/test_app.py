@@ -43,6 +43,7 @@ def base_url(serve_url, tmp_path_factory, adapter_root):
     args.setdefault("retrieval", {})["data_dir"] = str(tmp_path_factory.mktemp("retrieval"))
     args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
     args.setdefault("router", {})["adapter_roots"] = [str(adapter_root)]
+    args.setdefault("server", {})["state_dir"] = str(tmp_path_factory.mktemp("state"))
     APP_ARGS.update(args)
     started = time.monotonic()
     deploy(build_app(args), "tandem", "/")
