@@ -16,8 +16,8 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from deployments.metrics import export_engine_stats
 from deployments.streams import PinnedRouter, Sessions
+from deployments.telemetry import GeneratorTelemetry
 from models.builtin import resolve_adapter, resolve_source
 from models.config import TandemConfig
 from models.engine import build_engine
@@ -39,17 +39,13 @@ class Generator:
         self.config = TandemConfig.model_validate(config)
         self.paths = resolve_source(self.config.model.source)
         self.engine = build_engine(self.config.engine, self.paths.big)
-        self.adapter_paths = {
-            a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
-            for a in self.config.adapters
-        }
+        self.adapter_paths = {a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
+                              for a in self.config.adapters}  # fmt: skip
         self.vectors = VectorService(self.config.steering, self.paths.big)
-        self.observer = ReplicaObserver(
-            steerer.process.remote if steerer else None,
-            steerer.release.remote if steerer else None,
-            self._load_colocated,
-        )
+        remote = (steerer.process.remote, steerer.release.remote) if steerer else (None, None)
+        self.observer = ReplicaObserver(*remote, self._load_colocated)
         self.sessions = Sessions(self.config.server.stream_interval_s)
+        self.telemetry = GeneratorTelemetry(self.config)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
         self._started = False
@@ -68,8 +64,8 @@ class Generator:
             for name, path in self.adapter_paths.items():
                 await self.engine.load_adapter(name, path)
             if self.config.steering.policies:
-                self.engine.set_step_observer(self.observer)
-            self._metrics_task = asyncio.create_task(export_engine_stats(self.engine))
+                self.engine.set_step_observer(self.telemetry.observer(self.observer))
+            self._metrics_task = asyncio.create_task(self.telemetry.export(self.engine))
             self._started = True
 
     async def submit(self, request: GenerationRequest, session: str) -> str:
@@ -90,7 +86,7 @@ class Generator:
     async def _outputs(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
-            async for out in self.engine.generate(request):
+            async for out in self.telemetry.watch(request, self.engine.generate(request)):
                 finished = out.finished
                 yield out
         finally:
@@ -138,6 +134,10 @@ class Generator:
         """Extract a vector from contrastive pairs on the big model; returns it as GGUF bytes."""
         return await asyncio.to_thread(
             self.vectors.extract_gguf, name, positive, negative, layers, method)
+
+    async def trace(self, request_id: str) -> dict | None:
+        """A per-token trace kept by this replica (None: not here or expired)."""
+        return self.telemetry.traces.get(request_id)
 
     async def stats(self) -> dict:
         """Engine counters plus this replica's identity and request count."""

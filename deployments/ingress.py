@@ -19,6 +19,8 @@ from deployments.admin_api import build_admin_router
 from deployments.files_api import build_files_router
 from deployments.http import install_error_handlers, read_json, read_request, streaming
 from deployments.streams import GeneratorStreams
+from deployments.telemetry import begin_request, metered
+from deployments.traces_api import build_traces_router
 from models.config import TandemConfig
 from models.openai.errors import OpenAIError
 from models.openai.protocol import EmbeddingRequest, EmbeddingResponse
@@ -53,7 +55,8 @@ class Ingress:
         self.generator, self.retriever = generator, retriever
         self.streams = GeneratorStreams(generator, self.config.server.stream_interval_s)
         self.serving = OpenAIServing.from_config(self.config, Backends(
-            generate=self.streams.generate, route=router.route.remote if router else None,
+            generate=metered(self.streams.generate, self.config.model.name),
+            route=router.route.remote if router else None,
             search=self._search if retriever else None, adapters=self._adapters,
             vectors=self._vectors,
         ))  # fmt: skip
@@ -61,6 +64,7 @@ class Ingress:
         app.include_router(build_files_router(self._retriever), dependencies=AUTH)
         app.include_router(build_admin_router(generator, self.config, self._forget_adapters),
                            dependencies=AUTH)  # fmt: skip
+        app.include_router(build_traces_router(generator), dependencies=AUTH)
 
     def _retriever(self) -> Any:
         if self.retriever is None:
@@ -87,6 +91,7 @@ class Ingress:
         return [v["name"] for v in await self.generator.list_vectors.remote()]
 
     async def _answer(self, request: Request, handler) -> Any:
+        begin_request(request.headers.get("x-request-id"))  # Serve's proxy sets it if missing
         body = await read_json(request, self.limit)
         result = await asyncio.wait_for(handler(body), timeout=self.config.server.request_timeout_s)
         return JSONResponse(result) if isinstance(result, dict) else streaming(result)

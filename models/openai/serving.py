@@ -43,6 +43,7 @@ from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
 from models.protocol.steering import SteeringMode, SteeringRequest
+from models.tracing import current_request_id
 
 if TYPE_CHECKING:
     from models.config import TandemConfig
@@ -81,6 +82,7 @@ class ServingLimits:
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> default params
     default_steering_mode: SteeringMode = "async"
     steering_timeout_s: float = 2.0
+    trace_all: bool = False  # every request keeps a per-token trace
 
 
 @dataclass
@@ -101,6 +103,7 @@ class PreparedRequest:
     include_usage: bool
     n: int
     echo: bool = False  # completions: the prompt text leads each choice's text
+    trace: bool = False  # keep a per-token trace under tandem.request_id
 
 
 class OpenAIServing:
@@ -131,6 +134,7 @@ class OpenAIServing:
             policies={p.name: dict(p.params) for p in config.steering.policies},
             default_steering_mode=config.steering.default_mode,
             steering_timeout_s=config.steering.timeout_s,
+            trace_all=config.telemetry.trace_all,
         )
         return cls(model_name=config.model.name, tokenizer=AutoTokenizer.from_pretrained(big),
                    backends=backends, limits=limits)
@@ -199,7 +203,9 @@ class OpenAIServing:
         decision, hits = await asyncio.gather(route_task, search_task)
         context = self._format_sources(hits) if hits else ""
         prompt_ids = build(context)
+        request_id = new_id("chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl")
         tandem = TandemInfo(
+            request_id=current_request_id() or request_id,
             adapter=decision.get("adapter"),
             router=decision if adapter_field == "auto" else None,
             sources=self._sources_for_response(hits) if hits else [],
@@ -209,7 +215,7 @@ class OpenAIServing:
         for i in range(req.n):
             params.append(self._sampling(req, i, limit, max(len(p) for p in prompt_ids)))
         return PreparedRequest(
-            request_id=new_id("chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl"),
+            request_id=request_id,
             model=req.model,
             prompt_ids=prompt_ids,
             prompt_texts=[],
@@ -222,6 +228,7 @@ class OpenAIServing:
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             n=req.n,
+            trace=self.limits.trace_all or bool(req.tandem and req.tandem.trace),
         )
 
     async def _adapter_request(self, req: SamplingFields) -> str | None:
@@ -366,6 +373,7 @@ class OpenAIServing:
                         adapter_weights=prep.adapter_weights,
                         steer_vectors=list(prep.steer_vectors),
                         steering=prep.steering,
+                        trace_id=prep.tandem.request_id if prep.trace else None,
                     )
                 )
         return reqs
