@@ -11,6 +11,10 @@ with ignore_eos, for each stream count. Prints tokens/s, TTFT p50/p99, inter-tok
 the ratios to the engine loop; writes bench/results/serve_path_<device>.json.
 
     .venv/bin/python bench/serve_path.py [--streams 1 16 64] [--max-tokens 64]
+
+`--compare-metrics`: only the served level, twice in one run, with Tandem's metrics off
+(TANDEM_METRICS=0) and on (the default), best of `--repeats` runs per stream count each; prints
+the on/off throughput ratio and writes bench/results/serve_path_metrics_<device>.json.
 """
 
 from __future__ import annotations
@@ -167,17 +171,22 @@ def in_process(args, app: dict) -> tuple[dict, dict]:
     return loop, wrapped
 
 
-def through_serve(args, model: str) -> dict:
+def through_serve(args, model: str, env: dict | None = None, repeats: int = 1) -> dict:
     base_url = f"http://127.0.0.1:{args.port}"
     serve_bin = str(Path(sys.executable).parent / "serve")
     proc = subprocess.Popen([serve_bin, "run", args.config], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})  # fmt: skip
     started = time.monotonic()
     try:
         wait_ready(base_url, model, proc)
         print(f"serve run -> first answer: {time.monotonic() - started:.1f} s")
         asyncio.run(served(base_url, model, max(args.streams), 8))  # warm-up
-        return {n: asyncio.run(served(base_url, model, n, args.max_tokens)) for n in args.streams}
+        best = {}
+        for n in args.streams:
+            runs = [asyncio.run(served(base_url, model, n, args.max_tokens)) for _ in range(repeats)]
+            best[n] = max(runs, key=lambda r: r["tokens_per_s"])
+        return best
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -193,10 +202,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--skip-serve", action="store_true", help="levels 1 and 2 only")
+    ap.add_argument("--compare-metrics", action="store_true",
+                    help="served level only: metrics off vs on, same run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per stream count (compare)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.config).read_text())
     app = doc["applications"][0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.compare_metrics:
+        return compare_metrics(args, app["args"]["model"]["name"], device)
     loop, wrapped = in_process(args, app)
     serve = {} if args.skip_serve else through_serve(args, app["args"]["model"]["name"])
     rows = []
@@ -215,6 +229,29 @@ def main() -> None:
     out.write_text(json.dumps({"device": device, "config": os.path.relpath(args.config, ROOT),
                                "max_tokens": args.max_tokens, "prompt": PROMPT, "rows": rows},
                               indent=2) + "\n")  # fmt: skip
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+def compare_metrics(args, model: str, device: str) -> None:
+    """The served level with metrics off, then on: throughput ratio and latencies per count."""
+    results = {mode: through_serve(args, model, {"TANDEM_METRICS": flag}, args.repeats)
+               for mode, flag in (("off", "0"), ("on", "1"))}  # fmt: skip
+    rows = []
+    print(f"{'streams':>7} {'metrics':>7} {'tok/s':>9} {'on/off':>7} {'TTFT p50':>9} {'p99':>8} "
+          f"{'ITL p50':>8} {'p99':>8}  (ms)")  # fmt: skip
+    for n in args.streams:
+        off = results["off"][n]["tokens_per_s"]
+        for mode in ("off", "on"):
+            r = results[mode][n]
+            ratio = r["tokens_per_s"] / off
+            rows.append({"streams": n, "metrics": mode, "on_over_off": round(ratio, 4), **r})
+            print(f"{n:>7} {mode:>7} {r['tokens_per_s']:>9.1f} {ratio:>7.3f} "
+                  f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>8.1f} "
+                  f"{r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f}")  # fmt: skip
+    out = ROOT / "bench" / "results" / f"serve_path_metrics_{device}.json"
+    out.write_text(json.dumps({"device": device, "config": os.path.relpath(args.config, ROOT),
+                               "max_tokens": args.max_tokens, "repeats": args.repeats,
+                               "rows": rows}, indent=2) + "\n")  # fmt: skip
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -25,6 +25,7 @@ retrieval (Retriever) tandem_retrieval_search_seconds, tandem_retrieval_hits_tot
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -95,6 +96,15 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 BUCKETS = {"tandem_router_confidence": CONFIDENCE_BUCKETS}
 
 _metrics: dict[str, Any] = {}
+# TANDEM_METRICS=0 (in the environment of `serve run`) turns recording off: the recorders
+# leave the request path as it was (bench/serve_path.py --compare-metrics measures the cost)
+ENABLED = os.environ.get("TANDEM_METRICS", "1") != "0"
+
+
+class _Off:
+    def inc(self, *args: Any, **kw: Any) -> None: ...
+    def observe(self, *args: Any, **kw: Any) -> None: ...
+    def set(self, *args: Any, **kw: Any) -> None: ...
 
 
 def families() -> dict[str, str]:
@@ -105,6 +115,8 @@ def families() -> dict[str, str]:
 def metric(name: str) -> Any:
     """The process's metric object for a family, made on first use (Ray wants one per process)."""
     m = _metrics.get(name)
+    if m is None and not ENABLED:
+        m = _metrics[name] = _Off()
     if m is None:
         from ray.serve import metrics
 
@@ -135,6 +147,8 @@ def record_error(error: Any) -> None:
 
 def metered(generate: Callable[[GenerationRequest], AsyncIterator[RequestOutput]], model: str):
     """The Ingress's generate, recording TTFT, e2e, serve time, tokens and finishes."""
+    if not ENABLED:
+        return generate
 
     def wrapped(request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         ctx = REQUEST.get()
@@ -178,13 +192,19 @@ class GeneratorTelemetry:
         self.model = config.model.name
         self.traces = TraceBook(config.telemetry)
 
-    async def watch(self, request: GenerationRequest,
-                    outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:  # fmt: skip
+    def watch(self, request: GenerationRequest,
+              outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """The request's engine outputs, timed (inter-token, time in the engine), its
         interventions counted and, when it asked for one, its trace kept."""
+        traced = self.traces.start(request)
+        if not ENABLED and not traced:
+            return outputs
+        return self._watch(request, outputs, traced)
+
+    async def _watch(self, request: GenerationRequest, outputs: AsyncIterator[RequestOutput],
+                     traced: bool) -> AsyncIterator[RequestOutput]:  # fmt: skip
         tags = _tags(self.model, request)
         policy = {"policy": request.steering.policy if request.steering else "static"}
-        traced = self.traces.start(request)
         admitted = last = time.perf_counter()
         try:
             async for out in outputs:

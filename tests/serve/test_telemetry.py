@@ -17,7 +17,6 @@ import pytest
 
 from deployments.telemetry import families
 from tests.conftest import default_app_args
-from tests.serve.conftest import deploy
 
 pytestmark = pytest.mark.serve
 
@@ -27,6 +26,7 @@ GLOOMY = "Continue the story: Omar feels gloomy. The park is awful."
 # families that appear only once their event happened (none of the requests here makes one)
 IDLE_GAUGES = {"ray_tandem_engine_running", "ray_tandem_engine_waiting",
                "ray_tandem_engine_kv_blocks_used"}  # 0 whenever no request runs
+TRACES: dict = {}  # where the module's app appends finished traces
 RARE = {"ray_tandem_steering_timeouts_total", "ray_tandem_engine_preemptions_total",
         "ray_tandem_engine_failures_total"}  # fmt: skip
 
@@ -42,8 +42,9 @@ def base_url(serve_url, tmp_path_factory):
     args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
     args["steering"]["policies"].append(
         {"name": "broken", "kind": "tests.fakes.policies:FailingPolicy"})
-    args["telemetry"] = {"trace_dir": str(tmp_path_factory.mktemp("traces"))}
-    deploy(build_app(args), "tandem", "/")
+    args["telemetry"] = {"trace_dir": str(TRACES.setdefault("dir", tmp_path_factory.mktemp("t")))}
+    # as serve_config.yaml's logging_config: replica logs as JSON lines
+    serve.run(build_app(args), name="tandem", route_prefix="/", logging_config={"encoding": "JSON"})
     yield serve_url
     serve.delete("tandem")
 
@@ -143,6 +144,23 @@ def test_request_id_in_header_and_body(base_url):
     assert r.headers["x-request-id"] == r.json()["tandem"]["request_id"] != "ops-42"
 
 
+def test_replica_logs_are_json_lines_with_the_request_id(base_url):
+    import ray
+
+    body = {"model": "tandem", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    httpx.post(f"{base_url}/v1/chat/completions", json=body, headers={"x-request-id": "log-7"},
+               timeout=60)  # fmt: skip
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    deadline, found = time.monotonic() + 20, []
+    while not found and time.monotonic() < deadline:
+        for path in logs.glob("replica_tandem_Ingress_*.log"):
+            for line in path.read_text().splitlines():
+                if "log-7" in line:
+                    found.append(json.loads(line))
+        time.sleep(0.5)
+    assert found and all(entry["request_id"] == "log-7" for entry in found)
+
+
 def test_trace_lists_the_interventions_step_by_step(base_url, client):
     r = chat(client, GLOOMY, max_tokens=10, extra_headers={"x-request-id": "trace-1"},
              extra_body={"steering": {"policy": "guard", "mode": "sync"}, "tandem": {"trace": True}})
@@ -160,6 +178,8 @@ def test_trace_lists_the_interventions_step_by_step(base_url, client):
         calls = steps[step]["calls"]  # the call whose answer made it, with its latency
         assert any(a["type"] == action for c in calls for a in c["actions"])
         assert all(c["policy"] == "guard" and c["latency_ms"] > 0 for c in calls)
+    lines = (TRACES["dir"] / "traces.jsonl").read_text().splitlines()
+    assert any(json.loads(line)["request_id"] == "trace-1" for line in lines)
     assert httpx.get(f"{base_url}/v1/traces/nope", timeout=30).status_code == 404
     untraced = chat(client, "Hi", max_tokens=2)
     untraced_id = untraced.model_extra["tandem"]["request_id"]
