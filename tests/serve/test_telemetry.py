@@ -81,7 +81,8 @@ def scrape() -> dict[str, float]:
 @pytest.fixture(scope="module")
 def traffic(client, base_url, tmp_path_factory):
     """A streamed, a steered, a routed, a RAG request, a failing policy, an upload, an error."""
-    stream = chat(client, "Where is Mia?", max_tokens=8, stream=True)
+    stream = chat(client, "Where is Mia?", max_tokens=32, stream=True,
+                  extra_body={"ignore_eos": True})  # several chunks: inter-token times
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     steered = chat(client, GLOOMY, max_tokens=8,
                    extra_body={"steering": {"policy": "guard", "mode": "sync"}})
