@@ -26,6 +26,7 @@ retrieval (Retriever) tandem_retrieval_search_seconds, tandem_retrieval_hits_tot
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,8 @@ from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import RowActions, RowEvents, StepObserver
 from models.tracing import REQUEST, TraceBook
+
+logger = logging.getLogger("ray.serve")
 
 # 1 ms resolution up to 20 ms (a GPU's decode step and inter-token time), then coarser
 LATENCY_BUCKETS = [i / 1000 for i in range(1, 21)] + [
@@ -109,6 +112,31 @@ class _Off:
     def set(self, *args: Any, **kw: Any) -> None: ...
 
 
+class _Safe:
+    """A Ray metric whose records never raise into the request path (a bad value is logged)."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, m: Any):
+        self._m = m
+
+    def _call(self, op: str, value: float, tags: dict[str, str] | None) -> None:
+        try:
+            getattr(self._m, op)(value, tags)
+        except Exception:  # noqa: BLE001 - metrics must not fail a request
+            logger.warning("recording %s.%s(%r, %r) failed", self._m._name, op, value, tags,
+                           exc_info=True)  # fmt: skip
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        self._call("inc", value, tags)
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._call("observe", value, tags)
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._call("set", value, tags)
+
+
 def families() -> dict[str, str]:
     """Every family's name as Prometheus shows it (Ray prefixes `ray_`) -> its kind."""
     return {f"ray_{name}": kind for name, (kind, _, _) in FAMILIES.items()}
@@ -129,7 +157,7 @@ def metric(name: str) -> Any:
         else:
             m = (metrics.Counter if kind == "counter" else metrics.Gauge)(
                 name, description=description, tag_keys=tags)
-        _metrics[name] = m
+        m = _metrics[name] = _Safe(m)
     return m
 
 
@@ -181,8 +209,10 @@ async def _metered(outputs: AsyncIterator[RequestOutput], request: GenerationReq
             metric("tandem_request_e2e_seconds").observe(e2e, tags)
             if out.engine_s is not None:
                 metric("tandem_request_serve_seconds").observe(max(e2e - out.engine_s, 0), tags)
-            metric("tandem_prompt_tokens_total").inc(out.num_prompt_tokens, tags)
-            metric("tandem_generation_tokens_total").inc(out.num_generated_tokens, tags)
+            for family, count in (("tandem_prompt_tokens_total", out.num_prompt_tokens),
+                                  ("tandem_generation_tokens_total", out.num_generated_tokens)):
+                if count > 0:  # a Ray counter refuses 0
+                    metric(family).inc(count, tags)
             reason = {"finish_reason": out.finish_reason or "unknown"}
             metric("tandem_requests_total").inc(tags={**tags, **reason})
         yield out
@@ -313,7 +343,8 @@ def record_search(hits: Any, started: float) -> None:
 
 
 def record_upload(num_bytes: int) -> None:
-    metric("tandem_retrieval_upload_bytes_total").inc(num_bytes)
+    if num_bytes > 0:
+        metric("tandem_retrieval_upload_bytes_total").inc(num_bytes)
 
 
 def record_ingest(chunks: int) -> None:
