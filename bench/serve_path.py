@@ -198,6 +198,19 @@ def through_serve(args, model: str, env: dict | None = None, repeats: int = 1) -
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        port_closed(args.port)  # Ray's processes outlive `serve run` by a few seconds
+
+
+def port_closed(port: int, timeout: float = 120) -> None:
+    """Wait until nothing answers on the port (the next app start must not reach this one)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.5)
 
 
 def main() -> None:
