@@ -1,24 +1,39 @@
 # Tandem: `make serve` sets up and runs the default app; `make test` sets up and runs the tests.
 # CPU machines install torch's CPU build through constraints-cpu.txt (no CUDA packages).
-# On a GPU machine: `make setup CONSTRAINTS=` installs the CUDA torch instead.
+# On a GPU machine: `make setup CONSTRAINTS= TORCH_INDEX=` installs the CUDA torch instead.
 
 VENV ?= .venv
 PYTHON ?= python3
 CONSTRAINTS ?= -c constraints-cpu.txt
 PY := $(VENV)/bin/python
 
-.PHONY: setup serve test lint
+.PHONY: setup serve stop status test lint
 
 setup: $(VENV)/.installed
+
+# CPU: torch comes from PyTorch's CPU wheel index, as pip users expect (where that index is out
+# of reach, pip takes the same wheel from its configured local wheels). GPU: TORCH_INDEX= too.
+TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q --retries 1 --no-deps $(TORCH_INDEX) $(CONSTRAINTS) torch
 	$(VENV)/bin/pip install -q $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
+# Ray's Prometheus endpoint at http://127.0.0.1:$(METRICS_PORT)/metrics (monitoring/serve.sh);
+# Ctrl-C stops the app and its Ray node. `make stop` does it from another shell.
+METRICS_PORT ?= 8080
 serve: setup
-	$(VENV)/bin/serve run serve_config.yaml
+	METRICS_PORT=$(METRICS_PORT) BIN=$(VENV)/bin monitoring/serve.sh serve_config.yaml
+
+stop:
+	-RAY_AUTH_MODE=token $(VENV)/bin/serve shutdown -y
+	RAY_AUTH_MODE=token $(VENV)/bin/ray stop
+
+status:
+	RAY_AUTH_MODE=token $(VENV)/bin/serve status
 
 test: setup
 	$(PY) -m pytest -q

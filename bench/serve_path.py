@@ -18,6 +18,11 @@ against the unsteered served run) and with several Generator replicas sharing th
     python bench/gpu_checkpoint.py && python bench/serve_path.py --config serve_config.gpu.yaml \
         --streams 1 16 64 128 --max-tokens 128 --prompt-tokens 128 \
         --steer guard:async proxy:colocated --replicas 1 2
+
+`--compare-metrics`: only the served level, twice in one run, with Tandem's metrics off
+(TANDEM_METRICS=0) and on (the default), `--rounds` app starts each, alternated, best of
+`--repeats` runs per stream count; prints
+the on/off throughput ratio and writes bench/results/serve_path_metrics_<device>.json.
 """
 
 from __future__ import annotations
@@ -207,13 +212,15 @@ def in_process(args, app: dict) -> tuple[dict, dict, str]:
     return loop, wrapped, prompt
 
 
-def replica_config(path: str, replicas: int) -> str:
-    """The config with `replicas` Generator replicas sharing the Generator's GPU share."""
+def replica_config(path: str, replicas: int, port: int) -> str:
+    """The config served on `port`, with `replicas` Generator replicas sharing the
+    Generator's GPU share."""
     doc = yaml.safe_load(Path(path).read_text())
+    doc.setdefault("http_options", {})["port"] = port
     args = doc["applications"][0]["args"]
     gen = args.setdefault("deployments", {}).setdefault("generator", {})
     gen["num_replicas"] = replicas
-    if gen.get("num_gpus"):
+    if gen.get("num_gpus") and replicas > 1:
         gen["num_gpus"] = round(gen["num_gpus"] / replicas, 3)
         engine = args.setdefault("engine", {})
         engine["kv_cache_memory_fraction"] = round(
@@ -223,18 +230,21 @@ def replica_config(path: str, replicas: int) -> str:
     return str(out)
 
 
-def through_serve(args, model: str, prompt: str, replicas: int) -> dict:
-    """Served runs for each stream count (and, with one replica, each steering setting)."""
+def through_serve(args, model: str, prompt: str = PROMPT, replicas: int = 1,
+                  env: dict | None = None, repeats: int = 1) -> dict:
+    """Served runs for each stream count, best of `repeats` (and, with one replica, each
+    steering setting); `env` adds to the app's environment."""
     base_url = f"http://127.0.0.1:{args.port}"
     serve_cli = [
         sys.executable,
         "-c",
         "import sys; from ray.serve.scripts import cli; sys.exit(cli())",
     ]
-    config = args.config if replicas == 1 else replica_config(args.config, replicas)
+    config = replica_config(args.config, replicas, args.port)
     log = open(Path(tempfile.gettempdir()) / f"serve_path_replicas{replicas}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([*serve_cli, "run", config], cwd=ROOT, start_new_session=True,
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})  # fmt: skip
     started = time.monotonic()
     results: dict = {}
     try:
@@ -243,9 +253,9 @@ def through_serve(args, model: str, prompt: str, replicas: int) -> dict:
               f"{time.monotonic() - started:.1f} s", flush=True)  # fmt: skip
         asyncio.run(served(base_url, model, max(args.streams), 8, prompt))  # warm-up
         for n in args.streams:
-            results[("served", n)] = asyncio.run(
-                served(base_url, model, n, args.max_tokens, prompt)
-            )
+            runs = [asyncio.run(served(base_url, model, n, args.max_tokens, prompt))
+                    for _ in range(repeats)]  # fmt: skip
+            results[("served", n)] = max(runs, key=lambda r: r["tokens_per_s"])
             print(f"{n} streams: served x{replicas} {results[('served', n)]}", flush=True)
         for setting in args.steer if replicas == 1 else []:
             policy, _, mode = setting.partition(":")
@@ -309,11 +319,17 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     ap.add_argument("--levels-json", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--compare-metrics", action="store_true",
+                    help="served level only: metrics off vs on, same run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per stream count (compare)")
+    ap.add_argument("--rounds", type=int, default=2, help="off/on app starts (compare)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.config).read_text())
     app = doc["applications"][0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    if args.compare_metrics:
+        return compare_metrics(args, app["args"]["model"]["name"], device)
     if args.levels_json:  # the child that runs levels 1 and 2 (see below)
         loop, wrapped, prompt = in_process(args, app)
         Path(args.levels_json).write_text(json.dumps([loop, wrapped, prompt]))
@@ -356,6 +372,34 @@ def main() -> None:
                                "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
                                "rows": rows}, indent=2) + "\n")  # fmt: skip
     print(f"wrote {out}")
+
+
+def compare_metrics(args, model: str, device: str) -> None:
+    """The served level with metrics off, then on: throughput ratio and latencies per count."""
+    results: dict[str, dict] = {"off": {}, "on": {}}
+    for mode in ("off", "on") * args.rounds:  # alternated: drift of a shared machine evens out
+        got = through_serve(args, model, env={"TANDEM_METRICS": "1" if mode == "on" else "0"},
+                            repeats=args.repeats)  # fmt: skip
+        for (_, n), r in got.items():
+            if n not in results[mode] or r["tokens_per_s"] > results[mode][n]["tokens_per_s"]:
+                results[mode][n] = r
+    rows = []
+    print(f"{'streams':>7} {'metrics':>7} {'tok/s':>9} {'on/off':>7} {'TTFT p50':>9} {'p99':>8} "
+          f"{'ITL p50':>8} {'p99':>8}  (ms)")  # fmt: skip
+    for n in args.streams:
+        off = results["off"][n]["tokens_per_s"]
+        for mode in ("off", "on"):
+            r = results[mode][n]
+            ratio = r["tokens_per_s"] / off
+            rows.append({"streams": n, "metrics": mode, "on_over_off": round(ratio, 4), **r})
+            print(f"{n:>7} {mode:>7} {r['tokens_per_s']:>9.1f} {ratio:>7.3f} "
+                  f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>8.1f} "
+                  f"{r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f}")  # fmt: skip
+    out = ROOT / "bench" / "results" / f"serve_path_metrics_{device}.json"
+    out.write_text(json.dumps({"device": device, "config": os.path.relpath(args.config, ROOT),
+                               "max_tokens": args.max_tokens, "repeats": args.repeats,
+                               "rounds": args.rounds, "rows": rows}, indent=2) + "\n")  # fmt: skip
+    print(f"wrote {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,28 @@
 """Generator deployment: the big model behind a continuous-batching engine (GPU or CPU).
 
-A thin shell: it builds the engine from the config, admits requests (`submit`), streams each
-Ingress session's outputs as one message per engine step (`stream`, see streams.py), aborts a
-request when its caller goes away, and hands the engine a step observer (models/steering/
-observer.py) that answers steered rows in the replica or through the Steerer.
+A thin shell: it builds the engine, admits requests (`submit`), streams each Ingress session's
+outputs as one message per engine step (`stream`, streams.py), aborts a request whose caller
+went away, and hands the engine a step observer (models/steering/observer.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from deployments.metrics import export_engine_stats
 from deployments.streams import PinnedRouter, Sessions
-from models.builtin import resolve_adapter, resolve_source
+from deployments.telemetry import GeneratorTelemetry
+from models.builtin import resolve_source
 from models.config import TandemConfig
 from models.engine import build_engine
 from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
-from models.routing.registry import AdapterRegistry, load_adapters
+from models.routing.registry import adapter_paths, load_adapters
 from models.steering.observer import CircuitBreaker, ReplicaObserver
 from models.steering.runtime import SteeringRuntime
 from models.steering.vector_service import VectorService
@@ -40,15 +38,14 @@ class Generator:
         self.config = TandemConfig.model_validate(config)
         self.paths = resolve_source(self.config.model.source)
         self.engine = build_engine(self.config.engine, self.paths.big)
-        self.adapter_paths = {  # those loaded through the API before this replica came too
-            a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
-            for a in [*AdapterRegistry(self.config.server.state_dir).load(), *self.config.adapters]
-        }
+        self.adapter_paths = adapter_paths(self.config.adapters, self.config.server.state_dir,
+                                           self.paths)  # fmt: skip
         self.vectors = VectorService(self.config.steering, self.paths.big)
         remote = (steerer.process.remote, steerer.release.remote) if steerer else (None, None)
         self.observer = ReplicaObserver(*remote, self._load_colocated,
                                         CircuitBreaker.from_config(self.config.steering))
         self.sessions = Sessions(self.config.server.stream_interval_s)
+        self.telemetry = GeneratorTelemetry(self.config)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
         self._started = False
@@ -66,8 +63,8 @@ class Generator:
             self.vectors.sync(self.engine)
             await load_adapters(self.engine, self.adapter_paths, self.config.adapters)
             if self.config.steering.policies:
-                self.engine.set_step_observer(self.observer)
-            self._metrics_task = asyncio.create_task(export_engine_stats(self.engine))
+                self.engine.set_step_observer(self.telemetry.observer(self.observer))
+            self._metrics_task = asyncio.create_task(self.telemetry.export(self.engine))
             self._started = True
 
     async def submit(self, request: GenerationRequest, session: str) -> tuple[str, Any]:
@@ -88,7 +85,7 @@ class Generator:
     async def _outputs(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
-            async for out in self.engine.generate(request):
+            async for out in self.telemetry.watch(request, self.engine.generate(request)):
                 finished = out.finished
                 yield out
         finally:
@@ -139,6 +136,9 @@ class Generator:
         """Extract a vector from contrastive pairs on the big model; returns it as GGUF bytes."""
         return await asyncio.to_thread(self.vectors.extract_gguf, name, positive, negative,
                                        layers, method)  # fmt: skip
+
+    async def trace(self, request_id: str) -> dict | None:
+        return self.telemetry.traces.get(request_id)  # None: not here or expired
 
     async def stats(self) -> dict:
         """Engine counters plus this replica's identity and request count."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.telemetry import record_error
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.protocol import parse_request
 
@@ -49,6 +50,7 @@ RETRY_AFTER_S = {429: 1, 503: 5}  # a full queue drains fast; a failed replica i
 
 def error_response(exc: BaseException) -> JSONResponse:
     err = to_error(exc)
+    record_error(err)
     if err.status_code >= 500:
         logger.exception("request failed", exc_info=exc)
     retry = RETRY_AFTER_S.get(err.status_code)

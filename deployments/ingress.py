@@ -26,6 +26,8 @@ from deployments.http import (
     streaming,
 )
 from deployments.streams import GeneratorStreams
+from deployments.telemetry import begin_request, metered
+from deployments.traces_api import build_traces_router
 from models.config import TandemConfig
 from models.openai.errors import OpenAIError
 from models.openai.protocol import (
@@ -61,7 +63,8 @@ class Ingress:
         self.generator, self.retriever = generator, retriever
         self.streams = GeneratorStreams(generator, self.config.server.stream_interval_s)
         self.serving = OpenAIServing.from_config(self.config, Backends(
-            generate=self.streams.generate, route=router.route.remote if router else None,
+            generate=metered(self.streams.generate, self.config.model.name),
+            route=router.route.remote if router else None,
             search=self._search if retriever else None, adapters=self._adapters,
             vectors=self._vectors,
         ))  # fmt: skip
@@ -70,6 +73,7 @@ class Ingress:
             self._retriever, self.config.retrieval.max_file_bytes, self.limit))
         app.include_router(build_admin_router(generator, router, self.config,
                                               self._forget_adapters))  # fmt: skip
+        app.include_router(build_traces_router(generator))
 
     def _retriever(self) -> Any:
         if self.retriever is None:
@@ -98,6 +102,7 @@ class Ingress:
     async def _answer(self, request: Request, handler) -> Any:
         """A generation route's answer: past request_timeout_s a 504, or for a stream an error
         event and [DONE]."""
+        begin_request(request.headers.get("x-request-id"))  # Serve's proxy sets it if missing
         body = await read_json(request, self.limit)
         deadline = asyncio.get_running_loop().time() + self.config.server.request_timeout_s
         async with asyncio.timeout_at(deadline):

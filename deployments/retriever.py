@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
 
+from deployments.telemetry import record_ingest, record_search, record_upload
 from models.builtin.world import world_documents
 from models.retrieval.config import RetrievalConfig
 from models.retrieval.errors import RetrievalError
@@ -54,8 +56,10 @@ class Retriever:
         score_threshold: float = 0.0,
     ) -> list[SearchHit]:
         """Top chunks for a prompt (default stores and top_k from the config when not given)."""
+        started = time.perf_counter()
         request = self.service.search_request(query, vector_store_ids, top_k, score_threshold)
         result = await self._search_batched(request)
+        record_search(result, started)
         if isinstance(result, RetrievalError):
             raise result
         return result
@@ -71,6 +75,7 @@ class Retriever:
         return await asyncio.to_thread(self.service.embed, texts)
 
     async def create_file(self, filename: str, data: bytes, purpose: str = "assistants") -> dict:
+        record_upload(len(data))
         return await asyncio.to_thread(self.service.create_file, filename, data, purpose)
 
     async def list_files(self, **page: Any) -> dict:
@@ -86,7 +91,9 @@ class Retriever:
         return await asyncio.to_thread(self.service.delete_file, file_id)
 
     async def create_vector_store(self, **params: Any) -> dict:
-        return await asyncio.to_thread(self.service.create_vector_store, **params)
+        created = await asyncio.to_thread(self.service.create_vector_store, **params)
+        record_ingest(self.service.store.chunk_count(created["id"]))
+        return created
 
     async def list_vector_stores(self, **page: Any) -> dict:
         return await asyncio.to_thread(self.service.list_vector_stores, **page)
@@ -98,7 +105,10 @@ class Retriever:
         return await asyncio.to_thread(self.service.delete_vector_store, vector_store_id)
 
     async def attach_file(self, vector_store_id: str, file_id: str, **params: Any) -> dict:
-        return await asyncio.to_thread(self.service.attach_file, vector_store_id, file_id, **params)
+        done = await asyncio.to_thread(self.service.attach_file, vector_store_id, file_id, **params)
+        attached = self.service.store.retrieve_vector_store_file(vector_store_id, file_id)
+        record_ingest(attached.chunk_count)
+        return done
 
     async def list_vector_store_files(self, vector_store_id: str, **page: Any) -> dict:
         return await asyncio.to_thread(

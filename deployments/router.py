@@ -7,11 +7,12 @@ passes them), e.g. `Router.options(**opts).bind(adapters=[...], router={...})`.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from ray import serve
-from ray.serve import metrics
 
+from deployments.telemetry import record_route
 from models.routing.config import AdapterConfig, RouterConfig
 from models.routing.registry import AdapterRegistry
 from models.routing.router import AdapterRouter
@@ -32,18 +33,16 @@ class Router:
         self.router = AdapterRouter(configs, self.config)  # loads the embedder only if needed
         self.batches = 0
         self.max_batch_size_seen = 0
-        self.decisions = metrics.Counter(
-            "tandem_router_decisions",
-            description="Prompts routed, by chosen adapter ('base' for the base model).",
-            tag_keys=("adapter",),
-        )
 
     async def route(self, prompt: str) -> dict[str, Any]:
         """One prompt's decision: adapter (None = base), confidence, candidates, weights."""
+        started = time.perf_counter()
         if not self.router.routable:
-            self.decisions.inc(tags={"adapter": "base"})
-            return {"adapter": None, "confidence": 0.0, "candidates": [], "weights": None}
-        return await self._route_batch(prompt)
+            decision = {"adapter": None, "confidence": 0.0, "candidates": [], "weights": None}
+        else:
+            decision = await self._route_batch(prompt)
+        record_route([decision], started)
+        return decision
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _route_batch(self, prompts: list[str]) -> list[dict[str, Any]]:
@@ -51,8 +50,6 @@ class Router:
         self.max_batch_size_seen = max(self.max_batch_size_seen, len(prompts))
         # embedding is CPU-bound: off the event loop, so the next batch can gather meanwhile
         decisions = await asyncio.to_thread(self.router.route, prompts)
-        for d in decisions:
-            self.decisions.inc(tags={"adapter": d.adapter or "base"})
         return [d.to_dict() for d in decisions]
 
     async def add_adapter(self, adapter: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from models.engine.config import EngineConfig
 from models.retrieval.config import RetrievalConfig
 from models.routing.config import AdapterConfig, RouterConfig
 from models.steering.config import SteeringConfig
+from models.tracing import TelemetryConfig
 
 
 class ModelConfig(BaseModel):
@@ -149,6 +150,7 @@ class TandemConfig(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
 

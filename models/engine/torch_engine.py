@@ -21,6 +21,8 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ class TorchEngine(Engine):
         self._failure: BaseException | None = None
         self._started = False
         self.failed_steps = 0
+        self._step_times: deque[float] = deque(maxlen=8192)  # for metrics; deque: thread-safe
         built: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._run, args=(built, config, model_path, tokenizer), name="torch-engine",
@@ -126,6 +129,10 @@ class TorchEngine(Engine):
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def drain_step_times(self) -> list[float]:
+        times = self._step_times
+        return [times.popleft() for _ in range(len(times))]
+
     async def run_in_engine_thread(self, fn: Callable[[], Any]) -> Any:
         """fn() on the engine thread between steps; its result or exception."""
         await self.start()
@@ -175,12 +182,15 @@ class TorchEngine(Engine):
 
     def _step(self) -> list[RequestOutput]:
         """One engine step; if it raises, its requests end with an error and serving goes on."""
+        started = time.perf_counter()
         try:
             return self.core.step()
         except Exception as exc:
             logger.exception("engine step failed")
             self.failed_steps += 1
             return self.core.fail_all(f"the engine step failed: {exc!r}")
+        finally:
+            self._step_times.append(time.perf_counter() - started)
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -52,6 +52,14 @@ class RagOptions(BaseModel):
     score_threshold: float | None = Field(None, ge=-1, le=1)
 
 
+class TandemOptions(BaseModel):
+    """`tandem` in a request: `trace: true` keeps a per-token trace (GET /v1/traces/{id})."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trace: bool = False
+
+
 class SteeringVectorRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -123,6 +131,7 @@ class SamplingFields(BaseModel):
     rag: RagOptions | None = None
     steering: SteeringOptions | None = None
     adapter: str | None = None
+    tandem: TandemOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -372,6 +381,7 @@ class ChoiceError(BaseModel):
 class TandemInfo(BaseModel):
     """A response's `tandem` object: chosen adapter, router decision, sources, interventions."""
 
+    request_id: str | None = None  # x-request-id: also in the response header, logs, traces
     adapter: str | None = None
     router: dict[str, Any] | None = None  # the Router's decision when the model was `<base>:auto`
     sources: list[dict[str, Any]] = Field(default_factory=list)

@@ -44,6 +44,7 @@ from models.protocol.requests import GenerationRequest, SamplingParams, SteerVec
 from models.protocol.steering import SteeringMode, SteeringRequest
 from models.steering.policies.admission import PolicyAdmission
 from models.steering.policies.base import PolicyParamsError
+from models.tracing import current_request_id
 
 if TYPE_CHECKING:
     from models.config import TandemConfig
@@ -83,6 +84,7 @@ class ServingLimits:
     default_steering_mode: SteeringMode = "async"
     steering_timeout_s: float = 2.0
     policy_admission: PolicyAdmission | None = None  # types each request's steering.params
+    trace_all: bool = False  # every request keeps a per-token trace
 
 
 @dataclass
@@ -103,6 +105,7 @@ class PreparedRequest:
     include_usage: bool
     n: int
     echo: bool = False  # completions: the prompt text leads each choice's text
+    trace: bool = False  # keep a per-token trace under tandem.request_id
 
 
 class OpenAIServing:
@@ -135,6 +138,7 @@ class OpenAIServing:
             steering_timeout_s=config.steering.timeout_s,
             policy_admission=PolicyAdmission.from_config(
                 config.steering, getattr(model_cfg, "num_hidden_layers", None)),
+            trace_all=config.telemetry.trace_all,
         )
         return cls(model_name=config.model.name, tokenizer=AutoTokenizer.from_pretrained(big),
                    backends=backends, limits=limits)
@@ -203,7 +207,9 @@ class OpenAIServing:
         decision, hits = await asyncio.gather(route_task, search_task)
         context = self._format_sources(hits) if hits else ""
         prompt_ids = build(context)
+        request_id = new_id("chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl")
         tandem = TandemInfo(
+            request_id=current_request_id() or request_id,
             adapter=decision.get("adapter"),
             router=decision if adapter_field == "auto" else None,
             sources=self._sources_for_response(hits) if hits else [],
@@ -213,7 +219,7 @@ class OpenAIServing:
         for i in range(req.n):
             params.append(self._sampling(req, i, limit, max(len(p) for p in prompt_ids)))
         return PreparedRequest(
-            request_id=new_id("chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl"),
+            request_id=request_id,
             model=req.model,
             prompt_ids=prompt_ids,
             prompt_texts=[],
@@ -226,6 +232,7 @@ class OpenAIServing:
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             n=req.n,
+            trace=self.limits.trace_all or bool(req.tandem and req.tandem.trace),
         )
 
     async def _adapter_request(self, req: SamplingFields) -> str | None:
@@ -376,6 +383,7 @@ class OpenAIServing:
                         adapter_weights=prep.adapter_weights,
                         steer_vectors=list(prep.steer_vectors),
                         steering=prep.steering,
+                        trace_id=prep.tandem.request_id if prep.trace else None,
                     )
                 )
         return reqs

@@ -71,6 +71,10 @@ class Engine(ABC):
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters."""
 
+    def drain_step_times(self) -> list[float]:
+        """Seconds each engine step took since the last call (default: none recorded)."""
+        return []
+
     def shutdown(self) -> None:
         """Stop background work (default: nothing to stop)."""
         return None

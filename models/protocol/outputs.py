@@ -43,6 +43,7 @@ class RequestOutput:
     num_generated_tokens: int = 0
     interventions: list[Intervention] = field(default_factory=list)
     error: str | None = None  # set when finish_reason == "error"
+    engine_s: float | None = None  # on the last output: seconds from admission to finish
 
     @classmethod
     def merged(cls, outputs: list[RequestOutput]) -> RequestOutput:
@@ -66,6 +67,7 @@ class RequestOutput:
             num_generated_tokens=last.num_generated_tokens,
             interventions=[i for o in outputs for i in o.interventions],
             error=last.error,
+            engine_s=last.engine_s,
         )
 
 

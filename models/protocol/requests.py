@@ -52,3 +52,4 @@ class GenerationRequest:
     adapter_weights: dict[str, float] | None = None  # top-k router mix: name -> weight
     steer_vectors: list[SteerVectorSpec] = field(default_factory=list)  # static, whole request
     steering: SteeringRequest | None = None  # a policy consulted token by token
+    trace_id: str | None = None  # the API request id when a per-token trace is kept

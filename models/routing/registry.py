@@ -83,3 +83,12 @@ async def load_adapters(engine: Any, paths: dict[str, str], configured: list[Ada
                 raise
             logger.exception("recorded adapter '%s' failed to load; skipped", name)
             del paths[name]
+
+
+def adapter_paths(configured: list[AdapterConfig], state_dir: str | None, model: Any) -> dict:
+    """Name -> directory of every adapter a replica starts with: those recorded at run time
+    (loaded through the API before this replica came) and the configured ones."""
+    from models.builtin import resolve_adapter
+
+    return {a.name: os.path.expanduser(resolve_adapter(a.path, model))
+            for a in [*AdapterRegistry(state_dir).load(), *configured]}  # fmt: skip

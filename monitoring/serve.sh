@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Tandem on a local Ray with its Prometheus endpoint at a fixed address, and a clean stop.
+#
+#   monitoring/serve.sh [serve_config.yaml]      (`make serve` runs it inside .venv)
+#
+# Starts a Ray head node (`ray start --head`) whose metrics endpoint is
+# http://$METRICS_HOST:$METRICS_PORT/metrics (default 127.0.0.1:8080) and whose dashboard is
+# http://127.0.0.1:$DASHBOARD_PORT (default 8265), then `serve run` on it. Ctrl-C (or the end
+# of `serve run`) shuts the application down and stops that Ray node: nothing stays behind.
+#
+#   METRICS_PORT=9100 monitoring/serve.sh          another Prometheus port
+#   METRICS_HOST=0.0.0.0 monitoring/serve.sh       metrics (and Ray) on every interface, for a
+#                                                  Prometheus on another machine or more nodes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:-serve_config.yaml}
+METRICS_HOST=${METRICS_HOST:-127.0.0.1}
+METRICS_PORT=${METRICS_PORT:-8080}
+DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+BIN=${BIN:-$(dirname "$(command -v python)")}   # ray and serve of this environment
+
+# Ray 2.60 runs local clusters with token auth: the CLIs (`serve run` on an existing cluster,
+# `serve status`, `serve shutdown`, `ray stop`) send the token from ~/.ray/auth_token.
+export RAY_AUTH_MODE=token
+[ -s ~/.ray/auth_token ] || "$BIN/ray" get-auth-token --generate >/dev/null
+if [ "$METRICS_HOST" = "127.0.0.1" ]; then
+    # a single-node Ray on the loopback address: Ray binds its Prometheus endpoint there
+    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+fi
+"$BIN/ray" start --head --metrics-export-port="$METRICS_PORT" --dashboard-host=127.0.0.1 \
+    --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats ${RAY_START_ARGS:-}
+trap '"$BIN/serve" shutdown -y >/dev/null 2>&1 || true; "$BIN/ray" stop >/dev/null' EXIT
+echo "Prometheus endpoint: http://$METRICS_HOST:$METRICS_PORT/metrics   dashboard: http://127.0.0.1:$DASHBOARD_PORT"
+"$BIN/serve" run "$CONFIG" ${SERVE_RUN_ARGS:-}
