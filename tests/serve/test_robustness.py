@@ -280,6 +280,19 @@ def test_a_killed_generator_fails_its_streams_and_keeps_runtime_state(base_url, 
     r = post("/v1/chat/completions", headers=AS_USER, json=chat_body(
         model="tandem:qa_rt", max_tokens=2, steering={"vectors": [{"name": "calm", "coeff": 1.0}]}))
     assert r.status_code == 200, r.text  # the new replica loaded both at start
+    # a new Router replica trains on the recorded adapter's examples at start
+    router = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{APP}#Router#"))
+    ray.kill(ray.get_actor(router, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        routed = post("/v1/chat/completions", headers=AS_USER,
+                      json=chat_body(question, model="tandem:auto"))
+        if routed.status_code == 200:
+            break
+        assert routed.status_code in (503, 504) and assert_openai_error(routed)
+        time.sleep(0.5)
+    assert routed.json()["tandem"]["adapter"] == "qa_rt", routed.text
     assert httpx.delete(f"{base_url}/v1/steering/vectors/calm", headers=AS_ADMIN).json()["deleted"]
     r = post("/v1/chat/completions", headers=AS_USER, json=chat_body(
         max_tokens=2, steering={"vectors": [{"name": "calm", "coeff": 1.0}]}))
