@@ -82,6 +82,7 @@ class EngineStats:
     total_blocks: int = 0
     preemptions: int = 0
     observer_calls: int = 0  # step-observer calls: one per engine step with due steered rows
+    prefix_cache_hit_rate: float = 0.0  # share of admitted prompt tokens found in the cache
 
 
 class OutputBuffer:
