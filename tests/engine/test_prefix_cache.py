@@ -13,7 +13,13 @@ from models.engine.llm_engine import LLMEngine
 from models.engine.sequence import Sequence
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
-from models.protocol.steering import Backtrack, ForwardPass, RowActions, SteeringRequest
+from models.protocol.steering import (
+    Backtrack,
+    ForwardPass,
+    RowActions,
+    SteeringRequest,
+    StepObserver,
+)
 from tests.engine.test_lora import make_adapter
 
 SYSTEM = [(7 * i + 3) % 500 for i in range(23)]  # a shared "system prompt": 5 full blocks + 3
@@ -44,9 +50,11 @@ def greedy(rid: str, prompt: list[int], max_tokens: int = 8, **kw) -> Generation
     )
 
 
-def run(eng: LLMEngine, requests: list[GenerationRequest], join_every: int = 0) -> dict:
+def run(
+    eng: LLMEngine, requests: list[GenerationRequest], join_every: int = 0, logprobs=None
+) -> dict:
     """Add the requests (one every `join_every` steps, or all at once), step until done;
-    request id -> generated tokens."""
+    request id -> generated tokens (and their logprobs into `logprobs`, when given)."""
     got: dict[str, list[int]] = {}
     pending = list(requests)
     while pending or eng.has_unfinished():
@@ -57,6 +65,9 @@ def run(eng: LLMEngine, requests: list[GenerationRequest], join_every: int = 0) 
             for out in eng.step():
                 assert out.finish_reason != "error", out.error
                 got.setdefault(out.request_id, []).extend(out.token_ids)
+                if logprobs is not None:
+                    lps = [lp.logprob for lp in out.logprobs or [] if lp is not None]
+                    logprobs.setdefault(out.request_id, []).extend(lps)
     return got
 
 
@@ -142,11 +153,11 @@ def test_n4_prefills_the_prompt_once(ckpt):
     assert outs[True] == outs[False]
 
 
-class Rewind:
-    """A step observer that backtracks row `rid` by `n` tokens once, at generated step `at`."""
+class Rewind(StepObserver):
+    """Backtracks row `rid` by `n` tokens once, at generated step `at`, forcing `forced`."""
 
-    def __init__(self, rid: str, at: int, n: int):
-        self.rid, self.at, self.n, self.done = rid, at, n, False
+    def __init__(self, rid: str, at: int, n: int, forced: list[int]):
+        self.rid, self.at, self.n, self.forced, self.done = rid, at, n, forced, False
 
     def on_step(self, rows):
         out = []
@@ -154,22 +165,28 @@ class Rewind:
             step = next(e.step for e in reversed(row.events) if isinstance(e, ForwardPass))
             act = row.request_id == self.rid and step == self.at and not self.done
             self.done = self.done or act
-            out.append(RowActions(row.request_id, [Backtrack(self.n)] if act else []))
+            out.append(
+                RowActions(
+                    row.request_id, [Backtrack(self.n, token_ids=self.forced)] if act else []
+                )
+            )
         return out
 
 
 def test_backtrack_into_a_shared_block_copies_it(ckpt):
     """A's generated blocks are taken by B (whose prompt repeats them); A then rewinds into
-    one of them: A writes into its own copy, and both texts match a run without the cache."""
+    one of them and forces other tokens: A writes into its own copy (B's K/V stays), and both
+    texts match a run without the cache."""
     prompt = SYSTEM[:8]
     gen = run(make_engine(ckpt, False), [greedy("g", prompt, max_tokens=12)])["g"]
     steering = SteeringRequest(policy="test", mode="sync", params={"max_backtrack": 8})
     a = greedy("A", prompt, max_tokens=12, steering=steering)
     b = greedy("B", prompt + gen[:6] + [499], max_tokens=6)
+    b.params.logprobs = 0
 
     def go(cache: bool):
         eng = make_engine(ckpt, cache)
-        eng.set_step_observer(Rewind("A", at=9, n=6))
+        eng.set_step_observer(Rewind("A", at=9, n=6, forced=[5, 6]))
         copies = []
         if cache:
             inner = eng.blocks.pool.copy_block
@@ -177,11 +194,13 @@ def test_backtrack_into_a_shared_block_copies_it(ckpt):
         eng.add_request(a)
         for _ in range(8):  # A has generated 7 tokens: blocks 0-2 hold prompt + gen[:4]
             eng.step()
-        return run(eng, [b]), copies, eng
+        logprobs: dict = {}
+        return run(eng, [b], logprobs=logprobs), logprobs["B"], copies, eng
 
-    (got, copies, eng), (expected, _, _) = go(True), go(False)
+    (got, b_logprobs, copies, eng), (expected, b_expected, _, _) = go(True), go(False)
     assert got == expected
-    assert got["A"][:3] == gen[:3]
+    assert b_logprobs == pytest.approx(b_expected, abs=1e-4)  # B's K/V was not overwritten
+    assert got["A"][:5] == gen[:3] + [5, 6]
     assert len(copies) == 1  # the rewound block (prompt + gen[:4]) was shared with B
     assert eng.stats().free_blocks == eng.stats().total_blocks
 
