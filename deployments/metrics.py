@@ -13,6 +13,7 @@ ENGINE_GAUGES = {
     "generated_tokens": "Tokens generated since start.",
     "steps": "Engine steps since start.",
     "observer_calls": "Steerer calls since start (one per steered step).",
+    "prefix_cache_hit_rate": "Share of admitted prompt tokens found in the prefix cache.",
 }
 
 
