@@ -70,6 +70,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tandem_engine_waiting": ("gauge", "Requests waiting for KV-cache space or a slot.", ()),
     "tandem_engine_kv_blocks_used": ("gauge", "KV-cache blocks in use.", ()),
     "tandem_engine_kv_blocks_total": ("gauge", "KV-cache blocks of the replica.", ()),
+    "tandem_engine_prefix_cache_hit_rate": ("gauge", "Share of admitted prompt tokens found in "
+                                            "the prefix cache.", ()),
     "tandem_engine_step_seconds": ("histogram", "Engine step time (forward, sampling, "
                                    "steering, outputs).", ()),
     "tandem_engine_preemptions_total": ("counter", "Sequences preempted for KV space.", ()),
@@ -273,6 +275,7 @@ class GeneratorTelemetry:
             metric("tandem_engine_waiting").set(s.num_waiting)
             metric("tandem_engine_kv_blocks_used").set(s.total_blocks - s.free_blocks)
             metric("tandem_engine_kv_blocks_total").set(s.total_blocks)
+            metric("tandem_engine_prefix_cache_hit_rate").set(s.prefix_cache_hit_rate)
             step = metric("tandem_engine_step_seconds")
             for seconds in engine.drain_step_times():
                 step.observe(seconds)

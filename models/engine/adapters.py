@@ -37,6 +37,7 @@ class LoRAAdapters:
         self.max_rank = config.max_lora_rank
         self.linears = model.lora_linears()
         self.paths: dict[str, str] = {}  # every registered adapter, resident or evicted
+        self.loads: dict[str, int] = {}  # times each name was loaded (its weights may differ)
         self.slots: list[str | None] = [None] * self.num_slots
         self.pins = [0] * self.num_slots
         self.last_used = [0] * self.num_slots
@@ -74,6 +75,7 @@ class LoRAAdapters:
         slot = self.slots.index(name) if name in self.slots else self._free_slot()
         self._write(slot, name, weights)
         self.paths[name] = path
+        self.loads[name] = self.loads.get(name, 0) + 1
 
     def unload(self, name: str) -> None:
         if name not in self.paths:
@@ -118,6 +120,13 @@ class LoRAAdapters:
         for slot in seq.adapter_weights:
             self.pins[slot] -= 1
         seq.adapter_weights = {}
+
+    def identity(self, seq: Sequence) -> list[tuple[str, int, float]]:
+        """(name, load count, weight) of the adapters seq uses: its blocks' K/V depend on them."""
+        return [
+            (name, self.loads.get(name, 0), weight)
+            for name, weight in self._requested(seq.request).items()
+        ]
 
     def weights(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Per-row slot weights [rows, slots], or None when no row uses an adapter."""

@@ -34,6 +34,11 @@ class EngineConfig(BaseModel):
     kv_cache_cpu_gib: float = Field(
         0.5, gt=0, description="KV-cache size in GiB when running on CPU."
     )
+    prefix_caching: bool = Field(
+        True,
+        description="Share the KV blocks of a repeated prompt prefix (system prompts, chat "
+        "history, n > 1) between requests instead of prefilling it again.",
+    )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_num_batched_tokens: int = Field(
         4096,

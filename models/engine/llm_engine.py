@@ -22,6 +22,7 @@ from models.engine.config import EngineConfig
 from models.engine.device import stack_rows, to_device
 from models.engine.model_runner import ModelRunner
 from models.engine.output import OutputBuilder, finish
+from models.engine.prefix_cache import content_key, vector_digest
 from models.engine.sampler import sample
 from models.engine.scheduler import ScheduledSequence, Scheduler
 from models.engine.sequence import Sequence
@@ -97,7 +98,10 @@ class LLMEngine(SequenceEditor):
         self.max_model_len = config.max_model_len or args_len
         self.runner = ModelRunner(config, model_path, self.max_model_len)
         self.args = self.runner.args
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(
+            self.runner.num_blocks, config.block_size, config.prefix_caching, self.runner.copy_block
+        )
+        self.blocks.content_key = self._content_key
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.outputs = OutputBuilder(self.tokenizer, eos_token_ids(model_path), self.max_model_len)
         self.adapters = LoRAAdapters(self.runner.model, config)
@@ -300,6 +304,7 @@ class LLMEngine(SequenceEditor):
         s.free_blocks = self.blocks.num_free
         s.preemptions = self.scheduler.num_preemptions
         s.observer_calls = self.steering.num_calls
+        s.prefix_cache_hit_rate = self.blocks.hit_rate
 
     def stats(self) -> EngineStats:
         return EngineStats(**self._stats.__dict__)
@@ -358,6 +363,14 @@ class LLMEngine(SequenceEditor):
             rows = [s.steer_delta if s.steer_vectors else zero for s in seqs]
             self._steer_stack = key, torch.stack(rows, dim=1).to(self.runner.dtype)
         return self._steer_stack[1]
+
+    def _content_key(self, seq: Sequence) -> bytes:
+        """Prefix caching: what besides its tokens decides the K/V of seq's blocks."""
+        vectors = [
+            (name, coeff, layers, vector_digest(self.vectors[name]))
+            for name, (coeff, layers) in seq.steer_vectors.items()
+        ]
+        return content_key(self.adapters.identity(seq), vectors)
 
     def _row_delta(self, seq: Sequence) -> torch.Tensor:
         delta = torch.zeros(self.args.num_layers, self.args.hidden_size)

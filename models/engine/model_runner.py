@@ -77,6 +77,14 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV-cache block's keys and values in every layer (prefix caching's
+        copy-on-write of a shared block a rewound sequence writes into)."""
+        for attn in self.model.attention_layers():
+            attn.k_cache[dst].copy_(attn.k_cache[src])
+            attn.v_cache[dst].copy_(attn.v_cache[src])
+
     def prepare(
         self,
         scheduled: list[ScheduledSequence],

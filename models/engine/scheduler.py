@@ -3,7 +3,10 @@
 Running sequences go first, those decoding (one token each) before those still prefilling, so
 a long prompt's chunks never hold decode rows back; then waiting ones are admitted in arrival
 order while the token budget (max_num_batched_tokens), max_num_seqs and free cache blocks allow;
-long prompts are prefilled in chunks over several steps. When a running
+long prompts are prefilled in chunks over several steps. With prefix caching, a sequence is
+admitted onto the cached blocks of its prompt, and one whose next block a running sequence is
+prefilling right now (n > 1, the same prompt sent twice) waits for it to land in the cache
+instead of computing it again (when at least WAIT_FOR_SIBLING_MIN_TOKENS are to gain). When a running
 sequence needs a block and none is free, the most recently arrived running sequence is
 preempted: its blocks are freed and it is recomputed from its tokens when readmitted.
 """
@@ -15,6 +18,9 @@ from dataclasses import dataclass
 
 from models.engine.block_manager import BlockManager
 from models.engine.sequence import Sequence, SequenceStatus
+
+# a shared prompt part shorter than this costs less to compute again than a step of waiting
+WAIT_FOR_SIBLING_MIN_TOKENS = 64
 
 
 @dataclass
@@ -46,6 +52,8 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_batched_tokens
         scheduled: list[ScheduledSequence] = []
+        for seq in self.running:  # blocks the last step completed join the cache
+            self.blocks.commit(seq)
         # stable: decode rows keep arrival order, and so do the prefilling rows behind them
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):
             if seq.status != SequenceStatus.RUNNING or budget == 0 or seq.num_uncomputed == 0:
@@ -56,18 +64,35 @@ class Scheduler:
             self.blocks.grow(seq, seq.num_computed + num_tokens)
             scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            num_tokens = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq, seq.num_computed + num_tokens):
+            seq = self.waiting.popleft()
+            cached = self.blocks.cached_prefix(seq)
+            if self._behind_sibling(seq, len(cached)):
+                deferred.append(seq)
+                continue
+            num_tokens = min(seq.num_uncomputed - len(cached) * self.blocks.block_size, budget)
+            if not self.blocks.admit(seq, cached, num_tokens):
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self.blocks.grow(seq, seq.num_computed + num_tokens)
             scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
+        self.waiting.extendleft(reversed(deferred))
         return scheduled
+
+    def _behind_sibling(self, seq: Sequence, num_cached: int) -> bool:
+        """True when the first block seq would compute is one a running sequence with the same
+        prefix has not finished computing yet: next step seq finds it in the cache."""
+        hashes, end = seq.block_hashes, (num_cached + 1) * self.blocks.block_size
+        if (len(hashes) - num_cached) * self.blocks.block_size < WAIT_FOR_SIBLING_MIN_TOKENS:
+            return False
+        return any(
+            r.num_computed < end and len(r.block_hashes) > num_cached
+            and r.block_hashes[num_cached] == hashes[num_cached]
+            for r in self.running
+        )  # fmt: skip
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: list) -> bool:
         """Preempt later arrivals (not yet scheduled this step) until seq fits; False when seq

@@ -39,7 +39,8 @@ class Sequence:
     error: str | None = None
     adapter_weights: dict[int, float] = field(default_factory=dict)  # LoRA slot -> weight
     steer_vectors: dict[str, tuple[float, list[int] | None]] = field(default_factory=dict)
-    steer_delta: torch.Tensor | None = None  # sum of coeff * vector [layers, hidden], cached
+    _steer_delta: torch.Tensor | None = field(default=None, repr=False)  # see steer_delta
+    steer_epoch: int = 0  # counts changes of the row's vectors (each drops steer_delta)
     steer_version: int = 0  # which computation of steer_delta it is (engine-wide counter)
     steering: Any = None  # models.engine.steering.RowSteering when request.steering is set
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per generated token
@@ -51,11 +52,29 @@ class Sequence:
     stop_text_index: int | None = None  # finished on a stop string starting at this character
     decoded_tokens: int = 0  # generated tokens whose text is cached in decoded_text
     decoded_text: str = ""
+    # prefix caching (models.engine.block_manager): chained hashes of the full blocks of
+    # token_ids seeded by cache_key, how many leading blocks were offered to the cache, and
+    # steer_epoch at admission (blocks computed after a vector change are not cached)
+    cache_key: bytes = b""
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed: int = 0
+    cache_epoch: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
             self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def steer_delta(self) -> torch.Tensor | None:
+        """Sum of coeff * vector [layers, hidden], cached; None = recompute (vectors changed)."""
+        return self._steer_delta
+
+    @steer_delta.setter
+    def steer_delta(self, value: torch.Tensor | None) -> None:
+        if value is None:
+            self.steer_epoch += 1
+        self._steer_delta = value
 
     @property
     def request_id(self) -> str:

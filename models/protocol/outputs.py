@@ -85,6 +85,7 @@ class EngineStats:
     preemptions: int = 0
     observer_calls: int = 0  # step-observer calls: one per engine step with due steered rows
     failed_rows: int = 0  # rows finished with an error because stepping them alone raised
+    prefix_cache_hit_rate: float = 0.0  # share of admitted prompt tokens found in the cache
 
 
 class OutputBuffer:
