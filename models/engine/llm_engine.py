@@ -18,6 +18,7 @@ import torch
 from models.engine.adapters import LoRAAdapters
 from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
+from models.engine.constraints import RowConstraints
 from models.engine.device import stack_rows, to_device
 from models.engine.model_runner import ModelRunner
 from models.engine.output import OutputBuilder, finish
@@ -79,6 +80,9 @@ class LLMEngine(SequenceEditor):
         self.outputs = OutputBuilder(self.tokenizer, eos_token_ids(model_path), self.max_model_len)
         self.adapters = LoRAAdapters(self.runner.model, config)
         self.steering = SteeringHooks(self)
+        self.constraints = RowConstraints(config.structured_output, self.tokenizer,
+                                          self.args.vocab_size, self.outputs.eos_token_ids,
+                                          self.runner.device)  # fmt: skip
         self.vectors: dict[str, torch.Tensor] = {}
         self._steer_versions = 0  # a new number for every row delta computed
         self._steer_stack: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)
@@ -109,6 +113,7 @@ class LLMEngine(SequenceEditor):
         if request.steering is not None and self.steering.observer is None:
             raise EngineError("steering policy requested but no step observer is set")
         self.adapters.check(request)
+        self.constraints.check(request)
 
     def _check_sampling(self, params: SamplingParams) -> None:
         """What would make the sampler raise mid-step, refused before admission."""
@@ -159,6 +164,7 @@ class LLMEngine(SequenceEditor):
         self.reset_vectors(seq)
         if request.steering is not None:
             seq.steering = RowSteering(request.steering)
+        self.constraints.start(seq)
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -214,12 +220,14 @@ class LLMEngine(SequenceEditor):
             return
         logits = stack_rows([lg for _, lg, _ in ready])  # rows of one output: no copy
         logits = apply_adjustments(logits, [adjust for *_, adjust in ready])
+        logits = self.constraints.apply(logits, [s for s, *_ in ready])
         tokens = sample(logits, [s for s, *_ in ready])
         for (seq, *_), (token, logprob) in zip(ready, tokens, strict=True):
             step = seq.num_generated
             seq.append([token], [logprob])
             self.steering.record(seq, Sampled(step=step, token_id=token))
             self.outputs.check_stop(seq, sampled=True)
+            self.constraints.advance(seq, [token])
             self._stats.generated_tokens += 1
 
     def _release_finished(self, drop: bool) -> None:
@@ -321,6 +329,7 @@ class LLMEngine(SequenceEditor):
         seq.append(token_ids, [None] * len(token_ids))
         self.steering.record(seq, Added(step=step, token_ids=token_ids, forced=True))
         self.outputs.check_stop(seq, sampled=False)
+        self.constraints.advance(seq, token_ids)
 
     def backtrack(self, seq: Sequence, n: int) -> None:
         unsent = seq.num_generated - seq.num_sent_tokens
@@ -332,6 +341,7 @@ class LLMEngine(SequenceEditor):
             )
         seq.truncate(seq.num_generated - n)
         self.blocks.shrink(seq, len(seq.token_ids))
+        self.constraints.rollback(seq, n)
 
     def force_output(self, seq: Sequence, text: str) -> None:
         sent = self.outputs.completion_text(seq)[: seq.num_sent_chars]

@@ -42,6 +42,7 @@ class Sequence:
     steer_delta: torch.Tensor | None = None  # sum of coeff * vector [layers, hidden], cached
     steer_version: int = 0  # which computation of steer_delta it is (engine-wide counter)
     steering: Any = None  # models.engine.steering.RowSteering when request.steering is set
+    matcher: Any = None  # a protocol TokenMatcher when request.constraint is set
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per generated token
     interventions: list[Intervention] = field(default_factory=list)  # not yet reported
     num_sent_tokens: int = 0

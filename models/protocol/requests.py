@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.protocol.constraints import OutputConstraint
 from models.protocol.steering import SteeringRequest
 
 
@@ -52,3 +53,4 @@ class GenerationRequest:
     adapter_weights: dict[str, float] | None = None  # top-k router mix: name -> weight
     steer_vectors: list[SteerVectorSpec] = field(default_factory=list)  # static, whole request
     steering: SteeringRequest | None = None  # a policy consulted token by token
+    constraint: OutputConstraint | None = None  # the output must match this grammar
