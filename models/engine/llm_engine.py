@@ -130,6 +130,10 @@ class LLMEngine(SequenceEditor):
             raise EngineError(f"logprobs must lie in [0, {vocab}], got {params.logprobs}",
                               "logprobs")  # fmt: skip
         self._check_token_ids(list(params.logit_bias), "logit_bias")
+        if not (-2 <= params.presence_penalty <= 2 and -2 <= params.frequency_penalty <= 2
+                and 0 < params.repetition_penalty <= 10 and params.min_tokens >= 0):
+            raise EngineError("penalties must lie in [-2, 2] (presence, frequency) and (0, 10] "
+                              "(repetition); min_tokens >= 0", "presence_penalty")  # fmt: skip
 
     def _check_token_ids(self, token_ids: list[int], what: str) -> None:
         vocab = self.args.vocab_size
@@ -221,7 +225,7 @@ class LLMEngine(SequenceEditor):
         logits = stack_rows([lg for _, lg, _ in ready])  # rows of one output: no copy
         logits = apply_adjustments(logits, [adjust for *_, adjust in ready])
         logits = self.constraints.apply(logits, [s for s, *_ in ready])
-        tokens = sample(logits, [s for s, *_ in ready])
+        tokens = sample(logits, [s for s, *_ in ready], self.outputs.eos_token_ids)
         for (seq, *_), (token, logprob) in zip(ready, tokens, strict=True):
             step = seq.num_generated
             seq.append([token], [logprob])

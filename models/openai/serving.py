@@ -16,29 +16,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from models.openai.chat_template import chat_prompt_ids
 from models.openai.errors import OpenAIError, to_openai_error
+from models.openai.logprobs import chat_logprobs, text_logprobs
 from models.openai.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatLogprobs,
-    ChatLogprobToken,
     ChoiceError,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
     SamplingFields,
     TandemInfo,
-    TopLogprob,
     UsageInfo,
     new_id,
     now,
     parse_request,
 )
+from models.openai.tools import ToolCallStream, parse_tool_calls
+from models.protocol.constraints import OutputConstraint
 from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
@@ -101,6 +101,8 @@ class PreparedRequest:
     include_usage: bool
     n: int
     echo: bool = False  # completions: the prompt text leads each choice's text
+    constraint: OutputConstraint | None = None  # response_format or a forced tool call
+    tools: bool = False  # chat with tools offered: `<tool_call>` output becomes tool_calls
 
 
 class OpenAIServing:
@@ -140,9 +142,17 @@ class OpenAIServing:
     async def chat(self, body: Any) -> dict | AsyncIterator[str]:
         """A chat completion: a response dict, or an async iterator of SSE lines when streamed."""
         req = parse_request(ChatCompletionRequest, body)
-        messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
+        req.check()
+        messages = [m.as_dict() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.active else None
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        prep = await self._prepare(req, query, lambda ctx: [self._chat_prompt(messages, ctx)])
+        prep = await self._prepare(
+            req, query, lambda ctx: [chat_prompt_ids(self.tokenizer, messages, tools, ctx)])
+        formatted = req.response_format.constraint() if req.response_format else None
+        if formatted and req.constraint():
+            raise OpenAIError("response_format cannot be combined with a required or named "
+                              "tool_choice", param="response_format")  # fmt: skip
+        prep.constraint, prep.tools = formatted or req.constraint(), req.active
         if req.logprobs:
             for p in prep.params:
                 p.logprobs = req.top_logprobs or 0
@@ -184,12 +194,9 @@ class OpenAIServing:
         self, req: SamplingFields, query: str, build: Callable[[str], list[list[int]]]
     ) -> PreparedRequest:
         if unknown := req.unknown_fields():
-            logger.warning("ignoring unsupported request fields: %s", ", ".join(unknown))
-        if req.presence_penalty or req.frequency_penalty:
-            raise OpenAIError(
-                "presence_penalty and frequency_penalty are not supported; send 0",
-                param="presence_penalty" if req.presence_penalty else "frequency_penalty",
-            )
+            raise OpenAIError(f"unsupported parameter(s): {', '.join(unknown)}; this server "
+                              "cannot honour them", param=unknown[0],
+                              code="unsupported_parameter")  # fmt: skip
         if req.n > self.limits.max_n:
             raise OpenAIError(f"n must be at most {self.limits.max_n}, got {req.n}", param="n")
         adapter_field = await self._adapter_request(req)
@@ -317,17 +324,13 @@ class OpenAIServing:
             stop=req.stop_list(),
             ignore_eos=req.ignore_eos,
             logit_bias=bias,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=min(req.min_tokens, max_tokens),
         )
 
     # ---- prompts --------------------------------------------------------------------------
-
-    def _chat_prompt(self, messages: list[dict], context: str) -> list[int]:
-        if context:
-            messages = [{"role": "system", "content": context}, *messages]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
 
     def _text_prompt(self, prompt: str | list[int], context: str) -> list[int]:
         if isinstance(prompt, list):  # ids checked by `completions`
@@ -366,6 +369,7 @@ class OpenAIServing:
                         adapter_weights=prep.adapter_weights,
                         steer_vectors=list(prep.steer_vectors),
                         steering=prep.steering,
+                        constraint=prep.constraint,
                     )
                 )
         return reqs
@@ -400,16 +404,16 @@ class OpenAIServing:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
                 choices=[ChatCompletionChoice(
-                    index=i, message=AssistantMessage(content=c.text),
-                    finish_reason=c.finish_reason,
-                    logprobs=None if c.logprobs is None else self._chat_logprobs(c.logprobs),
+                    index=i, message=_message(c.text, prep.tools),
+                    finish_reason=_finish(c.finish_reason, prep.tools and "<tool_call>" in c.text),
+                    logprobs=None if c.logprobs is None else chat_logprobs(self.tokenizer, c.logprobs),
                 ) for i, c in enumerate(choices)],
             ).model_dump()
         return CompletionResponse(
             id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
             choices=[CompletionChoice(
                 index=i, text=self._echo(prep, i) + c.text, finish_reason=c.finish_reason,
-                logprobs=None if c.logprobs is None else self._text_logprobs(c.logprobs),
+                logprobs=None if c.logprobs is None else text_logprobs(self.tokenizer, c.logprobs),
             ) for i, c in enumerate(choices)],
         ).model_dump()
 
@@ -421,6 +425,7 @@ class OpenAIServing:
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
         tandem = prep.tandem.model_dump()
+        tool_streams = [ToolCallStream() for _ in streams] if chat and prep.tools else None
 
         def chunk(choices: list[dict], **extra) -> str:
             payload = {"id": prep.request_id, "object": obj, "created": created,
@@ -440,12 +445,16 @@ class OpenAIServing:
                 async for index, out in _merge(streams):
                     lp = None
                     if out.logprobs:
-                        lps = self._chat_logprobs if chat else self._text_logprobs
-                        lp = lps(out.logprobs).model_dump()
+                        lps = chat_logprobs if chat else text_logprobs
+                        lp = lps(self.tokenizer, out.logprobs).model_dump()
                     if out.text or out.finished or lp:
                         body = {"delta": {"content": out.text}} if chat else {"text": out.text}
-                        choice = {"index": index, **body, "logprobs": lp,
-                                  "finish_reason": out.finish_reason if out.finished else None}
+                        reason = out.finish_reason if out.finished else None
+                        if tool_streams:
+                            calls = tool_streams[index]
+                            body = {"delta": calls.delta(out.text, out.finished)}
+                            reason = _finish(reason, bool(calls.calls))
+                        choice = {"index": index, **body, "logprobs": lp, "finish_reason": reason}
                         extra = {}
                         if out.finished and (out.interventions or out.error):
                             extra["tandem"] = {"interventions": [
@@ -464,37 +473,6 @@ class OpenAIServing:
                 await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
 
         return events()
-
-    # ---- logprobs ---------------------------------------------------------------------------
-
-    def _token(self, tid: int) -> str:
-        return self.tokenizer.decode([tid])
-
-    def _top(self, tid: int, logprob: float) -> TopLogprob:
-        tok = self._token(tid)
-        return TopLogprob(token=tok, logprob=logprob, bytes=list(tok.encode()))
-
-    def _chat_logprobs(self, lps: list) -> ChatLogprobs:
-        content = []
-        for lp in lps:
-            tok = self._token(lp.token_id)
-            content.append(ChatLogprobToken(
-                token=tok, logprob=lp.logprob, bytes=list(tok.encode()),
-                top_logprobs=[self._top(tid, v) for tid, v in lp.top]))
-        return ChatLogprobs(content=content)
-
-    def _text_logprobs(self, lps: list) -> CompletionLogprobs:
-        tokens = [self._token(lp.token_id) for lp in lps]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return CompletionLogprobs(
-            tokens=tokens,
-            token_logprobs=[lp.logprob for lp in lps],
-            top_logprobs=[{self._token(tid): v for tid, v in lp.top} for lp in lps],
-            text_offset=offsets,
-        )
 
     async def _adapter_names(self) -> list[str]:
         return list(await self.backends.adapters()) if self.backends.adapters else []
@@ -605,6 +583,14 @@ def _interventions(choices: list[_Stream]) -> list[dict]:
     return [{"index": i, **_intervention(iv)} for i, c in enumerate(choices) for iv in c.interventions]
 
 
-def _role(role: str) -> str:
-    return "system" if role == "developer" else role
+def _message(text: str, tools: bool) -> AssistantMessage:
+    if not tools:
+        return AssistantMessage(content=text)
+    content, calls = parse_tool_calls(text)
+    return AssistantMessage(content=content, tool_calls=calls or None)
+
+
+def _finish(reason: str | None, called: bool) -> str | None:
+    """finish_reason "tool_calls" for a choice that stopped after calling tools."""
+    return "tool_calls" if called and reason == "stop" else reason
 
