@@ -63,3 +63,8 @@ class EngineConfig(BaseModel):
     )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
     seed: int = Field(0, description="Seed for requests that give none.")
+    structured_output: str | None = Field(
+        "models.structured.llguidance_compiler:LLGuidanceCompiler",
+        description="Import path module:Class of the ConstraintCompiler that turns "
+        "response_format and constrained tool calls into token masks; None turns them off.",
+    )

@@ -19,6 +19,7 @@ import torch
 from models.engine.adapters import LoRAAdapters
 from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
+from models.engine.constraints import RowConstraints
 from models.engine.device import stack_rows, to_device
 from models.engine.model_runner import ModelRunner
 from models.engine.output import OutputBuilder, finish
@@ -49,13 +50,6 @@ from models.protocol.steering import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _sample(ready: list[tuple[Sequence, torch.Tensor, Any]]) -> list[tuple]:
-    """Sample rows (seq, logits [vocab], AdjustedLogits or None) as one batch."""
-    logits = stack_rows([lg for _, lg, _ in ready])  # rows of one output: no copy
-    logits = apply_adjustments(logits, [adjust for *_, adjust in ready])
-    return sample(logits, [s for s, *_ in ready])
 
 
 def error_output(seq: Sequence) -> RequestOutput:
@@ -106,6 +100,9 @@ class LLMEngine(SequenceEditor):
         self.outputs = OutputBuilder(self.tokenizer, eos_token_ids(model_path), self.max_model_len)
         self.adapters = LoRAAdapters(self.runner.model, config)
         self.steering = SteeringHooks(self)
+        self.constraints = RowConstraints(config.structured_output, self.tokenizer,
+                                          self.args.vocab_size, self.outputs.eos_token_ids,
+                                          self.runner.device)  # fmt: skip
         self.vectors: dict[str, torch.Tensor] = {}
         self._steer_versions = 0  # a new number for every row delta computed
         self._steer_stack: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)
@@ -136,6 +133,7 @@ class LLMEngine(SequenceEditor):
         if request.steering is not None and self.steering.observer is None:
             raise EngineError("steering policy requested but no step observer is set")
         self.adapters.check(request)
+        self.constraints.check(request)
 
     def _check_sampling(self, params: SamplingParams) -> None:
         """What would make the sampler raise mid-step, refused before admission."""
@@ -152,6 +150,10 @@ class LLMEngine(SequenceEditor):
             raise EngineError(f"logprobs must lie in [0, {vocab}], got {params.logprobs}",
                               "logprobs")  # fmt: skip
         self._check_token_ids(list(params.logit_bias), "logit_bias")
+        if not (-2 <= params.presence_penalty <= 2 and -2 <= params.frequency_penalty <= 2
+                and 0 < params.repetition_penalty <= 10 and params.min_tokens >= 0):
+            raise EngineError("penalties must lie in [-2, 2] (presence, frequency) and (0, 10] "
+                              "(repetition); min_tokens >= 0", "presence_penalty")  # fmt: skip
 
     def _check_token_ids(self, token_ids: list[int], what: str) -> None:
         vocab = self.args.vocab_size
@@ -186,6 +188,7 @@ class LLMEngine(SequenceEditor):
         self.reset_vectors(seq)
         if request.steering is not None:
             seq.steering = RowSteering(request.steering)
+        self.constraints.start(seq)
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -258,6 +261,7 @@ class LLMEngine(SequenceEditor):
             try:
                 self.steering.record(seq, Sampled(step=step, token_id=token))
                 self.outputs.check_stop(seq, sampled=True)
+                self.constraints.advance(seq, [token])
             except Exception as exc:  # noqa: BLE001 - this row's stop check: it fails alone
                 self.fail_row(seq, "checking stop conditions", exc)
 
@@ -266,17 +270,26 @@ class LLMEngine(SequenceEditor):
         one batch; if that raises, row by row, so that a row whose adjustment or sampling
         fails is finished with an error alone and the others get their token."""
         try:
-            return list(zip([s for s, *_ in ready], _sample(ready), strict=True))
+            return list(zip([s for s, *_ in ready], self._sample(ready), strict=True))
         except Exception:  # noqa: BLE001 - find the row(s) at fault below
             if len(ready) > 1:
                 log.warning("sampling a batch of %d rows failed; sampling row by row", len(ready))
         sampled = []
         for row in ready:
             try:
-                sampled.append((row[0], _sample([row])[0]))
+                sampled.append((row[0], self._sample([row])[0]))
             except Exception as exc:  # noqa: BLE001 - this row fails alone
                 self.fail_row(row[0], "sampling", exc)
         return sampled
+
+    def _sample(self, ready: list[tuple[Sequence, torch.Tensor, Any]]) -> list[tuple]:
+        """Sample rows (seq, logits [vocab], AdjustedLogits or None) as one batch: steering
+        adjustments first, then each row's grammar mask."""
+        seqs = [s for s, *_ in ready]
+        logits = stack_rows([lg for _, lg, _ in ready])  # rows of one output: no copy
+        logits = apply_adjustments(logits, [adjust for *_, adjust in ready])
+        logits = self.constraints.apply(logits, seqs)
+        return sample(logits, seqs, self.outputs.eos_token_ids)
 
     def fail_row(self, seq: Sequence, what: str, exc: BaseException) -> None:
         """Finish one row with an error: something raised while stepping it alone."""
@@ -402,6 +415,7 @@ class LLMEngine(SequenceEditor):
         seq.append(token_ids, [None] * len(token_ids))
         self.steering.record(seq, Added(step=step, token_ids=token_ids, forced=True))
         self.outputs.check_stop(seq, sampled=False)
+        self.constraints.advance(seq, token_ids)
 
     def backtrack(self, seq: Sequence, n: int) -> None:
         unsent = seq.num_generated - seq.num_sent_tokens
@@ -413,6 +427,7 @@ class LLMEngine(SequenceEditor):
             )
         seq.truncate(seq.num_generated - n)
         self.blocks.shrink(seq, len(seq.token_ids))
+        self.constraints.rollback(seq, n)
 
     def force_output(self, seq: Sequence, text: str) -> None:
         sent = self.outputs.completion_text(seq)[: seq.num_sent_chars]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from models.engine.device import to_device
+from models.engine.penalties import apply_penalties
 from models.engine.sequence import Sequence
 from models.protocol.outputs import TokenLogprob
 from models.protocol.requests import SamplingParams
@@ -53,18 +54,21 @@ def token_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> Token
     return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top=top)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           eos_token_ids: set[int] = frozenset()) -> list[tuple[int, TokenLogprob | None]]:  # fmt: skip
     """Pick one token per row of logits [rows, vocab] (float32, adjustments applied except
-    logit bias); returns (token id, logprob or None) per row.
+    logit bias and penalties); returns (token id, logprob or None) per row. `eos_token_ids`
+    are barred before a row's min_tokens.
 
     Batched: temperature, top-k and top-p are row-wise tensor ops, and a sampled row draws by
     the exponential race (argmax of p / E with E ~ Exp(1) from the row's own generator: an
     exact categorical draw), so the whole batch costs one device sync, not one per row.
     """
     params = [s.request.params for s in seqs]
-    if all(p.temperature == 0 and p.logprobs is None and not p.logit_bias for p in params):
+    if all(p.temperature == 0 and p.logprobs is None and not p.logit_bias and not p.penalized()
+           for p in params):  # fmt: skip
         return [(token, None) for token in logits.argmax(-1).tolist()]  # one device sync
-    logits = apply_logit_biases(logits, params)
+    logits = apply_penalties(apply_logit_biases(logits, params), seqs, eos_token_ids)
     tokens = logits.argmax(-1)
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if sampled_rows:

@@ -43,6 +43,7 @@ class Sequence:
     steer_epoch: int = 0  # counts changes of the row's vectors (each drops steer_delta)
     steer_version: int = 0  # which computation of steer_delta it is (engine-wide counter)
     steering: Any = None  # models.engine.steering.RowSteering when request.steering is set
+    matcher: Any = None  # a protocol TokenMatcher when request.constraint is set
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per generated token
     interventions: list[Intervention] = field(default_factory=list)  # not yet reported
     num_sent_tokens: int = 0

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from models.openai.errors import OpenAIError
+from models.openai.tools import ChatTools, ResponseFormat, ToolCall
 from models.protocol.requests import SteerVectorSpec
 from models.protocol.steering import MAX_STEER_COEFF, SteeringMode, SteeringRequest
 
@@ -127,6 +128,8 @@ class SamplingFields(BaseModel):
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     rag: RagOptions | None = None
     steering: SteeringOptions | None = None
@@ -166,12 +169,40 @@ class SamplingFields(BaseModel):
         return sorted((self.model_extra or {}).keys())
 
 
+NULL_MESSAGE_FIELDS = ("refusal", "annotations", "audio", "function_call", "reasoning_content")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        # an SDK message sent back as history carries these empty; anything else is not served
+        extra = [k for k, v in (self.model_extra or {}).items()
+                 if k not in NULL_MESSAGE_FIELDS or v not in (None, [], "")]  # fmt: skip
+        if extra:
+            raise ValueError(f"message field {extra[0]!r} is not supported")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        return self
+
+    def as_dict(self) -> dict:
+        """{role, content} plus tool_calls / tool_call_id where set (developer is system)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text()}  # fmt: skip
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         """The message's text; content parts of type text are joined, others refused."""
@@ -189,11 +220,12 @@ class ChatMessage(BaseModel):
         return "".join(texts)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatTools):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -401,7 +433,16 @@ class TandemInfo(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_only_when_any(self, handler):
+        data = handler(self)
+        if not self.tool_calls:
+            del data["tool_calls"]
+        return data
 
 
 class ChatCompletionChoice(BaseModel):

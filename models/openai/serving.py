@@ -15,29 +15,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from models.openai.chat_template import chat_prompt_ids
 from models.openai.errors import OpenAIError, to_openai_error
+from models.openai.logprobs import chat_logprobs, text_logprobs
 from models.openai.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatLogprobs,
-    ChatLogprobToken,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
     SamplingFields,
     TandemInfo,
-    TopLogprob,
     UsageInfo,
     new_id,
     now,
     parse_request,
 )
 from models.openai.streaming import ChoiceStream, StreamedResponse, final_tandem, sse_events
+from models.openai.streaming import finish_reason as _finish
+from models.openai.tools import ToolCallStream, parse_tool_calls
+from models.protocol.constraints import OutputConstraint
 from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
@@ -106,6 +107,8 @@ class PreparedRequest:
     n: int
     echo: bool = False  # completions: the prompt text leads each choice's text
     trace: bool = False  # keep a per-token trace under tandem.request_id
+    constraint: OutputConstraint | None = None  # response_format or a forced tool call
+    tools: bool = False  # chat with tools offered: `<tool_call>` output becomes tool_calls
 
 
 class OpenAIServing:
@@ -148,9 +151,17 @@ class OpenAIServing:
     async def chat(self, body: Any) -> dict | AsyncIterator[str]:
         """A chat completion: a response dict, or an async iterator of SSE lines when streamed."""
         req = parse_request(ChatCompletionRequest, body)
-        messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
+        req.check()
+        messages = [m.as_dict() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.active else None
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        prep = await self._prepare(req, query, lambda ctx: [self._chat_prompt(messages, ctx)])
+        prep = await self._prepare(
+            req, query, lambda ctx: [chat_prompt_ids(self.tokenizer, messages, tools, ctx)])
+        formatted = req.response_format.constraint() if req.response_format else None
+        if formatted and req.constraint():
+            raise OpenAIError("response_format cannot be combined with a required or named "
+                              "tool_choice", param="response_format")  # fmt: skip
+        prep.constraint, prep.tools = formatted or req.constraint(), req.active
         if req.logprobs:
             for p in prep.params:
                 p.logprobs = req.top_logprobs or 0
@@ -192,12 +203,9 @@ class OpenAIServing:
         self, req: SamplingFields, query: str, build: Callable[[str], list[list[int]]]
     ) -> PreparedRequest:
         if unknown := req.unknown_fields():
-            logger.warning("ignoring unsupported request fields: %s", ", ".join(unknown))
-        if req.presence_penalty or req.frequency_penalty:
-            raise OpenAIError(
-                "presence_penalty and frequency_penalty are not supported; send 0",
-                param="presence_penalty" if req.presence_penalty else "frequency_penalty",
-            )
+            raise OpenAIError(f"unsupported parameter(s): {', '.join(unknown)}; this server "
+                              "cannot honour them", param=unknown[0],
+                              code="unsupported_parameter")  # fmt: skip
         if req.n > self.limits.max_n:
             raise OpenAIError(f"n must be at most {self.limits.max_n}, got {req.n}", param="n")
         adapter_field = await self._adapter_request(req)
@@ -334,17 +342,13 @@ class OpenAIServing:
             stop=req.stop_list(),
             ignore_eos=req.ignore_eos,
             logit_bias=bias,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=min(req.min_tokens, max_tokens),
         )
 
     # ---- prompts --------------------------------------------------------------------------
-
-    def _chat_prompt(self, messages: list[dict], context: str) -> list[int]:
-        if context:
-            messages = [{"role": "system", "content": context}, *messages]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
 
     def _text_prompt(self, prompt: str | list[int], context: str) -> list[int]:
         if isinstance(prompt, list):  # ids checked by `completions`
@@ -384,6 +388,7 @@ class OpenAIServing:
                         steer_vectors=list(prep.steer_vectors),
                         steering=prep.steering,
                         trace_id=prep.tandem.request_id if prep.trace else None,
+                        constraint=prep.constraint,
                     )
                 )
         return reqs
@@ -416,16 +421,16 @@ class OpenAIServing:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
                 choices=[ChatCompletionChoice(
-                    index=i, message=AssistantMessage(content=c.text),
-                    finish_reason=c.finish_reason,
-                    logprobs=None if c.logprobs is None else self._chat_logprobs(c.logprobs),
+                    index=i, message=_message(c.text, prep.tools),
+                    finish_reason=_finish(c.finish_reason, prep.tools and "<tool_call>" in c.text),
+                    logprobs=None if c.logprobs is None else chat_logprobs(self.tokenizer, c.logprobs),
                 ) for i, c in enumerate(choices)],
             ).model_dump()
         return CompletionResponse(
             id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
             choices=[CompletionChoice(
                 index=i, text=self._echo(prep, i) + c.text, finish_reason=c.finish_reason,
-                logprobs=None if c.logprobs is None else self._text_logprobs(c.logprobs),
+                logprobs=None if c.logprobs is None else text_logprobs(self.tokenizer, c.logprobs),
             ) for i, c in enumerate(choices)],
         ).model_dump()
 
@@ -436,39 +441,10 @@ class OpenAIServing:
     def _sse(self, prep: PreparedRequest, streams: list[ChoiceStream], chat: bool) -> AsyncIterator[str]:
         resp = StreamedResponse(
             prep.request_id, prep.model, prep.tandem, sum(len(ids) for ids in prep.prompt_ids),
-            prep.include_usage, (lambda i: self._echo(prep, i)) if prep.echo else None)
-        return sse_events(resp, streams, chat, self._chat_logprobs if chat else self._text_logprobs)
-
-    # ---- logprobs ---------------------------------------------------------------------------
-
-    def _token(self, tid: int) -> str:
-        return self.tokenizer.decode([tid])
-
-    def _top(self, tid: int, logprob: float) -> TopLogprob:
-        tok = self._token(tid)
-        return TopLogprob(token=tok, logprob=logprob, bytes=list(tok.encode()))
-
-    def _chat_logprobs(self, lps: list) -> ChatLogprobs:
-        content = []
-        for lp in lps:
-            tok = self._token(lp.token_id)
-            content.append(ChatLogprobToken(
-                token=tok, logprob=lp.logprob, bytes=list(tok.encode()),
-                top_logprobs=[self._top(tid, v) for tid, v in lp.top]))
-        return ChatLogprobs(content=content)
-
-    def _text_logprobs(self, lps: list) -> CompletionLogprobs:
-        tokens = [self._token(lp.token_id) for lp in lps]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return CompletionLogprobs(
-            tokens=tokens,
-            token_logprobs=[lp.logprob for lp in lps],
-            top_logprobs=[{self._token(tid): v for tid, v in lp.top} for lp in lps],
-            text_offset=offsets,
-        )
+            prep.include_usage, (lambda i: self._echo(prep, i)) if prep.echo else None,
+            [ToolCallStream() for _ in streams] if chat and prep.tools else None)
+        lps = chat_logprobs if chat else text_logprobs
+        return sse_events(resp, streams, chat, lambda lp: lps(self.tokenizer, lp))
 
     async def _adapter_names(self) -> list[str]:
         return list(await self.backends.adapters()) if self.backends.adapters else []
@@ -477,6 +453,8 @@ class OpenAIServing:
         return list(await self.backends.vectors()) if self.backends.vectors else []
 
 
-def _role(role: str) -> str:
-    return "system" if role == "developer" else role
-
+def _message(text: str, tools: bool) -> AssistantMessage:
+    if not tools:
+        return AssistantMessage(content=text)
+    content, calls = parse_tool_calls(text)
+    return AssistantMessage(content=content, tool_calls=calls or None)

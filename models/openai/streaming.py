@@ -156,6 +156,12 @@ class StreamedResponse:
     num_prompt_tokens: int
     include_usage: bool
     echo: Callable[[int], str] | None  # completions with echo: choice -> its prompt text
+    tool_calls: list | None = None  # chat with tools: one ToolCallStream per choice
+
+
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    """finish_reason "tool_calls" for a choice that stopped after calling tools."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def sse_events(
@@ -189,8 +195,12 @@ def sse_events(
                 if not (out.text or out.finished or lp):
                     continue
                 body = {"delta": {"content": out.text}} if chat else {"text": out.text}
-                choice = {"index": index, **body, "logprobs": lp,
-                          "finish_reason": out.finish_reason if out.finished else None}
+                reason = out.finish_reason if out.finished else None
+                if resp.tool_calls:  # `<tool_call>` output streams as tool-call deltas
+                    calls = resp.tool_calls[index]
+                    body = {"delta": calls.delta(out.text, out.finished)}
+                    reason = finish_reason(reason, bool(calls.calls))
+                choice = {"index": index, **body, "logprobs": lp, "finish_reason": reason}
                 finished += out.finished
                 extra = {}
                 if finished == len(streams):  # the last choice ended: the whole tandem object

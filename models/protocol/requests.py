@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.protocol.constraints import OutputConstraint
 from models.protocol.steering import SteeringRequest
 
 
@@ -30,6 +31,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0  # minus this for every token already in the output
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # prompt and output tokens: logit / p if > 0 else logit * p
+    min_tokens: int = 0  # end-of-sequence and stop tokens are barred before this many tokens
+
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.min_tokens)  # fmt: skip
 
 
 @dataclass
@@ -53,3 +62,4 @@ class GenerationRequest:
     steer_vectors: list[SteerVectorSpec] = field(default_factory=list)  # static, whole request
     steering: SteeringRequest | None = None  # a policy consulted token by token
     trace_id: str | None = None  # the API request id when a per-token trace is kept
+    constraint: OutputConstraint | None = None  # the output must match this grammar
