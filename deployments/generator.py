@@ -21,10 +21,13 @@ from deployments.streams import PinnedRouter, Sessions
 from models.builtin import resolve_adapter, resolve_source
 from models.config import TandemConfig
 from models.engine import build_engine
+from models.protocol.engine import check_capabilities
 from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
+from models.steering.config import SteeringSetup
 from models.steering.observer import ReplicaObserver
+from models.steering.policies import policy_needs
 from models.steering.runtime import SteeringRuntime
 from models.steering.vector_service import VectorService
 
@@ -36,28 +39,23 @@ class Generator:
     """Serves GenerationRequests from one engine replica."""
 
     def __init__(self, config: dict, steerer: Any | None = None):
-        self.config = TandemConfig.model_validate(config)
-        self.paths = resolve_source(self.config.model.source)
-        self.engine = build_engine(self.config.engine, self.paths.big)
-        self.adapter_paths = {
-            a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
-            for a in self.config.adapters
-        }
-        self.vectors = VectorService(self.config.steering, self.paths.big)
-        self.observer = ReplicaObserver(
-            steerer.process.remote if steerer else None,
-            steerer.release.remote if steerer else None,
-            self._load_colocated,
-        )
-        self.sessions = Sessions(self.config.server.stream_interval_s)
+        self.config = c = TandemConfig.model_validate(config)
+        self.paths = resolve_source(c.model.source)
+        self.setup = SteeringSetup(steering=c.steering, model_source=c.model.source,
+                                   max_model_len=c.engine.max_model_len)  # fmt: skip
+        self.engine = build_engine(c.engine, self.paths.big, self.setup)
+        self.policy_needs = policy_needs(c.steering.policies)
+        self.adapter_paths = {a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
+                              for a in c.adapters}  # fmt: skip
+        self.vectors = VectorService(c.steering, self.paths.big)
+        self.observer = ReplicaObserver(steerer.process.remote if steerer else None,
+                                        steerer.release.remote if steerer else None,
+                                        lambda: SteeringRuntime.from_setup(self.setup))  # fmt: skip
+        self.sessions = Sessions(c.server.stream_interval_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
         self._started = False
         self._start_lock = asyncio.Lock()
-
-    def _load_colocated(self) -> SteeringRuntime:
-        s = self.config
-        return SteeringRuntime.from_source(s.steering, s.model.source, s.engine.max_model_len)
 
     async def _ensure_started(self) -> None:
         async with self._start_lock:
@@ -82,6 +80,7 @@ class Generator:
         steering = request.steering
         if steering is not None and steering.mode == "colocated" and self.config.steering.policies:
             await self.observer.ensure_colocated()
+        check_capabilities(self.engine, request, self.policy_needs)
         self.engine.check_request(request)
         self._requests_served += 1
         self.sessions.start(session, request.request_id, self._outputs(request))

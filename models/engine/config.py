@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,3 +58,9 @@ class EngineConfig(BaseModel):
     )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
     seed: int = Field(0, description="Seed for requests that give none.")
+    vllm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="kind vllm: vLLM engine arguments (AsyncEngineArgs fields, e.g. "
+        "tensor_parallel_size, distributed_executor_backend, gpu_memory_utilization), passed "
+        "through verbatim over what the settings above map to.",
+    )

@@ -53,6 +53,7 @@ class VectorGuard(Policy):
     answers SteerVector(vector, coeff, layers) and, once, Backtrack(backtrack)."""
 
     Params = VectorGuardParams
+    needs = ("token_events", "hidden_state_steering")
 
     @property
     def variants(self) -> list[str]:
