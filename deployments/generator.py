@@ -70,9 +70,9 @@ class Generator:
             self._metrics_task = asyncio.create_task(export_engine_stats(self.engine))
             self._started = True
 
-    async def submit(self, request: GenerationRequest, session: str) -> str:
-        """Admit one request for an Ingress session (its outputs go to that session's
-        stream); raises the error it deserves. Returns this replica's id."""
+    async def submit(self, request: GenerationRequest, session: str) -> tuple[str, Any]:
+        """Admit one request for an Ingress session; raises the error it deserves. Returns
+        this replica's id and the first output; the later ones go to the session's stream."""
         if not self._started:
             await self._ensure_started()
         if not self.vectors.registered([v.name for v in request.steer_vectors]):
@@ -83,8 +83,8 @@ class Generator:
         check_capabilities(self.engine, request, self.policy_needs)
         self.engine.check_request(request)
         self._requests_served += 1
-        self.sessions.start(session, request.request_id, self._outputs(request))
-        return self.replica
+        first = await self.sessions.submit(session, request.request_id, self._outputs(request))
+        return self.replica, first
 
     async def _outputs(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         finished = False

@@ -113,6 +113,19 @@ class Sessions:
         self._sessions: dict[str, _Session] = {}
         self.interval_s = interval_s
 
+    async def submit(
+        self, session: str, request_id: str, outputs: AsyncIterator[RequestOutput]
+    ) -> RequestOutput | None:
+        """Wait for an admitted request's first output and return it (it rides on the submit
+        call's reply: no stream hop before the first token); the rest go to the session."""
+        it = aiter(outputs)
+        first = await anext(it, None)
+        if first is None or first.finished:
+            await it.aclose()  # type: ignore[attr-defined]
+            return first
+        self.start(session, request_id, it)
+        return first
+
     def start(self, session: str, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
         """Pump one admitted request's outputs into its session's batches."""
         s = self._sessions.get(session)
@@ -186,6 +199,7 @@ class GeneratorStreams:
         self.interval_s = interval_s
         self.session = uuid.uuid4().hex
         self.buffers: dict[str, tuple[OutputBuffer, str | None]] = {}
+        self.early: dict[str, list] = {}  # stream items that overtook their submit's reply
         self.readers: dict[str, asyncio.Task] = {}
         self.messages = 0
 
@@ -196,9 +210,14 @@ class GeneratorStreams:
         self.buffers[rid] = (buffer, None)  # before submitting: its first output may come first
         replica, finished = None, False
         try:
-            replica = await self.handle.submit.remote(request, self.session)
+            replica, first = await self.handle.submit.remote(request, self.session)
             self.buffers[rid] = (buffer, replica)
-            self._read_from(replica)
+            if first is not None:
+                buffer.put(first)
+            for item in self.early.pop(rid, ()):
+                buffer.put(item)
+            if first is not None and not first.finished:
+                self._read_from(replica)
             due = 0.0  # when the next output may go (the first goes at once)
             while not finished:
                 out = await buffer.take()
@@ -211,6 +230,7 @@ class GeneratorStreams:
                 yield out
         finally:
             self.buffers.pop(rid, None)
+            self.early.pop(rid, None)
             if replica is not None and not finished:
                 asyncio.create_task(self._abort(rid, replica))
 
@@ -234,8 +254,14 @@ class GeneratorStreams:
                 async for batch in stream:
                     self.messages += 1
                     for item in batch:
-                        if (entry := self.buffers.get(item.request_id)) is not None:
-                            entry[0].put(item.error if isinstance(item, RequestFailure) else item)
+                        rid = item.request_id
+                        item = item.error if isinstance(item, RequestFailure) else item
+                        if (entry := self.buffers.get(rid)) is None:
+                            continue
+                        if entry[1] is None:  # its submit's reply (the first output) is due
+                            self.early.setdefault(rid, []).append(item)
+                        else:
+                            entry[0].put(item)
                 if not any(where == replica for _, where in self.buffers.values()):
                     return
         except Exception as exc:  # noqa: BLE001 - every request on that replica fails

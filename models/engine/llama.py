@@ -297,14 +297,21 @@ def load_llama(
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     weights: dict[str, torch.Tensor] = {}
     for file in files:
-        weights.update(load_file(str(file)))
+        weights.update(load_file(str(file)))  # on the host, in the checkpoint's dtype
+    # Built on the meta device and given storage straight in the target dtype, so the device
+    # holds each weight once (no float32 pass: peak = the weight bytes).
+    state = _fuse_weights(weights, args)
+    tied = state["lm_head"] is state["embed_tokens.weight"]
     with torch.device("meta"):
-        model = LlamaForCausalLM(args, max_len)
+        model = LlamaForCausalLM(args, max_len).to(dtype)
+    if tied:  # one tensor for the embedding and the output head, as in the checkpoint
+        del model.lm_head, state["lm_head"]
     model = model.to_empty(device=device)
-    missing, _ = model.load_state_dict(_fuse_weights(weights, args), strict=False)
+    missing, _ = model.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(missing[:5])}")
-    model = model.to(dtype)
+    if tied:
+        model.lm_head = model.embed_tokens.weight
     model.layers[0].self_attn.rotary.float().fill()
     return model
 

@@ -425,3 +425,17 @@ def test_a_failed_engine_answers_503_and_fails_its_health_check(qwen3):
 
     err = asyncio.run(main())
     assert err.status_code == 503 and "device lost" in err.message
+
+
+def test_loader_keeps_one_tensor_for_tied_embeddings(checkpoint):
+    """A tied checkpoint (qwen3 here) loads its embedding once and uses it as the output head;
+    an untied one (llama) keeps its own head. Loading goes straight to the target dtype."""
+    from models.engine.llama import load_llama
+
+    path, hf = checkpoint
+    model = load_llama(path, torch.device("cpu"), torch.bfloat16, max_len=64)
+    shared = model.lm_head.data_ptr() == model.embed_tokens.weight.data_ptr()
+    assert shared == bool(hf.config.tie_word_embeddings)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.layers[0].self_attn.rotary.cos.dtype == torch.float32
+    torch.testing.assert_close(model.lm_head.float(), hf.lm_head.weight.detach().bfloat16().float())

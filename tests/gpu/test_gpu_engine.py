@@ -130,3 +130,23 @@ def test_staged_inputs_hold_what_each_write_queued():
         assert b["ctx"][:4].tolist() == [p + 1 for p in positions] + [0] * (4 - n)
         assert b["slots"][n:4].tolist() == [0] * (4 - n)  # pad rows write the null slot
         assert b["tables"][:n, :width].flatten().tolist() == tables
+
+
+def test_loading_goes_straight_to_bf16_on_the_gpu(tmp_path):
+    """Peak GPU memory while loading stays within 1.1x the bf16 weight bytes (no float32 pass,
+    one tensor for a tied embedding and output head)."""
+    from models.engine.llama import load_llama
+
+    path = build_tiny_checkpoint(
+        tmp_path / "m", "qwen3", vocab_size=32000, hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+    )  # fmt: skip
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = load_llama(path, torch.device("cuda"), torch.bfloat16, max_len=512)
+    peak = torch.cuda.max_memory_allocated() - base
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.lm_head.data_ptr() == model.embed_tokens.weight.data_ptr()
+    assert peak <= 1.1 * weight_bytes, f"peak {peak / 2**20:.0f} MiB for {weight_bytes / 2**20:.0f}"

@@ -49,3 +49,23 @@ def test_abort_stops_only_that_request():
 
     batch = asyncio.run(main())
     assert [out.request_id for out in batch] == ["keep"]
+
+
+def test_submit_returns_the_first_output_and_streams_the_rest(monkeypatch):
+    """The first output rides on the submit reply (no stream hop before the first token);
+    a request finished by its first output leaves nothing running in the session."""
+    monkeypatch.setattr(streams, "IDLE_STREAM_S", 0.2)
+
+    async def main():
+        sessions, gate = Sessions(), asyncio.Event()
+        gate.set()
+        first = await sessions.submit("s1", "long", outputs("long", 3, gate))
+        short = await sessions.submit("s1", "short", outputs("short", 1, gate))
+        batches = [batch async for batch in sessions.stream("s1")]
+        return first, short, batches
+
+    first, short, batches = asyncio.run(main())
+    assert (first.token_ids, first.finished) == ([0], False)
+    assert (short.token_ids, short.finished) == ([0], True)
+    rest = RequestOutput.merged([out for batch in batches for out in batch])
+    assert (rest.request_id, rest.token_ids, rest.finished) == ("long", [1, 2], True)
