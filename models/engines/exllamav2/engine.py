@@ -68,7 +68,7 @@ class SteeredForward:
             x = module.forward(x, cache=cache, attn_params=params, past_len=past, loras=loras)
             layer = self.after_layer.get(idx)
             if deltas and layer in deltas:
-                x.add_(deltas[layer].to(x.dtype))
+                x.add_(deltas[layer].to(x.device, x.dtype))  # no copy on one GPU
         cache.current_seq_len += length
         return x[:, -1, : model.config.vocab_size].float()
 
@@ -124,7 +124,8 @@ class ExLlamaV2Engine(Engine):
             for layer in spec.layers if spec.layers is not None else range(vector.shape[0]):
                 delta = spec.coeff * vector[layer].to(torch.float32)
                 out[layer] = out[layer] + delta if layer in out else delta
-        device = self.model.modules[0].device()
+        # on the GPU the layers run on (exllamav2 may keep the embedding table in CPU memory)
+        device = self.model.modules[self.model.head_layer_idx].device()
         return {layer: d.to(device, torch.float16) for layer, d in out.items()}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
