@@ -45,6 +45,7 @@ class Generator:
                                    max_model_len=c.engine.max_model_len)  # fmt: skip
         self.engine = build_engine(c.engine, self.paths.big, self.setup)
         self.policy_needs = policy_needs(c.steering.policies)
+        self.colocates = bool(c.steering.policies) and self.engine.capabilities.token_events
         self.adapter_paths = {a.name: os.path.expanduser(resolve_adapter(a.path, self.paths))
                               for a in c.adapters}  # fmt: skip
         self.vectors = VectorService(c.steering, self.paths.big)
@@ -77,10 +78,10 @@ class Generator:
             await self._ensure_started()
         if not self.vectors.registered([v.name for v in request.steer_vectors]):
             self.vectors.sync(self.engine)
-        steering = request.steering
-        if steering is not None and steering.mode == "colocated" and self.config.steering.policies:
-            await self.observer.ensure_colocated()
         check_capabilities(self.engine, request, self.policy_needs)
+        steering = request.steering
+        if steering is not None and steering.mode == "colocated" and self.colocates:
+            await self.observer.ensure_colocated()
         self.engine.check_request(request)
         self._requests_served += 1
         first = await self.sessions.submit(session, request.request_id, self._outputs(request))

@@ -210,6 +210,8 @@ def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(vllm_engine, 
         with pytest.raises(UnsupportedByEngineError, match=f"engine 'vllm'.*{capability}") as e:
             check_capabilities(vllm_engine, bad, needs)
         assert e.value.status_code == 400
+        with pytest.raises(UnsupportedByEngineError, match=capability):
+            vllm_engine.check_request(bad)  # the engine refuses on its own too
     check_capabilities(vllm_engine, request("ok", prompts[0], steering=SteeringRequest("proxy")),
                        needs)  # fmt: skip
     with pytest.raises(EngineError, match="'nope' is not configured for the vllm engine"):

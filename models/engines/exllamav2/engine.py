@@ -33,7 +33,7 @@ from models.engine.admission import check_generation
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import eos_token_ids, load_tokenizer
 from models.engine.sampler import sample
-from models.protocol.engine import Engine, EngineCapabilities
+from models.protocol.engine import Engine, EngineCapabilities, check_capabilities
 from models.protocol.errors import AdapterNotFoundError, EngineError, VectorNotFoundError
 from models.protocol.outputs import EngineStats, RequestOutput
 from models.protocol.requests import GenerationRequest
@@ -105,6 +105,7 @@ class ExLlamaV2Engine(Engine):
         return None
 
     def check_request(self, request: GenerationRequest) -> None:
+        check_capabilities(self, request)  # also when used without a Generator
         check_generation(request, self.vocab_size, self.max_model_len)
         for spec in request.steer_vectors:
             if spec.name not in self.vectors:

@@ -33,7 +33,7 @@ from models.engine.admission import check_generation
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import load_tokenizer
 from models.engines.vllm.logits import PROCESSOR, SETUP_KEY, steering_args
-from models.protocol.engine import Engine, EngineCapabilities
+from models.protocol.engine import Engine, EngineCapabilities, check_capabilities
 from models.protocol.errors import (
     AdapterNotFoundError,
     EngineError,
@@ -44,6 +44,7 @@ from models.protocol.outputs import EngineStats, RequestOutput, TokenLogprob
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import StepObserver
 from models.steering.config import SteeringSetup
+from models.steering.policies import policy_needs
 
 log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20  # the OpenAI API's cap; engine.vllm.max_logprobs raises it
@@ -90,6 +91,7 @@ class VllmEngine(Engine):
             {p.name for p in steering.steering.policies} if "logits_processors" in self.args
             else set()
         )  # fmt: skip
+        self.policy_needs = policy_needs(steering.steering.policies) if steering else {}
         self.capabilities = EngineCapabilities(
             logit_steering=bool(self.policies), per_row_lora=self.args["enable_lora"]
         )
@@ -107,6 +109,12 @@ class VllmEngine(Engine):
         self.llm.shutdown()
 
     def check_request(self, request: GenerationRequest) -> None:
+        steering = request.steering
+        if steering is not None and steering.policy not in self.policies:
+            raise EngineError(
+                f"steering policy '{steering.policy}' is not configured for the vllm engine; "
+                f"configured: {', '.join(sorted(self.policies)) or 'none'}", "steering.policy")
+        check_capabilities(self, request, self.policy_needs)  # also when used without a Generator
         max_logprobs = self.args.get("max_logprobs", MAX_LOGPROBS)
         check_generation(request, self.vocab_size, self.max_model_len, max_logprobs)
         if request.request_id in self._live:
@@ -118,11 +126,6 @@ class VllmEngine(Engine):
         name = self._adapter_of(request)
         if name is not None and name not in self._loras:
             raise AdapterNotFoundError.naming(name, self._loras, param="model")
-        steering = request.steering
-        if steering is not None and steering.policy not in self.policies:
-            raise EngineError(
-                f"steering policy '{steering.policy}' is not configured for the vllm engine; "
-                f"configured: {', '.join(sorted(self.policies)) or 'none'}", "steering.policy")
 
     @staticmethod
     def _adapter_of(request: GenerationRequest) -> str | None:
