@@ -143,7 +143,12 @@ class ExLlamaV2Engine(Engine):
         deltas = self.deltas(request)
         loras = [self.loras[request.adapter]] if request.adapter else None
         self.cache.current_seq_len = 0
-        ids = torch.tensor([request.prompt_token_ids], dtype=torch.long)
+        prompt = torch.tensor([request.prompt_token_ids], dtype=torch.long)
+        chunk = self.model.config.max_input_len  # the longest input one forward takes
+        for start in range(0, prompt.shape[1] - chunk, chunk):  # all but the last chunk
+            await asyncio.to_thread(self.forward, prompt[:, start:start + chunk], self.cache,
+                                    deltas, loras)  # fmt: skip
+        ids = prompt[:, (prompt.shape[1] - 1) // chunk * chunk:]
         generated: list[int] = []
         sent = ""
         self._stats.num_running = 1
@@ -209,7 +214,8 @@ class ExLlamaV2Engine(Engine):
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> str:
-    return text[: min(text.find(s) for s in stops if s in text)]
+    """`text` up to the first stop string in it (whole when none is: an EOS stop)."""
+    return text[: min([text.find(s) for s in stops if s in text], default=len(text))]
 
 
 def _held(text: str, stops: list[str]) -> int:
