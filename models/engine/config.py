@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,4 +67,10 @@ class EngineConfig(BaseModel):
         "models.structured.llguidance_compiler:LLGuidanceCompiler",
         description="Import path module:Class of the ConstraintCompiler that turns "
         "response_format and constrained tool calls into token masks; None turns them off.",
+    )
+    vllm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="kind vllm: vLLM engine arguments (AsyncEngineArgs fields, e.g. "
+        "tensor_parallel_size, distributed_executor_backend, gpu_memory_utilization), passed "
+        "through verbatim over what the settings above map to.",
     )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from models.engine.adapters import LoRAAdapters
+from models.engine.admission import check_context, check_generation, check_token_ids
 from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
 from models.engine.constraints import RowConstraints
@@ -40,7 +41,7 @@ from models.protocol.errors import (
     VectorNotFoundError,
 )
 from models.protocol.outputs import EngineStats, RequestOutput
-from models.protocol.requests import GenerationRequest, SamplingParams
+from models.protocol.requests import GenerationRequest
 from models.protocol.steering import (
     MAX_STEER_COEFF,
     Added,
@@ -114,14 +115,8 @@ class LLMEngine(SequenceEditor):
 
     def check_request(self, request: GenerationRequest) -> None:
         """Raise the EngineError a request deserves, without changing anything."""
-        params, n = request.params, len(request.prompt_token_ids)
-        if n == 0:
-            raise EngineError("the prompt is empty", param="prompt")
-        if params.max_tokens < 1:
-            raise EngineError(f"max_tokens must be >= 1, got {params.max_tokens}", "max_tokens")
-        self._check_token_ids(request.prompt_token_ids, "prompt")
-        self._check_length(n, params.max_tokens)
-        self._check_sampling(params)
+        check_generation(request, self.args.vocab_size, self.max_model_len)
+        self._check_blocks(len(request.prompt_token_ids), request.params.max_tokens)
         if request.request_id in self.seqs:
             raise EngineError(f"request id '{request.request_id}' is already running")
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
@@ -135,39 +130,15 @@ class LLMEngine(SequenceEditor):
         self.adapters.check(request)
         self.constraints.check(request)
 
-    def _check_sampling(self, params: SamplingParams) -> None:
-        """What would make the sampler raise mid-step, refused before admission."""
-        if params.seed is not None and not -(2**63) <= params.seed < 2**64:
-            raise EngineError(f"seed must lie in [-2**63, 2**64), got {params.seed}", "seed")
-        if not 0 <= params.top_k <= self.args.vocab_size:
-            raise EngineError(
-                f"top_k must lie in [0, {self.args.vocab_size}], got {params.top_k}", "top_k"
-            )
-        if params.temperature < 0 or not 0 < params.top_p <= 1:
-            raise EngineError("temperature must be >= 0 and top_p in (0, 1]", "temperature")
-        vocab = self.args.vocab_size
-        if params.logprobs is not None and not 0 <= params.logprobs <= vocab:
-            raise EngineError(f"logprobs must lie in [0, {vocab}], got {params.logprobs}",
-                              "logprobs")  # fmt: skip
-        self._check_token_ids(list(params.logit_bias), "logit_bias")
-        if not (-2 <= params.presence_penalty <= 2 and -2 <= params.frequency_penalty <= 2
-                and 0 < params.repetition_penalty <= 10 and params.min_tokens >= 0):
-            raise EngineError("penalties must lie in [-2, 2] (presence, frequency) and (0, 10] "
-                              "(repetition); min_tokens >= 0", "presence_penalty")  # fmt: skip
-
     def _check_token_ids(self, token_ids: list[int], what: str) -> None:
-        vocab = self.args.vocab_size
-        if token_ids and (max(token_ids) >= vocab or min(token_ids) < 0):
-            raise EngineError(f"{what} token ids must lie in [0, {vocab})", param=what)
+        check_token_ids(token_ids, self.args.vocab_size, what)
 
     def _check_length(self, num_prompt: int, max_tokens: int) -> None:
+        check_context(num_prompt, max_tokens, self.max_model_len)
+        self._check_blocks(num_prompt, max_tokens)
+
+    def _check_blocks(self, num_prompt: int, max_tokens: int) -> None:
         total = num_prompt + max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is {total} "
-                f"tokens; this model's context is {self.max_model_len}",
-                param="max_tokens",
-            )
         blocks = self.blocks.blocks_for(total)
         if blocks > self.blocks.num_usable:
             raise PromptTooLongError(

@@ -31,7 +31,7 @@ import torch
 
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
-from models.protocol.engine import Engine
+from models.protocol.engine import Engine, EngineCapabilities
 from models.protocol.errors import EngineError, EngineFailedError
 from models.protocol.outputs import EngineStats, OutputBuffer, RequestOutput
 from models.protocol.requests import GenerationRequest
@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 class TorchEngine(Engine):
     """The own torch engine: continuous batching, paged KV, steering hooks, per-row LoRA."""
+
+    name = "torch"
+    capabilities = EngineCapabilities.all()
 
     def __init__(self, config: EngineConfig, model_path: str | Path, tokenizer: Any = "auto"):
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()

@@ -104,3 +104,13 @@ class SteeringConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Small-model dtype; auto = float32 on CPU, bfloat16 on CUDA."
     )
+
+
+class SteeringSetup(BaseModel):
+    """What builds a colocated steering runtime anywhere (SteeringRuntime.from_setup): the
+    `steering:` block, the big model's `model.source` and its context. Plain data, so it
+    travels to another process (the vLLM engine's core) as JSON."""
+
+    steering: SteeringConfig
+    model_source: str
+    max_model_len: int | None = None

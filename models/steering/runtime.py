@@ -33,7 +33,7 @@ from models.protocol.steering import (
     StepObserver,
     check_legal_after,
 )
-from models.steering.config import SteeringConfig
+from models.steering.config import SteeringConfig, SteeringSetup
 from models.steering.policies import Policy, PolicyContext, policy_class
 from models.steering.state import RequestState, variant_name
 
@@ -117,6 +117,10 @@ class SteeringRuntime(StepObserver):
             own = resolve_source(config.small_model_source)
             small, adapters = own.big, own.adapters
         return cls(config, paths.big, small, adapters, max_model_len)
+
+    @classmethod
+    def from_setup(cls, setup: SteeringSetup) -> SteeringRuntime:
+        return cls.from_source(setup.steering, setup.model_source, setup.max_model_len)
 
     async def process(self, batch: list[RowEvents]) -> list[RowActions]:
         """The actions for every row of one engine step; one small-model forward for all rows

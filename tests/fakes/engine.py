@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from models.engine.config import EngineConfig
-from models.protocol.engine import Engine
+from models.protocol.engine import Engine, EngineCapabilities
 from models.protocol.errors import (
     AdapterNotFoundError,
     EngineError,
@@ -50,6 +50,9 @@ class _Row:
 
 class FakeEngine(Engine):
     """Deterministic tokens at a set pace; no model (see the module docstring)."""
+
+    name = "fake"
+    capabilities = EngineCapabilities.all()  # the plumbing tests refuse nothing by capability
 
     def __init__(self, config: EngineConfig, model_path: str | Path, step_s: float | None = None):
         from transformers import AutoConfig, AutoTokenizer

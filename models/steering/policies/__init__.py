@@ -15,6 +15,11 @@ BUILTIN_POLICIES: dict[str, type[Policy]] = {
 }
 
 
+def policy_needs(policies: list) -> dict[str, tuple[str, ...]]:
+    """The engine capabilities each configured policy (a PolicyConfig) needs, by name."""
+    return {spec.name: policy_class(spec.kind).needs for spec in policies}
+
+
 def policy_class(kind: str) -> type[Policy]:
     """A built-in policy by name, or a Policy subclass named `module:Class`."""
     if kind in BUILTIN_POLICIES:
@@ -36,4 +41,5 @@ __all__ = [
     "TokenizerMismatchError",
     "VectorGuard",
     "policy_class",
+    "policy_needs",
 ]

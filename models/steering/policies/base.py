@@ -71,6 +71,9 @@ class Policy(ABC):
     Params: ClassVar[type[BaseModel]] = NoParams
     FIXED_PARAMS: ClassVar[tuple[str, ...]] = ()
     """Params read once at `start` (from the config): a request may not change them."""
+    needs: ClassVar[tuple[str, ...]] = ("token_events",)
+    """The engine capabilities the policy needs (models.protocol.engine.EngineCapabilities):
+    token_events by default, since a policy may answer with any action."""
 
     def __init__(self, name: str, defaults: dict[str, Any], context: PolicyContext):
         self.name = name
@@ -176,6 +179,8 @@ class LogitPolicy(Policy):
     """A policy that adjusts the big model's logits once per step: one AdjustedLogits per row,
     its delta made for all of the step's rows at once (`deltas`), so a step costs a few tensor
     operations whatever the batch size."""
+
+    needs: ClassVar[tuple[str, ...]] = ("logit_steering",)
 
     @abstractmethod
     def deltas(self, states: list[RequestState]) -> torch.Tensor:

@@ -86,6 +86,7 @@ class VectorGuard(Policy):
     @classmethod
     def vectors_named(cls, params: BaseModel) -> list[str]:
         return [params.vector]
+    needs = ("token_events", "hidden_state_steering")
 
     @property
     def variants(self) -> list[str]:

@@ -1,0 +1,146 @@
+"""End to end with `engine.kind: vllm`: the real Ray Serve app from serve_config.yaml's args on the
+built-in toy model, vLLM's CPU build in the Generator replica, the official `openai` client over
+HTTP. Greedy tokens equal the torch engine's, `auto` picks an adapter that vLLM applies (its task
+checker passes), streaming and a client that goes away, proxy tuning through vLLM's logits
+processor equal to the torch engine's, and what vLLM cannot do answered with a 400."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("vllm")
+
+from models.builtin import resolve_source, world  # noqa: E402
+from models.builtin.validate import check_task  # noqa: E402
+from models.engine.config import EngineConfig  # noqa: E402
+from models.engine.llm_engine import LLMEngine  # noqa: E402
+from models.protocol.requests import GenerationRequest, SamplingParams  # noqa: E402
+from models.protocol.steering import SteeringRequest  # noqa: E402
+from models.steering.config import SteeringConfig  # noqa: E402
+from models.steering.runtime import SteeringRuntime  # noqa: E402
+from tests.conftest import default_app_args  # noqa: E402
+from tests.serve.conftest import deploy, serve_url  # noqa: E402, F401
+
+pytestmark = pytest.mark.serve
+MODEL = "tandem"
+TEXTS = ["Anna has a red ball.", "The blue map is", "Omar feels"]
+
+
+@pytest.fixture(scope="module")
+def args():
+    args = default_app_args()
+    args["engine"] = {"kind": "vllm", "kv_cache_cpu_gib": 0.25}
+    args["retrieval"] = {"enabled": False}
+    return args
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_url, args, tmp_path_factory):  # noqa: F811
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
+    started = time.monotonic()
+    deploy(build_app(args), "tandem-vllm", "/")
+    print(f"app with the vllm engine ready in {time.monotonic() - started:.1f} s")
+    yield serve_url
+    serve.delete("tandem-vllm")
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def torch_engine(args):
+    paths = resolve_source(args["model"]["source"])
+    engine = LLMEngine(EngineConfig(num_kv_blocks=256), paths.big)
+    runtime = SteeringRuntime.from_source(SteeringConfig.model_validate(args["steering"]),
+                                          args["model"]["source"])  # fmt: skip
+    engine.set_step_observer(runtime)
+    return engine
+
+
+def torch_greedy(engine: LLMEngine, prompt: list[int], n: int, steering=None) -> list[int]:
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    engine.add_request(GenerationRequest(f"t{random.random()}", prompt, params, steering=steering))
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.token_ids]
+    return tokens
+
+
+def test_greedy_text_equals_the_torch_engine(client, torch_engine):
+    tok = torch_engine.tokenizer
+    for text in TEXTS:
+        prompt = tok.encode(text, add_special_tokens=False)
+        want = tok.decode(torch_greedy(torch_engine, prompt, 12), skip_special_tokens=True)
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+        assert r.choices[0].text == want, text
+        assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+
+
+def test_auto_picks_an_adapter_that_vllm_applies(client):
+    rng = random.Random(3)
+    passed = 0
+    for _ in range(3):
+        prompt, answer = world.sample_task_prompt("qa", rng)
+        r = client.chat.completions.create(model=f"{MODEL}:auto", temperature=0, max_tokens=16,
+                                           messages=[{"role": "user", "content": prompt}])
+        assert r.model_extra["tandem"]["adapter"] == "qa"
+        passed += check_task("qa", answer, r.choices[0].message.content)
+    assert passed >= 2
+
+
+def test_streaming_and_a_client_that_goes_away(client, base_url):
+    from ray import serve
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me about Mia."}], stream=True,
+        max_tokens=24, temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    chunks = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(chunks) >= 2
+    with httpx.stream("POST", f"{base_url}/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "Mia", "max_tokens": 900, "stream": True,
+            "ignore_eos": True}) as r:  # fmt: skip
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break  # leaves: the Generator aborts the request in vLLM
+    generator = serve.get_deployment_handle("Generator", app_name="tandem-vllm")
+    deadline = time.monotonic() + 30
+    while generator.stats.remote().result()["num_running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert generator.stats.remote().result()["num_running"] == 0
+
+
+def test_proxy_tuning_through_the_logits_processor_equals_the_torch_engine(client, torch_engine):
+    tok = torch_engine.tokenizer
+    prompt = tok.encode(TEXTS[0], add_special_tokens=False)
+    steering = {"policy": "proxy", "mode": "sync", "params": {"alpha": 4.0}}
+    want = torch_greedy(torch_engine, prompt, 10, SteeringRequest(**steering))
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                    extra_body={"ignore_eos": True, "steering": steering})
+    assert got.choices[0].text == tok.decode(want, skip_special_tokens=True)
+    plain = tok.decode(torch_greedy(torch_engine, prompt, 10), skip_special_tokens=True)
+    assert got.choices[0].text != plain
+
+
+def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(base_url):
+    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "Mia", "max_tokens": 4,
+        "steering": {"vectors": [{"name": "positive", "coeff": 4.0}]}})  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "engine 'vllm'" in error["message"] and "hidden_state_steering" in error["message"]
+    assert error["code"] == "unsupported_by_engine"
+    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "Mia", "max_tokens": 4, "steering": {"policy": "guard"}})
+    assert r.status_code == 400 and "token_events" in r.json()["error"]["message"]
