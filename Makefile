@@ -54,4 +54,4 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 test-vllm: setup-vllm
-	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
+	$(VLLM_VENV)/bin/python -m pytest -q tests/engines_vllm

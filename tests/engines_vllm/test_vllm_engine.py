@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.engine")  # a real vLLM (not a folder named vllm)
 
 from models.builtin import resolve_source  # noqa: E402
 from models.engine import build_engine  # noqa: E402

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.engine")  # a real vLLM (not a folder named vllm)
 
 from models.builtin import resolve_source, world  # noqa: E402
 from models.builtin.validate import check_task  # noqa: E402
