@@ -99,8 +99,8 @@ def test_a_dead_steerer_is_left_out_after_repeated_failures(ckpt, failure):
         assert [i.action for o in outs for i in o.interventions] == [kind], rid
     assert steerer.calls == 2
     start = time.monotonic()
-    third = generate(eng, steered("d", timeout_s=2.0), steered("e", "async", timeout_s=2.0))
-    assert time.monotonic() - start < 2.0  # no call made, so no 2 s timeout waited for
+    third = generate(eng, steered("d", timeout_s=15), steered("e", "async", timeout_s=15))
+    assert time.monotonic() - start < 12  # no call made, so no 15 s timeout waited for
     assert steerer.calls == 2
     for outs in third.values():
         (flag,) = [i for o in outs for i in o.interventions]
