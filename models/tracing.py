@@ -126,6 +126,7 @@ class TraceBook:
         if trace is None:
             trace = self.traces[trace_id] = {"request_id": trace_id, "created": time.time(),
                                              "choices": {}, "done_at": None}  # fmt: skip
+        trace["done_at"] = None  # live again (an id a client sent twice, or the next choice)
         index = _choice_index(request.request_id)
         choice = trace["choices"][index] = _Choice(request, self.config.trace_max_steps)
         self.live[request.request_id] = (trace_id, index, choice)

@@ -6,7 +6,8 @@
 # Starts a Ray head node (`ray start --head`) whose metrics endpoint is
 # http://$METRICS_HOST:$METRICS_PORT/metrics (default 127.0.0.1:8080) and whose dashboard is
 # http://127.0.0.1:$DASHBOARD_PORT (default 8265), then `serve run` on it. Ctrl-C (or the end
-# of `serve run`) shuts the application down and stops that Ray node: nothing stays behind.
+# of `serve run`) shuts the application down and runs `ray stop` (which stops every Ray process
+# of this machine, as on a machine that runs only Tandem): nothing stays behind.
 #
 #   METRICS_PORT=9100 monitoring/serve.sh          another Prometheus port
 #   METRICS_HOST=0.0.0.0 monitoring/serve.sh       metrics (and Ray) on every interface, for a

@@ -12,7 +12,16 @@ import openai
 import pytest
 
 from tests.conftest import default_app_args
-from tests.serve.conftest import deploy
+from tests.serve.telemetry_checks import (  # noqa: F401 - run here, on this module's app, first
+    telemetry_args,
+    test_every_family_is_scraped_with_counts,
+    test_grafana_queries_name_scraped_metrics,
+    test_replica_logs_are_json_lines_with_the_request_id,
+    test_request_id_in_header_and_body,
+    test_trace_lists_the_interventions_step_by_step,
+    trace_dir,
+    traffic,
+)
 
 pytestmark = pytest.mark.serve
 
@@ -34,7 +43,7 @@ def adapter_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_url, tmp_path_factory, adapter_root):
+def base_url(serve_url, tmp_path_factory, adapter_root, trace_dir):  # noqa: F811 (a fixture)
     from ray import serve
 
     from deployments.app import build_app
@@ -44,9 +53,10 @@ def base_url(serve_url, tmp_path_factory, adapter_root):
     args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
     args.setdefault("router", {})["adapter_roots"] = [str(adapter_root)]
     args.setdefault("server", {})["state_dir"] = str(tmp_path_factory.mktemp("state"))
-    APP_ARGS.update(args)
+    APP_ARGS.update(telemetry_args(args, trace_dir))
     started = time.monotonic()
-    deploy(build_app(args), "tandem", "/")
+    # as serve_config.yaml's logging_config: replica logs as JSON lines
+    serve.run(build_app(args), name="tandem", route_prefix="/", logging_config={"encoding": "JSON"})
     print(f"app ready in {time.monotonic() - started:.1f} s")
     yield serve_url
     serve.delete("tandem")

@@ -1,8 +1,12 @@
 """What an operator sees, through the real app (built-in toy model, real Router, Retriever and
 Steerer): Ray's Prometheus endpoint holds every Tandem metric family with counts after a
 streamed, a steered, a routed and a RAG request; every query of the Grafana dashboard names a
-scraped metric; request ids come back in the header and the body; a traced steered request's
-trace lists the response's interventions step by step."""
+scraped metric; request ids come back in the header, the body and the JSON logs; a traced
+steered request's trace lists the response's interventions step by step.
+
+The checks run in test_app.py on its app (one deployment of the real app for both: each costs
+about a minute on 2 cores), which imports them and builds its args with `telemetry_args`;
+they need its `base_url` and `client` fixtures and run first, before it redeploys the app."""
 
 from __future__ import annotations
 
@@ -16,9 +20,6 @@ import openai
 import pytest
 
 from deployments.telemetry import families
-from tests.conftest import default_app_args
-
-pytestmark = pytest.mark.serve
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "monitoring" / "grafana" / "tandem.json"
@@ -26,32 +27,23 @@ GLOOMY = "Continue the story: Omar feels gloomy. The park is awful."
 # families that appear only once their event happened (none of the requests here makes one)
 IDLE_GAUGES = {"ray_tandem_engine_running", "ray_tandem_engine_waiting",
                "ray_tandem_engine_kv_blocks_used"}  # 0 whenever no request runs
-TRACES: dict = {}  # where the module's app appends finished traces
 RARE = {"ray_tandem_steering_timeouts_total", "ray_tandem_engine_preemptions_total",
         "ray_tandem_engine_failures_total"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_url, tmp_path_factory):
-    from ray import serve
+def trace_dir(tmp_path_factory):
+    """Where the app appends finished traces (telemetry.trace_dir in its args)."""
+    return tmp_path_factory.mktemp("traces")
 
-    from deployments.app import build_app
 
-    args = default_app_args()
-    args.setdefault("retrieval", {})["data_dir"] = str(tmp_path_factory.mktemp("retrieval"))
-    args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
-    args["steering"]["policies"].append(
+def telemetry_args(args: dict, trace_dir: Path) -> dict:
+    """The app's args with what these checks need: a policy that always fails (the Steerer
+    failure family) and a trace directory."""
+    args.setdefault("steering", {}).setdefault("policies", []).append(
         {"name": "broken", "kind": "tests.fakes.policies:FailingPolicy"})
-    args["telemetry"] = {"trace_dir": str(TRACES.setdefault("dir", tmp_path_factory.mktemp("t")))}
-    # as serve_config.yaml's logging_config: replica logs as JSON lines
-    serve.run(build_app(args), name="tandem", route_prefix="/", logging_config={"encoding": "JSON"})
-    yield serve_url
-    serve.delete("tandem")
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    args["telemetry"] = {"trace_dir": str(trace_dir)}
+    return args
 
 
 def chat(client, content: str, **kw):
@@ -162,7 +154,7 @@ def test_replica_logs_are_json_lines_with_the_request_id(base_url):
     assert found and all(entry["request_id"] == "log-7" for entry in found)
 
 
-def test_trace_lists_the_interventions_step_by_step(base_url, client):
+def test_trace_lists_the_interventions_step_by_step(base_url, client, trace_dir):
     r = chat(client, GLOOMY, max_tokens=10, extra_headers={"x-request-id": "trace-1"},
              extra_body={"steering": {"policy": "guard", "mode": "sync"}, "tandem": {"trace": True}})
     tandem = r.model_extra["tandem"]
@@ -179,7 +171,7 @@ def test_trace_lists_the_interventions_step_by_step(base_url, client):
         calls = steps[step]["calls"]  # the call whose answer made it, with its latency
         assert any(a["type"] == action for c in calls for a in c["actions"])
         assert all(c["policy"] == "guard" and c["latency_ms"] > 0 for c in calls)
-    lines = (TRACES["dir"] / "traces.jsonl").read_text().splitlines()
+    lines = (trace_dir / "traces.jsonl").read_text().splitlines()
     assert any(json.loads(line)["request_id"] == "trace-1" for line in lines)
     assert httpx.get(f"{base_url}/v1/traces/nope", timeout=30).status_code == 404
     untraced = chat(client, "Hi", max_tokens=2)
