@@ -52,3 +52,4 @@ class GenerationRequest:
     adapter_weights: dict[str, float] | None = None  # top-k router mix: name -> weight
     steer_vectors: list[SteerVectorSpec] = field(default_factory=list)  # static, whole request
     steering: SteeringRequest | None = None  # a policy consulted token by token
+    speculative_k: int | None = None  # drafted tokens per step; None = the engine's, 0 = off
