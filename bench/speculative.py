@@ -9,8 +9,8 @@ GPU (--gpu): random bf16 weights, Qwen3-8B shape big model (about 16 GB) and the
 shape drafter (and the 1.7B / 0.6B pair): the cost of one verify step of k + 1 tokens against
 one decode step (batch 1; target <= 1.3x at k = 4), and single-stream tokens/s with
 speculation where the drafter's proposals are replaced by the big model's own next tokens, each
-kept with the acceptance rate `--acceptance` (default: the toy pair's at k = 4, read from
-speculative_cpu.json). A labelled simulation (random weights agree on nothing): the drafter
+kept with probability `--acceptance` until the first miss (default: the toy pair's per-token
+acceptance at k = 4, read from speculative_cpu.json). A labelled simulation (random weights agree on nothing): the drafter
 still runs for its cost, only its tokens are replaced. Target >= 1.5x over plain decode.
 
     python bench/speculative.py                                    # CPU, toy pair
@@ -91,17 +91,24 @@ def bench_cpu(args) -> dict:
         rows.append({
             "k": k, "tok_s": round(tok_s, 1),
             "acceptance": round(spec.num_accepted / max(spec.num_proposed, 1), 3),
+            # per token, until the first miss: the geometric chain's estimate
+            "token_acceptance": round(
+                spec.num_accepted / max(spec.num_accepted + spec.num_rejections, 1), 3
+            ),
+            "tokens_per_verify": round(
+                (spec.num_accepted + spec.num_verified) / max(spec.num_verified, 1), 2
+            ),
             "speedup": round(tok_s / base_tok_s, 2), "same_tokens": tokens == base_tokens,
         })  # fmt: skip
         big.set_drafter(None)
     print(f"toy pair, CPU, {args.threads} thread(s), greedy, {args.prompts} prompts x "
           f"{args.max_tokens} tokens, single stream")  # fmt: skip
-    print(f"{'k':>3}{'tok/s':>10}{'acceptance':>12}{'speedup':>9}{'same text':>11}")
+    print(f"{'k':>3}{'tok/s':>9}{'accepted':>10}{'per token':>11}{'tok/verify':>12}"
+          f"{'speedup':>9}{'same text':>11}")  # fmt: skip
     for r in rows:
-        acc = "-" if r["acceptance"] is None else r["acceptance"]
-        print(
-            f"{r['k']:>3}{r['tok_s']:>10}{acc:>12}{r['speedup']:>9}{str(r.get('same_tokens', '-')):>11}"
-        )
+        print(f"{r['k']:>3}{r['tok_s']:>9}{r['acceptance'] or '-':>10}"
+              f"{r.get('token_acceptance', '-'):>11}{r.get('tokens_per_verify', '-'):>12}"
+              f"{r['speedup']:>9}{str(r.get('same_tokens', '-')):>11}")  # fmt: skip
     return {"model": "built-in toy pair (big drafted by small), float32, CPU", "rows": rows,
             "max_tokens": args.max_tokens, "prompts": args.prompts, "threads": args.threads}  # fmt: skip
 
@@ -178,7 +185,7 @@ def bench_gpu(args) -> dict:
     acc = args.acceptance
     if acc is None:
         cpu = json.loads((RESULTS / "speculative_cpu.json").read_text())
-        acc = next(r["acceptance"] for r in cpu["rows"] if r["k"] == 4)
+        acc = next(r["token_acceptance"] for r in cpu["rows"] if r["k"] == 4)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "acceptance_simulated": acc, "targets": TARGETS, "pairs": []}  # fmt: skip
     for big_name, small_name in pairs:

@@ -45,7 +45,8 @@ class EngineConfig(BaseModel):
         le=16,
         description="Speculative decoding: tokens the drafter (the colocated small model) "
         "proposes per step and row, verified by the big model in one forward; 0 = off. A "
-        "request may ask for another k or none.",
+        "request may ask for another k or none. Needs a drafter (LLMEngine.set_drafter; not "
+        "wired into the Serve app yet).",
     )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_num_batched_tokens: int = Field(

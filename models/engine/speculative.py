@@ -38,8 +38,10 @@ class Speculator:
         self.drafter = drafter
         self.default_k = default_k
         self.pending: dict[Sequence, Draft] = {}  # rows whose drafts this step verifies
-        self.num_proposed = 0
-        self.num_accepted = 0
+        self.num_proposed = 0  # drafted tokens verified
+        self.num_accepted = 0  # of those, kept
+        self.num_verified = 0  # rows verified
+        self.num_rejections = 0  # of those, with a draft rejected
 
     def k_for(self, seq: Sequence) -> int:
         k = seq.request.speculative_k
@@ -125,6 +127,8 @@ class Speculator:
             tokens = self._rejection_sample(seq, biased, draft)
             kept = len(tokens) - 1
         self.num_accepted += kept
+        self.num_verified += 1
+        self.num_rejections += kept < m
         seq.num_computed = len(seq.token_ids) + kept  # the kept drafts' K/V stays
         if params.logprobs is None:
             return [(t, None) for t in tokens]
