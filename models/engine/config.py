@@ -39,6 +39,15 @@ class EngineConfig(BaseModel):
         description="Share the KV blocks of a repeated prompt prefix (system prompts, chat "
         "history, n > 1) between requests instead of prefilling it again.",
     )
+    speculative_k: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Speculative decoding: tokens the drafter (the colocated small model) "
+        "proposes per step and row, verified by the big model in one forward; 0 = off. A "
+        "request may ask for another k or none. Needs a drafter (LLMEngine.set_drafter; not "
+        "wired into the Serve app yet).",
+    )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_num_batched_tokens: int = Field(
         4096,

@@ -28,12 +28,14 @@ from models.engine.prefix_cache import content_key, vector_digest
 from models.engine.sampler import sample
 from models.engine.scheduler import ScheduledSequence, Scheduler
 from models.engine.sequence import Sequence
+from models.engine.speculative import Speculator
 from models.engine.steering_hooks import (
     RowSteering,
     SequenceEditor,
     SteeringHooks,
     apply_adjustments,
 )
+from models.protocol.drafter import Drafter
 from models.protocol.errors import (
     EngineError,
     EngineOverloadedError,
@@ -108,6 +110,7 @@ class LLMEngine(SequenceEditor):
         self._steer_versions = 0  # a new number for every row delta computed
         self._steer_stack: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)
         self.seqs: dict[str, Sequence] = {}
+        self.speculator: Speculator | None = None
         self._seed_source = random.Random(config.seed)
         self._arrivals = 0
         self._stats = EngineStats(total_blocks=self.blocks.num_usable)
@@ -188,6 +191,9 @@ class LLMEngine(SequenceEditor):
             self._append_tokens([(s, lg, self.steering.take_adjustment(s)) for s, lg in unparked])
         self._release_finished(drop=False)
         scheduled = self.scheduler.schedule()
+        if self.speculator is not None and scheduled:
+            used = sum(item.num_tokens for item in scheduled)
+            self.speculator.draft(scheduled, self.blocks, self.config.max_num_batched_tokens - used)
         outputs: list[RequestOutput] = []
         if scheduled:
             self._run(scheduled)
@@ -208,10 +214,19 @@ class LLMEngine(SequenceEditor):
 
     def _run(self, scheduled: list[ScheduledSequence]) -> None:
         seqs = [item.seq for item in scheduled]
-        logits = self.runner.run(scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs))
+        counts = self.speculator.logit_counts(scheduled) if self.speculator else None
+        logits = self.runner.run(
+            scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs), counts
+        )
         samples = [item.samples for item in scheduled]  # (before num_computed moves)
         for item in scheduled:
             item.seq.num_computed += item.num_tokens
+        if counts is not None:
+            logits, verified = self.speculator.split(logits, scheduled, counts)
+            self._accept_drafts(verified)
+            samples = [
+                s and it.seq not in verified for it, s in zip(scheduled, samples, strict=True)
+            ]
         # the small model starts now, before any other host work of the step
         self.steering.prefetch([item.seq for item, s in zip(scheduled, samples, strict=True) if s])
         rows = zip(scheduled, logits.unbind(0), samples, strict=True)
@@ -269,6 +284,24 @@ class LLMEngine(SequenceEditor):
         if not seq.is_finished:
             finish(seq, "error", f"{what} failed for this request: {exc!r}")
 
+    def set_drafter(self, drafter: Drafter | None) -> None:
+        """Speculative decoding with `drafter` (None: off); k from config.speculative_k and
+        each request's speculative_k."""
+        self.speculator = None
+        if drafter is not None:
+            self.speculator = Speculator(drafter, self.config.speculative_k, self.args.vocab_size)
+
+    def _accept_drafts(self, verified: dict[Sequence, torch.Tensor]) -> None:
+        for seq, logits in verified.items():
+            for token, logprob in self.speculator.accept(seq, logits):
+                seq.append([token], [logprob])
+                self.outputs.check_stop(seq, sampled=True)
+                self._stats.generated_tokens += 1
+                if seq.is_finished:
+                    break
+            seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
+            self.blocks.shrink(seq, len(seq.token_ids))
+
     def _release_finished(self, drop: bool) -> None:
         """Free the blocks and adapter slots of finished rows; `drop` forgets them (after
         their final output was collected)."""
@@ -277,6 +310,8 @@ class LLMEngine(SequenceEditor):
             self.adapters.release(seq)
             if drop:
                 del self.seqs[seq.request_id]
+                if self.speculator is not None:
+                    self.speculator.release([seq.request_id])
 
     def _update_stats(self, scheduled: list[ScheduledSequence]) -> None:
         s = self._stats

@@ -203,8 +203,21 @@ class ModelRunner:
         scheduled: list[ScheduledSequence],
         steer_deltas: torch.Tensor | None = None,
         lora_weights: torch.Tensor | None = None,
+        logit_counts: list[int] | None = None,
     ) -> torch.Tensor:
-        """Run one step; float32 logits [rows, vocab] at each row's last new token."""
+        """Run one step; float32 logits [rows, vocab] at each row's last new token, or with
+        `logit_counts` at each row's last logit_counts[row] new tokens, rows after another
+        (speculative decoding's verify step)."""
+        if logit_counts is not None:
+            input_ids, positions, batch = self.prepare(scheduled, steer_deltas, lora_weights)
+            hidden = self.model(input_ids, positions, batch)
+            ends, picked = 0, []
+            for item, n in zip(scheduled, logit_counts, strict=True):
+                ends += item.num_tokens
+                picked.extend(range(ends - n, ends))
+            return self.model.compute_logits(
+                hidden[to_device(picked, torch.int64, self.device)]
+            ).float()
         if self.graphs is not None and all(item.num_tokens == 1 for item in scheduled):
             rows = self._decode_rows(scheduled)
             if self.graphs.holds(len(scheduled), rows[-1]):  # the host lists go straight in

@@ -60,6 +60,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_committed: int = 0
     cache_epoch: int = -1
+    speculation_off: bool = False  # reported once: this row is not speculated (and why)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

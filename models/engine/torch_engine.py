@@ -31,6 +31,7 @@ import torch
 
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
+from models.protocol.drafter import Drafter
 from models.protocol.engine import Engine, EngineCapabilities
 from models.protocol.errors import EngineError, EngineFailedError
 from models.protocol.outputs import EngineStats, OutputBuffer, RequestOutput
@@ -128,6 +129,11 @@ class TorchEngine(Engine):
     def set_step_observer(self, observer: StepObserver | None) -> None:
         """See LLMEngine.set_step_observer; its coroutines run on the caller's event loop."""
         self.core.set_step_observer(observer)
+
+    def set_drafter(self, drafter: Drafter | None) -> None:
+        """See LLMEngine.set_drafter. Call before start: the drafter then runs on the engine
+        thread only (a small model shared with a Steerer that runs elsewhere is not safe)."""
+        self.core.set_drafter(drafter)
 
     def stats(self) -> EngineStats:
         return self.core.stats()

@@ -63,3 +63,4 @@ class GenerationRequest:
     steering: SteeringRequest | None = None  # a policy consulted token by token
     trace_id: str | None = None  # the API request id when a per-token trace is kept
     constraint: OutputConstraint | None = None  # the output must match this grammar
+    speculative_k: int | None = None  # drafted tokens per step; None = the engine's, 0 = off
