@@ -61,7 +61,7 @@ class Ingress:
         app.state.guard = GuardSettings(list(server.api_keys), list(server.admin_api_keys),
                                         self.limit, uploads)  # fmt: skip
         self.generator, self.retriever = generator, retriever
-        self.streams = GeneratorStreams(generator, self.config.server.stream_interval_s)
+        self.streams = GeneratorStreams(generator, server.stream_interval_s, server.max_chunk_rate)
         self.serving = OpenAIServing.from_config(self.config, Backends(
             generate=metered(self.streams.generate, self.config.model.name),
             route=router.route.remote if router else None,

@@ -198,14 +198,16 @@ class GeneratorStreams:
     """The Ingress's side: submit to any Generator replica, read one stream per replica.
 
     handle: the Generator deployment's handle. interval_s: least time between two outputs
-    handed to one caller (what was made meanwhile comes merged). `messages` counts the stream
-    items received (one per engine step with output for this session, whatever the number of
-    requests).
+    handed to one caller (what was made meanwhile comes merged). max_rate: outputs per second
+    handed to all callers together, at most (0: no limit): with N requests streaming, each
+    one's interval is at least N / max_rate. `messages` counts the stream items received (one
+    per engine step with output for this session, whatever the number of requests).
     """
 
-    def __init__(self, handle: Any, interval_s: float = 0.0):
+    def __init__(self, handle: Any, interval_s: float = 0.0, max_rate: float = 0.0):
         self.handle = handle
         self.interval_s = interval_s
+        self.max_rate = max_rate
         self.session = uuid.uuid4().hex
         self.buffers: dict[str, tuple[OutputBuffer, str | None]] = {}
         self.early: dict[str, list] = {}  # stream items that overtook their submit's reply
@@ -238,7 +240,7 @@ class GeneratorStreams:
                     await asyncio.sleep(wait)
                     if (more := buffer.take_ready()) is not None:
                         out = RequestOutput.merged([out, more])
-                due = time.monotonic() + self.interval_s
+                due = time.monotonic() + self.interval()
                 finished = out.finished
                 yield out
         finally:
@@ -246,6 +248,13 @@ class GeneratorStreams:
             self.early.pop(rid, None)
             if replica is not None and not finished:
                 asyncio.create_task(self._abort(rid, replica))
+
+    def interval(self) -> float:
+        """Least time until a caller's next output: interval_s, or longer when the callers
+        together would exceed max_rate outputs per second."""
+        if not self.max_rate:
+            return self.interval_s
+        return max(self.interval_s, len(self.buffers) / self.max_rate)
 
     async def _abort(self, request_id: str, replica: str) -> None:
         try:

@@ -135,6 +135,15 @@ class ServerConfig(BaseModel):
         "every engine step's tokens at once. Each chunk costs the HTTP proxy and the Ingress "
         "about 0.3 ms of CPU, so under load a few tens of ms buy throughput.",
     )
+    max_chunk_rate: float = Field(
+        0.0,
+        ge=0,
+        description="SSE chunks per second an Ingress replica sends over all its streams, at "
+        "most; 0 = no limit. With N open streams each one's interval becomes at least "
+        "N / max_chunk_rate (tokens made meanwhile go in one chunk), so the per-chunk cost of "
+        "Serve's HTTP proxy stays bounded however many clients stream (one Ray item per chunk "
+        "per response caps a node at about 2k items/s, PLATFORM.md).",
+    )
 
 
 class TandemConfig(BaseModel):

@@ -69,3 +69,14 @@ def test_submit_returns_the_first_output_and_streams_the_rest(monkeypatch):
     assert (short.token_ids, short.finished) == ([0], True)
     rest = RequestOutput.merged([out for batch in batches for out in batch])
     assert (rest.request_id, rest.token_ids, rest.finished) == ("long", [1, 2], True)
+
+
+def test_the_chunk_rate_limit_stretches_each_streams_interval():
+    """server.max_chunk_rate: with N streams open, each waits at least N / rate between chunks
+    (never less than stream_interval_s); no limit leaves stream_interval_s."""
+    from deployments.streams import GeneratorStreams
+
+    limited, free = GeneratorStreams(None, 0.05, max_rate=500), GeneratorStreams(None, 0.05)
+    for n, expected in ((1, 0.05), (10, 0.05), (64, 64 / 500), (256, 256 / 500)):
+        limited.buffers = free.buffers = {f"r{i}": (None, None) for i in range(n)}
+        assert limited.interval() == expected and free.interval() == 0.05
