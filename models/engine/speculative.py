@@ -15,6 +15,8 @@ are not speculated; each such row gets one "speculation_off" intervention saying
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from models.engine.device import to_device
@@ -23,6 +25,8 @@ from models.engine.scheduler import ScheduledSequence
 from models.engine.sequence import Sequence
 from models.protocol.drafter import Draft, Drafter, DraftRow
 from models.protocol.outputs import Intervention, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 class Speculator:
@@ -66,15 +70,17 @@ class Speculator:
             return
         k = max(k for _, k in rows)
         params = [item.seq.request.params for item, _ in rows]
-        drafts = self.drafter.propose(
-            [
-                DraftRow(s.request_id, list(s.token_ids), s.num_prompt_tokens, p.temperature,
-                         s.request.adapter, s.generator, p.logit_bias)
-                for (item, _), p in zip(rows, params, strict=True)
-                for s in [item.seq]
-            ],
-            k,
-        )  # fmt: skip
+        draft_rows = [
+            DraftRow(s.request_id, list(s.token_ids), s.num_prompt_tokens, p.temperature,
+                     s.request.adapter, s.generator, p.logit_bias)
+            for (item, _), p in zip(rows, params, strict=True)
+            for s in [item.seq]
+        ]  # fmt: skip
+        try:
+            drafts = self.drafter.propose(draft_rows, k)
+        except Exception:  # noqa: BLE001 - a failed draft only costs this step's speedup
+            log.exception("drafting failed; this step decodes without speculation")
+            return
         for (item, row_k), draft in zip(rows, drafts, strict=True):
             seq = item.seq
             n = min(row_k, len(draft.token_ids), budget)

@@ -153,3 +153,23 @@ def test_rejection_sampling_keeps_the_big_models_distribution(temperature, top_k
     stat = chisquare(counts[support].numpy(), (p[support] * trials).numpy())
     assert stat.pvalue > 1e-3, (counts, p * trials)
     assert 0 < kept < 2 * trials  # some drafts kept, some rejected
+
+
+class BrokenDrafter:
+    """Plumbing: a drafter that always raises (e.g. a prompt longer than the small model reads)."""
+
+    vocab_size = 512
+
+    def propose(self, rows, k):
+        raise ValueError("the small model reads at most 8 tokens")
+
+    def release(self, request_ids):
+        pass
+
+
+def test_a_failing_drafter_only_turns_speculation_off(big):
+    reqs = greedy_requests(2, max_tokens=6)
+    expected = run(make_engine(big), reqs)
+    eng = make_engine(big)
+    eng.set_drafter(BrokenDrafter())
+    assert run(eng, reqs) == expected
