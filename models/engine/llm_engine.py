@@ -19,6 +19,7 @@ from models.engine.adapters import LoRAAdapters
 from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
 from models.engine.device import stack_rows, to_device
+from models.engine.hidden_capture import HiddenReader
 from models.engine.model_runner import ModelRunner
 from models.engine.output import OutputBuilder, finish
 from models.engine.sampler import sample
@@ -79,6 +80,7 @@ class LLMEngine(SequenceEditor):
         self.outputs = OutputBuilder(self.tokenizer, eos_token_ids(model_path), self.max_model_len)
         self.adapters = LoRAAdapters(self.runner.model, config)
         self.steering = SteeringHooks(self)
+        self.hidden = HiddenReader(self.args.num_layers)
         self.vectors: dict[str, torch.Tensor] = {}
         self._steer_versions = 0  # a new number for every row delta computed
         self._steer_stack: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)
@@ -108,6 +110,7 @@ class LLMEngine(SequenceEditor):
             self._check_vector(spec.name, spec.layers)
         if request.steering is not None and self.steering.observer is None:
             raise EngineError("steering policy requested but no step observer is set")
+        self._check_hidden_layers(request)
         self.adapters.check(request)
 
     def _check_sampling(self, params: SamplingParams) -> None:
@@ -130,6 +133,15 @@ class LLMEngine(SequenceEditor):
         vocab = self.args.vocab_size
         if token_ids and (max(token_ids) >= vocab or min(token_ids) < 0):
             raise EngineError(f"{what} token ids must lie in [0, {vocab})", param=what)
+
+    def _check_hidden_layers(self, request: GenerationRequest) -> None:
+        asked = list(request.hidden_layers)
+        if request.steering is not None:
+            asked += request.steering.hidden_layers
+        try:
+            self.hidden.check(asked, "hidden_layers")
+        except ValueError as exc:
+            raise EngineError(str(exc), param="hidden_layers") from None
 
     def _check_length(self, num_prompt: int, max_tokens: int) -> None:
         total = num_prompt + max_tokens
@@ -198,7 +210,11 @@ class LLMEngine(SequenceEditor):
 
     def _run(self, scheduled: list[ScheduledSequence]) -> None:
         seqs = [item.seq for item in scheduled]
-        logits = self.runner.run(scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs))
+        layers = self.hidden.step_layers(seqs)
+        logits = self.runner.run(
+            scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs), layers
+        )
+        self.hidden.distribute(seqs, self.runner.hidden, layers)
         samples = [item.samples for item in scheduled]  # (before num_computed moves)
         for item in scheduled:
             item.seq.num_computed += item.num_tokens

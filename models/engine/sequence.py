@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from models.engine.hidden_capture import row_layers
 from models.protocol.outputs import Intervention, TokenLogprob
 from models.protocol.requests import GenerationRequest
 
@@ -51,11 +52,14 @@ class Sequence:
     stop_text_index: int | None = None  # finished on a stop string starting at this character
     decoded_tokens: int = 0  # generated tokens whose text is cached in decoded_text
     decoded_text: str = ""
+    hidden_layers: tuple[int, ...] = ()  # big-model layers this row reads (request + policy)
+    hidden: torch.Tensor | None = None  # their residual stream [layers, hidden] at the last step
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
             self.num_prompt_tokens = len(self.token_ids)
+        self.hidden_layers = row_layers(self)
 
     @property
     def request_id(self) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from models.engine.device import stack_rows, to_device
+from models.engine.hidden_capture import compact
 from models.engine.output import finish
 from models.engine.sequence import Sequence
 from models.protocol.errors import EngineError
@@ -136,13 +137,18 @@ class SteeringHooks:
             return
         call_rows: dict[str, tuple[Sequence, list[Event]]] = {}
         batch = []
+        hidden = self._hidden_for(due)
         for seq, logits in due:
             st: RowSteering = seq.steering
             if not st.prefilled_reported and seq.num_generated == 0:
                 st.events.append(Prefilled(prompt_ids=seq.token_ids[: seq.num_prompt_tokens]))
                 st.prefilled_reported = True
             st.events.append(
-                ForwardPass(step=seq.num_generated, logits=logits.float() if st.waits else None)
+                ForwardPass(
+                    step=seq.num_generated,
+                    logits=logits.float() if st.waits else None,
+                    hidden=hidden.get(seq.request_id),
+                )
             )
             batch.append(
                 RowEvents(
@@ -172,6 +178,28 @@ class SteeringHooks:
             self._finish_call(call)
         else:
             self.in_flight.append(call)
+
+    @staticmethod
+    def _hidden_for(due: list[tuple[Sequence, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """ForwardPass.hidden of the due rows whose policy reads the big model's state: the
+        device tensor for colocated rows, a compact host copy (one for all rows) for rows the
+        Steerer answers in another process."""
+        out, remote = {}, []
+        for seq, _ in due:
+            if seq.hidden is None or not seq.steering.request.hidden_layers:
+                continue
+            layers = seq.steering.request.hidden_layers
+            h = seq.hidden
+            if list(seq.hidden_layers) != layers:  # the request asked for more layers
+                h = h[[seq.hidden_layers.index(x) for x in layers]]
+            if seq.steering.request.mode == "colocated":
+                out[seq.request_id] = h
+            else:
+                remote.append((seq.request_id, h))
+        if remote:
+            host = compact([h for _, h in remote], remote[0][1].dtype)
+            out.update((rid, h) for (rid, _), h in zip(remote, host, strict=True))
+        return out
 
     def prefetch(self, seqs: list[Sequence]) -> None:
         """Give the observer's `prefetch(rows)` (a colocated steering runtime reads there) the

@@ -52,3 +52,5 @@ class GenerationRequest:
     adapter_weights: dict[str, float] | None = None  # top-k router mix: name -> weight
     steer_vectors: list[SteerVectorSpec] = field(default_factory=list)  # static, whole request
     steering: SteeringRequest | None = None  # a policy consulted token by token
+    # big-model layers whose residual stream (after block l) each step captures for this row
+    hidden_layers: list[int] = field(default_factory=list)

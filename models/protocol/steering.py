@@ -33,7 +33,11 @@ class Prefilled:
 @dataclass
 class ForwardPass:
     """The big model ran for generated-token index `step`. logits: float32 [vocab], or None
-    when the row did not ask for them (async rows get no logits: they would be stale)."""
+    when the row did not ask for them (async rows get no logits: they would be stale).
+    hidden: the residual stream [len(layers), hidden_size] after the big model's blocks
+    `SteeringRequest.hidden_layers` (in that order) at the position sampled from, or None when
+    the row asked for none: on the model's device in its dtype when colocated, else on the
+    host in half precision."""
 
     step: int
     logits: torch.Tensor | None = None
@@ -225,6 +229,12 @@ class SteeringRequest:
     def max_backtrack(self) -> int:
         """Generated tokens the engine holds back so a backtrack stays invisible."""
         return int(self.params.get("max_backtrack", 0))
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        """Big-model layers whose residual stream ForwardPass.hidden carries (a policy's
+        `hidden_layers` parameter, e.g. the probe's)."""
+        return [int(x) for x in self.params.get("hidden_layers") or []]
 
 
 @dataclass

@@ -13,9 +13,10 @@ from models.protocol.small_model import SmallModel
 from models.protocol.steering import Action, Added, AdjustedLogits, Event, ForwardPass, Prefilled
 from models.steering.state import RequestState
 
-ENGINE_PARAMS = ("max_backtrack",)
+ENGINE_PARAMS = ("max_backtrack", "hidden_layers")
 """Keys of `steering.params` the engine reads itself (max_backtrack: tokens whose text it holds
-back so a Backtrack stays invisible); every policy accepts them."""
+back so a Backtrack stays invisible; hidden_layers: big-model layers ForwardPass.hidden
+carries); every policy accepts them."""
 
 
 class NoParams(BaseModel):
