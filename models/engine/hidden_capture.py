@@ -24,8 +24,8 @@ class LayerCapture:
     tokens `index` (None: every token, as in a decode step's one token per row)."""
 
     layers: tuple[int, ...]
-    out: torch.Tensor  # [len(layers), rows, hidden]
-    index: torch.Tensor | None = None  # int64 [rows]: token of each row (prefill)
+    out: torch.Tensor  # [len(layers), captured tokens, hidden]
+    index: torch.Tensor | None = None  # int64 [captured tokens]: which (prefill)
 
     def writer(self, layer: int):
         """A function copying the completed residual stream [tokens, hidden] of `layer` into
@@ -50,12 +50,29 @@ def row_layers(seq) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-class HiddenReader:
-    """Picks a step's capture layers from its rows and hands each asking row its part.
+def row_prompt_positions(seq) -> int:
+    """How many of the prompt's last tokens the row's prefill captures (at least 1)."""
+    steering = seq.request.steering
+    return max(1, steering.hidden_prompt_positions) if steering is not None else 1
 
-    `step_layers(seqs)` is the union of the rows' layers (None when no row asks: the step runs
-    without capture); `distribute(seqs, hidden, layers)` sets `seq.hidden` [row layers, hidden]
-    (on the model's device, in its dtype) for every asking row, from the step's buffer.
+
+@dataclass
+class CapturePlan:
+    """What one step captures: `layers`, and per row how many of its last new tokens
+    (`counts`; None: one each, the token sampled from)."""
+
+    layers: tuple[int, ...]
+    counts: list[int] | None = None
+
+
+class HiddenReader:
+    """Plans a step's capture from its rows and hands each asking row its part.
+
+    `plan(scheduled)`: the union of the rows' layers and, in a step that finishes a prompt,
+    how many prompt tokens each row keeps (None when no row asks: the step runs without
+    capture). `distribute(seqs, hidden, plan)` sets `seq.hidden` [row layers, hidden] (the
+    position sampled from) and, at a prompt's end, `seq.prompt_hidden` [positions, row layers,
+    hidden], on the model's device in its dtype, from the step's buffer.
     """
 
     def __init__(self, num_layers: int):
@@ -69,28 +86,42 @@ class HiddenReader:
             raise ValueError(f"{what}: layers {bad} outside [0, {self.num_layers})")
 
     @staticmethod
-    def step_layers(seqs: list) -> tuple[int, ...] | None:
+    def plan(scheduled: list) -> CapturePlan | None:
         layers: set[int] = set()
-        for seq in seqs:
+        counts, more = [], False
+        for item in scheduled:
+            seq = item.seq
             layers.update(seq.hidden_layers)
-        return tuple(sorted(layers)) or None
+            k = 1
+            ends_prompt = item.samples and seq.num_computed < seq.num_prompt_tokens
+            if item.num_tokens > 1 and ends_prompt and seq.hidden_layers:
+                k = min(seq.hidden_prompt_positions, item.num_tokens)
+            counts.append(k)
+            more = more or k > 1
+        if not layers:
+            return None
+        return CapturePlan(tuple(sorted(layers)), counts if more else None)
 
-    def distribute(
-        self, seqs: list, hidden: torch.Tensor | None, layers: tuple[int, ...] | None
-    ) -> None:
-        """hidden: [len(layers), rows, hidden] of the step (rows in `seqs` order), maybe a view
-        of a CUDA graph's static output: it is copied once before rows keep parts of it."""
-        if hidden is None or layers is None:
+    def distribute(self, seqs: list, hidden: torch.Tensor | None, plan: CapturePlan | None) -> None:
+        """hidden: [len(layers), captured tokens, hidden] of the step (rows in `seqs` order),
+        maybe a view of a CUDA graph's static output: it is copied once before rows keep parts
+        of it."""
+        if hidden is None or plan is None:
             return
         hidden = hidden.clone()
-        for row, seq in enumerate(seqs):
+        counts = plan.counts or [1] * len(seqs)
+        end = 0
+        for seq, k in zip(seqs, counts, strict=True):
+            end += k
             want = seq.hidden_layers
             if not want:
                 continue
-            if want == layers:
-                seq.hidden = hidden[:, row]
-            else:
-                seq.hidden = hidden[self._positions(want, layers, hidden.device), row]
+            mine = hidden[:, end - k : end]
+            if want != plan.layers:
+                mine = mine[self._positions(want, plan.layers, hidden.device)]
+            seq.hidden = mine[:, -1]
+            if k > 1:
+                seq.prompt_hidden = mine.transpose(0, 1)
 
     def _positions(
         self, want: tuple[int, ...], have: tuple[int, ...], device: torch.device
@@ -110,5 +141,7 @@ def compact(hiddens: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tenso
     if not hiddens:
         return []
     half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-    host = torch.cat(hiddens).to("cpu", half)  # rows are [layers_i, hidden]: one copy for all
-    return list(host.split([h.shape[0] for h in hiddens]))
+    flat = [h.reshape(-1, h.shape[-1]) for h in hiddens]
+    host = torch.cat(flat).to("cpu", half)  # one copy for all rows
+    parts = host.split([f.shape[0] for f in flat])
+    return [part.view(h.shape) for part, h in zip(parts, hiddens, strict=True)]

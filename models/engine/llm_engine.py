@@ -210,11 +210,9 @@ class LLMEngine(SequenceEditor):
 
     def _run(self, scheduled: list[ScheduledSequence]) -> None:
         seqs = [item.seq for item in scheduled]
-        layers = self.hidden.step_layers(seqs)
-        logits = self.runner.run(
-            scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs), layers
-        )
-        self.hidden.distribute(seqs, self.runner.hidden, layers)
+        plan = self.hidden.plan(scheduled)
+        logits = self.runner.run(scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs), plan)
+        self.hidden.distribute(seqs, self.runner.hidden, plan)
         samples = [item.samples for item in scheduled]  # (before num_computed moves)
         for item in scheduled:
             item.seq.num_computed += item.num_tokens

@@ -14,7 +14,7 @@ from models.engine.attention import ForwardBatch
 from models.engine.config import EngineConfig
 from models.engine.cuda_graph import DecodeGraphs
 from models.engine.device import pick_device, pick_dtype, to_device
-from models.engine.hidden_capture import LayerCapture
+from models.engine.hidden_capture import CapturePlan, LayerCapture
 from models.engine.llama import LlamaForCausalLM, load_llama
 from models.engine.scheduler import ScheduledSequence
 
@@ -197,12 +197,14 @@ class ModelRunner:
         scheduled: list[ScheduledSequence],
         steer_deltas: torch.Tensor | None = None,
         lora_weights: torch.Tensor | None = None,
-        capture_layers: tuple[int, ...] | None = None,
+        plan: CapturePlan | None = None,
     ) -> torch.Tensor:
-        """Run one step; float32 logits [rows, vocab] at each row's last new token. With
-        `capture_layers`, `self.hidden` becomes the residual stream after those blocks at the
-        same positions, [layers, rows, hidden] (valid until the next step; else None)."""
+        """Run one step; float32 logits [rows, vocab] at each row's last new token. With a
+        capture `plan`, `self.hidden` becomes the residual stream after its layers at the same
+        positions (or each row's last `plan.counts` new tokens), [layers, tokens, hidden]
+        (valid until the next step; else None)."""
         self.hidden = None
+        capture_layers = plan.layers if plan is not None else None
         if self.graphs is not None and all(item.num_tokens == 1 for item in scheduled):
             rows = self._decode_rows(scheduled)
             if self.graphs.holds(len(scheduled), rows[-1], capture_layers):
@@ -218,17 +220,28 @@ class ModelRunner:
         capture = None
         if capture_layers is not None:
             out = torch.empty(
-                len(capture_layers), len(scheduled), self.args.hidden_size,
+                len(capture_layers), sum(plan.counts or [len(scheduled)]), self.args.hidden_size,
                 dtype=self.dtype, device=self.device,
             )  # fmt: skip
-            last = None if batch.is_decode else batch.cu_seqlens_q[1:].long() - 1
-            capture = LayerCapture(capture_layers, out, last)
+            capture = LayerCapture(capture_layers, out, self._capture_index(batch, plan))
             self.hidden = out
         if batch.is_decode:
             return self.decode(input_ids, positions, batch, capture)
         hidden = self.model(input_ids, positions, batch, capture)
         last = batch.cu_seqlens_q[1:].long() - 1  # each row's last new token
         return self.model.compute_logits(hidden[last]).float()
+
+    def _capture_index(self, batch: ForwardBatch, plan: CapturePlan) -> torch.Tensor | None:
+        """The tokens a prefill step captures: each row's last, or its last plan.counts."""
+        if batch.is_decode:
+            return None
+        if plan.counts is None:
+            return batch.cu_seqlens_q[1:].long() - 1
+        index, end = [], 0
+        for n, k in zip(batch.query_lens, plan.counts, strict=True):
+            end += n
+            index.extend(range(end - k, end))
+        return to_device(index, torch.int64, self.device)
 
     def decode(
         self,

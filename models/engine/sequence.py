@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from models.engine.hidden_capture import row_layers
+from models.engine.hidden_capture import row_layers, row_prompt_positions
 from models.protocol.outputs import Intervention, TokenLogprob
 from models.protocol.requests import GenerationRequest
 
@@ -54,12 +54,15 @@ class Sequence:
     decoded_text: str = ""
     hidden_layers: tuple[int, ...] = ()  # big-model layers this row reads (request + policy)
     hidden: torch.Tensor | None = None  # their residual stream [layers, hidden] at the last step
+    hidden_prompt_positions: int = 1  # last prompt tokens captured at the end of the prefill
+    prompt_hidden: torch.Tensor | None = None  # those [positions, layers, hidden]
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
             self.num_prompt_tokens = len(self.token_ids)
         self.hidden_layers = row_layers(self)
+        self.hidden_prompt_positions = row_prompt_positions(self)
 
     @property
     def request_id(self) -> str:

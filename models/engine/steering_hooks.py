@@ -141,13 +141,15 @@ class SteeringHooks:
         for seq, logits in due:
             st: RowSteering = seq.steering
             if not st.prefilled_reported and seq.num_generated == 0:
-                st.events.append(Prefilled(prompt_ids=seq.token_ids[: seq.num_prompt_tokens]))
+                prompt = seq.token_ids[: seq.num_prompt_tokens]
+                st.events.append(Prefilled(prompt, hidden=hidden.get((seq.request_id, True))))
                 st.prefilled_reported = True
+                seq.prompt_hidden = None
             st.events.append(
                 ForwardPass(
                     step=seq.num_generated,
                     logits=logits.float() if st.waits else None,
-                    hidden=hidden.get(seq.request_id),
+                    hidden=hidden.get((seq.request_id, False)),
                 )
             )
             batch.append(
@@ -180,25 +182,30 @@ class SteeringHooks:
             self.in_flight.append(call)
 
     @staticmethod
-    def _hidden_for(due: list[tuple[Sequence, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """ForwardPass.hidden of the due rows whose policy reads the big model's state: the
-        device tensor for colocated rows, a compact host copy (one for all rows) for rows the
-        Steerer answers in another process."""
+    def _hidden_for(due: list[tuple[Sequence, torch.Tensor]]) -> dict[tuple[str, bool], torch.Tensor]:
+        """(request id, prompt?) -> the due rows' ForwardPass.hidden (False) and Prefilled.hidden
+        (True), for rows whose policy reads the big model's state: the device tensors for
+        colocated rows, compact host copies (one copy for all rows) for rows the Steerer answers
+        in another process."""
         out, remote = {}, []
         for seq, _ in due:
-            if seq.hidden is None or not seq.steering.request.hidden_layers:
-                continue
             layers = seq.steering.request.hidden_layers
-            h = seq.hidden
+            if seq.hidden is None or not layers:
+                continue
+            pick = None
             if list(seq.hidden_layers) != layers:  # the request asked for more layers
-                h = h[[seq.hidden_layers.index(x) for x in layers]]
+                pick = [seq.hidden_layers.index(x) for x in layers]
+            parts = [((seq.request_id, False), seq.hidden if pick is None else seq.hidden[pick])]
+            if seq.prompt_hidden is not None and not seq.steering.prefilled_reported:
+                prompt = seq.prompt_hidden if pick is None else seq.prompt_hidden[:, pick]
+                parts.append(((seq.request_id, True), prompt))
             if seq.steering.request.mode == "colocated":
-                out[seq.request_id] = h
+                out.update(parts)
             else:
-                remote.append((seq.request_id, h))
+                remote += parts
         if remote:
             host = compact([h for _, h in remote], remote[0][1].dtype)
-            out.update((rid, h) for (rid, _), h in zip(remote, host, strict=True))
+            out.update((key, h) for (key, _), h in zip(remote, host, strict=True))
         return out
 
     def prefetch(self, seqs: list[Sequence]) -> None:

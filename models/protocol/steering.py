@@ -24,10 +24,14 @@ from models.protocol.errors import EngineError
 
 @dataclass
 class Prefilled:
-    """The prompt has been prefilled; no token generated yet."""
+    """The prompt has been prefilled; no token generated yet. hidden: the big model's residual
+    stream [positions, len(layers), hidden_size] at the prompt's last
+    `SteeringRequest.hidden_prompt_positions` tokens, when the row reads hidden states and asked
+    for more than the last one (as ForwardPass.hidden: device or compact host copy)."""
 
     prompt_ids: list[int]
     step: int = 0
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -235,6 +239,11 @@ class SteeringRequest:
         """Big-model layers whose residual stream ForwardPass.hidden carries (a policy's
         `hidden_layers` parameter, e.g. the probe's)."""
         return [int(x) for x in self.params.get("hidden_layers") or []]
+
+    @property
+    def hidden_prompt_positions(self) -> int:
+        """How many of the prompt's last tokens Prefilled.hidden carries (engine param)."""
+        return int(self.params.get("hidden_prompt_positions", 1))
 
 
 @dataclass

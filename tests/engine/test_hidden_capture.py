@@ -14,7 +14,13 @@ from models.engine.llm_engine import LLMEngine
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
 from models.protocol.errors import EngineError
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
-from models.protocol.steering import ForwardPass, RowActions, SteeringRequest, StepObserver
+from models.protocol.steering import (
+    ForwardPass,
+    Prefilled,
+    RowActions,
+    SteeringRequest,
+    StepObserver,
+)
 from models.steering.vectors import SteeringVector, steered_transformers
 
 PROMPTS = {"a": [11, 22, 33, 44, 55], "b": [7, 8, 9], "c": [100, 200, 300, 400], "d": [5, 6]}
@@ -43,23 +49,28 @@ def adapter(ckpt, tmp_path_factory):
 
 
 class Recorder(StepObserver):
-    """Keeps every ForwardPass a row's policy sees (a plumbing stand-in for a policy)."""
+    """Keeps every ForwardPass a row's policy sees, and Prefilled.hidden (a plumbing stand-in
+    for a policy)."""
 
     def __init__(self):
         self.seen: dict[str, dict[int, torch.Tensor | None]] = {}
+        self.prompt: dict[str, torch.Tensor | None] = {}
 
     def on_step(self, rows):
         for row in rows:
             for e in row.events:
                 if isinstance(e, ForwardPass):
                     self.seen.setdefault(row.request_id, {})[e.step] = e.hidden
+                elif isinstance(e, Prefilled):
+                    self.prompt[row.request_id] = e.hidden
         return [RowActions(row.request_id) for row in rows]
 
 
-def request(rid: str, layers=(), mode="colocated", n=6, **extra) -> GenerationRequest:
+def request(rid: str, layers=(), mode="colocated", n=6, positions=1, **extra) -> GenerationRequest:
     steering = None
     if layers is not None:
-        steering = SteeringRequest("record", {"hidden_layers": list(layers)}, mode=mode)
+        params = {"hidden_layers": list(layers), "hidden_prompt_positions": positions}
+        steering = SteeringRequest("record", params, mode=mode)
     return GenerationRequest(
         rid, PROMPTS[rid], SamplingParams(max_tokens=n, temperature=0), steering=steering, **extra
     )
@@ -118,14 +129,20 @@ def test_captured_hidden_states_match_transformers_in_a_mixed_batch(ckpt, adapte
     eng.adapters.load("alpha", str(adapter))
     got = run(
         eng,
-        request("a", layers=[1, 0]),  # both blocks, asked out of order
+        request("a", layers=[1, 0], positions=3),  # both blocks, asked out of order
         request("b", None),  # asks for nothing
         request("c", layers=[1], steer_vectors=[SteerVectorSpec("v", 2.0)]),
         request("d", layers=[0], adapter="alpha"),
     )
     assert got["b"] == alone["b"]  # a row that does not ask: same tokens as in a batch alone
 
-    check_rows(recorder.seen["a"], block_outputs(hf, PROMPTS["a"] + got["a"]), [1, 0], 5)
+    reference = block_outputs(hf, PROMPTS["a"] + got["a"])
+    check_rows(recorder.seen["a"], reference, [1, 0], 5)
+    prompt = recorder.prompt["a"]  # the prompt's last 3 tokens, at the end of its prefill
+    assert prompt.shape == (3, 2, 64)
+    for k, layer in enumerate([1, 0]):
+        torch.testing.assert_close(prompt[:, k], reference[layer][2:5], **TOL)
+    assert recorder.prompt["c"] is None  # asked for the last prompt token only
     steer = SteeringVector("v", {i: vector[i] for i in range(2)})
     with steered_transformers(hf, steer, 2.0):
         check_rows(recorder.seen["c"], block_outputs(hf, PROMPTS["c"] + got["c"]), [1], 4)

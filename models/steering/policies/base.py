@@ -13,10 +13,11 @@ from models.protocol.small_model import SmallModel
 from models.protocol.steering import Action, Added, AdjustedLogits, Event, ForwardPass, Prefilled
 from models.steering.state import RequestState
 
-ENGINE_PARAMS = ("max_backtrack", "hidden_layers")
+ENGINE_PARAMS = ("max_backtrack", "hidden_layers", "hidden_prompt_positions")
 """Keys of `steering.params` the engine reads itself (max_backtrack: tokens whose text it holds
 back so a Backtrack stays invisible; hidden_layers: big-model layers ForwardPass.hidden
-carries); every policy accepts them."""
+carries; hidden_prompt_positions: prompt tokens Prefilled.hidden carries); every policy accepts
+them."""
 
 
 class NoParams(BaseModel):
