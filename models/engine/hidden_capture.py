@@ -123,6 +123,32 @@ class HiddenReader:
             if k > 1:
                 seq.prompt_hidden = mine.transpose(0, 1)
 
+    def record(self, seq, step: int) -> None:
+        """Keep the state generated token `step` was sampled from for the client, when its
+        request asked for layers (`GenerationRequest.hidden_layers`, in that order)."""
+        asked = seq.request.hidden_layers
+        if not asked or seq.hidden is None:
+            return
+        h = seq.hidden
+        if list(seq.hidden_layers) != asked:  # a policy reads other layers too
+            h = h[self._positions(tuple(asked), seq.hidden_layers, h.device)]
+        seq.activations[step] = h
+        seq.activations_on_device.append(step)
+
+    @staticmethod
+    def to_host(seqs) -> None:
+        """Move every row's activations recorded since the last call to the host, compact, in
+        one copy for all rows (before outputs are collected)."""
+        pending = [(seq, step) for seq in seqs for step in seq.activations_on_device]
+        if not pending:
+            return
+        host = compact([seq.activations[step] for seq, step in pending],
+                       pending[0][0].activations[pending[0][1]].dtype)  # fmt: skip
+        for (seq, step), h in zip(pending, host, strict=True):
+            seq.activations[step] = h
+        for seq in seqs:
+            seq.activations_on_device.clear()
+
     def _positions(
         self, want: tuple[int, ...], have: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:

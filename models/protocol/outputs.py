@@ -43,6 +43,10 @@ class RequestOutput:
     num_generated_tokens: int = 0
     interventions: list[Intervention] = field(default_factory=list)
     error: str | None = None  # set when finish_reason == "error"
+    # per token of token_ids, the big model's residual stream [len(hidden_layers), hidden_size]
+    # it was sampled from (host, float16/bfloat16; None for a forced token), when the request
+    # asked for GenerationRequest.hidden_layers
+    hidden: list[Any] | None = None
 
     @classmethod
     def merged(cls, outputs: list[RequestOutput]) -> RequestOutput:
@@ -55,6 +59,9 @@ class RequestOutput:
         logprobs = None
         if any(o.logprobs is not None for o in outputs):
             logprobs = [lp for o in outputs for lp in o.logprobs or []]
+        hidden = None
+        if any(o.hidden is not None for o in outputs):
+            hidden = [h for o in outputs for h in o.hidden or []]
         return cls(
             request_id=last.request_id,
             token_ids=[t for o in outputs for t in o.token_ids],
@@ -66,6 +73,7 @@ class RequestOutput:
             num_generated_tokens=last.num_generated_tokens,
             interventions=[i for o in outputs for i in o.interventions],
             error=last.error,
+            hidden=hidden,
         )
 
 

@@ -169,3 +169,25 @@ def test_layers_outside_the_model_are_refused_at_add(ckpt):
     bad = GenerationRequest("x", [1, 2], SamplingParams(max_tokens=2), hidden_layers=[2])
     with pytest.raises(EngineError, match=r"layers \[2\] outside \[0, 2\)"):
         eng.add_request(bad)
+
+
+def test_a_client_gets_the_state_of_every_token_in_its_outputs(ckpt):
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    eng = LLMEngine(EngineConfig(num_kv_blocks=64, block_size=4), ckpt)
+    params = SamplingParams(max_tokens=7, temperature=0)
+    eng.add_request(GenerationRequest("a", PROMPTS["a"], params, hidden_layers=[1, 0]))
+    eng.add_request(GenerationRequest("b", PROMPTS["b"], params))
+    tokens: dict[str, list[int]] = {"a": [], "b": []}
+    hidden: dict[str, list] = {"a": [], "b": []}
+    while eng.has_unfinished():
+        for out in eng.step():
+            tokens[out.request_id] += out.token_ids
+            if out.hidden is not None:
+                assert len(out.hidden) == len(out.token_ids)
+                hidden[out.request_id] += out.hidden
+    assert hidden["b"] == [] and len(hidden["a"]) == 7
+    reference = block_outputs(hf, PROMPTS["a"] + tokens["a"])
+    for i, h in enumerate(hidden["a"]):
+        assert h.dtype == torch.float16 and h.shape == (2, 64)
+        for k, layer in enumerate([1, 0]):
+            torch.testing.assert_close(h[k].float(), reference[layer][4 + i], atol=1e-2, rtol=1e-2)
