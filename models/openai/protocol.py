@@ -97,6 +97,23 @@ class SteeringOptions(BaseModel):
         )
 
 
+class ActivationOptions(BaseModel):
+    """`tandem.activations`: the big model's residual stream after these blocks, per token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] = Field(min_length=1, max_length=8)
+    probes: list[str] = Field(default_factory=list)
+
+
+class TandemOptions(BaseModel):
+    """`tandem` in a request: Tandem's per-request extras that are not steering or RAG."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activations: ActivationOptions | None = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -120,6 +137,7 @@ class SamplingFields(BaseModel):
     rag: RagOptions | None = None
     steering: SteeringOptions | None = None
     adapter: str | None = None
+    tandem: TandemOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -374,12 +392,14 @@ class TandemInfo(BaseModel):
     sources: list[dict[str, Any]] = Field(default_factory=list)
     interventions: list[dict[str, Any]] = Field(default_factory=list)
     errors: list[ChoiceError] | None = None
+    activations: list[dict[str, Any]] | None = None  # per choice, when the request asked
 
     @model_serializer(mode="wrap")
     def _errors_only_when_any(self, handler):
         data = handler(self)
-        if self.errors is None:
-            del data["errors"]
+        for name in ("errors", "activations"):
+            if data.get(name) is None:
+                del data[name]
         return data
 
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from models.openai.activations import activation_layers, all_activations, choice_activations
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.protocol import (
     AssistantMessage,
@@ -101,6 +102,7 @@ class PreparedRequest:
     include_usage: bool
     n: int
     echo: bool = False  # completions: the prompt text leads each choice's text
+    hidden_layers: list[int] = field(default_factory=list)  # tandem.activations.layers
 
 
 class OpenAIServing:
@@ -222,6 +224,7 @@ class OpenAIServing:
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             n=req.n,
+            hidden_layers=activation_layers(req, params[0].max_tokens),
         )
 
     async def _adapter_request(self, req: SamplingFields) -> str | None:
@@ -366,6 +369,7 @@ class OpenAIServing:
                         adapter_weights=prep.adapter_weights,
                         steer_vectors=list(prep.steer_vectors),
                         steering=prep.steering,
+                        hidden_layers=list(prep.hidden_layers),
                     )
                 )
         return reqs
@@ -395,7 +399,8 @@ class OpenAIServing:
                           completion_tokens=sum(c.num_generated for c in choices))
         errors = [ChoiceError(index=i, message=c.error) for i, c in enumerate(choices) if c.error]
         tandem = prep.tandem.model_copy(
-            update={"interventions": _interventions(choices), "errors": errors or None})
+            update={"interventions": _interventions(choices), "errors": errors or None,
+                    "activations": all_activations(prep.hidden_layers, choices)})
         if chat:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
@@ -442,14 +447,15 @@ class OpenAIServing:
                     if out.logprobs:
                         lps = self._chat_logprobs if chat else self._text_logprobs
                         lp = lps(out.logprobs).model_dump()
-                    if out.text or out.finished or lp:
+                    if out.text or out.finished or lp or out.hidden:
                         body = {"delta": {"content": out.text}} if chat else {"text": out.text}
                         choice = {"index": index, **body, "logprobs": lp,
                                   "finish_reason": out.finish_reason if out.finished else None}
-                        extra = {}
+                        extra = {"tandem": {"activations": [choice_activations(
+                            index, prep.hidden_layers, out.hidden)]}} if out.hidden else {}
                         if out.finished and (out.interventions or out.error):
-                            extra["tandem"] = {"interventions": [
-                                {"index": index, **_intervention(iv)} for iv in out.interventions]}
+                            extra.setdefault("tandem", {})["interventions"] = [
+                                {"index": index, **_intervention(iv)} for iv in out.interventions]
                             if out.error:
                                 extra["tandem"]["errors"] = [{"index": index, "message": out.error}]
                         yield chunk([choice], **extra)
@@ -515,6 +521,7 @@ class _Stream:
         self.logprobs: list | None = None
         self.interventions: list = []
         self.error: str | None = None
+        self.hidden: list = []  # per token (tandem.activations)
 
     async def prime(self) -> None:
         try:
@@ -529,6 +536,7 @@ class _Stream:
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(out.logprobs)
         self.interventions.extend(out.interventions)
+        self.hidden += out.hidden or []
         if out.finished:
             self.finish_reason = out.finish_reason
             self.error = out.error
