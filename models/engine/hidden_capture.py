@@ -78,6 +78,7 @@ class HiddenReader:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self._index: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+        self._pending: list = []  # (seq, step) recorded on the device since the last to_host
 
     def check(self, layers: list[int], what: str) -> None:
         """Raise ValueError naming `what` when a layer lies outside the model."""
@@ -87,6 +88,8 @@ class HiddenReader:
 
     @staticmethod
     def plan(scheduled: list) -> CapturePlan | None:
+        if not any(item.seq.hidden_layers for item in scheduled):
+            return None  # the usual step: one pass over the rows, nothing else
         layers: set[int] = set()
         counts, more = [], False
         for item in scheduled:
@@ -98,8 +101,6 @@ class HiddenReader:
                 k = min(seq.hidden_prompt_positions, item.num_tokens)
             counts.append(k)
             more = more or k > 1
-        if not layers:
-            return None
         return CapturePlan(tuple(sorted(layers)), counts if more else None)
 
     def distribute(self, seqs: list, hidden: torch.Tensor | None, plan: CapturePlan | None) -> None:
@@ -133,21 +134,18 @@ class HiddenReader:
         if list(seq.hidden_layers) != asked:  # a policy reads other layers too
             h = h[self._positions(tuple(asked), seq.hidden_layers, h.device)]
         seq.activations[step] = h
-        seq.activations_on_device.append(step)
+        self._pending.append((seq, step))
 
-    @staticmethod
-    def to_host(seqs) -> None:
-        """Move every row's activations recorded since the last call to the host, compact, in
-        one copy for all rows (before outputs are collected)."""
-        pending = [(seq, step) for seq in seqs for step in seq.activations_on_device]
+    def to_host(self) -> None:
+        """Move the activations recorded since the last call to the host, compact, in one copy
+        for all rows (before outputs are collected)."""
+        pending, self._pending = self._pending, []
         if not pending:
             return
         host = compact([seq.activations[step] for seq, step in pending],
                        pending[0][0].activations[pending[0][1]].dtype)  # fmt: skip
         for (seq, step), h in zip(pending, host, strict=True):
             seq.activations[step] = h
-        for seq in seqs:
-            seq.activations_on_device.clear()
 
     def _positions(
         self, want: tuple[int, ...], have: tuple[int, ...], device: torch.device

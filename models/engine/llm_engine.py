@@ -199,7 +199,7 @@ class LLMEngine(SequenceEditor):
         outputs: list[RequestOutput] = []
         if scheduled:
             self._run(scheduled)
-        self.hidden.to_host(self.seqs.values())
+        self.hidden.to_host()
         for seq in list(self.seqs.values()):
             held = seq.steering.held_tokens if seq.steering is not None else 0
             out = self.outputs.collect(seq, held)
@@ -233,7 +233,8 @@ class LLMEngine(SequenceEditor):
         for (seq, *_), (token, logprob) in zip(ready, tokens, strict=True):
             step = seq.num_generated
             seq.append([token], [logprob])
-            self.hidden.record(seq, step)
+            if seq.hidden is not None:
+                self.hidden.record(seq, step)
             self.steering.record(seq, Sampled(step=step, token_id=token))
             self.outputs.check_stop(seq, sampled=True)
             self._stats.generated_tokens += 1

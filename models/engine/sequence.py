@@ -57,7 +57,6 @@ class Sequence:
     hidden_prompt_positions: int = 1  # last prompt tokens captured at the end of the prefill
     prompt_hidden: torch.Tensor | None = None  # those [positions, layers, hidden]
     activations: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> for the client
-    activations_on_device: list[int] = field(default_factory=list)  # steps not on the host yet
 
     def __post_init__(self) -> None:
         if not self.token_ids:
