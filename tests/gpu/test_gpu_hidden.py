@@ -52,17 +52,20 @@ def capture(path, graphs: bool, layers: list[int], capture_layers: list[int]) ->
             steer_vectors=[SteerVectorSpec("v", 1.0)] if i % 2 else [],
             steering=steering if i != 2 else None,
         ))  # fmt: skip
+    tokens: dict[str, list[int]] = {}
     while eng.has_unfinished():
-        eng.step()
-    return recorder.seen
+        for out in eng.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    return recorder.seen, tokens
 
 
 @pytest.mark.parametrize("layers", [[1, 3], [0]])  # inside the captured set; outside: no graphs
 def test_graph_capture_equals_eager_capture(tmp_path, layers):
     shape = dict(hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
     path = build_tiny_checkpoint(tmp_path, "qwen3", num_hidden_layers=4, **shape)
-    eager = capture(path, False, layers, [])
-    graphed = capture(path, True, layers, [1, 2, 3])
+    eager, eager_tokens = capture(path, False, layers, [])
+    graphed, graphed_tokens = capture(path, True, layers, [1, 2, 3])
+    assert graphed_tokens == eager_tokens  # r2 reads nothing: its tokens are those of every run
     assert eager.keys() == graphed.keys() and len(eager) == 4
     for rid, steps in eager.items():
         assert steps.keys() == graphed[rid].keys() and len(steps) == 10
