@@ -136,8 +136,9 @@ class LLMEngine(SequenceEditor):
 
     def _check_hidden_layers(self, request: GenerationRequest) -> None:
         asked = list(request.hidden_layers)
-        if request.steering is not None:
+        if request.steering is not None:  # (both raise EngineError on a malformed value)
             asked += request.steering.hidden_layers
+            request.steering.hidden_prompt_positions  # noqa: B018
         try:
             self.hidden.check(asked, "hidden_layers")
         except ValueError as exc:

@@ -238,12 +238,20 @@ class SteeringRequest:
     def hidden_layers(self) -> list[int]:
         """Big-model layers whose residual stream ForwardPass.hidden carries (a policy's
         `hidden_layers` parameter, e.g. the probe's)."""
-        return [int(x) for x in self.params.get("hidden_layers") or []]
+        value = self.params.get("hidden_layers") or []
+        if not isinstance(value, list) or not all(isinstance(x, int) for x in value):
+            raise EngineError(f"steering params hidden_layers must be a list of layer indices, "
+                              f"got {value!r}", param="steering.params.hidden_layers")  # fmt: skip
+        return value
 
     @property
     def hidden_prompt_positions(self) -> int:
         """How many of the prompt's last tokens Prefilled.hidden carries (engine param)."""
-        return int(self.params.get("hidden_prompt_positions", 1))
+        value = self.params.get("hidden_prompt_positions", 1)
+        if not isinstance(value, int) or value < 1:
+            raise EngineError(f"steering params hidden_prompt_positions must be an integer >= 1, "
+                              f"got {value!r}", param="steering.params.hidden_prompt_positions")  # fmt: skip
+        return value
 
 
 @dataclass

@@ -166,9 +166,19 @@ def test_a_remote_policy_gets_compact_host_copies(ckpt):
 
 def test_layers_outside_the_model_are_refused_at_add(ckpt):
     eng = LLMEngine(EngineConfig(num_kv_blocks=64, block_size=4), ckpt)
+    eng.set_step_observer(Recorder())
     bad = GenerationRequest("x", [1, 2], SamplingParams(max_tokens=2), hidden_layers=[2])
     with pytest.raises(EngineError, match=r"layers \[2\] outside \[0, 2\)"):
         eng.add_request(bad)
+    for params, name in (({"hidden_layers": "1"}, "hidden_layers"),
+                         ({"hidden_layers": [0], "hidden_prompt_positions": 0},
+                          "hidden_prompt_positions")):  # fmt: skip
+        steering = SteeringRequest("record", params, mode="colocated")
+        with pytest.raises(EngineError, match=name) as err:
+            eng.add_request(GenerationRequest("y", [1, 2], SamplingParams(max_tokens=2),
+                                              steering=steering))  # fmt: skip
+        assert err.value.param == f"steering.params.{name}"
+    assert not eng.has_unfinished()
 
 
 def test_a_client_gets_the_state_of_every_token_in_its_outputs(ckpt):
