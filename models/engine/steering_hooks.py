@@ -189,8 +189,10 @@ class SteeringHooks:
         in another process."""
         out, remote = {}, []
         for seq, _ in due:
+            if seq.hidden is None:  # the usual row: one attribute read
+                continue
             layers = seq.steering.request.hidden_layers
-            if seq.hidden is None or not layers:
+            if not layers:
                 continue
             pick = None
             if list(seq.hidden_layers) != layers:  # the request asked for more layers
