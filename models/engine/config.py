@@ -67,6 +67,13 @@ class EngineConfig(BaseModel):
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128],
         description="Batch-size buckets captured as CUDA graphs.",
     )
+    hidden_capture_layers: list[int] = Field(
+        default_factory=list,
+        description="Layers whose residual stream the decode CUDA graphs can also capture (a "
+        "second set of graphs, replayed only in steps where a row reads hidden states: probe "
+        "policies, client activations). A step reading a layer outside this set runs without "
+        "graphs. Set it to the layers your probes and clients read.",
+    )
     max_adapters_per_replica: int = Field(
         8, ge=0, description="LoRA adapters resident at once; least recently used are evicted."
     )

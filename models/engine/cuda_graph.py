@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.engine.attention import ForwardBatch
+from models.engine.hidden_capture import LayerCapture
 from models.engine.streams import private_stream
 
 StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -143,7 +144,7 @@ class CudaGraphRunner:
         )
 
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, ForwardBatch], torch.Tensor]
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, ForwardBatch, LayerCapture | None], torch.Tensor]
 
 
 class StagedInputs:
@@ -204,11 +205,13 @@ class StagedInputs:
 
 
 class DecodeGraphs:
-    """The engine's decode step (`decode(ids, positions, ForwardBatch) -> logits`) in CUDA
-    graphs: static ForwardBatch buffers, a graph per batch bucket, captured once without and
-    once with the per-row LoRA path (when the model has LoRA slots). Steering deltas are always
-    read (a zero delta costs one row read inside the fused norm), so steered and plain rows
-    share a graph.
+    """The engine's decode step (`decode(ids, positions, ForwardBatch, capture) -> logits`) in
+    CUDA graphs: static ForwardBatch buffers, a graph per batch bucket, captured once without
+    and once with the per-row LoRA path (when the model has LoRA slots), and each of those once
+    more copying the residual stream at `capture_layers` into a static buffer (when set: steps
+    in which a row reads hidden states; steps in which none does replay the graphs without the
+    copies). Steering deltas are always read (a zero delta costs one row read inside the fused
+    norm), so steered and plain rows share a graph.
 
     Rows past the live batch in a bucket compute values nobody reads: every kernel keeps rows
     apart, their context length is 0 and their slot the null slot, so only the token inputs are
@@ -225,6 +228,7 @@ class DecodeGraphs:
         lora_slots: int,
         device: torch.device,
         dtype: torch.dtype,
+        capture_layers: tuple[int, ...] = (),
     ):
         self.decode = decode
         max_bs = max(batch_sizes)
@@ -236,33 +240,33 @@ class DecodeGraphs:
         )
         self.rows = torch.arange(max_bs, device=device)  # a decode batch's token_rows
         self.lora = torch.zeros(max_bs, max(lora_slots, 1), dtype=dtype, device=device)
+        self.capture_layers = capture_layers
+        self.hidden = torch.zeros(
+            len(capture_layers), max_bs, hidden_size, dtype=dtype, device=device
+        )
+        self._layer_index: dict[tuple[int, ...], torch.Tensor] = {}
         self.steer_dirty = False
         self.steer_copied: torch.Tensor | None = None  # what the steer buffer holds now
         self.lora_copied: torch.Tensor | None = None  # what the lora buffer's rows hold now
         self.lora_rows = 0
         pool = torch.cuda.graph_pool_handle()
-        stream = private_stream(device, owner=self)  # both variants: never replayed at once
-        dims = {"steer": 1}
-        self.plain = CudaGraphRunner(
-            lambda v: self._step(v, lora=False),
-            self.buffers,
-            batch_sizes,
-            dims,
-            pool=pool,
-            stream=stream,
-        )
-        self.with_lora = None
-        if lora_slots:
-            self.with_lora = CudaGraphRunner(
-                lambda v: self._step(v, lora=True),
-                dict(self.buffers, lora=self.lora),
-                batch_sizes,
-                dims,
-                pool=pool,
-                stream=stream,
-            )
+        stream = private_stream(device, owner=self)  # all variants: never replayed at once
+        dims = {"steer": 1, "hidden": 1}
+        self.runners: dict[tuple[bool, bool], CudaGraphRunner] = {}
+        for lora in (False, True) if lora_slots else (False,):
+            for capture in (False, True) if capture_layers else (False,):
+                buffers = dict(self.buffers)
+                if lora:
+                    buffers["lora"] = self.lora
+                if capture:
+                    buffers["hidden"] = self.hidden
+                self.runners[lora, capture] = CudaGraphRunner(
+                    lambda v, lora=lora, capture=capture: self._step(v, lora, capture),
+                    buffers, batch_sizes, dims, pool=pool, stream=stream,
+                )  # fmt: skip
+        self.plain = self.runners[False, False]
 
-    def _step(self, views: dict[str, torch.Tensor], lora: bool) -> torch.Tensor:
+    def _step(self, views: dict[str, torch.Tensor], lora: bool, capture: bool) -> torch.Tensor:
         rows = views["ids"].shape[0]
         batch = ForwardBatch(
             is_decode=True,
@@ -274,18 +278,31 @@ class DecodeGraphs:
             steer_deltas=views["steer"],
             lora_weights=views["lora"] if lora else None,
         )
-        return self.decode(views["ids"], views["pos"], batch)
+        layers = LayerCapture(self.capture_layers, views["hidden"]) if capture else None
+        return self.decode(views["ids"], views["pos"], batch, layers)
 
     def capture(self) -> float:
         """Capture every graph; returns the seconds it took."""
-        seconds = self.plain.capture()
-        if self.with_lora is not None:
-            seconds += self.with_lora.capture()
-        return seconds
+        return sum(runner.capture() for runner in self.runners.values())
 
-    def holds(self, rows: int, width: int) -> bool:
-        """Whether a decode step of `rows` rows with block tables `width` wide can replay."""
+    def holds(self, rows: int, width: int, layers: tuple[int, ...] | None = None) -> bool:
+        """Whether a decode step of `rows` rows with block tables `width` wide, capturing
+        `layers` (None: nothing), can replay."""
+        if layers is not None and not set(layers) <= set(self.capture_layers):
+            return False
         return rows <= self.plain.max_batch_size and width <= self.max_blocks
+
+    def hidden_rows(self, layers: tuple[int, ...], rows: int) -> torch.Tensor:
+        """The last replay's capture at `layers` (a subset of capture_layers) for its first
+        `rows` rows: [layers, rows, hidden], a view of the static buffer when all are asked."""
+        if layers == self.capture_layers:
+            return self.hidden[:, :rows]
+        index = self._layer_index.get(layers)
+        if index is None:
+            positions = [self.capture_layers.index(x) for x in layers]
+            index = torch.tensor(positions, device=self.hidden.device)
+            self._layer_index[layers] = index
+        return self.hidden[index, :rows]
 
     def run(
         self,
@@ -296,10 +313,11 @@ class DecodeGraphs:
         width: int,
         steer_deltas: torch.Tensor | None,
         lora_weights: torch.Tensor | None,
+        capture: bool = False,
     ) -> torch.Tensor:
         """One decode step from host lists (`tables` flat, `width` per row) and device row
         tensors; returns logits [rows, vocab] (a view of the graph's output, valid until the
-        next replay)."""
+        next replay). `capture`: fill `hidden` at capture_layers too."""
         n = len(ids)
         size = self.plain.bucket_for(n)
         self.inputs.write(size, ids, positions, slots, tables, width)
@@ -313,9 +331,8 @@ class DecodeGraphs:
             steer[:, :n].copy_(steer_deltas)
             self.steer_dirty = True
             self.steer_copied = steer_deltas
-        if lora_weights is not None and self.with_lora is not None:
-            if self.lora_copied is not lora_weights or self.lora_rows != n:
-                self.lora[:n].copy_(lora_weights)  # else: the same tensor as last time
-                self.lora_copied, self.lora_rows = lora_weights, n
-            return self.with_lora.replay(n, pad=False)
-        return self.plain.replay(n, pad=False)
+        lora = lora_weights is not None and (True, False) in self.runners
+        if lora and (self.lora_copied is not lora_weights or self.lora_rows != n):
+            self.lora[:n].copy_(lora_weights)  # else: the same tensor as last time
+            self.lora_copied, self.lora_rows = lora_weights, n
+        return self.runners[lora, capture].replay(n, pad=False)

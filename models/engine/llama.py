@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.engine.attention import ForwardBatch, paged_attention, store_kv, varlen_attention
+from models.engine.hidden_capture import LayerCapture
 from models.engine.kernels.decode_attention import NewToken
 from models.engine.kernels.launch import use_triton
 from models.engine.kernels.norm_rope import rms_norm
@@ -217,16 +218,20 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         batch: ForwardBatch,
         steer: torch.Tensor | None = None,
+        capture=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h is the previous layer's output before its residual add (the embeddings for the
         first layer, with residual None); `steer` is added to the completed previous layer's
-        output. Returns this layer's MLP output (on CUDA maybe as split-K partial sums, which
-        the next fused norm adds up) and the residual stream, still to be added."""
+        output, which `capture` (LayerCapture.writer) then copies out. Returns this layer's MLP
+        output (on CUDA maybe as split-K partial sums, which the next fused norm adds up) and
+        the residual stream, still to be added."""
         if residual is None:
             residual = h
             x = self.input_layernorm(h)
         else:
             x = self.input_layernorm(h, residual, steer)
+            if capture is not None:  # the residual holds the previous layer's output only now
+                capture(residual)
         x = self.post_attention_layernorm(self.self_attn(x, positions, batch), residual)
         return self.mlp(x, batch), residual
 
@@ -246,11 +251,25 @@ class LlamaForCausalLM(nn.Module):
             torch.empty(args.vocab_size, args.hidden_size), requires_grad=False
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: ForwardBatch,
+        capture: LayerCapture | None = None,
+    ):
+        """Final hidden states (normed); with `capture`, the residual stream at its layers is
+        copied into `capture.out` on the way."""
         h, residual = self.embed_tokens(input_ids), None
         for index, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, positions, batch, self._steer(batch, index - 1))
-        return self.norm(h, residual, self._steer(batch, len(self.layers) - 1))
+            write = None if capture is None else capture.writer(index - 1)
+            h, residual = layer(h, residual, positions, batch, self._steer(batch, index - 1), write)
+        last = len(self.layers) - 1
+        out = self.norm(h, residual, self._steer(batch, last))
+        write = None if capture is None else capture.writer(last)
+        if write is not None:
+            write(residual)
+        return out
 
     @staticmethod
     def _steer(batch: ForwardBatch, layer: int) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
 from models.engine.constraints import RowConstraints
 from models.engine.device import stack_rows, to_device
+from models.engine.hidden_capture import HiddenReader
 from models.engine.model_runner import ModelRunner
 from models.engine.output import OutputBuilder, finish
 from models.engine.prefix_cache import content_key, vector_digest
@@ -106,6 +107,7 @@ class LLMEngine(SequenceEditor):
         self.constraints = RowConstraints(config.structured_output, self.tokenizer,
                                           self.args.vocab_size, self.outputs.eos_token_ids,
                                           self.runner.device)  # fmt: skip
+        self.hidden = HiddenReader(self.args.num_layers)
         self.vectors: dict[str, torch.Tensor] = {}
         self._steer_versions = 0  # a new number for every row delta computed
         self._steer_stack: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)
@@ -130,11 +132,22 @@ class LLMEngine(SequenceEditor):
             self._check_vector(spec.name, spec.layers)
         if request.steering is not None and self.steering.observer is None:
             raise EngineError("steering policy requested but no step observer is set")
+        self._check_hidden_layers(request)
         self.adapters.check(request)
         self.constraints.check(request)
 
     def _check_token_ids(self, token_ids: list[int], what: str) -> None:
         check_token_ids(token_ids, self.args.vocab_size, what)
+
+    def _check_hidden_layers(self, request: GenerationRequest) -> None:
+        asked = list(request.hidden_layers)
+        if request.steering is not None:  # (both raise EngineError on a malformed value)
+            asked += request.steering.hidden_layers
+            request.steering.hidden_prompt_positions  # noqa: B018
+        try:
+            self.hidden.check(asked, "hidden_layers")
+        except ValueError as exc:
+            raise EngineError(str(exc), param="hidden_layers") from None
 
     def _check_length(self, num_prompt: int, max_tokens: int) -> None:
         check_context(num_prompt, max_tokens, self.max_model_len)
@@ -199,6 +212,7 @@ class LLMEngine(SequenceEditor):
             self._run(scheduled)
         elif self.steering.parked:  # only rows waiting for the Steerer: wait with them
             self.steering.wait_parked()
+        self.hidden.to_host()
         for seq in list(self.seqs.values()):
             held = seq.steering.held_tokens if seq.steering is not None else 0
             try:
@@ -215,9 +229,10 @@ class LLMEngine(SequenceEditor):
     def _run(self, scheduled: list[ScheduledSequence]) -> None:
         seqs = [item.seq for item in scheduled]
         counts = self.speculator.logit_counts(scheduled) if self.speculator else None
-        logits = self.runner.run(
-            scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs), counts
-        )
+        plan = self.hidden.plan(scheduled)
+        logits = self.runner.run(scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs),
+                                 counts, plan)  # fmt: skip
+        self.hidden.distribute(seqs, self.runner.hidden, plan)
         samples = [item.samples for item in scheduled]  # (before num_computed moves)
         for item in scheduled:
             item.seq.num_computed += item.num_tokens
@@ -243,6 +258,8 @@ class LLMEngine(SequenceEditor):
         for seq, (token, logprob) in self._sample_rows(ready):
             step = seq.num_generated
             seq.append([token], [logprob])
+            if seq.hidden is not None:
+                self.hidden.record(seq, step)
             self._stats.generated_tokens += 1
             try:
                 self.steering.record(seq, Sampled(step=step, token_id=token))

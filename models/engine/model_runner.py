@@ -14,6 +14,7 @@ from models.engine.attention import ForwardBatch
 from models.engine.config import EngineConfig
 from models.engine.cuda_graph import DecodeGraphs
 from models.engine.device import pick_device, pick_dtype, to_device
+from models.engine.hidden_capture import CapturePlan, LayerCapture
 from models.engine.llama import LlamaForCausalLM, load_llama
 from models.engine.scheduler import ScheduledSequence
 
@@ -53,6 +54,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
+        self.hidden: torch.Tensor | None = None  # the last step's capture [layers, rows, hidden]
         self._arange = torch.arange(max(config.max_num_seqs, 1), device=self.device)
 
     def _block_bytes(self) -> int:
@@ -204,11 +206,17 @@ class ModelRunner:
         steer_deltas: torch.Tensor | None = None,
         lora_weights: torch.Tensor | None = None,
         logit_counts: list[int] | None = None,
+        plan: CapturePlan | None = None,
     ) -> torch.Tensor:
         """Run one step; float32 logits [rows, vocab] at each row's last new token, or with
         `logit_counts` at each row's last logit_counts[row] new tokens, rows after another
-        (speculative decoding's verify step)."""
-        if logit_counts is not None:
+        (speculative decoding's verify step). With a capture `plan`, `self.hidden` becomes the
+        residual stream after its layers at the same positions (or each row's last
+        `plan.counts` new tokens), [layers, tokens, hidden] (valid until the next step; else
+        None)."""
+        self.hidden = None
+        capture_layers = plan.layers if plan is not None else None
+        if logit_counts is not None:  # the verify step captures nothing
             input_ids, positions, batch = self.prepare(scheduled, steer_deltas, lora_weights)
             hidden = self.model(input_ids, positions, batch)
             ends, picked = 0, []
@@ -220,19 +228,52 @@ class ModelRunner:
             ).float()
         if self.graphs is not None and all(item.num_tokens == 1 for item in scheduled):
             rows = self._decode_rows(scheduled)
-            if self.graphs.holds(len(scheduled), rows[-1]):  # the host lists go straight in
+            if self.graphs.holds(len(scheduled), rows[-1], capture_layers):
                 row_inputs = self._row_inputs(steer_deltas, lora_weights)
-                return self.graphs.run(*rows, row_inputs["steer_deltas"], row_inputs["lora_weights"])
+                logits = self.graphs.run(
+                    *rows, row_inputs["steer_deltas"], row_inputs["lora_weights"],
+                    capture=capture_layers is not None,
+                )  # fmt: skip
+                if capture_layers is not None:
+                    self.hidden = self.graphs.hidden_rows(capture_layers, len(scheduled))
+                return logits
         input_ids, positions, batch = self.prepare(scheduled, steer_deltas, lora_weights)
+        capture = None
+        if capture_layers is not None:
+            out = torch.empty(
+                len(capture_layers), sum(plan.counts or [len(scheduled)]), self.args.hidden_size,
+                dtype=self.dtype, device=self.device,
+            )  # fmt: skip
+            capture = LayerCapture(capture_layers, out, self._capture_index(batch, plan))
+            self.hidden = out
         if batch.is_decode:
-            return self.decode(input_ids, positions, batch)
-        hidden = self.model(input_ids, positions, batch)
+            return self.decode(input_ids, positions, batch, capture)
+        hidden = self.model(input_ids, positions, batch, capture)
         last = batch.cu_seqlens_q[1:].long() - 1  # each row's last new token
         return self.model.compute_logits(hidden[last]).float()
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
+    def _capture_index(self, batch: ForwardBatch, plan: CapturePlan) -> torch.Tensor | None:
+        """The tokens a prefill step captures: each row's last, or its last plan.counts."""
+        if batch.is_decode:
+            return None
+        if plan.counts is None:
+            return batch.cu_seqlens_q[1:].long() - 1
+        index, end = [], 0
+        for n, k in zip(batch.query_lens, plan.counts, strict=True):
+            end += n
+            index.extend(range(end - k, end))
+        return to_device(index, torch.int64, self.device)
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: ForwardBatch,
+        capture: LayerCapture | None = None,
+    ):
         """One token per row, static shapes: the function a CUDA graph captures."""
-        return self.model.compute_logits(self.model(input_ids, positions, batch)).float()
+        hidden = self.model(input_ids, positions, batch, capture)
+        return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()
     def capture_graphs(self) -> float:
@@ -251,6 +292,7 @@ class ModelRunner:
             num_layers=self.args.num_layers,
             hidden_size=self.args.hidden_size,
             lora_slots=lora_slots,
+            capture_layers=tuple(sorted(set(self.config.hidden_capture_layers))),
             device=self.device,
             dtype=self.dtype,
         )

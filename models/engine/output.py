@@ -115,6 +115,9 @@ class OutputBuilder:
         logprobs = None
         if seq.request.params.logprobs is not None:
             logprobs = [lp for lp in seq.logprobs[seq.num_sent_tokens : token_end] if lp]
+        hidden = None
+        if seq.request.hidden_layers:
+            hidden = [seq.activations.pop(i, None) for i in range(seq.num_sent_tokens, token_end)]
         out = RequestOutput(
             request_id=seq.request_id,
             token_ids=new_ids,
@@ -126,6 +129,7 @@ class OutputBuilder:
             num_generated_tokens=seq.num_generated,
             interventions=seq.interventions,
             error=seq.error,
+            hidden=hidden,
         )
         seq.interventions = []
         seq.num_sent_tokens, seq.num_sent_chars = token_end, text_end

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from models.engine.hidden_capture import row_layers, row_prompt_positions
 from models.protocol.outputs import Intervention, TokenLogprob
 from models.protocol.requests import GenerationRequest
 
@@ -61,11 +62,18 @@ class Sequence:
     num_committed: int = 0
     cache_epoch: int = -1
     speculation_off: bool = False  # reported once: this row is not speculated (and why)
+    hidden_layers: tuple[int, ...] = ()  # big-model layers this row reads (request + policy)
+    hidden: torch.Tensor | None = None  # their residual stream [layers, hidden] at the last step
+    hidden_prompt_positions: int = 1  # last prompt tokens captured at the end of the prefill
+    prompt_hidden: torch.Tensor | None = None  # those [positions, layers, hidden]
+    activations: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> for the client
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
             self.num_prompt_tokens = len(self.token_ids)
+        self.hidden_layers = row_layers(self)
+        self.hidden_prompt_positions = row_prompt_positions(self)
 
     @property
     def steer_delta(self) -> torch.Tensor | None:

@@ -57,13 +57,18 @@ class Speculator:
         """Append drafts to the scheduled decode rows that speculate (as many as `budget`
         tokens and free blocks allow), and run them in this step."""
         self.pending = {}
+        if any(item.seq.hidden_layers for item in scheduled):
+            return  # a verify step captures no hidden states: this step is not speculated
         rows: list[tuple[ScheduledSequence, int]] = []
         for item in scheduled:
             seq = item.seq
             if item.num_tokens != 1 or not item.samples or self.k_for(seq) == 0:
                 continue
             if seq.steering is not None:
-                self._switch_off(seq)
+                self._switch_off(seq, "the row has a steering policy (logit-level)")
+                continue
+            if seq.request.constraint is not None:
+                self._switch_off(seq, "the row's output follows a grammar")
                 continue
             rows.append((item, self.k_for(seq)))
         if not rows:
@@ -165,12 +170,12 @@ class Speculator:
         last = int(torch.multinomial(dist / dist.sum(), 1, generator=seq.generator))
         return draft.token_ids[:kept] + [last]
 
-    def _switch_off(self, seq: Sequence) -> None:
+    def _switch_off(self, seq: Sequence, why: str) -> None:
         if not seq.speculation_off:
             seq.speculation_off = True
             seq.interventions.append(Intervention(
                 step=seq.num_generated, action="speculation_off",
-                detail={"reason": "the row has a steering policy (logit-level): not speculated"},
+                detail={"reason": f"{why}: not speculated"},
             ))  # fmt: skip
 
     def release(self, request_ids: list[str]) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from models.engine.device import stack_rows, to_device
+from models.engine.hidden_capture import compact
 from models.engine.output import finish
 from models.engine.sequence import Sequence
 from models.protocol.errors import EngineError
@@ -142,13 +143,20 @@ class SteeringHooks:
             return
         call_rows: dict[str, tuple[Sequence, list[Event]]] = {}
         batch = []
+        hidden = self._hidden_for(due)
         for seq, logits in due:
             st: RowSteering = seq.steering
             if not st.prefilled_reported and seq.num_generated == 0:
-                st.events.append(Prefilled(prompt_ids=seq.token_ids[: seq.num_prompt_tokens]))
+                prompt = seq.token_ids[: seq.num_prompt_tokens]
+                st.events.append(Prefilled(prompt, hidden=hidden.get((seq.request_id, True))))
                 st.prefilled_reported = True
+                seq.prompt_hidden = None
             st.events.append(
-                ForwardPass(step=seq.num_generated, logits=logits.float() if st.waits else None)
+                ForwardPass(
+                    step=seq.num_generated,
+                    logits=logits.float() if st.waits else None,
+                    hidden=hidden.get((seq.request_id, False)),
+                )
             )
             batch.append(
                 RowEvents(
@@ -207,6 +215,35 @@ class SteeringHooks:
             timeout = max(0.0, min(c.deadline for c in calls) - time.monotonic())
             concurrent.futures.wait([c.future for c in calls], timeout,
                                     concurrent.futures.FIRST_COMPLETED)  # fmt: skip
+
+    @staticmethod
+    def _hidden_for(due: list[tuple[Sequence, torch.Tensor]]) -> dict[tuple[str, bool], torch.Tensor]:
+        """(request id, prompt?) -> the due rows' ForwardPass.hidden (False) and Prefilled.hidden
+        (True), for rows whose policy reads the big model's state: the device tensors for
+        colocated rows, compact host copies (one copy for all rows) for rows the Steerer answers
+        in another process."""
+        out, remote = {}, []
+        for seq, _ in due:
+            if seq.hidden is None:  # the usual row: one attribute read
+                continue
+            layers = seq.steering.request.hidden_layers
+            if not layers:
+                continue
+            pick = None
+            if list(seq.hidden_layers) != layers:  # the request asked for more layers
+                pick = [seq.hidden_layers.index(x) for x in layers]
+            parts = [((seq.request_id, False), seq.hidden if pick is None else seq.hidden[pick])]
+            if seq.prompt_hidden is not None and not seq.steering.prefilled_reported:
+                prompt = seq.prompt_hidden if pick is None else seq.prompt_hidden[:, pick]
+                parts.append(((seq.request_id, True), prompt))
+            if seq.steering.request.mode == "colocated":
+                out.update(parts)
+            else:
+                remote += parts
+        if remote:
+            host = compact([h for _, h in remote], remote[0][1].dtype)
+            out.update((key, h) for (key, _), h in zip(remote, host, strict=True))
+        return out
 
     def prefetch(self, seqs: list[Sequence]) -> None:
         """Give the observer's `prefetch(rows)` (a colocated steering runtime reads there) the

@@ -53,14 +53,6 @@ class RagOptions(BaseModel):
     score_threshold: float | None = Field(None, ge=-1, le=1)
 
 
-class TandemOptions(BaseModel):
-    """`tandem` in a request: `trace: true` keeps a per-token trace (GET /v1/traces/{id})."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    trace: bool = False
-
-
 class SteeringVectorRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -107,6 +99,26 @@ class SteeringOptions(BaseModel):
             every=self.every,
             timeout_s=timeout_s,
         )
+
+
+class ActivationOptions(BaseModel):
+    """`tandem.activations`: the big model's residual stream after these blocks, per token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] = Field(min_length=1, max_length=8)
+    probes: list[str] = Field(default_factory=list)
+
+
+class TandemOptions(BaseModel):
+    """`tandem` in a request: Tandem's per-request extras that are not steering or RAG:
+    `trace: true` keeps a per-token trace (GET /v1/traces/{id}); `activations` returns the
+    big model's residual stream per token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trace: bool = False
+    activations: ActivationOptions | None = None
 
 
 class SamplingFields(BaseModel):
@@ -421,11 +433,12 @@ class TandemInfo(BaseModel):
     errors: list[ChoiceError] | None = None
     # steered choices that went on unsteered: {"index", "reason", "message"}
     unsteered_because: list[dict[str, Any]] | None = None
+    activations: list[dict[str, Any]] | None = None  # per choice, when the request asked
 
     @model_serializer(mode="wrap")
     def _errors_only_when_any(self, handler):
         data = handler(self)
-        for key in ("errors", "unsteered_because"):
+        for key in ("errors", "unsteered_because", "activations"):
             if getattr(self, key) is None:
                 del data[key]
         return data

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from models.openai.activations import activation_layers
 from models.openai.chat_template import chat_prompt_ids
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.logprobs import chat_logprobs, text_logprobs
@@ -109,6 +110,7 @@ class PreparedRequest:
     trace: bool = False  # keep a per-token trace under tandem.request_id
     constraint: OutputConstraint | None = None  # response_format or a forced tool call
     tools: bool = False  # chat with tools offered: `<tool_call>` output becomes tool_calls
+    hidden_layers: list[int] = field(default_factory=list)  # tandem.activations.layers
 
 
 class OpenAIServing:
@@ -241,6 +243,7 @@ class OpenAIServing:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             n=req.n,
             trace=self.limits.trace_all or bool(req.tandem and req.tandem.trace),
+            hidden_layers=activation_layers(req, params[0].max_tokens),
         )
 
     async def _adapter_request(self, req: SamplingFields) -> str | None:
@@ -389,6 +392,7 @@ class OpenAIServing:
                         steering=prep.steering,
                         trace_id=prep.tandem.request_id if prep.trace else None,
                         constraint=prep.constraint,
+                        hidden_layers=list(prep.hidden_layers),
                     )
                 )
         return reqs
@@ -416,7 +420,7 @@ class OpenAIServing:
             await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
         usage = UsageInfo(prompt_tokens=sum(len(ids) for ids in prep.prompt_ids),
                           completion_tokens=sum(c.num_generated for c in choices))
-        tandem = final_tandem(prep.tandem, choices)
+        tandem = final_tandem(prep.tandem, choices, prep.hidden_layers)
         if chat:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
@@ -442,7 +446,8 @@ class OpenAIServing:
         resp = StreamedResponse(
             prep.request_id, prep.model, prep.tandem, sum(len(ids) for ids in prep.prompt_ids),
             prep.include_usage, (lambda i: self._echo(prep, i)) if prep.echo else None,
-            [ToolCallStream() for _ in streams] if chat and prep.tools else None)
+            [ToolCallStream() for _ in streams] if chat and prep.tools else None,
+            prep.hidden_layers)
         lps = chat_logprobs if chat else text_logprobs
         return sse_events(resp, streams, chat, lambda lp: lps(self.tokenizer, lp))
 

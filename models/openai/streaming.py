@@ -15,9 +15,10 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from models.openai.activations import all_activations, choice_activations
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.protocol import ChoiceError, TandemInfo, UsageInfo, now
 from models.protocol.outputs import RequestOutput
@@ -43,6 +44,7 @@ class ChoiceStream:
         self.logprobs: list | None = None
         self.interventions: list = []
         self.error: str | None = None
+        self.hidden: list = []  # per token (tandem.activations)
 
     async def prime(self) -> None:
         try:
@@ -57,6 +59,7 @@ class ChoiceStream:
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(out.logprobs)
         self.interventions.extend(out.interventions)
+        self.hidden += out.hidden or []
         if out.finished:
             self.finish_reason = out.finish_reason
             self.error = out.error
@@ -131,9 +134,12 @@ def intervention(iv: Any) -> dict:
     return {"step": iv.step, "action": iv.action, **({"detail": iv.detail} if iv.detail else {})}
 
 
-def final_tandem(tandem: TandemInfo, choices: list[ChoiceStream]) -> TandemInfo:
+def final_tandem(
+    tandem: TandemInfo, choices: list[ChoiceStream], hidden_layers: list[int] | None = None
+) -> TandemInfo:
     """The response's `tandem` once every choice ended: each choice's interventions and
-    errors, and why a steered choice went on unsteered (UNSTEERED), by choice index."""
+    errors, why a steered choice went on unsteered (UNSTEERED), by choice index, and the
+    activations asked for (hidden_layers)."""
     interventions = [{"index": i, **intervention(iv)}
                      for i, c in enumerate(choices) for iv in c.interventions]  # fmt: skip
     errors = [ChoiceError(index=i, message=c.error) for i, c in enumerate(choices) if c.error]
@@ -143,7 +149,8 @@ def final_tandem(tandem: TandemInfo, choices: list[ChoiceStream]) -> TandemInfo:
         for i, c in enumerate(choices) for iv in c.interventions if iv.action in UNSTEERED
     ]  # fmt: skip
     return tandem.model_copy(update={"interventions": interventions, "errors": errors or None,
-                                     "unsteered_because": unsteered or None})  # fmt: skip
+                                     "unsteered_because": unsteered or None,
+                                     "activations": all_activations(hidden_layers, choices)})  # fmt: skip
 
 
 @dataclass
@@ -157,6 +164,7 @@ class StreamedResponse:
     include_usage: bool
     echo: Callable[[int], str] | None  # completions with echo: choice -> its prompt text
     tool_calls: list | None = None  # chat with tools: one ToolCallStream per choice
+    hidden_layers: list[int] = field(default_factory=list)  # tandem.activations.layers
 
 
 def finish_reason(reason: str | None, called: bool) -> str | None:
@@ -192,7 +200,7 @@ def sse_events(
                 yield chunk([start(i) for i in range(len(streams))], tandem=first_tandem)
             async for index, out in merge_choices(streams):
                 lp = logprobs(out.logprobs).model_dump() if out.logprobs else None
-                if not (out.text or out.finished or lp):
+                if not (out.text or out.finished or lp or out.hidden):
                     continue
                 body = {"delta": {"content": out.text}} if chat else {"text": out.text}
                 reason = out.finish_reason if out.finished else None
@@ -202,12 +210,16 @@ def sse_events(
                     reason = finish_reason(reason, bool(calls.calls))
                 choice = {"index": index, **body, "logprobs": lp, "finish_reason": reason}
                 finished += out.finished
-                extra = {}
+                extra: dict = {}
+                if out.hidden:  # the states of this chunk's tokens
+                    extra["tandem"] = {"activations": [
+                        choice_activations(index, resp.hidden_layers, out.hidden)]}
                 if finished == len(streams):  # the last choice ended: the whole tandem object
-                    extra["tandem"] = final_tandem(resp.tandem, streams).model_dump()
+                    extra["tandem"] = final_tandem(resp.tandem, streams,
+                                                   resp.hidden_layers).model_dump()
                 elif out.finished and (out.interventions or out.error):
-                    extra["tandem"] = {"interventions": [
-                        {"index": index, **intervention(iv)} for iv in out.interventions]}
+                    extra.setdefault("tandem", {})["interventions"] = [
+                        {"index": index, **intervention(iv)} for iv in out.interventions]
                     if out.error:
                         extra["tandem"]["errors"] = [{"index": index, "message": out.error}]
                 yield chunk([choice], **extra)
@@ -215,7 +227,7 @@ def sse_events(
                 usage = UsageInfo(prompt_tokens=resp.num_prompt_tokens,
                                   completion_tokens=sum(s.num_generated for s in streams))
                 yield chunk([], usage=usage.model_dump(),
-                            tandem=final_tandem(resp.tandem, streams).model_dump())
+                            tandem=final_tandem(resp.tandem, streams, resp.hidden_layers).model_dump())
             failed = [(i, s.error) for i, s in enumerate(streams) if s.finish_reason == "error"]
             if failed:
                 message = "; ".join(f"choice {i}: {error}" for i, error in failed)

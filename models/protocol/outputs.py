@@ -44,6 +44,10 @@ class RequestOutput:
     interventions: list[Intervention] = field(default_factory=list)
     error: str | None = None  # set when finish_reason == "error"
     engine_s: float | None = None  # on the last output: seconds from admission to finish
+    # per token of token_ids, the big model's residual stream [len(hidden_layers), hidden_size]
+    # it was sampled from (host, float16/bfloat16; None for a forced token), when the request
+    # asked for GenerationRequest.hidden_layers
+    hidden: list[Any] | None = None
 
     @classmethod
     def merged(cls, outputs: list[RequestOutput]) -> RequestOutput:
@@ -56,6 +60,9 @@ class RequestOutput:
         logprobs = None
         if any(o.logprobs is not None for o in outputs):
             logprobs = [lp for o in outputs for lp in o.logprobs or []]
+        hidden = None
+        if any(o.hidden is not None for o in outputs):
+            hidden = [h for o in outputs for h in o.hidden or []]
         return cls(
             request_id=last.request_id,
             token_ids=[t for o in outputs for t in o.token_ids],
@@ -68,6 +75,7 @@ class RequestOutput:
             interventions=[i for o in outputs for i in o.interventions],
             error=last.error,
             engine_s=last.engine_s,
+            hidden=hidden,
         )
 
 

@@ -64,3 +64,5 @@ class GenerationRequest:
     trace_id: str | None = None  # the API request id when a per-token trace is kept
     constraint: OutputConstraint | None = None  # the output must match this grammar
     speculative_k: int | None = None  # drafted tokens per step; None = the engine's, 0 = off
+    # big-model layers whose residual stream (after block l) each step captures for this row
+    hidden_layers: list[int] = field(default_factory=list)

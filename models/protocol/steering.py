@@ -29,16 +29,24 @@ where one turns a model's hidden states into overflow."""
 
 @dataclass
 class Prefilled:
-    """The prompt has been prefilled; no token generated yet."""
+    """The prompt has been prefilled; no token generated yet. hidden: the big model's residual
+    stream [positions, len(layers), hidden_size] at the prompt's last
+    `SteeringRequest.hidden_prompt_positions` tokens, when the row reads hidden states and asked
+    for more than the last one (as ForwardPass.hidden: device or compact host copy)."""
 
     prompt_ids: list[int]
     step: int = 0
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
 class ForwardPass:
     """The big model ran for generated-token index `step`. logits: float32 [vocab], or None
-    when the row did not ask for them (async rows get no logits: they would be stale)."""
+    when the row did not ask for them (async rows get no logits: they would be stale).
+    hidden: the residual stream [len(layers), hidden_size] after the big model's blocks
+    `SteeringRequest.hidden_layers` (in that order) at the position sampled from, or None when
+    the row asked for none: on the model's device in its dtype when colocated, else on the
+    host in half precision."""
 
     step: int
     logits: torch.Tensor | None = None
@@ -230,6 +238,25 @@ class SteeringRequest:
     def max_backtrack(self) -> int:
         """Generated tokens the engine holds back so a backtrack stays invisible."""
         return int(self.params.get("max_backtrack", 0))
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        """Big-model layers whose residual stream ForwardPass.hidden carries (a policy's
+        `hidden_layers` parameter, e.g. the probe's)."""
+        value = self.params.get("hidden_layers") or []
+        if not isinstance(value, list) or not all(isinstance(x, int) for x in value):
+            raise EngineError(f"steering params hidden_layers must be a list of layer indices, "
+                              f"got {value!r}", param="steering.params.hidden_layers")  # fmt: skip
+        return value
+
+    @property
+    def hidden_prompt_positions(self) -> int:
+        """How many of the prompt's last tokens Prefilled.hidden carries (engine param)."""
+        value = self.params.get("hidden_prompt_positions", 1)
+        if not isinstance(value, int) or value < 1:
+            raise EngineError(f"steering params hidden_prompt_positions must be an integer >= 1, "
+                              f"got {value!r}", param="steering.params.hidden_prompt_positions")  # fmt: skip
+        return value
 
 
 @dataclass

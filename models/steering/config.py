@@ -32,7 +32,8 @@ class PolicyConfig(BaseModel):
 
     name: str = Field(description="Name used in requests.")
     kind: str = Field(
-        description="vector_guard, proxy_tuning, contrastive, or an import path module:Class."
+        description="vector_guard, proxy_tuning, contrastive, probe, or an import path "
+        "module:Class."
     )
     params: dict[str, Any] = Field(default_factory=dict, description="Default parameters.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from models.plugins import import_subclass, is_import_path
 from models.steering.policies.base import Policy, PolicyContext, TokenizerMismatchError
 from models.steering.policies.contrastive import Contrastive
+from models.steering.policies.probe import Probe
 from models.steering.policies.proxy_tuning import ProxyTuning
 from models.steering.policies.vector_guard import VectorGuard
 
@@ -12,6 +13,7 @@ BUILTIN_POLICIES: dict[str, type[Policy]] = {
     "vector_guard": VectorGuard,
     "proxy_tuning": ProxyTuning,
     "contrastive": Contrastive,
+    "probe": Probe,
 }
 
 
@@ -37,6 +39,7 @@ __all__ = [
     "Contrastive",
     "Policy",
     "PolicyContext",
+    "Probe",
     "ProxyTuning",
     "TokenizerMismatchError",
     "VectorGuard",

@@ -25,6 +25,13 @@ class EngineParams(BaseModel):
         0, ge=0, le=MAX_BACKTRACK, description="Generated tokens whose text the engine holds "
         "back so a Backtrack inside them stays invisible to the client.",
     )  # fmt: skip
+    hidden_layers: list[int] = Field(
+        default_factory=list, description="Big-model layers whose residual stream "
+        "ForwardPass.hidden carries to the policy (checked against the model at admission).",
+    )  # fmt: skip
+    hidden_prompt_positions: int = Field(
+        1, ge=1, le=4096, description="Last prompt tokens whose states Prefilled.hidden carries.",
+    )  # fmt: skip
 
 
 ENGINE_PARAMS = tuple(EngineParams.model_fields)
