@@ -215,8 +215,9 @@ def sse_events(
                     extra["tandem"] = {"activations": [
                         choice_activations(index, resp.hidden_layers, out.hidden)]}
                 if finished == len(streams):  # the last choice ended: the whole tandem object
-                    extra["tandem"] = final_tandem(resp.tandem, streams,
-                                                   resp.hidden_layers).model_dump()
+                    # (activations went with their chunks)
+                    final = final_tandem(resp.tandem, streams).model_dump()
+                    extra["tandem"] = {**final, **extra.get("tandem", {})}
                 elif out.finished and (out.interventions or out.error):
                     extra.setdefault("tandem", {})["interventions"] = [
                         {"index": index, **intervention(iv)} for iv in out.interventions]
@@ -227,7 +228,7 @@ def sse_events(
                 usage = UsageInfo(prompt_tokens=resp.num_prompt_tokens,
                                   completion_tokens=sum(s.num_generated for s in streams))
                 yield chunk([], usage=usage.model_dump(),
-                            tandem=final_tandem(resp.tandem, streams, resp.hidden_layers).model_dump())
+                            tandem=final_tandem(resp.tandem, streams).model_dump())
             failed = [(i, s.error) for i, s in enumerate(streams) if s.finish_reason == "error"]
             if failed:
                 message = "; ".join(f"choice {i}: {error}" for i, error in failed)
