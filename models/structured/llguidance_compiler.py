@@ -1,8 +1,11 @@
 """The ConstraintCompiler over llguidance (Microsoft's Rust grammar engine behind guidance).
 
-Chosen over xgrammar and outlines-core by bench/grammar.py (figures in README.md): no CUDA or
-triton dependency on a CPU install, the fastest mask on this workload, JSON schema, Lark and
-regex in one matcher, and rollback for steering backtracks. JSON comes out compact (no free
+Chosen over xgrammar and outlines-core (bench/grammar.py, figures in README.md): no CUDA or
+triton dependency on a CPU install (xgrammar pulls triton), JSON schema, Lark grammars that
+embed JSON schemas (the tool-call grammar) and regex in one matcher, a threaded batch fill, and
+rollback for steering backtracks. xgrammar fills a mask faster per token (its compile step
+precomputes more); outlines-core compiles a large vocabulary too slowly (seconds). Another
+compiler plugs in through `engine.structured_output`. JSON comes out compact (no free
 whitespace between tokens), so a model cannot pad an object with blanks until max_tokens.
 """
 
