@@ -305,6 +305,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda", help="gpu mode: where the model runs")
     ap.add_argument("--shape", default="qwen3-1.7b", help="gpu mode: a shape of engine_gpu.SHAPES")
+    ap.add_argument("--checkpoints", default="/tmp/tandem_bench_checkpoints",
+                    help="gpu mode: where the random checkpoint is written (3.4 GB for 1.7B)")
     ap.add_argument("--extra-path", default="", help="a --target directory with xgrammar etc.")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -324,7 +326,7 @@ def main() -> None:
         from engine_gpu import SHAPES, build_checkpoint
 
         shape = SHAPES[args.shape]
-        path = Path(args.out) / args.shape
+        path = Path(args.checkpoints) / args.shape
         build_checkpoint(path, shape, torch.device(args.device))
         tokenizer = synthetic_tokenizer(shape["vocab_size"])
         results = bench_engine(args, path, tokenizer, args.device)
