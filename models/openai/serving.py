@@ -404,8 +404,8 @@ class OpenAIServing:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
                 choices=[ChatCompletionChoice(
-                    index=i, message=_message(c.text, prep.tools),
-                    finish_reason=_finish(c.finish_reason, prep.tools and "<tool_call>" in c.text),
+                    index=i, message=(m := _message(c.text, prep.tools)),
+                    finish_reason=_finish(c.finish_reason, bool(m.tool_calls)),
                     logprobs=None if c.logprobs is None else chat_logprobs(self.tokenizer, c.logprobs),
                 ) for i, c in enumerate(choices)],
             ).model_dump()
