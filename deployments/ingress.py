@@ -21,7 +21,7 @@ from deployments.http import install_error_handlers, read_json, read_request, st
 from deployments.streams import GeneratorStreams
 from models.config import TandemConfig
 from models.openai.errors import OpenAIError
-from models.openai.protocol import EmbeddingRequest, EmbeddingResponse
+from models.openai.protocol import EmbeddingRequest
 from models.openai.serving import Backends, OpenAIServing
 
 app = FastAPI(title="Tandem", description="OpenAI-compatible API of Tandem")
@@ -108,7 +108,7 @@ class Ingress:
         """all-MiniLM-L6-v2 embeddings (384 dims, normalised) of `input` (string or strings)."""
         body = await read_request(request, EmbeddingRequest, self.limit)
         vectors = await self._retriever().embed.remote(body.input)
-        return EmbeddingResponse.of(body.model or "all-MiniLM-L6-v2", vectors).model_dump()
+        return body.respond(vectors).model_dump()
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self):

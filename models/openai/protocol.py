@@ -10,6 +10,8 @@ the streamed chunks stay dicts (a chunk is written per token, and a model per ch
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 import uuid
 from typing import Any, Literal, TypeVar
@@ -288,12 +290,21 @@ def parse_request(model: type[M], body: Any) -> M:
 class EmbeddingRequest(BaseModel):
     """Body of POST /v1/embeddings; `input` is a string or strings (token ids are refused)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")  # `dimensions` and the like: a 400 naming it
 
     model: str | None = None
     input: list[str]
-    encoding_format: str | None = None  # floats are sent either way; the SDK reads both
+    encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
+
+    def respond(self, vectors: list[list[float]]) -> EmbeddingResponse:
+        """The response, each vector as floats or as base64 of little-endian float32."""
+        response = EmbeddingResponse.of(self.model or "all-MiniLM-L6-v2", vectors)
+        if self.encoding_format == "base64":
+            for item in response.data:
+                raw = struct.pack(f"<{len(item.embedding)}f", *item.embedding)
+                item.embedding = base64.b64encode(raw).decode()
+        return response
 
     @field_validator("input", mode="before")
     @classmethod
@@ -482,7 +493,7 @@ class ModelList(BaseModel):
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str  # str: base64 (encoding_format "base64")
 
 
 class EmbeddingUsage(BaseModel):
