@@ -430,13 +430,15 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
-    def _tool_calls_only_when_any(self, handler):
+    def _optional_fields_only_when_set(self, handler):
         data = handler(self)
-        if not self.tool_calls:
-            del data["tool_calls"]
+        for name in ("tool_calls", "reasoning_content"):
+            if not data[name]:
+                del data[name]
         return data
 
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from models.openai.chat_output import ChoiceStream, message_fields, reasons
 from models.openai.chat_template import chat_prompt_ids
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.logprobs import chat_logprobs, text_logprobs
@@ -37,7 +38,6 @@ from models.openai.protocol import (
     now,
     parse_request,
 )
-from models.openai.tools import ToolCallStream, parse_tool_calls
 from models.protocol.constraints import OutputConstraint
 from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
 from models.protocol.outputs import RequestOutput
@@ -113,6 +113,7 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.backends = backends
         self.limits = limits
+        self.reasoning = reasons(tokenizer)  # parse `<think>` into reasoning_content
 
     @classmethod
     def from_config(cls, config: TandemConfig, backends: Backends) -> OpenAIServing:
@@ -404,7 +405,8 @@ class OpenAIServing:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
                 choices=[ChatCompletionChoice(
-                    index=i, message=(m := _message(c.text, prep.tools)),
+                    index=i, message=(m := AssistantMessage(
+                        **message_fields(c.text, self.reasoning, prep.tools))),
                     finish_reason=_finish(c.finish_reason, bool(m.tool_calls)),
                     logprobs=None if c.logprobs is None else chat_logprobs(self.tokenizer, c.logprobs),
                 ) for i, c in enumerate(choices)],
@@ -425,7 +427,8 @@ class OpenAIServing:
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
         tandem = prep.tandem.model_dump()
-        tool_streams = [ToolCallStream() for _ in streams] if chat and prep.tools else None
+        parsed = chat and (prep.tools or self.reasoning)
+        choice_streams = [ChoiceStream(self.reasoning, prep.tools) for _ in streams] if parsed else None
 
         def chunk(choices: list[dict], **extra) -> str:
             payload = {"id": prep.request_id, "object": obj, "created": created,
@@ -450,10 +453,10 @@ class OpenAIServing:
                     if out.text or out.finished or lp:
                         body = {"delta": {"content": out.text}} if chat else {"text": out.text}
                         reason = out.finish_reason if out.finished else None
-                        if tool_streams:
-                            calls = tool_streams[index]
-                            body = {"delta": calls.delta(out.text, out.finished)}
-                            reason = _finish(reason, bool(calls.calls))
+                        if choice_streams:
+                            parser = choice_streams[index]
+                            body = {"delta": parser.delta(out.text, out.finished)}
+                            reason = _finish(reason, bool(parser.calls))
                         choice = {"index": index, **body, "logprobs": lp, "finish_reason": reason}
                         extra = {}
                         if out.finished and (out.interventions or out.error):
@@ -581,13 +584,6 @@ def _intervention(iv: Any) -> dict:
 
 def _interventions(choices: list[_Stream]) -> list[dict]:
     return [{"index": i, **_intervention(iv)} for i, c in enumerate(choices) for iv in c.interventions]
-
-
-def _message(text: str, tools: bool) -> AssistantMessage:
-    if not tools:
-        return AssistantMessage(content=text)
-    content, calls = parse_tool_calls(text)
-    return AssistantMessage(content=content, tool_calls=calls or None)
 
 
 def _finish(reason: str | None, called: bool) -> str | None:
