@@ -103,6 +103,10 @@ class Ingress:
     async def models(self):
         return JSONResponse(await self.serving.list_models())
 
+    @app.get("/v1/models/{model_id:path}", dependencies=AUTH)
+    async def model(self, model_id: str):
+        return JSONResponse(await self.serving.retrieve_model(model_id))
+
     @app.post("/v1/embeddings", dependencies=AUTH)
     async def embeddings(self, request: Request):
         """all-MiniLM-L6-v2 embeddings (384 dims, normalised) of `input` (string or strings)."""

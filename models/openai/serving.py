@@ -189,6 +189,14 @@ class OpenAIServing:
                  for i in ids]
         return ModelList(data=cards).model_dump()
 
+    async def retrieve_model(self, model_id: str) -> dict:
+        """GET /v1/models/{id}: one card of list_models, or a 404."""
+        card = next((c for c in (await self.list_models())["data"] if c["id"] == model_id), None)
+        if card is None:
+            raise OpenAIError(f"model '{model_id}' does not exist", 404, param="model",
+                              code="model_not_found")  # fmt: skip
+        return card
+
     # ---- preparation --------------------------------------------------------------------
 
     async def _prepare(

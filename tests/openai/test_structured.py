@@ -151,3 +151,10 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(serving, body, param)
         result = asyncio.run(serving.chat({**base, **body}))
         assert result is None
     assert err.value.status_code == 400 and param in (err.value.param or "") + err.value.message
+
+
+def test_retrieve_model_gives_one_card_or_a_404(serving):
+    assert asyncio.run(serving.retrieve_model("tandem:auto"))["parent"] == "tandem"
+    with pytest.raises(OpenAIError) as err:
+        asyncio.run(serving.retrieve_model("gpt-9"))
+    assert err.value.status_code == 404

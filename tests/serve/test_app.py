@@ -280,5 +280,6 @@ def test_structured_output_and_tool_calls_through_serve(client):
     calls = [tc for c in stream if c.choices for tc in c.choices[0].delta.tool_calls or []]
     assert calls[0].function.name == "find_person"
     assert json.loads(calls[0].function.arguments)["who"] in ("Mia", "Tom")
+    assert client.models.retrieve(f"{MODEL}:auto").id == f"{MODEL}:auto"
     with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
         client.chat.completions.create(model=MODEL, messages=messages, reasoning_effort="low")
