@@ -107,6 +107,14 @@ class Ingress:
     async def model(self, model_id: str):
         return JSONResponse(await self.serving.retrieve_model(model_id))
 
+    @app.post("/tokenize", dependencies=AUTH)
+    async def tokenize(self, request: Request):
+        return await self._answer(request, self.serving.tokenize)
+
+    @app.post("/detokenize", dependencies=AUTH)
+    async def detokenize(self, request: Request):
+        return await self._answer(request, self.serving.detokenize)
+
     @app.post("/v1/embeddings", dependencies=AUTH)
     async def embeddings(self, request: Request):
         """all-MiniLM-L6-v2 embeddings (384 dims, normalised) of `input` (string or strings)."""

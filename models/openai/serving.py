@@ -38,6 +38,7 @@ from models.openai.protocol import (
     now,
     parse_request,
 )
+from models.openai.tokenize import detokenize, tokenize
 from models.protocol.constraints import OutputConstraint
 from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
 from models.protocol.outputs import RequestOutput
@@ -188,6 +189,12 @@ class OpenAIServing:
         cards = [ModelCard(id=i, created=created, root=base, parent=None if i == base else base)
                  for i in ids]
         return ModelList(data=cards).model_dump()
+
+    async def tokenize(self, body: Any) -> dict:
+        return tokenize(self.tokenizer, self.model_name, self.limits.max_model_len, body)
+
+    async def detokenize(self, body: Any) -> dict:
+        return detokenize(self.tokenizer, self.model_name, self.limits.vocab_size, body)
 
     async def retrieve_model(self, model_id: str) -> dict:
         """GET /v1/models/{id}: one card of list_models, or a 404."""

@@ -158,3 +158,17 @@ def test_retrieve_model_gives_one_card_or_a_404(serving):
     with pytest.raises(OpenAIError) as err:
         asyncio.run(serving.retrieve_model("gpt-9"))
     assert err.value.status_code == 404
+
+
+def test_tokenize_matches_the_chat_prompt_and_detokenize_inverts_it(serving):
+    messages = [{"role": "user", "content": "Where is Mia?"}]
+    t = asyncio.run(serving.tokenize({"model": "tandem", "messages": messages}))
+    from models.openai.chat_template import chat_prompt_ids
+
+    assert t["tokens"] == chat_prompt_ids(serving.tokenizer, messages, None, "")
+    text = asyncio.run(serving.tokenize({"model": "tandem", "prompt": "Mia is in the park."}))
+    back = asyncio.run(serving.detokenize({"model": "tandem", "tokens": text["tokens"]}))
+    assert back["prompt"] == "Mia is in the park." and text["count"] == len(text["tokens"])
+    with pytest.raises(OpenAIError) as err:
+        asyncio.run(serving.detokenize({"model": "tandem", "tokens": [10**9]}))
+    assert err.value.status_code == 400

@@ -261,7 +261,7 @@ def test_api_keys_are_enforced_when_configured(base_url):
     assert ok.chat.completions.create(**body).choices
 
 
-def test_structured_output_and_tool_calls_through_serve(client):
+def test_structured_output_and_tool_calls_through_serve(base_url, client):
     from pydantic import BaseModel, Field
 
     class Place(BaseModel):
@@ -281,5 +281,8 @@ def test_structured_output_and_tool_calls_through_serve(client):
     assert calls[0].function.name == "find_person"
     assert json.loads(calls[0].function.arguments)["who"] in ("Mia", "Tom")
     assert client.models.retrieve(f"{MODEL}:auto").id == f"{MODEL}:auto"
+    ids = httpx.post(f"{base_url}/tokenize", json={"model": MODEL, "prompt": "Mia"}).json()["tokens"]
+    back = httpx.post(f"{base_url}/detokenize", json={"model": MODEL, "tokens": ids}).json()
+    assert back["prompt"] == "Mia"
     with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
         client.chat.completions.create(model=MODEL, messages=messages, reasoning_effort="low")
