@@ -347,7 +347,8 @@ class RankingOptions(BaseModel):
 
 
 class VectorStoreSearch(BaseModel):
-    """Body of POST /v1/vector_stores/{id}/search (filters and query rewriting are not served)."""
+    """Body of POST /v1/vector_stores/{id}/search (query rewriting is not served; filters are
+    checked where they are applied, models.retrieval.filters)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -359,11 +360,6 @@ class VectorStoreSearch(BaseModel):
 
     def refuse_unserved_options(self) -> None:
         """400 for the options this server accepts in the schema but cannot honour."""
-        if self.filters:
-            raise OpenAIError(
-                "attribute filters are not supported by this server; search without 'filters'",
-                400, param="filters", code="unsupported_parameter",
-            )
         if self.rewrite_query:
             raise OpenAIError(
                 "query rewriting is not supported by this server; set rewrite_query to false",
