@@ -122,7 +122,7 @@ def build_files_router(
         body.refuse_unserved_options()
         return JSONResponse(await retriever().search_vector_store.remote(
             vector_store_id, query=body.query, max_num_results=body.max_num_results,
-            score_threshold=body.ranking_options.score_threshold,
+            score_threshold=body.ranking_options.score_threshold, filters=body.filters,
         ))
 
     return router

@@ -34,7 +34,6 @@ from models.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    EmbeddingResponse,
 )
 from models.openai.serving import Backends, OpenAIServing
 
@@ -121,12 +120,24 @@ class Ingress:
     async def models(self):
         return JSONResponse(await self.serving.list_models())
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str):
+        return JSONResponse(await self.serving.retrieve_model(model_id))
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self._answer(request, self.serving.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self._answer(request, self.serving.detokenize)
+
     @app.post("/v1/embeddings", openapi_extra=body_schema(EmbeddingRequest))
     async def embeddings(self, request: Request):
         """all-MiniLM-L6-v2 embeddings (384 dims, normalised) of `input` (string or strings)."""
         body = await read_request(request, EmbeddingRequest, self.limit)
         vectors = await self._retriever().embed.remote(body.input)
-        return EmbeddingResponse.of(body.model or "all-MiniLM-L6-v2", vectors).model_dump()
+        return body.respond(vectors).model_dump()
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self):

@@ -50,7 +50,8 @@ def token_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> Token
     top: list[tuple[int, float]] = []
     if num_top > 0:
         values, ids = logprobs.topk(min(num_top, logprobs.shape[-1]))
-        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+               if v > float("-inf")]  # tokens a grammar or min_tokens barred are no alternative
     return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top=top)
 
 

@@ -10,6 +10,8 @@ the streamed chunks stay dicts (a chunk is written per token, and a model per ch
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 import uuid
 from typing import Any, Literal, TypeVar
@@ -312,12 +314,21 @@ def parse_request(model: type[M], body: Any) -> M:
 class EmbeddingRequest(BaseModel):
     """Body of POST /v1/embeddings; `input` is a string or strings (token ids are refused)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")  # `dimensions` and the like: a 400 naming it
 
     model: str | None = None
     input: list[str]
-    encoding_format: str | None = None  # floats are sent either way; the SDK reads both
+    encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
+
+    def respond(self, vectors: list[list[float]]) -> EmbeddingResponse:
+        """The response, each vector as floats or as base64 of little-endian float32."""
+        response = EmbeddingResponse.of(self.model or "all-MiniLM-L6-v2", vectors)
+        if self.encoding_format == "base64":
+            for item in response.data:
+                raw = struct.pack(f"<{len(item.embedding)}f", *item.embedding)
+                item.embedding = base64.b64encode(raw).decode()
+        return response
 
     @field_validator("input", mode="before")
     @classmethod
@@ -360,7 +371,8 @@ class RankingOptions(BaseModel):
 
 
 class VectorStoreSearch(BaseModel):
-    """Body of POST /v1/vector_stores/{id}/search (filters and query rewriting are not served)."""
+    """Body of POST /v1/vector_stores/{id}/search (query rewriting is not served; filters are
+    checked where they are applied, models.retrieval.filters)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -372,11 +384,6 @@ class VectorStoreSearch(BaseModel):
 
     def refuse_unserved_options(self) -> None:
         """400 for the options this server accepts in the schema but cannot honour."""
-        if self.filters:
-            raise OpenAIError(
-                "attribute filters are not supported by this server; search without 'filters'",
-                400, param="filters", code="unsupported_parameter",
-            )
         if self.rewrite_query:
             raise OpenAIError(
                 "query rewriting is not supported by this server; set rewrite_query to false",
@@ -448,13 +455,15 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
-    def _tool_calls_only_when_any(self, handler):
+    def _optional_fields_only_when_set(self, handler):
         data = handler(self)
-        if not self.tool_calls:
-            del data["tool_calls"]
+        for name in ("tool_calls", "reasoning_content"):
+            if not data[name]:
+                del data[name]
         return data
 
 
@@ -511,7 +520,7 @@ class ModelList(BaseModel):
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str  # str: base64 (encoding_format "base64")
 
 
 class EmbeddingUsage(BaseModel):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from models.openai.activations import activation_layers
+from models.openai.chat_output import ChoiceStream as ChatParser
+from models.openai.chat_output import message_fields, reasons
 from models.openai.chat_template import chat_prompt_ids
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.logprobs import chat_logprobs, text_logprobs
@@ -38,7 +40,7 @@ from models.openai.protocol import (
 )
 from models.openai.streaming import ChoiceStream, StreamedResponse, final_tandem, sse_events
 from models.openai.streaming import finish_reason as _finish
-from models.openai.tools import ToolCallStream, parse_tool_calls
+from models.openai.tokenize import detokenize, tokenize
 from models.protocol.constraints import OutputConstraint
 from models.protocol.errors import AdapterNotFoundError, VectorNotFoundError
 from models.protocol.outputs import RequestOutput
@@ -121,6 +123,7 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.backends = backends
         self.limits = limits
+        self.reasoning = reasons(tokenizer)  # parse `<think>` into reasoning_content
 
     @classmethod
     def from_config(cls, config: TandemConfig, backends: Backends) -> OpenAIServing:
@@ -198,6 +201,20 @@ class OpenAIServing:
         cards = [ModelCard(id=i, created=created, root=base, parent=None if i == base else base)
                  for i in ids]
         return ModelList(data=cards).model_dump()
+
+    async def tokenize(self, body: Any) -> dict:
+        return tokenize(self.tokenizer, self.model_name, self.limits.max_model_len, body)
+
+    async def detokenize(self, body: Any) -> dict:
+        return detokenize(self.tokenizer, self.model_name, self.limits.vocab_size, body)
+
+    async def retrieve_model(self, model_id: str) -> dict:
+        """GET /v1/models/{id}: one card of list_models, or a 404."""
+        card = next((c for c in (await self.list_models())["data"] if c["id"] == model_id), None)
+        if card is None:
+            raise OpenAIError(f"model '{model_id}' does not exist", 404, param="model",
+                              code="model_not_found")  # fmt: skip
+        return card
 
     # ---- preparation --------------------------------------------------------------------
 
@@ -425,8 +442,9 @@ class OpenAIServing:
             return ChatCompletionResponse(
                 id=prep.request_id, model=prep.model, usage=usage, tandem=tandem,
                 choices=[ChatCompletionChoice(
-                    index=i, message=_message(c.text, prep.tools),
-                    finish_reason=_finish(c.finish_reason, prep.tools and "<tool_call>" in c.text),
+                    index=i, message=(m := AssistantMessage(
+                        **message_fields(c.text, self.reasoning, prep.tools))),
+                    finish_reason=_finish(c.finish_reason, bool(m.tool_calls)),
                     logprobs=None if c.logprobs is None else chat_logprobs(self.tokenizer, c.logprobs),
                 ) for i, c in enumerate(choices)],
             ).model_dump()
@@ -443,10 +461,11 @@ class OpenAIServing:
         return self.tokenizer.decode(prep.prompt_ids[choice // prep.n]) if prep.echo else ""
 
     def _sse(self, prep: PreparedRequest, streams: list[ChoiceStream], chat: bool) -> AsyncIterator[str]:
+        parsed = chat and (prep.tools or self.reasoning)
         resp = StreamedResponse(
             prep.request_id, prep.model, prep.tandem, sum(len(ids) for ids in prep.prompt_ids),
             prep.include_usage, (lambda i: self._echo(prep, i)) if prep.echo else None,
-            [ToolCallStream() for _ in streams] if chat and prep.tools else None,
+            [ChatParser(self.reasoning, prep.tools) for _ in streams] if parsed else None,
             prep.hidden_layers)
         lps = chat_logprobs if chat else text_logprobs
         return sse_events(resp, streams, chat, lambda lp: lps(self.tokenizer, lp))
@@ -458,8 +477,3 @@ class OpenAIServing:
         return list(await self.backends.vectors()) if self.backends.vectors else []
 
 
-def _message(text: str, tools: bool) -> AssistantMessage:
-    if not tools:
-        return AssistantMessage(content=text)
-    content, calls = parse_tool_calls(text)
-    return AssistantMessage(content=content, tool_calls=calls or None)

@@ -163,7 +163,7 @@ class StreamedResponse:
     num_prompt_tokens: int
     include_usage: bool
     echo: Callable[[int], str] | None  # completions with echo: choice -> its prompt text
-    tool_calls: list | None = None  # chat with tools: one ToolCallStream per choice
+    tool_calls: list | None = None  # chat with tools or reasoning: one ChatParser per choice
     hidden_layers: list[int] = field(default_factory=list)  # tandem.activations.layers
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from models.retrieval.catalogue import Catalogue
 from models.retrieval.errors import InvalidRequest
+from models.retrieval.filters import check_filter, matches
 from models.retrieval.index import VectorStoreIndexes
 from models.retrieval.records import SearchHit
 
@@ -24,6 +25,7 @@ class SearchRequest:
     query: str
     max_num_results: int = 10
     score_threshold: float = 0.0
+    filters: dict | None = None  # on file attributes (models.retrieval.filters)
 
 
 def check_search_request(request: SearchRequest) -> None:
@@ -37,6 +39,8 @@ def check_search_request(request: SearchRequest) -> None:
         )
     if not request.query.strip():
         raise InvalidRequest("the search query is empty", param="query")
+    if request.filters is not None:
+        check_filter(request.filters)
 
 
 def search_indexes(
@@ -56,6 +60,8 @@ def search_indexes(
     for store_id in store_ids:
         rows = [i for i, r in enumerate(requests) if store_id in r.vector_store_ids]
         k = max(requests[i].max_num_results for i in rows)
+        if any(requests[i].filters for i in rows):  # filtered: every chunk is a candidate
+            k = max(k, indexes.size(store_id, versions[store_id]))
         found = indexes.search(store_id, versions[store_id], vectors[rows], k)
         if found is None:
             continue
@@ -80,5 +86,6 @@ def _best_hits(
         SearchHit(score=score, **chunks[chunk_id])
         for score, chunk_id in found
         if score >= request.score_threshold and chunk_id in chunks
+        and matches(request.filters, chunks[chunk_id].get("attributes") or {})
     ]
     return hits[: request.max_num_results]

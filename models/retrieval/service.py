@@ -197,11 +197,12 @@ class RetrieverService:
         query: str | Sequence[str],
         max_num_results: int = 10,
         score_threshold: float = 0.0,
+        filters: dict | None = None,
     ) -> dict:
         """One page of `vector_stores.search` results."""
         queries = [query] if isinstance(query, str) else list(query)
         hits = self.store.search(
-            [vector_store_id], " ".join(queries), max_num_results, score_threshold
+            [vector_store_id], " ".join(queries), max_num_results, score_threshold, filters
         )
         return {
             "object": "vector_store.search_results.page",

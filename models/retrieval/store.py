@@ -252,9 +252,11 @@ class DocumentStore:
         query: str,
         max_num_results: int = 10,
         score_threshold: float = 0.0,
+        filters: dict | None = None,
     ) -> list[SearchHit]:
-        """The chunks most similar to `query` across the stores, best first."""
-        request = SearchRequest(vector_store_ids, query, max_num_results, score_threshold)
+        """The chunks most similar to `query` across the stores, best first; only chunks of
+        files whose attributes pass `filters` (models.retrieval.filters) when given."""
+        request = SearchRequest(vector_store_ids, query, max_num_results, score_threshold, filters)
         return self.search_many([request])[0]
 
     def search_many(self, requests: Sequence[SearchRequest]) -> list[list[SearchHit]]:

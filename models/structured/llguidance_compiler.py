@@ -1,8 +1,11 @@
 """The ConstraintCompiler over llguidance (Microsoft's Rust grammar engine behind guidance).
 
-Chosen over xgrammar and outlines-core by bench/grammar.py (figures in README.md): no CUDA or
-triton dependency on a CPU install, the fastest mask on this workload, JSON schema, Lark and
-regex in one matcher, and rollback for steering backtracks. JSON comes out compact (no free
+Chosen over xgrammar and outlines-core (bench/grammar.py, figures in README.md): no CUDA or
+triton dependency on a CPU install (xgrammar pulls triton), JSON schema, Lark grammars that
+embed JSON schemas (the tool-call grammar) and regex in one matcher, a threaded batch fill, and
+rollback for steering backtracks. xgrammar fills a mask faster per token (its compile step
+precomputes more); outlines-core compiles a large vocabulary too slowly (seconds). Another
+compiler plugs in through `engine.structured_output`. JSON comes out compact (no free
 whitespace between tokens), so a model cannot pad an object with blanks until max_tokens.
 """
 
@@ -71,7 +74,10 @@ class LLGuidanceCompiler(ConstraintCompiler):
         eos = sorted(eos_token_ids) or None
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
         self.vocab_size = vocab_size
-        self.executor = llguidance.LLExecutor(num_threads or min(8, os.cpu_count() or 1))
+        # Its worker threads spin for a while after a batch; on a small CPU they steal the
+        # cores the model's forward runs on, so there the rows are filled one by one.
+        threads = num_threads or min(8, (os.cpu_count() or 1) // 2)
+        self.executor = llguidance.LLExecutor(threads) if threads > 1 else None
         self._grammars: OrderedDict[OutputConstraint, str] = OrderedDict()
 
     def _grammar(self, constraint: OutputConstraint) -> str:
@@ -103,7 +109,8 @@ class LLGuidanceCompiler(ConstraintCompiler):
 
     def fill_bitmask(self, rows: list[tuple[TokenMatcher, int]], bitmask: torch.Tensor) -> None:
         pairs = [(m.inner, row) for m, row in rows if isinstance(m, LLGuidanceMatcher)]
-        if len(pairs) == 1:
-            llguidance.torch.fill_next_token_bitmask(pairs[0][0], bitmask, pairs[0][1])
+        if self.executor is None or len(pairs) == 1:
+            for matcher, row in pairs:
+                llguidance.torch.fill_next_token_bitmask(matcher, bitmask, row)
         elif pairs:
             llguidance.torch.fill_next_token_bitmask_par(self.executor, pairs, bitmask)

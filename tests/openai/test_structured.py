@@ -151,3 +151,24 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(serving, body, param)
         result = asyncio.run(serving.chat({**base, **body}))
         assert result is None
     assert err.value.status_code == 400 and param in (err.value.param or "") + err.value.message
+
+
+def test_retrieve_model_gives_one_card_or_a_404(serving):
+    assert asyncio.run(serving.retrieve_model("tandem:auto"))["parent"] == "tandem"
+    with pytest.raises(OpenAIError) as err:
+        asyncio.run(serving.retrieve_model("gpt-9"))
+    assert err.value.status_code == 404
+
+
+def test_tokenize_matches_the_chat_prompt_and_detokenize_inverts_it(serving):
+    messages = [{"role": "user", "content": "Where is Mia?"}]
+    t = asyncio.run(serving.tokenize({"model": "tandem", "messages": messages}))
+    from models.openai.chat_template import chat_prompt_ids
+
+    assert t["tokens"] == chat_prompt_ids(serving.tokenizer, messages, None, "")
+    text = asyncio.run(serving.tokenize({"model": "tandem", "prompt": "Mia is in the park."}))
+    back = asyncio.run(serving.detokenize({"model": "tandem", "tokens": text["tokens"]}))
+    assert back["prompt"] == "Mia is in the park." and text["count"] == len(text["tokens"])
+    with pytest.raises(OpenAIError) as err:
+        asyncio.run(serving.detokenize({"model": "tandem", "tokens": [10**9]}))
+    assert err.value.status_code == 400

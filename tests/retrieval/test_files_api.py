@@ -183,3 +183,29 @@ def test_builtin_store_is_created_once_and_persists(tmp_path):
     assert hit.filename == "ferries.md"
     assert {f.filename for f in again.list_files()} == {"Lighthouses.txt", "ferries.md"}
     again.close()
+
+
+def test_search_filters_keep_only_matching_files(client):
+    store = client.vector_stores.create(name="filtered")
+    files = {}
+    for name, attrs in (("bees.txt", {"topic": "nature", "year": 2021}),
+                        ("oven.md", {"topic": "kitchen", "year": 2024})):  # fmt: skip
+        text = BEES if name == "bees.txt" else OVEN
+        files[name] = client.files.create(file=(name, text), purpose="assistants").id
+        client.vector_stores.files.create(vector_store_id=store.id, file_id=files[name],
+                                          attributes=attrs)  # fmt: skip
+
+    def found(filters) -> set[str]:
+        page = client.vector_stores.search(vector_store_id=store.id, filters=filters,
+                                           query="how do bees tell where flowers are?")
+        return {r.file_id for r in page}
+
+    assert found({"type": "eq", "key": "topic", "value": "kitchen"}) == {files["oven.md"]}
+    assert found({"type": "gte", "key": "year", "value": 2022}) == {files["oven.md"]}
+    assert found({"type": "or", "filters": [{"type": "eq", "key": "topic", "value": "nature"},
+                                            {"type": "lt", "key": "year", "value": 2000}]}) == {
+        files["bees.txt"]}
+    assert found({"type": "and", "filters": [{"type": "in", "key": "topic", "value": ["nature"]},
+                                             {"type": "ne", "key": "year", "value": 2021}]}) == set()
+    with pytest.raises(openai.BadRequestError, match="filter"):
+        found({"type": "like", "key": "topic", "value": "k"})

@@ -5,6 +5,7 @@ streaming, batching) is tested on the fake engine in test_plumbing.py."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -394,3 +395,30 @@ def test_api_keys_are_enforced_when_configured(base_url):
         wrong.vector_stores.list()
     ok = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-test", max_retries=0)
     assert ok.chat.completions.create(**body).choices
+
+
+def test_structured_output_and_tool_calls_through_serve(base_url, client):
+    from pydantic import BaseModel, Field
+
+    class Place(BaseModel):
+        who: str = Field(max_length=12)
+        where: str = Field(max_length=12)
+
+    messages = [{"role": "user", "content": "Where is Mia?"}]
+    r = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Place,
+                                      max_tokens=48, temperature=1.0, seed=1)
+    assert isinstance(r.choices[0].message.parsed, Place)
+    tool = {"type": "function", "function": {"name": "find_person", "parameters": {
+        "type": "object", "properties": {"who": {"enum": ["Mia", "Tom"]}}, "required": ["who"]}}}
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[tool], max_tokens=96, stream=True,
+        tool_choice={"type": "function", "function": {"name": "find_person"}})
+    calls = [tc for c in stream if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert calls[0].function.name == "find_person"
+    assert json.loads(calls[0].function.arguments)["who"] in ("Mia", "Tom")
+    assert client.models.retrieve(f"{MODEL}:auto").id == f"{MODEL}:auto"
+    ids = httpx.post(f"{base_url}/tokenize", json={"model": MODEL, "prompt": "Mia"}).json()["tokens"]
+    back = httpx.post(f"{base_url}/detokenize", json={"model": MODEL, "tokens": ids}).json()
+    assert back["prompt"] == "Mia"
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        client.chat.completions.create(model=MODEL, messages=messages, reasoning_effort="low")
