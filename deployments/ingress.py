@@ -80,10 +80,10 @@ class Ingress:
                               404, code="retrieval_disabled")  # fmt: skip
         return self.retriever
 
-    async def _search(self, query: str, store_ids: list[str], top_k: int, threshold: float | None):
-        if threshold is None:
-            return await self.retriever.search.remote(query, store_ids, top_k)
-        return await self.retriever.search.remote(query, store_ids, top_k, threshold)
+    async def _search(self, query: str, store_ids: list[str], top_k: int, threshold: float | None,
+                      filters: dict | None = None):  # fmt: skip
+        return await self.retriever.search.remote(query, store_ids, top_k, threshold or 0.0,
+                                                  filters)  # fmt: skip
 
     async def _adapters(self) -> list[str]:
         fetched_at, names = self._adapter_cache

@@ -54,10 +54,12 @@ class Retriever:
         vector_store_ids: Sequence[str] | None = None,
         top_k: int | None = None,
         score_threshold: float = 0.0,
+        filters: dict | None = None,
     ) -> list[SearchHit]:
         """Top chunks for a prompt (default stores and top_k from the config when not given)."""
         started = time.perf_counter()
-        request = self.service.search_request(query, vector_store_ids, top_k, score_threshold)
+        request = self.service.search_request(query, vector_store_ids, top_k, score_threshold,
+                                              filters)  # fmt: skip
         result = await self._search_batched(request)
         record_search(result, started)
         if isinstance(result, RetrievalError):

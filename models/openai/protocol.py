@@ -53,6 +53,7 @@ class RagOptions(BaseModel):
     vector_store_ids: list[str] = Field(default_factory=list)
     top_k: int | None = Field(None, ge=1, le=50)
     score_threshold: float | None = Field(None, ge=-1, le=1)
+    filters: dict[str, Any] | None = None  # on file attributes, as vector_stores.search takes
 
 
 class SteeringVectorRef(BaseModel):

@@ -62,7 +62,7 @@ class Backends:
 
     route(prompt) -> {"adapter": str|None, "confidence": float, "candidates": [[name, p]],
                       "weights": {name: w} | None}
-    search(query, vector_store_ids, top_k, score_threshold) -> [hit dicts]
+    search(query, vector_store_ids, top_k, score_threshold[, filters]) -> [hit dicts]
     generate(GenerationRequest) -> async iterator of RequestOutput
     adapters() -> [names the Generator can serve];  vectors() -> [steering vector names]
     """
@@ -296,6 +296,8 @@ class OpenAIServing:
             return []
         top_k = (rag.top_k if rag and rag.top_k else None) or self.limits.default_top_k
         threshold = rag.score_threshold if rag else None
+        if rag and rag.filters:
+            return await self.backends.search(query, store_ids, top_k, threshold, rag.filters)
         return await self.backends.search(query, store_ids, top_k, threshold)
 
     async def _steering(

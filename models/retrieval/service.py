@@ -70,10 +70,12 @@ class RetrieverService:
         vector_store_ids: Sequence[str] | None = None,
         top_k: int | None = None,
         score_threshold: float = 0.0,
+        filters: dict | None = None,
     ) -> SearchRequest:
         """A search with the config's defaults filled in."""
         store_ids = list(vector_store_ids or self.config.default_vector_store_ids)
-        return SearchRequest(store_ids, query, top_k or self.config.default_top_k, score_threshold)
+        return SearchRequest(store_ids, query, top_k or self.config.default_top_k, score_threshold,
+                             filters)  # fmt: skip
 
     def search_batch(self, requests: Sequence[SearchRequest]) -> list[list[SearchHit]]:
         """Several searches in one embedder call; requests naming no store get no hits."""

@@ -422,3 +422,14 @@ def test_structured_output_and_tool_calls_through_serve(base_url, client):
     assert back["prompt"] == "Mia"
     with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
         client.chat.completions.create(model=MODEL, messages=messages, reasoning_effort="low")
+
+
+def test_rag_filters_reach_the_retriever(client):
+    def sources(rag: dict) -> list:
+        r = client.chat.completions.create(model=MODEL, max_tokens=4, extra_body={"rag": rag},
+                                           messages=[{"role": "user", "content": "Where is Ivy?"}])
+        return r.model_extra["tandem"]["sources"]
+
+    assert sources({"vector_store_ids": ["world"]})
+    assert sources({"vector_store_ids": ["world"],
+                    "filters": {"type": "eq", "key": "team", "value": "none"}}) == []
