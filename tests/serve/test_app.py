@@ -376,27 +376,6 @@ def test_uploads_survive_an_app_restart(base_url, client, tmp_path):
     assert client.files.content(f.id).read() == doc.read_bytes()
 
 
-def test_api_keys_are_enforced_when_configured(base_url):
-    """Redeploys the app with an API key (keep after the restart test: it changes the app)."""
-    from ray import serve
-
-    from deployments.app import build_app
-
-    args = {**APP_ARGS, "server": {**APP_ARGS.get("server", {}), "api_keys": ["sk-test"]}}
-    serve.delete("tandem")
-    serve.run(build_app(args), name="tandem", route_prefix="/")
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    missing = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
-    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
-    wrong = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
-        wrong.models.list()
-    with pytest.raises(openai.AuthenticationError):
-        wrong.vector_stores.list()
-    ok = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-test", max_retries=0)
-    assert ok.chat.completions.create(**body).choices
-
-
 def test_structured_output_and_tool_calls_through_serve(base_url, client):
     from pydantic import BaseModel, Field
 
@@ -433,3 +412,25 @@ def test_rag_filters_reach_the_retriever(client):
     assert sources({"vector_store_ids": ["world"]})
     assert sources({"vector_store_ids": ["world"],
                     "filters": {"type": "eq", "key": "team", "value": "none"}}) == []
+
+
+def test_api_keys_are_enforced_when_configured(base_url):
+    """Redeploys the app with an API key (keep it the last test of this file: it changes the
+    app for every test after it)."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args = {**APP_ARGS, "server": {**APP_ARGS.get("server", {}), "api_keys": ["sk-test"]}}
+    serve.delete("tandem")
+    serve.run(build_app(args), name="tandem", route_prefix="/")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    missing = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.vector_stores.list()
+    ok = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-test", max_retries=0)
+    assert ok.chat.completions.create(**body).choices
