@@ -15,6 +15,7 @@ outputs one engine step made for the session. Both sides hold a request's output
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -265,7 +266,11 @@ class GeneratorStreams:
     def _read_from(self, replica: str) -> None:
         task = self.readers.get(replica)
         if task is None or task.done():
-            self.readers[replica] = asyncio.create_task(self._read(replica))
+            # In a fresh context: Serve would otherwise make the stream a child call of the
+            # request that happened to open it, and cancel it (and every request reading it)
+            # when that request's client goes away.
+            self.readers[replica] = asyncio.create_task(self._read(replica),
+                                                        context=contextvars.Context())
 
     async def _read(self, replica: str) -> None:
         """Read the replica's stream; one that ended idle is reopened while requests wait."""
@@ -288,9 +293,15 @@ class GeneratorStreams:
                     return
         except BackPressureError:  # the stream itself waited in a full queue
             error = GeneratorBusyError("the server is at capacity; retry later")
-        except Exception as exc:  # noqa: BLE001 - every request on that replica fails
+        except BaseException as exc:  # noqa: BLE001 - every request on that replica fails
             error = exc if isinstance(exc, TandemError) else GeneratorGoneError(
                 f"the Generator replica {replica} failed mid-generation: {exc!r}")
+            if not isinstance(exc, Exception):  # cancelled: its readers learn it, then it ends
+                self._fail(replica, error)
+                raise
+        self._fail(replica, error)
+
+    def _fail(self, replica: str, error: BaseException) -> None:
         for buffer, where in list(self.buffers.values()):
             if where == replica:
                 buffer.put(error)

@@ -218,3 +218,32 @@ def test_a_client_that_leaves_stops_its_request(base_url):
         time.sleep(0.05)
     stats = generator.stats.remote().result()
     assert stats["num_running"] == 0  # 400 tokens at 5 ms a step would still run for 2 s
+
+
+def test_a_client_that_leaves_does_not_take_the_others_with_it(base_url):
+    """The stream that carries every request's tokens is opened by whichever request comes
+    first; when that request's client goes away, the stream (and the requests reading it)
+    must go on (it once was cancelled with it, and the others hung)."""
+    import threading
+
+    time.sleep(1.5)  # the session's stream ends idle: the next request opens a new one
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": 120, "stream": True}  # fmt: skip
+    opened, result = threading.Event(), {}
+
+    def other():
+        opened.wait(30)
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=30) as r:
+            result["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content": "' in line:
+                opened.set()  # the stream is open (this request opened it): the other starts
+                time.sleep(0.2)
+                break  # then this client hangs up
+    thread.join(40)
+    assert result["lines"][-1] == "data: [DONE]"
+    assert not any('"error"' in line for line in result["lines"])
