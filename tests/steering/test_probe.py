@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from models.builtin import ModelSourceError, quality, resolve_source, world
+from models.builtin import quality, world
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.protocol.requests import GenerationRequest, SamplingParams
@@ -39,14 +39,6 @@ def test_logistic_regression_separates_a_linear_concept():
     held = probe.probability(x[300:])
     assert ((held > 0.5).float() == y[300:]).float().mean() >= 0.95
     assert held.min() >= 0 and held.max() <= 1
-
-
-@pytest.fixture(scope="module")
-def toy():
-    try:
-        return resolve_source("builtin:toy")
-    except ModelSourceError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.builtin import ModelSourceError, quality, resolve_source, world
+from models.builtin import quality, world
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import LLMEngine
 from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
@@ -16,14 +16,6 @@ from models.protocol.steering import SteeringRequest
 from models.steering.config import SteeringConfig
 from models.steering.runtime import SteeringRuntime
 from models.steering.vectors import default_layers, extract_vector, transformers_hidden_states
-
-
-@pytest.fixture(scope="module")
-def toy():
-    try:
-        return resolve_source("builtin:toy")
-    except ModelSourceError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
