@@ -30,13 +30,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +66,7 @@ class Stream:
     start: float
     arrivals: list[float] = field(default_factory=list)
     tokens: int = 0
+    end: float = 0.0  # when its response ended (served), on the same clock as start
 
     def mark(self, now: float, tokens: int) -> None:
         self.arrivals.append(now - self.start)
@@ -126,7 +130,10 @@ async def served(
     max_tokens: int,
     prompt: str = PROMPT,
     steering: dict | None = None,
-) -> dict:
+    start_at: float | None = None,
+) -> list[Stream]:
+    """n streaming chat requests at once from this process (from `start_at` on the monotonic
+    clock, which every process of the machine shares); their Streams."""
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
                                 timeout=600)  # fmt: skip
     extra = {"ignore_eos": True} | ({"steering": steering} if steering else {})
@@ -140,15 +147,78 @@ async def served(
             # a chunk with a choice carries >= 1 token (random weights may decode to "")
             if chunk.choices and (chunk.choices[0].delta.content is not None
                                   or chunk.choices[0].finish_reason is None):  # fmt: skip
-                stream.mark(time.perf_counter(), 0)
+                stream.mark(time.monotonic(), 0)
             if chunk.usage:
                 stream.tokens = chunk.usage.completion_tokens
+        stream.end = time.monotonic()
 
-    start = time.perf_counter()
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    start = time.monotonic()
     streams = [Stream(start) for _ in range(n)]
     async with client:
         await asyncio.gather(*(one(s) for s in streams))
-    return summary(streams, time.perf_counter() - start)
+    return streams
+
+
+def _served_part(*args) -> list[Stream]:  # in a client process
+    return asyncio.run(served(*args))
+
+
+class Clients:
+    """The load generator: N streams split over `procs` client processes, so that the
+    client's own CPU (the openai SDK parses every chunk) is not what limits the server on a
+    machine with cores to spare. procs=1: this process alone (a 2-core machine has none)."""
+
+    def __init__(self, procs: int):
+        self.procs = procs
+        self.pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) if procs > 1 else None
+
+    def run(self, base_url: str, model: str, n: int, max_tokens: int, prompt: str = PROMPT,
+            steering: dict | None = None) -> dict:  # fmt: skip
+        procs = min(self.procs, n)
+        if procs <= 1:
+            streams = asyncio.run(served(base_url, model, n, max_tokens, prompt, steering))
+            return summary(streams, max(s.end for s in streams) - streams[0].start)
+        start_at = time.monotonic() + 1.0  # every process is ready by then
+        shares = [n // procs + (i < n % procs) for i in range(procs)]
+        parts = [self.pool.submit(_served_part, base_url, model, k, max_tokens, prompt,
+                                  steering, start_at) for k in shares]  # fmt: skip
+        streams = [s for part in parts for s in part.result()]
+        start = min(s.start for s in streams)  # the processes' starts differ by microseconds
+        for s in streams:
+            s.arrivals = [s.start - start + a for a in s.arrivals]
+        return summary(streams, max(s.end for s in streams) - start)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def process_cpu(session: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of each process of `serve run`'s session (its Ray node: proxy,
+    replicas, raylet, GCS) by pid, with its name: where the served level's time goes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) != session:
+                continue
+            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        name = cmd.removeprefix("ray::").split(".")[0] if cmd.startswith("ray::") else Path(cmd).name
+        out[int(stat.parent.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_share(before: dict, after: dict, wall: float) -> dict:
+    """Each process's CPU over the run as a fraction of one core, busiest first."""
+    used: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        used[name] = used.get(name, 0.0) + (seconds - before.get(pid, (name, 0.0))[1]) / wall
+    return {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.02}
 
 
 def wait_ready(base_url: str, model: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -212,14 +282,17 @@ def in_process(args, app: dict) -> tuple[dict, dict, str]:
     return loop, wrapped, prompt
 
 
-def replica_config(path: str, replicas: int, port: int) -> str:
+def replica_config(path: str, replicas: int, port: int, ingress_replicas: int = 1) -> str:
     """The config served on `port`, with `replicas` Generator replicas sharing the
-    Generator's GPU share."""
+    Generator's GPU share, and `ingress_replicas` Ingress replicas."""
     doc = yaml.safe_load(Path(path).read_text())
     doc.setdefault("http_options", {})["port"] = port
     args = doc["applications"][0]["args"]
-    gen = args.setdefault("deployments", {}).setdefault("generator", {})
+    deployments = args.setdefault("deployments", {})
+    gen = deployments.setdefault("generator", {})
     gen["num_replicas"] = replicas
+    if ingress_replicas > 1:
+        deployments.setdefault("ingress", {})["num_replicas"] = ingress_replicas
     if gen.get("num_gpus") and replicas > 1:
         gen["num_gpus"] = round(gen["num_gpus"] / replicas, 3)
         engine = args.setdefault("engine", {})
@@ -230,43 +303,107 @@ def replica_config(path: str, replicas: int, port: int) -> str:
     return str(out)
 
 
+# Ways to serve, combinable with "+": Ray's throughput-optimized mode (user code and the
+# handle's router on the replica's own event loop, gRPC between replicas, the garbage collector
+# frozen after start; its direct ingress also opens an HTTP port on the Ingress replica itself,
+# RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT = 30000), `direct` (clients at that port: no proxy
+# hop), `ingressN` (N Ingress replicas behind the proxy).
+VARIANTS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+DIRECT_PORT = 30000
+
+
+def variant_settings(variant: str) -> tuple[dict, int, bool]:
+    """(environment, Ingress replicas, direct) of a variant name like "throughput+ingress4"."""
+    env, ingress, direct = {}, 1, False
+    for part in variant.split("+"):
+        if part == "direct":
+            env, direct = {**env, **VARIANTS["throughput"]}, True
+        elif part.startswith("ingress"):
+            ingress = int(part.removeprefix("ingress"))
+        elif part != "default":
+            env = {**env, **VARIANTS[part]}
+    return env, ingress, direct
+
+
+def profile(seconds: float, out: Path) -> list[subprocess.Popen]:
+    """py-spy (where installed) on the proxy, the Ingress and the Generator for `seconds`."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for pid in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (pid / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        for role in ("ProxyActor", "Ingress", "Generator"):
+            if cmd.startswith("ray::") and role in cmd:
+                target = out / f"pyspy_{role}_{pid.name}.txt"
+                procs.append(subprocess.Popen(
+                    [spy, "record", "-p", pid.name, "-d", str(int(seconds)), "-r", "100",
+                     "-f", "raw", "-o", str(target), "--nonblocking"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+    return procs
+
+
 def through_serve(args, model: str, prompt: str = PROMPT, replicas: int = 1,
-                  env: dict | None = None, repeats: int = 1) -> dict:
-    """Served runs for each stream count, best of `repeats` (and, with one replica, each
-    steering setting); `env` adds to the app's environment."""
+                  env: dict | None = None, repeats: int = 1, variant: str = "default") -> dict:
+    """Served runs for each stream count, best of `repeats` (and, with one replica and the
+    default variant, each steering setting); `env` adds to the app's environment. Each
+    result carries the CPU each Ray process used over it (`cpu`, fractions of a core)."""
+    venv, ingress_replicas, direct = variant_settings(variant)
+    env = {**venv, **(env or {})}
     base_url = f"http://127.0.0.1:{args.port}"
     serve_cli = [
         sys.executable,
         "-c",
         "import sys; from ray.serve.scripts import cli; sys.exit(cli())",
     ]
-    config = replica_config(args.config, replicas, args.port)
-    log = open(Path(tempfile.gettempdir()) / f"serve_path_replicas{replicas}.log", "w")  # noqa: SIM115
+    config = replica_config(args.config, replicas, args.port, ingress_replicas)
+    log_name = f"serve_path_replicas{replicas}_{variant}.log"
+    log = open(Path(tempfile.gettempdir()) / log_name, "w")  # noqa: SIM115
     proc = subprocess.Popen([*serve_cli, "run", config], cwd=ROOT, start_new_session=True,
                             stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+                            env={**os.environ, **env})  # fmt: skip
     started = time.monotonic()
     results: dict = {}
+    clients = Clients(args.client_procs)
+
+    def measure(n: int, steering: dict | None = None, spy: bool = False) -> dict:
+        before, t0 = process_cpu(proc.pid), time.monotonic()
+        spies = profile(20, Path(args.profile)) if spy and args.profile else []
+        runs = [clients.run(url, model, n, args.max_tokens, prompt, steering)
+                for _ in range(1 if steering else repeats)]  # fmt: skip
+        best = max(runs, key=lambda r: r["tokens_per_s"])
+        best["cpu"] = cpu_share(before, process_cpu(proc.pid), time.monotonic() - t0)
+        for s in spies:
+            s.wait()
+        return best
+
     try:
         wait_ready(base_url, model, proc, timeout=args.start_timeout)
-        print(f"serve run ({replicas} Generator replicas) -> first answer: "
+        url = f"http://127.0.0.1:{DIRECT_PORT}" if direct else base_url
+        if direct:
+            wait_ready(url, model, proc, timeout=60)
+        print(f"serve run ({replicas} Generator replicas, {variant}) -> first answer: "
               f"{time.monotonic() - started:.1f} s", flush=True)  # fmt: skip
-        asyncio.run(served(base_url, model, max(args.streams), 8, prompt))  # warm-up
+        clients.run(url, model, max(args.streams), 8, prompt)  # warm-up
+        tag = f"served x{replicas}" if replicas > 1 else "served"
+        tag += "" if variant == "default" else f" {variant}"
         for n in args.streams:
-            runs = [asyncio.run(served(base_url, model, n, args.max_tokens, prompt))
-                    for _ in range(repeats)]  # fmt: skip
-            results[("served", n)] = max(runs, key=lambda r: r["tokens_per_s"])
-            print(f"{n} streams: served x{replicas} {results[('served', n)]}", flush=True)
-        for setting in args.steer if replicas == 1 else []:
+            results[(tag, n)] = measure(n, spy=n == max(args.streams) and variant == "default")
+            print(f"{n} streams: {tag} {results[(tag, n)]}", flush=True)
+        for setting in args.steer if replicas == 1 and variant == "default" else []:
             policy, _, mode = setting.partition(":")
             steering = {"policy": policy, "mode": mode or "async"}
-            asyncio.run(served(base_url, model, 2, 8, prompt, steering))  # warm-up
+            clients.run(url, model, 2, 8, prompt, steering)  # warm-up
             for n in args.steer_streams:
-                results[(f"steer {setting}", n)] = asyncio.run(
-                    served(base_url, model, n, args.max_tokens, prompt, steering))  # fmt: skip
+                results[(f"steer {setting}", n)] = measure(n, steering)
                 print(f"{n} streams: steer {setting} {results[(f'steer {setting}', n)]}", flush=True)
         return results
     finally:
+        clients.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -316,6 +453,13 @@ def main() -> None:
         default=[1],
         help="Generator replica counts to serve with (sharing its GPU share)",
     )
+    ap.add_argument("--variants", nargs="+", default=["default"],
+                    help="ways to serve (one replica): default, throughput, direct, ingressN, "
+                         "combined with +, e.g. throughput+ingress4")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="client processes the streams are split over (a GPU host: 8)")
+    ap.add_argument("--profile", default=None,
+                    help="a folder: py-spy of proxy, Ingress and Generator at the top count")
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     ap.add_argument("--levels-json", default=None, help=argparse.SUPPRESS)
@@ -343,15 +487,15 @@ def main() -> None:
     loop = {int(n): r for n, r in loop.items()}
     wrapped = {int(n): r for n, r in wrapped.items()}
     serve: dict = {}
-    for replicas in [] if args.skip_serve else args.replicas:
-        for (level, n), result in through_serve(args, app["args"]["model"]["name"], prompt,
-                                                replicas).items():  # fmt: skip
-            serve[(level if replicas == 1 else f"served x{replicas}", n)] = result
+    runs = [(1, v) for v in args.variants] + [(r, "default") for r in args.replicas if r > 1]
+    for replicas, variant in [] if args.skip_serve else runs:
+        serve.update(through_serve(args, app["args"]["model"]["name"], prompt, replicas,
+                                   variant=variant))  # fmt: skip
     rows = []
     print(f"\n{card}: {args.max_tokens} new tokens, prompt as above")
     print(f"{'streams':>7} {'level':>22} {'tok/s':>9} {'x loop':>7} {'TTFT p50':>9} {'p99':>8} "
           f"{'ITL p50':>8} {'p99':>8} {'x served ITL':>12}  (ms)")  # fmt: skip
-    levels = sorted({level for level, _ in serve}, key=lambda x: (x != "served", x))
+    levels = list(dict.fromkeys(level for level, _ in serve))  # in the order they ran
     for n in sorted({*args.streams, *args.steer_streams}):
         plain = serve.get(("served", n))
         for level, result in (("engine", loop.get(n)), ("async", wrapped.get(n)),
@@ -367,9 +511,16 @@ def main() -> None:
                   f"{result['ttft_p50_ms']:>9.1f} {result['ttft_p99_ms']:>8.1f} "
                   f"{result['itl_p50_ms']:>8.2f} {result['itl_p99_ms']:>8.2f} "
                   f"{(f'{itl:.2f}' if itl else ''):>12}")  # fmt: skip
+    print("\nCPU of each process over each served run (1.0 = one core busy):")
+    for row in rows:
+        if "cpu" in row:
+            busy = ", ".join(f"{k} {v}" for k, v in list(row["cpu"].items())[:6])
+            print(f"{row['streams']:>7} {row['level']:>22}  {busy}")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"serve_path_{device}.json"
     out.write_text(json.dumps({"device": card, "config": os.path.relpath(args.config, ROOT),
                                "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
+                               "client_procs": args.client_procs,
+                               "variants": {v: variant_settings(v) for v in args.variants},
                                "rows": rows}, indent=2) + "\n")  # fmt: skip
     print(f"wrote {out}")
 
