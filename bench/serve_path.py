@@ -231,10 +231,27 @@ def wait_ready(base_url: str, model: str, proc: subprocess.Popen, timeout: float
             client.chat.completions.create(
                 model=model, max_tokens=1, messages=[{"role": "user", "content": "hi"}]
             )
-            return
+            break
         except openai.APIError:
             time.sleep(0.25)
-    raise TimeoutError("no answer from the app")
+    else:
+        raise TimeoutError("no answer from the app")
+    # The Ingress answers before every deployment is up (a Steerer still loading would be
+    # measured as failing, and its start would share the card with the runs): wait for
+    # `serve status` to call the application RUNNING.
+    cli = [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())"]
+    while time.monotonic() < deadline:
+        for auth in ("token", "disabled"):  # `serve status` wants the cluster's auth mode
+            status = subprocess.run([*cli, "status"], capture_output=True, text=True,
+                                    env={**os.environ, "RAY_AUTH_MODE": auth})  # fmt: skip
+            if status.returncode == 0:
+                break
+        apps = (yaml.safe_load(status.stdout) or {}).get("applications", {})
+        if status.returncode == 0 and apps and all(a.get("status") == "RUNNING"
+                                                   for a in apps.values()):  # fmt: skip
+            return
+        time.sleep(1.0)
+    raise TimeoutError("the application did not reach RUNNING")
 
 
 def prompt_text(tokenizer, tokens: int) -> str:

@@ -12,13 +12,13 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from deployments.generator_admin import GeneratorAdmin
 from deployments.streams import PinnedRouter, Sessions
 from deployments.telemetry import GeneratorTelemetry
 from models.builtin import resolve_source
 from models.config import TandemConfig
 from models.engine import build_engine
 from models.protocol.engine import check_capabilities
-from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.routing.registry import adapter_paths, load_adapters
@@ -32,7 +32,7 @@ from models.steering.vector_service import VectorService
 @serve.deployment(
     name="Generator", request_router_config=RequestRouterConfig(request_router_class=PinnedRouter)
 )
-class Generator:
+class Generator(GeneratorAdmin):
     """Serves GenerationRequests from one engine replica."""
 
     def __init__(self, config: dict, steerer: Any | None = None):
@@ -67,11 +67,22 @@ class Generator:
             self._metrics_task = asyncio.create_task(self.telemetry.export(self.engine))
             self._started = True
 
-    async def submit(self, request: GenerationRequest, session: str) -> tuple[str, Any]:
-        """Admit one request for an Ingress session; raises the error it deserves. Returns
-        this replica's id and the first output; the later ones go to the session's stream."""
+    async def submit(self, requests: list[GenerationRequest], session: str) -> tuple[str, list]:
+        """Admit a burst of an Ingress session's requests: this replica's id and per request
+        the error that refused it, its first output, or None (then it streams)."""
         if not self._started:
             await self._ensure_started()
+        admitted, refused = [], {}
+        for request in requests:
+            try:
+                await self._admit(request)
+                admitted.append((request.request_id, self._outputs(request)))
+            except Exception as exc:  # noqa: BLE001 - it refuses that request alone
+                refused[request.request_id] = exc
+        firsts = iter(await self.sessions.submit(session, admitted))
+        return self.replica, [refused.get(r.request_id) or next(firsts) for r in requests]
+
+    async def _admit(self, request: GenerationRequest) -> None:
         if not self.vectors.registered([v.name for v in request.steer_vectors]):
             self.vectors.sync(self.engine)
         check_capabilities(self.engine, request, self.policy_needs)
@@ -79,8 +90,6 @@ class Generator:
             await self.observer.ensure_colocated()
         self.engine.check_request(request)
         self._requests_served += 1
-        first = await self.sessions.submit(session, request.request_id, self._outputs(request))
-        return self.replica, first
 
     async def _outputs(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -102,40 +111,6 @@ class Generator:
     async def abort(self, request_id: str, replica: str) -> None:
         """Stop a request of this replica whose caller went away (pinned here)."""
         self.sessions.abort(request_id)
-
-    async def adapters(self) -> list[str]:
-        return sorted(self.adapter_paths)
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        await self._ensure_started()
-        await self.engine.load_adapter(name, path)
-        self.adapter_paths[name] = path
-
-    async def unload_adapter(self, name: str) -> None:
-        if name not in self.adapter_paths:
-            raise AdapterNotFoundError.naming(name, self.adapter_paths)
-        await self.engine.unload_adapter(name)
-        del self.adapter_paths[name]
-
-    async def list_vectors(self) -> list[dict]:
-        """The steering vectors this replica can apply, OpenAI-list style objects."""
-        return self.vectors.describe()
-
-    async def add_vector(self, name: str, data: bytes, filename: str) -> dict:
-        """Validate and store an uploaded GGUF or safetensors vector, then apply it here."""
-        self.vectors.add_upload(name, data, filename)
-        if self._started:
-            self.vectors.sync(self.engine)
-        return self.vectors.describe(name)[0]
-
-    async def remove_vector(self, name: str) -> None:
-        self.vectors.remove(name)
-
-    async def extract_vector(self, name: str, positive: list[str], negative: list[str],
-                             layers: list[int] | None, method: str) -> bytes:
-        """Extract a vector from contrastive pairs on the big model; returns it as GGUF bytes."""
-        return await asyncio.to_thread(self.vectors.extract_gguf, name, positive, negative,
-                                       layers, method)  # fmt: skip
 
     async def trace(self, request_id: str) -> dict | None:
         return self.telemetry.traces.get(request_id)  # None: not here or expired

@@ -144,5 +144,6 @@ class Ingress:
         return {"status": "ok", "model": self.config.model.name}
 
     async def stats(self) -> dict:
-        """This replica's counters: Ray messages received from Generator streams."""
-        return {"generator_messages": self.streams.messages, "session": self.streams.session}
+        """This replica's counters: Ray messages from Generator streams, submit calls."""
+        return {"generator_messages": self.streams.messages, "session": self.streams.session,
+                "submit_calls": self.streams.submit_calls}  # fmt: skip

@@ -34,6 +34,7 @@ from models.protocol.requests import GenerationRequest
 logger = logging.getLogger("ray.serve")
 UNCLAIMED_SESSION_S = 60.0  # a session nobody streams from this long is dropped
 IDLE_STREAM_S = 1.0  # a session's stream with nothing to carry this long ends (and reopens)
+FIRST_OUTPUT_WAIT_S = 0.05  # how long a submit call waits to carry its requests' first outputs
 
 
 class GeneratorGoneError(TandemError):
@@ -124,33 +125,48 @@ class Sessions:
         self.interval_s = interval_s
 
     async def submit(
-        self, session: str, request_id: str, outputs: AsyncIterator[RequestOutput]
-    ) -> RequestOutput | None:
-        """Wait for an admitted request's first output and return it (it rides on the submit
-        call's reply: no stream hop before the first token); the rest go to the session."""
-        it = aiter(outputs)
-        first = await anext(it, None)
-        if first is None or first.finished:
-            await it.aclose()  # type: ignore[attr-defined]
-            return first
-        self.start(session, request_id, it)
-        return first
+        self, session: str, admitted: list[tuple[str, AsyncIterator[RequestOutput]]],
+        wait_s: float = FIRST_OUTPUT_WAIT_S,
+    ) -> list[RequestOutput | BaseException | None]:
+        """Pump admitted requests' outputs into their session and return, request for request,
+        its first output if it comes within `wait_s` (it rides on the submit call's reply: no
+        stream hop before the first token), else None (it goes to the session's stream). A
+        call never waits longer, so a request queued in a full engine holds up no other."""
+        loop = asyncio.get_running_loop()
+        firsts = [loop.create_future() for _ in admitted]
+        for (request_id, outputs), first in zip(admitted, firsts, strict=True):
+            self.start(session, request_id, outputs, first)
+        if firsts:
+            await asyncio.wait(firsts, timeout=wait_s)
+        for first in firsts:
+            first.cancel()  # not come yet: the pump sends it to the session (no-op if done)
+        return [f.result() if not f.cancelled() else None for f in firsts]
 
-    def start(self, session: str, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
-        """Pump one admitted request's outputs into its session's batches."""
+    def start(self, session: str, request_id: str, outputs: AsyncIterator[RequestOutput],
+              first: asyncio.Future | None = None) -> None:  # fmt: skip
+        """Pump one admitted request's outputs into its session's batches (its first output
+        into `first` while that is still awaited)."""
         s = self._sessions.get(session)
         if s is None:
             s = self._sessions[session] = _Session()
             asyncio.get_running_loop().call_later(UNCLAIMED_SESSION_S, self._drop_unclaimed, session)
-        s.pumps[request_id] = asyncio.create_task(self._pump(s, request_id, outputs))
+        s.pumps[request_id] = asyncio.create_task(self._pump(s, request_id, outputs, first))
 
     @staticmethod
-    async def _pump(s: _Session, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
+    async def _pump(s: _Session, request_id: str, outputs: AsyncIterator[RequestOutput],
+                    first: asyncio.Future | None) -> None:  # fmt: skip
         try:
             async for out in outputs:
-                s.publish(out)
+                if first is not None and not first.done():
+                    first.set_result(out)
+                else:
+                    s.publish(out)
+                first = None
         except Exception as exc:  # noqa: BLE001 - the request fails, its session goes on
-            s.publish(RequestFailure(request_id, exc))
+            if first is not None and not first.done():
+                first.set_result(exc)
+            else:
+                s.publish(RequestFailure(request_id, exc))
         finally:
             s.pumps.pop(request_id, None)
 
@@ -213,7 +229,11 @@ class GeneratorStreams:
         self.buffers: dict[str, tuple[OutputBuffer, str | None]] = {}
         self.early: dict[str, list] = {}  # stream items that overtook their submit's reply
         self.readers: dict[str, asyncio.Task] = {}
+        self.queue: list[tuple[GenerationRequest, asyncio.Future]] = []  # waiting to submit
+        self.submitter: asyncio.Task | None = None
+        self.inflight: tuple[Any, list] | None = None  # the submit call out and its batch
         self.messages = 0
+        self.submit_calls = 0
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """The request's outputs, merged when the caller fell behind; leaving early aborts it."""
@@ -222,17 +242,13 @@ class GeneratorStreams:
         self.buffers[rid] = (buffer, None)  # before submitting: its first output may come first
         replica, finished = None, False
         try:
-            try:
-                replica, first = await self.handle.submit.remote(request, self.session)
-            except BackPressureError:
-                raise GeneratorBusyError("the server is at capacity (every Generator replica "
-                                         "busy and its queue full); retry later") from None
+            replica, first = await self._submit(request)
             self.buffers[rid] = (buffer, replica)
             if first is not None:
                 buffer.put(first)
             for item in self.early.pop(rid, ()):
                 buffer.put(item)
-            if first is not None and not first.finished:
+            if not (isinstance(first, RequestOutput) and first.finished):
                 self._read_from(replica)
             due = 0.0  # when the next output may go (the first goes at once)
             while not finished:
@@ -249,6 +265,49 @@ class GeneratorStreams:
             self.early.pop(rid, None)
             if replica is not None and not finished:
                 asyncio.create_task(self._abort(rid, replica))
+
+    async def _submit(self, request: GenerationRequest) -> tuple[str, Any]:
+        """Admit `request` on a Generator replica: (replica, its first output or None); raises
+        what refused it. Requests that arrive while a submit call is out go together in the
+        next one: one Ray call per burst, not per request."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((request, future))
+        if self.submitter is None or self.submitter.done():
+            self.submitter = asyncio.create_task(self._submit_queued(),
+                                                 context=contextvars.Context())  # fmt: skip
+        try:
+            return await future
+        finally:  # a caller that left: a call none of whose callers wait is withdrawn
+            if self.inflight is not None and all(f.done() for _, f in self.inflight[1]):
+                self.inflight[0].cancel()
+
+    async def _submit_queued(self) -> None:
+        while batch := [(r, f) for r, f in self.queue if not f.done()]:
+            self.queue = []
+            self.submit_calls += 1
+            call = self.handle.submit.remote([request for request, _ in batch], self.session)
+            self.inflight = (call, batch)
+            try:
+                replica, results = await call
+            except BackPressureError:
+                error = GeneratorBusyError("the server is at capacity (every Generator replica "
+                                           "busy and its queue full); retry later")  # fmt: skip
+                results, replica = [error] * len(batch), None
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - each fails
+                if not all(f.done() for _, f in batch):  # not withdrawn: a failure
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                results, replica = [exc] * len(batch), None
+            finally:
+                self.inflight = None
+            for (request, future), result in zip(batch, results, strict=True):
+                if future.done():  # its caller went away meanwhile: stop it there too
+                    if replica is not None and not isinstance(result, BaseException):
+                        asyncio.create_task(self._abort(request.request_id, replica))
+                elif isinstance(result, BaseException):  # refused, or failed before output
+                    future.set_exception(result)
+                else:
+                    future.set_result((replica, result))
 
     def interval(self) -> float:
         """Least time until a caller's next output: interval_s, or longer when the callers

@@ -5,7 +5,8 @@ runs no model, so those tests don't pay for one and can set the engine's speed. 
 a per-request generator seeded by the request's seed (greedy or unseeded: by its prompt), drawn
 from the checkpoint tokenizer's plain-word tokens, so a request gives the same text every time
 and the text reads as words. Every `step_s` seconds one step appends a token to every running
-request (continuous batching: stats().max_running_seen counts the batch).
+request (continuous batching: stats().max_running_seen counts the batch). Past max_num_seqs +
+max_queue_len requests it answers 429, as the engine's full queue does.
 
 Select it in a config with `engine: {kind: "tests.fakes.engine:FakeEngine"}`; the environment
 variable FAKE_ENGINE_STEP_S sets the step time (default 0.002 s).
@@ -29,6 +30,7 @@ from models.protocol.engine import Engine, EngineCapabilities
 from models.protocol.errors import (
     AdapterNotFoundError,
     EngineError,
+    EngineOverloadedError,
     PromptTooLongError,
     VectorNotFoundError,
 )
@@ -115,6 +117,8 @@ class FakeEngine(Engine):
                 raise VectorNotFoundError.naming(spec.name, self.vectors, "steering.vectors")
         if request.steering is not None:
             raise EngineError("the fake engine runs no steering policies", param="steering")
+        if len(self.rows) >= self.config.max_num_seqs + self.config.max_queue_len:
+            raise EngineOverloadedError("the engine queue is full; retry later")
 
     def _completion(self, request: GenerationRequest) -> _Row:
         """The whole completion, decided at admission: tokens, each one's text, why it ends."""

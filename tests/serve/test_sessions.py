@@ -52,23 +52,31 @@ def test_abort_stops_only_that_request():
 
 
 def test_submit_returns_the_first_output_and_streams_the_rest(monkeypatch):
-    """The first output rides on the submit reply (no stream hop before the first token);
-    a request finished by its first output leaves nothing running in the session."""
+    """A burst's first outputs ride on the submit reply (no stream hop before the first
+    token); a request finished by its first output leaves nothing running in the session;
+    one whose first output is late (an engine with a queue) comes back None and streams it,
+    so it holds up neither the call nor the others."""
     monkeypatch.setattr(streams, "IDLE_STREAM_S", 0.2)
 
     async def main():
-        sessions, gate = Sessions(), asyncio.Event()
+        sessions, gate, late = Sessions(), asyncio.Event(), asyncio.Event()
         gate.set()
-        first = await sessions.submit("s1", "long", outputs("long", 3, gate))
-        short = await sessions.submit("s1", "short", outputs("short", 1, gate))
+        firsts = await sessions.submit("s1", [("long", outputs("long", 3, gate)),
+                                              ("short", outputs("short", 1, gate)),
+                                              ("queued", outputs("queued", 2, late))],
+                                       wait_s=0.1)  # fmt: skip
+        late.set()
         batches = [batch async for batch in sessions.stream("s1")]
-        return first, short, batches
+        return firsts, batches
 
-    first, short, batches = asyncio.run(main())
+    (first, short, queued), batches = asyncio.run(main())
     assert (first.token_ids, first.finished) == ([0], False)
     assert (short.token_ids, short.finished) == ([0], True)
-    rest = RequestOutput.merged([out for batch in batches for out in batch])
-    assert (rest.request_id, rest.token_ids, rest.finished) == ("long", [1, 2], True)
+    assert queued is None
+    rest = {rid: RequestOutput.merged([out for batch in batches for out in batch
+                                       if out.request_id == rid]) for rid in ("long", "queued")}
+    assert (rest["long"].token_ids, rest["long"].finished) == ([1, 2], True)
+    assert (rest["queued"].token_ids, rest["queued"].finished) == ([0, 1], True)
 
 
 def test_the_chunk_rate_limit_stretches_each_streams_interval():
