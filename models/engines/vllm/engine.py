@@ -26,13 +26,15 @@ import torch
 import vllm
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.lora.request import LoRARequest
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from models.engine.admission import check_generation
 from models.engine.config import EngineConfig
-from models.engine.llm_engine import load_tokenizer
+from models.engine.constraints import RowConstraints
+from models.engine.llm_engine import eos_token_ids, load_tokenizer
 from models.engines.vllm.logits import PROCESSOR, SETUP_KEY, steering_args
+from models.protocol.constraints import OutputConstraint
 from models.protocol.engine import Engine, EngineCapabilities, check_capabilities
 from models.protocol.errors import (
     AdapterNotFoundError,
@@ -60,15 +62,20 @@ def engine_args(config: EngineConfig, model_path: str, steering: SteeringSetup |
         enable_lora=config.max_adapters_per_replica > 0, max_lora_rank=config.max_lora_rank,
         max_loras=max(1, config.max_adapters_per_replica), max_logprobs=MAX_LOGPROBS,
         enforce_eager=on_cpu or not config.cuda_graphs,
+        logprobs_mode="processed_logprobs",  # after bias, penalties, steering and grammar
     )  # fmt: skip
     if on_cpu:  # one process less (no worker process), and a KV cache of the configured size
         args.update(distributed_executor_backend="uni",
                     kv_cache_memory_bytes=int(config.kv_cache_cpu_gib * 2**30))  # fmt: skip
     else:
         args["gpu_memory_utilization"] = config.kv_cache_memory_fraction
-    if steering is not None and steering.steering.policies:
-        args.update(logits_processors=[PROCESSOR],
-                    additional_config={SETUP_KEY: steering.model_dump(mode="json")})  # fmt: skip
+    if config.structured_output:  # llguidance, as the torch engine's compiler; compact JSON
+        args["structured_outputs_config"] = {"backend": "guidance", "disable_any_whitespace": True}
+    steered = steering is not None and bool(steering.steering.policies)
+    if steered or config.structured_output:  # steering, and closing constrained output in time
+        args["logits_processors"] = [PROCESSOR]
+    if steered:
+        args["additional_config"] = {SETUP_KEY: steering.model_dump(mode="json")}
     args.update(config.vllm)
     return args
 
@@ -88,13 +95,19 @@ class VllmEngine(Engine):
         self.max_model_len = config.max_model_len or hf.get("max_position_embeddings", 4096)
         self.args = engine_args(config, self.model_path, steering)
         self.policies = (
-            {p.name for p in steering.steering.policies} if "logits_processors" in self.args
+            {p.name for p in steering.steering.policies} if "additional_config" in self.args
             else set()
         )  # fmt: skip
         self.policy_needs = policy_needs(steering.steering.policies) if steering else {}
         self.capabilities = EngineCapabilities(
-            logit_steering=bool(self.policies), per_row_lora=self.args["enable_lora"]
+            logit_steering=bool(self.policies), per_row_lora=self.args["enable_lora"],
+            structured_output="structured_outputs_config" in self.args,
         )
+        # the torch engine's compiler checks a request's grammar before admission (a 400);
+        # vLLM's guidance backend then compiles the same grammar for its own bitmask
+        self.constraints = RowConstraints(config.structured_output, self.tokenizer,
+                                          self.vocab_size, eos_token_ids(model_path),
+                                          torch.device("cpu"))  # fmt: skip
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
         self.vectors: dict[str, torch.Tensor] = {}
         self._loras: dict[str, LoRARequest] = {}
@@ -117,6 +130,7 @@ class VllmEngine(Engine):
         check_capabilities(self, request, self.policy_needs)  # also when used without a Generator
         max_logprobs = self.args.get("max_logprobs", MAX_LOGPROBS)
         check_generation(request, self.vocab_size, self.max_model_len, max_logprobs)
+        self.constraints.check(request)
         if request.request_id in self._live:
             raise EngineError(f"request id '{request.request_id}' is already running")
         if len(self._live) >= self.config.max_num_seqs + self.config.max_queue_len:
@@ -142,6 +156,9 @@ class VllmEngine(Engine):
             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids),
             ignore_eos=p.ignore_eos, logprobs=p.logprobs, logit_bias=dict(p.logit_bias) or None,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens,
+            structured_outputs=structured_outputs(request.constraint),
             output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
             extra_args=steering_args(request),
         )  # fmt: skip
@@ -223,6 +240,16 @@ class VllmEngine(Engine):
         s = self._stats
         return EngineStats(num_running=len(self._live), max_running_seen=s.max_running_seen,
                            generated_tokens=s.generated_tokens)  # fmt: skip
+
+
+def structured_outputs(constraint: OutputConstraint | None) -> StructuredOutputsParams | None:
+    """A response_format or forced tool call as vLLM's guided decoding (the guidance backend:
+    the tool-call Lark grammar with its embedded %json schema goes through as a grammar)."""
+    if constraint is None:
+        return None
+    kind = {"json_object": "json_object", "json_schema": "json", "lark": "grammar",
+            "regex": "regex"}[constraint.kind]  # fmt: skip
+    return StructuredOutputsParams(**{kind: True if kind == "json_object" else constraint.spec})
 
 
 def _finish_reason(reason: str | None) -> str:
