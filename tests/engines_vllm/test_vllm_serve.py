@@ -2,10 +2,12 @@
 built-in toy model, vLLM's CPU build in the Generator replica, the official `openai` client over
 HTTP. Greedy tokens equal the torch engine's, `auto` picks an adapter that vLLM applies (its task
 checker passes), streaming and a client that goes away, proxy tuning through vLLM's logits
-processor equal to the torch engine's, and what vLLM cannot do answered with a 400."""
+processor equal to the torch engine's, response_format and a forced tool call through vLLM's
+guided decoding, n > 1 with a seed, and what vLLM cannot do answered with a 400."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -133,6 +135,40 @@ def test_proxy_tuning_through_the_logits_processor_equals_the_torch_engine(clien
     assert got.choices[0].text != plain
 
 
+def test_structured_output_and_a_forced_tool_call_through_vllm(client):
+    from pydantic import BaseModel, Field
+
+    class Place(BaseModel):
+        who: str = Field(max_length=12)
+        where: str = Field(max_length=12)
+
+    messages = [{"role": "user", "content": "Where is Mia?"}]
+    r = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Place,
+                                      max_tokens=48, temperature=1.0, seed=1)
+    assert isinstance(r.choices[0].message.parsed, Place)
+    tool = {"type": "function", "function": {"name": "find_person", "parameters": {
+        "type": "object", "properties": {"who": {"enum": ["Mia", "Tom"]}}, "required": ["who"]}}}
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[tool], max_tokens=96, stream=True,
+        tool_choice={"type": "function", "function": {"name": "find_person"}})  # fmt: skip
+    calls = [tc for c in stream if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert calls[0].function.name == "find_person"
+    assert json.loads(calls[0].function.arguments)["who"] in ("Mia", "Tom")
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32,
+                                       response_format={"type": "json_object"})  # fmt: skip
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_n_choices_with_a_seed_are_reproducible(client):
+    def texts():
+        r = client.completions.create(model=MODEL, prompt="Mia", max_tokens=12, n=3, seed=5,
+                                      temperature=1.0, extra_body={"ignore_eos": True})
+        return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    first = texts()
+    assert len(first) == 3 and len(set(first)) > 1 and texts() == first
+
+
 def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(base_url):
     r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
         "model": MODEL, "prompt": "Mia", "max_tokens": 4,
@@ -144,3 +180,7 @@ def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(base_url):
     r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
         "model": MODEL, "prompt": "Mia", "max_tokens": 4, "steering": {"policy": "guard"}})
     assert r.status_code == 400 and "token_events" in r.json()["error"]["message"]
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Mia"}], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
