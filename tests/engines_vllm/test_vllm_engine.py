@@ -120,8 +120,10 @@ def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(vllm_engine, 
     mix = request("m", prompts[0], adapter_weights={"qa": 0.6, "list": 0.4})
     back = request("b", prompts[0], steering=SteeringRequest("proxy",
                                                              params={"max_backtrack": 2}))
+    capture = request("h", prompts[0], hidden_layers=[1])
     for bad, capability in [(vector, "hidden_state_steering"), (guard, "token_events"),
-                            (mix, "adapter_mix"), (back, "backtrack")]:  # fmt: skip
+                            (mix, "adapter_mix"), (back, "backtrack"),
+                            (capture, "hidden_state_capture")]:  # fmt: skip
         with pytest.raises(UnsupportedByEngineError, match=f"engine 'vllm'.*{capability}") as e:
             check_capabilities(vllm_engine, bad, needs)
         assert e.value.status_code == 400

@@ -180,6 +180,10 @@ def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(base_url):
     r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
         "model": MODEL, "prompt": "Mia", "max_tokens": 4, "steering": {"policy": "guard"}})
     assert r.status_code == 400 and "token_events" in r.json()["error"]["message"]
+    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "Mia", "max_tokens": 4,
+        "tandem": {"activations": {"layers": [1]}}})  # fmt: skip
+    assert r.status_code == 400 and "hidden_state_capture" in r.json()["error"]["message"]
     r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "user", "content": "Mia"}], "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}})

@@ -1,13 +1,29 @@
 """VllmEngine: the Engine contract over vLLM's async engine (AsyncLLM), in the Generator replica.
 
-What maps onto vLLM: sampling (temperature, top_p, top_k, seed, logit_bias), stop strings and
-stop token ids, ignore_eos, logprobs (the sampled token's and the top alternatives), abort,
-usage counts, and LoRA adapters as `LoRARequest`s loaded and unloaded at runtime (one batch
-mixes them, as vLLM's multi-LoRA does). Logit policies (proxy_tuning, contrastive) run through
-vLLM's logits-processor interface (models.engines.vllm.logits) inside vLLM's engine process,
-with the request's policy and parameters as per-request arguments. What vLLM cannot do here is
-refused by `capabilities` (a 400 naming the engine and the capability): steering vectors on
-hidden states, token-event policies (ForceTokens, Backtrack...), weighted adapter mixes.
+What maps onto vLLM: every sampling field of a GenerationRequest (temperature, top_p, top_k,
+seed, logit_bias, presence / frequency / repetition penalties, min_tokens), stop strings and
+stop token ids, ignore_eos, logprobs (the sampled token's and the top alternatives, after logit
+bias, penalties, steering and grammar, as the torch engine's: vLLM's `processed_logprobs`),
+abort, usage counts, and LoRA adapters as `LoRARequest`s loaded and unloaded at runtime (one
+batch mixes them, as vLLM's multi-LoRA does). n > 1 arrives as n requests (the API layer splits
+it). Structured output (response_format, `required` / named tool_choice) runs through vLLM's own
+guided decoding with the guidance backend (llguidance, the torch engine's compiler too); the
+grammar is checked before admission (a 400), and constrained rows close their output near
+max_tokens as in the torch engine (logits.py). Logit policies (proxy_tuning, contrastive) run
+through vLLM's logits-processor interface (models.engines.vllm.logits) inside vLLM's engine
+process, with the request's policy and parameters as per-request arguments. What vLLM cannot do
+here is refused by `capabilities` (a 400 naming the engine and the capability): steering
+vectors on hidden states, returning hidden states (tandem.activations), token-event policies
+(ForceTokens, Backtrack...), weighted adapter mixes. A request's speculative_k is ignored:
+vLLM's speculative decoding is engine-wide (engine.vllm.speculative_config), and output-neutral.
+
+Known differences from the torch engine, bounded: a seeded sampled row is reproducible but
+draws other tokens (vLLM's own random streams); with presence/frequency AND repetition
+penalties on one request, vLLM applies repetition first (the torch engine last), so only that
+combination can pick other tokens; vLLM adds logit_bias before the steering processor (the
+torch engine after), which only matters to contrastive's plausibility head; sampled rows'
+logprobs are after temperature and top-k/top-p in vLLM (equal for greedy rows and temperature
+1 without truncation).
 
 The `engine:` settings map to vLLM's engine arguments (`engine_args`); `engine.vllm:` is passed
 through verbatim last, so any AsyncEngineArgs field (tensor_parallel_size with
