@@ -56,7 +56,9 @@ def steering():
 @pytest.fixture(scope="session")
 def vllm_engine(toy, loop, steering):
     async def build():
-        return build_engine(EngineConfig(kind="vllm", kv_cache_cpu_gib=0.25), toy.big, steering)
+        engine = build_engine(EngineConfig(kind="vllm", kv_cache_cpu_gib=0.25), toy.big, steering)
+        await engine.start()
+        return engine
 
     engine = loop.run_until_complete(build())
     for name in ("qa", "list"):

@@ -1,7 +1,8 @@
 """The vLLM engine in-process on the built-in toy model (vLLM's CPU build; skipped without vllm):
 greedy tokens equal the torch engine's, an adapter as a LoRARequest gives the torch engine's
 adapted tokens, streaming and abort, logprobs, proxy tuning through vLLM's logits processor
-equal to the torch engine's proxy-tuned tokens, and the capability refusals.
+equal to the torch engine's proxy-tuned tokens, steering vectors through forward hooks in vLLM's
+workers equal to the torch engine's steered tokens, and the capability refusals.
 
 One vLLM engine for the session (conftest.py), driven on one event loop."""
 
@@ -115,13 +116,12 @@ def test_proxy_tuning_and_contrastive_equal_the_torch_engine(loop, vllm_engine, 
 
 def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(vllm_engine, prompts):
     needs = policy_needs(SteeringConfig.model_validate(STEERING).policies)
-    vector = request("v", prompts[0], steer_vectors=[SteerVectorSpec("v", 2.0)])
     guard = request("g", prompts[0], steering=SteeringRequest("guard"))
     mix = request("m", prompts[0], adapter_weights={"qa": 0.6, "list": 0.4})
     back = request("b", prompts[0], steering=SteeringRequest("proxy",
                                                              params={"max_backtrack": 2}))
     capture = request("h", prompts[0], hidden_layers=[1])
-    for bad, capability in [(vector, "hidden_state_steering"), (guard, "token_events"),
+    for bad, capability in [(guard, "token_events"),
                             (mix, "adapter_mix"), (back, "backtrack"),
                             (capture, "hidden_state_capture")]:  # fmt: skip
         with pytest.raises(UnsupportedByEngineError, match=f"engine 'vllm'.*{capability}") as e:
@@ -133,3 +133,37 @@ def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(vllm_engine, 
                        needs)  # fmt: skip
     with pytest.raises(EngineError, match="'nope' is not configured for the vllm engine"):
         vllm_engine.check_request(request("n", prompts[0], steering=SteeringRequest("nope")))
+
+
+def test_steering_vectors_through_hooks_equal_the_torch_engine(loop, vllm_engine, toy, prompts):
+    import torch
+
+    torch_engine = LLMEngine(EngineConfig(num_kv_blocks=256), toy.big)
+    g = torch.Generator().manual_seed(0)
+    vector = torch.randn(torch_engine.args.num_layers, torch_engine.args.hidden_size, generator=g)
+    for engine in (torch_engine, vllm_engine):
+        engine.register_vector("rand", vector)
+    specs = {"all": [SteerVectorSpec("rand", 1.5)], "two": [SteerVectorSpec("rand", 3.0, [1, 4])]}
+    reqs = [request(f"{k}{i}", p, steer_vectors=v) for k, v in specs.items()
+            for i, p in enumerate(prompts[:2])]  # fmt: skip
+    plain = [request(f"plain{i}", p) for i, p in enumerate(prompts[:2])]
+    got = {rid: tokens_of(o) for rid, o in vllm_outputs(loop, vllm_engine, reqs + plain).items()}
+    want = torch_tokens(torch_engine, reqs + plain)
+    assert got == want  # steered rows beside plain rows of the same prompts in one batch
+    assert got["all0"] != got["plain0"] and got["two1"] != got["plain1"]
+    again = vllm_outputs(loop, vllm_engine, [request("plain-again", prompts[0])])  # cached prefix
+    assert tokens_of(again["plain-again"]) == got["plain0"]
+    with pytest.raises(EngineError, match="layers \\[9\\] outside"):
+        vllm_engine.check_request(request("x", prompts[0],
+                                          steer_vectors=[SteerVectorSpec("rand", 1.0, [9])]))
+    with pytest.raises(EngineError, match="'nope'"):
+        vllm_engine.check_request(request("x", prompts[0], steer_vectors=[SteerVectorSpec("nope", 1.0)]))
+
+
+def test_without_eager_mode_steering_vectors_are_refused():
+    from models.engines.vllm.engine import engine_args
+
+    args = engine_args(EngineConfig(kind="vllm", device="cuda", cuda_graphs=True), "/m", None)
+    assert not args["enforce_eager"] and "worker_extension_cls" not in args
+    args = engine_args(EngineConfig(kind="vllm", device="cuda", cuda_graphs=False), "/m", None)
+    assert args["enforce_eager"] and args["worker_extension_cls"].endswith("SteeringWorkerExtension")

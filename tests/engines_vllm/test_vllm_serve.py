@@ -3,7 +3,8 @@ built-in toy model, vLLM's CPU build in the Generator replica, the official `ope
 HTTP. Greedy tokens equal the torch engine's, `auto` picks an adapter that vLLM applies (its task
 checker passes), streaming and a client that goes away, proxy tuning through vLLM's logits
 processor equal to the torch engine's, response_format and a forced tool call through vLLM's
-guided decoding, n > 1 with a seed, and what vLLM cannot do answered with a 400."""
+guided decoding, n > 1 with a seed, a steering vector through the hooks in vLLM's workers, and
+what vLLM cannot do answered with a 400."""
 
 from __future__ import annotations
 
@@ -169,17 +170,25 @@ def test_n_choices_with_a_seed_are_reproducible(client):
     assert len(first) == 3 and len(set(first)) > 1 and texts() == first
 
 
+def test_a_steering_vector_steers_through_the_hooks(base_url):
+    def text(steering: dict | None) -> str:
+        body = {"model": MODEL, "prompt": "Mia is", "max_tokens": 12, "temperature": 0,
+                "ignore_eos": True, **({"steering": steering} if steering else {})}
+        r = httpx.post(f"{base_url}/v1/completions", timeout=60, json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    plain = text(None)
+    steered = text({"vectors": [{"name": "positive", "coeff": 8.0}]})
+    assert steered != plain and text(None) == plain
+
+
 def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(base_url):
     r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
-        "model": MODEL, "prompt": "Mia", "max_tokens": 4,
-        "steering": {"vectors": [{"name": "positive", "coeff": 4.0}]}})  # fmt: skip
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert "engine 'vllm'" in error["message"] and "hidden_state_steering" in error["message"]
-    assert error["code"] == "unsupported_by_engine"
-    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
         "model": MODEL, "prompt": "Mia", "max_tokens": 4, "steering": {"policy": "guard"}})
-    assert r.status_code == 400 and "token_events" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.status_code == 400 and "engine 'vllm'" in error["message"], r.text
+    assert "token_events" in error["message"] and error["code"] == "unsupported_by_engine"
     r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
         "model": MODEL, "prompt": "Mia", "max_tokens": 4,
         "tandem": {"activations": {"layers": [1]}}})  # fmt: skip

@@ -11,10 +11,13 @@ guided decoding with the guidance backend (llguidance, the torch engine's compil
 grammar is checked before admission (a 400), and constrained rows close their output near
 max_tokens as in the torch engine (logits.py). Logit policies (proxy_tuning, contrastive) run
 through vLLM's logits-processor interface (models.engines.vllm.logits) inside vLLM's engine
-process, with the request's policy and parameters as per-request arguments. What vLLM cannot do
-here is refused by `capabilities` (a 400 naming the engine and the capability): steering
-vectors on hidden states, returning hidden states (tandem.activations), token-event policies
-(ForceTokens, Backtrack...), weighted adapter mixes. A request's speculative_k is ignored:
+process, with the request's policy and parameters as per-request arguments. Steering vectors
+(steer_vectors: h_l += c * v_l after layer l) run as forward hooks in vLLM's workers, in eager
+mode only (models.engines.vllm.hooks; engine.cuda_graphs: false on a GPU), with the steered
+prompt's KV blocks kept apart from the plain prompt's (cache_salt). What vLLM cannot do here is
+refused by `capabilities` (a 400 naming the engine and the capability): steering vectors
+without eager mode, returning hidden states (tandem.activations), token-event policies
+(ForceTokens, SteerVector, Backtrack...), weighted adapter mixes. A request's speculative_k is ignored:
 vLLM's speculative decoding is engine-wide (engine.vllm.speculative_config), and output-neutral.
 
 Known differences from the torch engine, bounded: a seeded sampled row is reproducible but
@@ -49,6 +52,7 @@ from models.engine.admission import check_generation
 from models.engine.config import EngineConfig
 from models.engine.constraints import RowConstraints
 from models.engine.llm_engine import eos_token_ids, load_tokenizer
+from models.engines.vllm.hooks import EXTENSION, VECTORS_KEY
 from models.engines.vllm.logits import PROCESSOR, SETUP_KEY, steering_args
 from models.protocol.constraints import OutputConstraint
 from models.protocol.engine import Engine, EngineCapabilities, check_capabilities
@@ -57,6 +61,7 @@ from models.protocol.errors import (
     EngineError,
     EngineFailedError,
     EngineOverloadedError,
+    VectorNotFoundError,
 )
 from models.protocol.outputs import EngineStats, RequestOutput, TokenLogprob
 from models.protocol.requests import GenerationRequest
@@ -92,6 +97,8 @@ def engine_args(config: EngineConfig, model_path: str, steering: SteeringSetup |
         args["logits_processors"] = [PROCESSOR]
     if steered:
         args["additional_config"] = {SETUP_KEY: steering.model_dump(mode="json")}
+    if args["enforce_eager"]:  # steering vectors by forward hooks (hooks.py): eager mode only
+        args["worker_extension_cls"] = EXTENSION
     args.update(config.vllm)
     return args
 
@@ -118,7 +125,11 @@ class VllmEngine(Engine):
         self.capabilities = EngineCapabilities(
             logit_steering=bool(self.policies), per_row_lora=self.args["enable_lora"],
             structured_output="structured_outputs_config" in self.args,
+            hidden_state_steering=bool(self.args.get("enforce_eager"))
+            and self.args.get("worker_extension_cls") == EXTENSION,
         )
+        self.num_layers = hf["num_hidden_layers"]
+        self._hooked = False
         # the torch engine's compiler checks a request's grammar before admission (a 400);
         # vLLM's guidance backend then compiles the same grammar for its own bitmask
         self.constraints = RowConstraints(config.structured_output, self.tokenizer,
@@ -126,13 +137,17 @@ class VllmEngine(Engine):
                                           torch.device("cpu"))  # fmt: skip
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
         self.vectors: dict[str, torch.Tensor] = {}
+        self._vector_versions: dict[str, int] = {}
         self._loras: dict[str, LoRARequest] = {}
         self._next_lora_id = 1
         self._live: set[str] = set()
         self._stats = EngineStats()
 
     async def start(self) -> None:
-        return None
+        """Hook the decoder layers in vLLM's workers (once) when steering vectors can run."""
+        if self.capabilities.hidden_state_steering and not self._hooked:
+            await self.llm.collective_rpc("tandem_install_hooks")
+            self._hooked = True
 
     def shutdown(self) -> None:
         self.llm.shutdown()
@@ -147,6 +162,13 @@ class VllmEngine(Engine):
         max_logprobs = self.args.get("max_logprobs", MAX_LOGPROBS)
         check_generation(request, self.vocab_size, self.max_model_len, max_logprobs)
         self.constraints.check(request)
+        for spec in request.steer_vectors:
+            if spec.name not in self.vectors:
+                raise VectorNotFoundError.naming(spec.name, self.vectors, "steering.vectors")
+            bad = [x for x in spec.layers or [] if not 0 <= x < self.num_layers]
+            if bad:
+                raise EngineError(f"steering vector '{spec.name}': layers {bad} outside "
+                                  f"[0, {self.num_layers})", "steering.vectors")  # fmt: skip
         if request.request_id in self._live:
             raise EngineError(f"request id '{request.request_id}' is already running")
         if len(self._live) >= self.config.max_num_seqs + self.config.max_queue_len:
@@ -176,8 +198,21 @@ class VllmEngine(Engine):
             repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens,
             structured_outputs=structured_outputs(request.constraint),
             output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
-            extra_args=steering_args(request),
+            extra_args={**(steering_args(request) or {}), **self.vector_args(request)} or None,
         )  # fmt: skip
+
+    def vector_args(self, request: GenerationRequest) -> dict:
+        """The request's steering vectors as the hooks' per-request argument: for each layer,
+        the sum of c * v_l over its vectors (floats), or {} when it has none."""
+        deltas: dict[int, torch.Tensor] = {}
+        for spec in request.steer_vectors:
+            vector = self.vectors[spec.name]
+            for layer in spec.layers if spec.layers is not None else range(vector.shape[0]):
+                delta = spec.coeff * vector[layer].to(torch.float32)
+                deltas[layer] = deltas[layer] + delta if layer in deltas else delta
+        if not deltas:
+            return {}
+        return {VECTORS_KEY: {str(k): v.tolist() for k, v in sorted(deltas.items())}}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs as vLLM produces them; the last has finished=True."""
@@ -186,12 +221,15 @@ class VllmEngine(Engine):
         name = self._adapter_of(request)
         lora = self._loras[name] if name is not None else None
         params = self.sampling_params(request)
+        inputs: dict[str, Any] = {"prompt_token_ids": prompt}
+        if request.steer_vectors:  # steered KV blocks are not the plain prompt's: own cache
+            inputs["cache_salt"] = repr([(s.name, self._vector_versions[s.name], s.coeff,
+                                          s.layers) for s in request.steer_vectors])  # fmt: skip
         self._live.add(rid)
         self._stats.max_running_seen = max(self._stats.max_running_seen, len(self._live))
         generated = 0
         try:
-            stream = self.llm.generate({"prompt_token_ids": prompt}, params, rid,
-                                       lora_request=lora)  # fmt: skip
+            stream = self.llm.generate(inputs, params, rid, lora_request=lora)
             async for out in stream:
                 done = out.outputs[0]
                 generated += len(done.token_ids)
@@ -243,9 +281,10 @@ class VllmEngine(Engine):
         return sorted(self._loras)
 
     def register_vector(self, name: str, vector: torch.Tensor) -> None:
-        """Kept for listing only: vLLM has no hidden-state steering, so requests that name a
-        vector are refused by capability (hidden_state_steering)."""
-        self.vectors[name] = vector
+        """A steering vector [num_layers, hidden]; its rows ride with each request that names
+        it (hooks.py). Without eager mode requests naming it are refused by capability."""
+        self.vectors[name] = vector.detach().to("cpu", torch.float32)
+        self._vector_versions[name] = self._vector_versions.get(name, 0) + 1
 
     def set_step_observer(self, observer: StepObserver | None) -> None:
         """Unused: logit policies run inside vLLM's engine process (see logits.py), whatever
