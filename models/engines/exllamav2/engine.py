@@ -33,8 +33,9 @@ from models.engine.admission import check_generation
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import eos_token_ids, load_tokenizer
 from models.engine.sampler import sample
+from models.engines.vectors import check_vectors, vector_deltas
 from models.protocol.engine import Engine, EngineCapabilities, check_capabilities
-from models.protocol.errors import AdapterNotFoundError, EngineError, VectorNotFoundError
+from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import EngineStats, RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import StepObserver
@@ -107,24 +108,13 @@ class ExLlamaV2Engine(Engine):
     def check_request(self, request: GenerationRequest) -> None:
         check_capabilities(self, request)  # also when used without a Generator
         check_generation(request, self.vocab_size, self.max_model_len)
-        for spec in request.steer_vectors:
-            if spec.name not in self.vectors:
-                raise VectorNotFoundError.naming(spec.name, self.vectors, "steering.vectors")
-            bad = [x for x in spec.layers or [] if not 0 <= x < self.forward.num_layers]
-            if bad:
-                raise EngineError(f"steering vector '{spec.name}': layers {bad} outside "
-                                  f"[0, {self.forward.num_layers})")  # fmt: skip
+        check_vectors(request, self.vectors, self.forward.num_layers)
         if request.adapter is not None and request.adapter not in self.loras:
             raise AdapterNotFoundError.naming(request.adapter, self.loras, param="model")
 
     def deltas(self, request: GenerationRequest) -> dict[int, torch.Tensor]:
         """layer -> sum of c * v_l over the request's steering vectors."""
-        out: dict[int, torch.Tensor] = {}
-        for spec in request.steer_vectors:
-            vector = self.vectors[spec.name]
-            for layer in spec.layers if spec.layers is not None else range(vector.shape[0]):
-                delta = spec.coeff * vector[layer].to(torch.float32)
-                out[layer] = out[layer] + delta if layer in out else delta
+        out = vector_deltas(request, self.vectors)
         # on the GPU the layers run on (exllamav2 may keep the embedding table in CPU memory)
         device = self.model.modules[self.model.head_layer_idx].device()
         return {layer: d.to(device, torch.float16) for layer, d in out.items()}

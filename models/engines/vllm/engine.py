@@ -52,6 +52,7 @@ from models.engine.admission import check_generation
 from models.engine.config import EngineConfig
 from models.engine.constraints import RowConstraints
 from models.engine.llm_engine import eos_token_ids, load_tokenizer
+from models.engines.vectors import check_vectors, vector_deltas
 from models.engines.vllm.hooks import EXTENSION, VECTORS_KEY
 from models.engines.vllm.logits import PROCESSOR, SETUP_KEY, steering_args
 from models.protocol.constraints import OutputConstraint
@@ -61,7 +62,6 @@ from models.protocol.errors import (
     EngineError,
     EngineFailedError,
     EngineOverloadedError,
-    VectorNotFoundError,
 )
 from models.protocol.outputs import EngineStats, RequestOutput, TokenLogprob
 from models.protocol.requests import GenerationRequest
@@ -162,13 +162,7 @@ class VllmEngine(Engine):
         max_logprobs = self.args.get("max_logprobs", MAX_LOGPROBS)
         check_generation(request, self.vocab_size, self.max_model_len, max_logprobs)
         self.constraints.check(request)
-        for spec in request.steer_vectors:
-            if spec.name not in self.vectors:
-                raise VectorNotFoundError.naming(spec.name, self.vectors, "steering.vectors")
-            bad = [x for x in spec.layers or [] if not 0 <= x < self.num_layers]
-            if bad:
-                raise EngineError(f"steering vector '{spec.name}': layers {bad} outside "
-                                  f"[0, {self.num_layers})", "steering.vectors")  # fmt: skip
+        check_vectors(request, self.vectors, self.num_layers)
         if request.request_id in self._live:
             raise EngineError(f"request id '{request.request_id}' is already running")
         if len(self._live) >= self.config.max_num_seqs + self.config.max_queue_len:
@@ -204,12 +198,7 @@ class VllmEngine(Engine):
     def vector_args(self, request: GenerationRequest) -> dict:
         """The request's steering vectors as the hooks' per-request argument: for each layer,
         the sum of c * v_l over its vectors (floats), or {} when it has none."""
-        deltas: dict[int, torch.Tensor] = {}
-        for spec in request.steer_vectors:
-            vector = self.vectors[spec.name]
-            for layer in spec.layers if spec.layers is not None else range(vector.shape[0]):
-                delta = spec.coeff * vector[layer].to(torch.float32)
-                deltas[layer] = deltas[layer] + delta if layer in deltas else delta
+        deltas = vector_deltas(request, self.vectors)
         if not deltas:
             return {}
         return {VECTORS_KEY: {str(k): v.tolist() for k, v in sorted(deltas.items())}}
