@@ -38,6 +38,7 @@ class StepPlan:
     def __init__(self, runner):
         self.runner = runner
         self.deltas: dict[int, torch.Tensor] = {}
+        self.rows: dict[str, dict[int, torch.Tensor]] = {}  # request id -> its deltas, as tensors
 
     def plan(self, num_tokens: int, like: torch.Tensor) -> None:
         """Rows for this forward's num_tokens tokens, dtype and device of `like` [0, hidden]."""
@@ -51,16 +52,22 @@ class StepPlan:
             extra = (params.extra_args or {}) if params is not None else {}
             if VECTORS_KEY in extra:
                 steered.append((i, extra[VECTORS_KEY]))
+        for gone in set(self.rows) - set(req_ids):
+            del self.rows[gone]
         if not steered:
             return
         starts = self.runner.query_start_loc.cpu[: len(req_ids) + 1].tolist()
         for i, layers in steered:
-            for layer, values in layers.items():
-                rows = self.deltas.get(int(layer))
+            tensors = self.rows.get(req_ids[i])
+            if tensors is None:  # converted once per request, not every step
+                tensors = self.rows[req_ids[i]] = {
+                    int(layer): torch.tensor(values, dtype=like.dtype, device=like.device)
+                    for layer, values in layers.items()}  # fmt: skip
+            for layer, delta in tensors.items():
+                rows = self.deltas.get(layer)
                 if rows is None:
-                    rows = self.deltas[int(layer)] = like.new_zeros(num_tokens, like.shape[-1])
-                rows[starts[i]:starts[i + 1]] += torch.tensor(values, dtype=like.dtype,
-                                                              device=like.device)  # fmt: skip
+                    rows = self.deltas[layer] = like.new_zeros(num_tokens, like.shape[-1])
+                rows[starts[i]:starts[i + 1]] += delta
 
 
 class SteeringWorkerExtension:
@@ -79,7 +86,7 @@ class SteeringWorkerExtension:
         def before(module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             num = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
-            plan.plan(num, torch.empty(0, layers_hidden, device=device))
+            plan.plan(num, torch.empty(0, layers_hidden, device=device, dtype=torch.float32))
 
         def after(index: int):
             def hook(module, args, output):

@@ -114,7 +114,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
                if max_tokens - len(output) <= min(CLOSE_WITHIN, max_tokens // 2)]  # fmt: skip
         if not due:
             return logits
-        tiers = self._tiers(logits.shape[-1]).to(logits.device)
+        tiers = self._tiers(logits.shape[-1], logits.device)
         for i in due:
             allowed = logits[i] > float("-inf")
             for tier in tiers:
@@ -124,14 +124,15 @@ class SteeringLogitsProcessor(LogitsProcessor):
                     break
         return logits
 
-    def _tiers(self, vocab: int) -> torch.Tensor:
-        if self.tiers is None or self.tiers.shape[-1] != vocab:
+    def _tiers(self, vocab: int, device: torch.device) -> torch.Tensor:
+        if self.tiers is None or self.tiers.shape[-1] != vocab or self.tiers.device != device:
             tokenizer = load_tokenizer(self.tokenizer_path)
             count = min(vocab, len(tokenizer))
             texts = tokenizer.batch_decode([[i] for i in range(count)])
             self.tiers = torch.zeros(len(CLOSING_TIERS), vocab, dtype=torch.bool)
             for t, tier in enumerate(CLOSING_TIERS):
                 self.tiers[t, :count] = torch.tensor([bool(x) and tier(x) for x in texts])
+            self.tiers = self.tiers.to(device)
         return self.tiers
 
     def _steer(self, logits: torch.Tensor) -> torch.Tensor:
