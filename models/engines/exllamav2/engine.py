@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Lora
 from exllamav2.attn import ExLlamaV2Attention
+from exllamav2.compat import safe_move_tensor
+from exllamav2.device import set_device_streams
 from exllamav2.mlp import ExLlamaV2MLP
 from exllamav2.parallel_decoder import ExLlamaV2ParallelDecoder
 
@@ -62,10 +64,15 @@ class SteeredForward:
         batch, length = ids.shape
         past = cache.current_seq_len
         params = ExLlamaV2Attention.Params(batch, length, past, None, None)
+        set_device_streams()  # per thread, as ExLlamaV2.forward_chunk (this runs in to_thread)
+        first = model.modules[0].device_idx  # the embedding: -1 (CPU) after load_autosplit
         x = ids
         for idx, module in enumerate(model.modules):
             if idx == model.head_layer_idx:
                 x = x.narrow(-2, -1, 1)
+            if module.device_idx is not None and module.device_idx != first and (
+                    module.device_idx >= 0):  # fmt: skip
+                x = safe_move_tensor(x, module.device_idx, non_blocking=True)
             x = module.forward(x, cache=cache, attn_params=params, past_len=past, loras=loras)
             layer = self.after_layer.get(idx)
             if deltas and layer in deltas:
