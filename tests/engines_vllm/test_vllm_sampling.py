@@ -139,3 +139,6 @@ def test_structured_output_off_leaves_vllm_without_guided_decoding():
     assert "structured_outputs_config" not in args and "logits_processors" not in args
     args = engine_args(EngineConfig(kind="vllm"), "/m", None)
     assert args["structured_outputs_config"]["backend"] == "guidance"
+    assert args["enable_prefix_caching"] and args["logprobs_mode"] == "processed_logprobs"
+    assert not engine_args(EngineConfig(kind="vllm", prefix_caching=False), "/m",
+                           None)["enable_prefix_caching"]  # fmt: skip

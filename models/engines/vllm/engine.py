@@ -82,7 +82,7 @@ def engine_args(config: EngineConfig, model_path: str, steering: SteeringSetup |
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
         enable_lora=config.max_adapters_per_replica > 0, max_lora_rank=config.max_lora_rank,
         max_loras=max(1, config.max_adapters_per_replica), max_logprobs=MAX_LOGPROBS,
-        enforce_eager=on_cpu or not config.cuda_graphs,
+        enforce_eager=on_cpu or not config.cuda_graphs, enable_prefix_caching=config.prefix_caching,
         logprobs_mode="processed_logprobs",  # after bias, penalties, steering and grammar
     )  # fmt: skip
     if on_cpu:  # one process less (no worker process), and a KV cache of the configured size
