@@ -4,7 +4,9 @@ Both are driven the way the Generator drives them (`engine.generate` streams on 
 loop): N concurrent greedy requests of --max-tokens tokens each, generated tokens per second
 (prefill included), best of --repeats runs alternating the two sides (the shared CPU is noisy);
 plus proxy tuning (the small model in the loop: the torch engine's step observer, vLLM's logits
-processor) at one stream. Prints a table, writes bench/results/engines_cpu.json.
+processor) at one stream, and a steering vector on 3 layers at 16 streams (the torch engine's
+per-row steering, vLLM's forward hooks; the plain rows run with the hooks installed too).
+Prints a table, writes bench/results/engines_cpu.json.
 
 Run it in the venv that has vLLM (`make setup-vllm`):
 
@@ -30,7 +32,7 @@ from models.engine import build_engine
 from models.engine.config import EngineConfig
 from models.engine.torch_engine import TorchEngine
 from models.protocol.engine import Engine
-from models.protocol.requests import GenerationRequest, SamplingParams
+from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
 from models.protocol.steering import SteeringRequest
 from models.steering.config import SteeringConfig, SteeringSetup
 from models.steering.runtime import SteeringRuntime
@@ -42,12 +44,15 @@ TEXTS = ["Anna has a red ball.", "The blue map is", "Who has the green drum?", "
 
 
 async def tokens_per_s(engine: Engine, prompts: list[list[int]], max_tokens: int,
-                       steering: SteeringRequest | None = None) -> float:  # fmt: skip
+                       steering: SteeringRequest | list | None = None) -> float:  # fmt: skip
+    """steering: a policy request, or a list of SteerVectorSpecs."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    vectors = steering if isinstance(steering, list) else []
+    policy = steering if isinstance(steering, SteeringRequest) else None
 
     async def one(i: int, prompt: list[int]) -> int:
         request = GenerationRequest(f"b{time.perf_counter_ns()}-{i}", prompt, params,
-                                    steering=steering)  # fmt: skip
+                                    steering=policy, steer_vectors=vectors)  # fmt: skip
         return sum([len(out.token_ids) async for out in engine.generate(request)])
 
     start = time.perf_counter()
@@ -64,10 +69,18 @@ async def main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     vllm_engine = build_engine(EngineConfig(kind="vllm"), paths.big, setup)
     vllm_start_s = time.perf_counter() - started
+    import torch
+
+    shape = (torch_engine.core.args.num_layers, torch_engine.core.args.hidden_size)
+    vector = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    for engine in (torch_engine, vllm_engine):
+        await engine.start()  # vLLM: the steering hooks in its worker
+        engine.register_vector("v", vector)
     tok = torch_engine.tokenizer
     base = [tok.encode(t, add_special_tokens=False) for t in TEXTS]
     cases = [(f"{n} streams", n, None) for n in args.streams]
     cases.append(("proxy tuning, 1 stream", 1, SteeringRequest("proxy", mode="sync")))
+    cases.append(("vector, 16 streams", 16, [SteerVectorSpec("v", 1.0, [1, 3, 5])]))
     rows = []
     for name, n, steering in cases:
         prompts = [base[i % len(base)] for i in range(n)]

@@ -14,6 +14,9 @@ imports for the torch engine (pydantic).
 
     MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 python3 bench/engines_gpu.py --out $OUT
     python3 bench/engines_gpu.py --skip-exl2          # FP16 only (no conversion, ~10 min less)
+    python3 bench/engines_gpu.py --convert-only       # only the EXL2 checkpoint (kept in --work)
+
+bench/gpu_exllamav2.sh runs it on a GPU machine without network, in three commands.
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/tandem_engines_gpu")
     parser.add_argument("--bits", type=float, default=4.0)
     parser.add_argument("--skip-exl2", action="store_true")
+    parser.add_argument("--convert-only", action="store_true",
+                        help="make the EXL2 checkpoint in --work and stop (a run of its own "
+                        "where one command may take 10 minutes at most)")
     args = parser.parse_args()
     work = Path(args.work)
     fp16 = work / "qwen3-1.7b-fp16"
@@ -147,7 +153,17 @@ def main() -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the toy tokenizer: ids < 712
         shutil.copy(Path(resolve_source("builtin:toy").big).parent.parent / "tokenizer" / name,
                     fp16 / name)  # fmt: skip
+    exl2 = work / f"qwen3-1.7b-exl2-{args.bits}"
+    timing = work / f"exl2-{args.bits}-convert_s.json"
+    if not args.skip_exl2 and not (exl2 / "config.json").exists():
+        log("EXL2 conversion")
+        timing.write_text(json.dumps(round(convert_exl2(fp16, exl2, args.bits), 1)))
+    if args.convert_only:
+        log(f"EXL2 checkpoint in {exl2}")
+        return
     results: dict = {"device": torch.cuda.get_device_name(), "layers": LAYERS, "rows": []}
+    if timing.exists():
+        results["exl2_convert_s"] = json.loads(timing.read_text())
     g = torch.Generator().manual_seed(0)
     shape = SHAPES["qwen3-1.7b"]
     directions = torch.randn(shape["num_hidden_layers"], shape["hidden_size"], generator=g)
@@ -172,9 +188,6 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(str(fp16), dtype=torch.float32).cuda().eval()
     checkpoints = {"exllamav2 fp16": fp16}
     if not args.skip_exl2:
-        exl2 = work / f"qwen3-1.7b-exl2-{args.bits}"
-        if not (exl2 / "config.json").exists():
-            results["exl2_convert_s"] = round(convert_exl2(fp16, exl2, args.bits), 1)
         checkpoints[f"exllamav2 exl2 {args.bits} bpw"] = exl2
     for name, path in checkpoints.items():
         log(name)

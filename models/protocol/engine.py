@@ -32,7 +32,8 @@ class EngineCapabilities:
     (proxy_tuning, contrastive). per_row_lora: one batch mixes LoRA adapters. adapter_mix: one
     row mixes several adapters by weight (the router's top-k). backtrack: generated tokens can
     be taken back (Backtrack, steering.params.max_backtrack). structured_output: grammar-exact
-    output (response_format).
+    output (response_format). hidden_state_capture: the residual stream of chosen layers comes
+    back with each token (tandem.activations).
     """
 
     token_events: bool = False
@@ -42,6 +43,7 @@ class EngineCapabilities:
     adapter_mix: bool = False
     backtrack: bool = False
     structured_output: bool = False
+    hidden_state_capture: bool = False
 
     @classmethod
     def all(cls) -> EngineCapabilities:
@@ -72,6 +74,8 @@ def request_needs(
         needs["adapter_mix"] = "adapter"
     if request.constraint is not None:
         needs["structured_output"] = "response_format"
+    if request.hidden_layers:
+        needs["hidden_state_capture"] = "tandem.activations"
     steering = request.steering
     if steering is not None:
         for name in (policy_needs or {}).get(steering.policy, ["token_events"]):

@@ -52,6 +52,7 @@ def test_a_request_needs_what_its_fields_ask_for():
         "hidden_state_steering": "steer_vectors"}
     assert request_needs(req(adapter_weights={"a": 0.5, "b": 0.5})) == {"adapter_mix": "adapter"}
     assert request_needs(req(adapter_weights={"a": 1.0})) == {}
+    assert request_needs(req(hidden_layers=[1, 3])) == {"hidden_state_capture": "tandem.activations"}
     steered = req(steering=SteeringRequest("proxy", params={"max_backtrack": 2}))
     assert request_needs(steered, needs) == {
         "logit_steering": "steering.policy", "backtrack": "steering.params.max_backtrack"}
@@ -70,6 +71,8 @@ def test_what_the_engine_lacks_is_a_400_naming_engine_and_capability():
     assert "steering policy 'guard'" in e.value.message
     with pytest.raises(UnsupportedByEngineError, match="hidden_state_steering.*'steer_vectors'"):
         check_capabilities(LogitsOnly(), req(steer_vectors=[SteerVectorSpec("v", 1.0)]), needs)
+    with pytest.raises(UnsupportedByEngineError, match="hidden_state_capture.*tandem.activations"):
+        check_capabilities(LogitsOnly(), req(hidden_layers=[0]), needs)
 
 
 def test_the_torch_engine_can_do_everything():

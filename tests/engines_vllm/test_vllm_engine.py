@@ -1,121 +1,37 @@
 """The vLLM engine in-process on the built-in toy model (vLLM's CPU build; skipped without vllm):
 greedy tokens equal the torch engine's, an adapter as a LoRARequest gives the torch engine's
 adapted tokens, streaming and abort, logprobs, proxy tuning through vLLM's logits processor
-equal to the torch engine's proxy-tuned tokens, and the capability refusals.
+equal to the torch engine's proxy-tuned tokens, steering vectors through forward hooks in vLLM's
+workers equal to the torch engine's steered tokens, and the capability refusals.
 
-One vLLM engine for the module (about 40 s to start on 2 cores), driven on one event loop."""
+One vLLM engine for the session (conftest.py), driven on one event loop."""
 
 from __future__ import annotations
-
-import asyncio
 
 import pytest
 
 pytest.importorskip("vllm.engine")  # a real vLLM (not a folder named vllm)
 
-from models.builtin import resolve_source  # noqa: E402
-from models.engine import build_engine  # noqa: E402
 from models.engine.config import EngineConfig  # noqa: E402
 from models.engine.llm_engine import LLMEngine  # noqa: E402
 from models.protocol.engine import UnsupportedByEngineError, check_capabilities  # noqa: E402
 from models.protocol.errors import AdapterNotFoundError, EngineError  # noqa: E402
 from models.protocol.requests import (  # noqa: E402
-    GenerationRequest,
-    SamplingParams,
     SteerVectorSpec,
 )
 from models.protocol.steering import SteeringRequest  # noqa: E402
-from models.steering.config import SteeringConfig, SteeringSetup  # noqa: E402
+from models.steering.config import SteeringConfig  # noqa: E402
 from models.steering.policies import policy_needs  # noqa: E402
 from models.steering.runtime import SteeringRuntime  # noqa: E402
-
-STEERING = {
-    "expert_adapter": "positive",
-    "policies": [
-        {"name": "proxy", "kind": "proxy_tuning", "params": {"alpha": 1.5}},
-        {"name": "contrast", "kind": "contrastive", "params": {"beta": 0.8,
-                                                               "plausibility_alpha": 0.05}},
-        {"name": "guard", "kind": "vector_guard",
-         "params": {"vector": "v", "positive": ["I am glad"], "negative": ["I am sad"]}},
-    ],
-}  # fmt: skip
-TEXTS = ["Anna has a red ball.", "The blue map is", "Who has the green drum?", "Omar feels"]
-N = 12
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return resolve_source("builtin:toy")
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    pending = asyncio.all_tasks(loop)  # vLLM's output handler, after the engine shut down
-    for task in pending:
-        task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def steering():
-    return SteeringSetup(steering=SteeringConfig.model_validate(STEERING),
-                         model_source="builtin:toy")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def vllm_engine(toy, loop, steering):
-    async def build():
-        return build_engine(EngineConfig(kind="vllm", kv_cache_cpu_gib=0.25), toy.big, steering)
-
-    engine = loop.run_until_complete(build())
-    for name in ("qa", "list"):
-        loop.run_until_complete(engine.load_adapter(name, toy.adapters[name]))
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def torch_engine(toy):
-    return LLMEngine(EngineConfig(num_kv_blocks=256), toy.big)
-
-
-@pytest.fixture(scope="module")
-def prompts(torch_engine):
-    return [torch_engine.tokenizer.encode(t) for t in TEXTS]
-
-
-def request(rid, prompt, max_tokens=N, **kw) -> GenerationRequest:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
-                            logprobs=kw.pop("logprobs", None))  # fmt: skip
-    return GenerationRequest(rid, list(prompt), params, **kw)
-
-
-def torch_tokens(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    for r in requests:
-        engine.add_request(r)
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id].extend(out.token_ids)
-    return tokens
-
-
-def vllm_outputs(loop, engine, requests: list[GenerationRequest]) -> dict[str, list]:
-    async def one(r):
-        return [out async for out in engine.generate(r)]
-
-    async def run():
-        return await asyncio.gather(*(one(r) for r in requests))
-
-    return {r.request_id: outs for r, outs in zip(requests, loop.run_until_complete(run()),
-                                                  strict=True)}  # fmt: skip
-
-
-def tokens_of(outs) -> list[int]:
-    return [t for out in outs for t in out.token_ids]
+from tests.engines_vllm.conftest import (  # noqa: E402
+    STEERING,
+    TEXTS,
+    N,
+    request,
+    tokens_of,
+    torch_tokens,
+    vllm_outputs,
+)
 
 
 def test_greedy_tokens_and_text_equal_the_torch_engine(loop, vllm_engine, torch_engine, prompts):
@@ -200,13 +116,14 @@ def test_proxy_tuning_and_contrastive_equal_the_torch_engine(loop, vllm_engine, 
 
 def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(vllm_engine, prompts):
     needs = policy_needs(SteeringConfig.model_validate(STEERING).policies)
-    vector = request("v", prompts[0], steer_vectors=[SteerVectorSpec("v", 2.0)])
     guard = request("g", prompts[0], steering=SteeringRequest("guard"))
     mix = request("m", prompts[0], adapter_weights={"qa": 0.6, "list": 0.4})
     back = request("b", prompts[0], steering=SteeringRequest("proxy",
                                                              params={"max_backtrack": 2}))
-    for bad, capability in [(vector, "hidden_state_steering"), (guard, "token_events"),
-                            (mix, "adapter_mix"), (back, "backtrack")]:  # fmt: skip
+    capture = request("h", prompts[0], hidden_layers=[1])
+    for bad, capability in [(guard, "token_events"),
+                            (mix, "adapter_mix"), (back, "backtrack"),
+                            (capture, "hidden_state_capture")]:  # fmt: skip
         with pytest.raises(UnsupportedByEngineError, match=f"engine 'vllm'.*{capability}") as e:
             check_capabilities(vllm_engine, bad, needs)
         assert e.value.status_code == 400
@@ -216,3 +133,37 @@ def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(vllm_engine, 
                        needs)  # fmt: skip
     with pytest.raises(EngineError, match="'nope' is not configured for the vllm engine"):
         vllm_engine.check_request(request("n", prompts[0], steering=SteeringRequest("nope")))
+
+
+def test_steering_vectors_through_hooks_equal_the_torch_engine(loop, vllm_engine, toy, prompts):
+    import torch
+
+    torch_engine = LLMEngine(EngineConfig(num_kv_blocks=256), toy.big)
+    g = torch.Generator().manual_seed(0)
+    vector = torch.randn(torch_engine.args.num_layers, torch_engine.args.hidden_size, generator=g)
+    for engine in (torch_engine, vllm_engine):
+        engine.register_vector("rand", vector)
+    specs = {"all": [SteerVectorSpec("rand", 1.5)], "two": [SteerVectorSpec("rand", 3.0, [1, 4])]}
+    reqs = [request(f"{k}{i}", p, steer_vectors=v) for k, v in specs.items()
+            for i, p in enumerate(prompts[:2])]  # fmt: skip
+    plain = [request(f"plain{i}", p) for i, p in enumerate(prompts[:2])]
+    got = {rid: tokens_of(o) for rid, o in vllm_outputs(loop, vllm_engine, reqs + plain).items()}
+    want = torch_tokens(torch_engine, reqs + plain)
+    assert got == want  # steered rows beside plain rows of the same prompts in one batch
+    assert got["all0"] != got["plain0"] and got["two1"] != got["plain1"]
+    again = vllm_outputs(loop, vllm_engine, [request("plain-again", prompts[0])])  # cached prefix
+    assert tokens_of(again["plain-again"]) == got["plain0"]
+    with pytest.raises(EngineError, match="layers \\[9\\] outside"):
+        vllm_engine.check_request(request("x", prompts[0],
+                                          steer_vectors=[SteerVectorSpec("rand", 1.0, [9])]))
+    with pytest.raises(EngineError, match="'nope'"):
+        vllm_engine.check_request(request("x", prompts[0], steer_vectors=[SteerVectorSpec("nope", 1.0)]))
+
+
+def test_without_eager_mode_steering_vectors_are_refused():
+    from models.engines.vllm.engine import engine_args
+
+    args = engine_args(EngineConfig(kind="vllm", device="cuda", cuda_graphs=True), "/m", None)
+    assert not args["enforce_eager"] and "worker_extension_cls" not in args
+    args = engine_args(EngineConfig(kind="vllm", device="cuda", cuda_graphs=False), "/m", None)
+    assert args["enforce_eager"] and args["worker_extension_cls"].endswith("SteeringWorkerExtension")

@@ -2,10 +2,13 @@
 built-in toy model, vLLM's CPU build in the Generator replica, the official `openai` client over
 HTTP. Greedy tokens equal the torch engine's, `auto` picks an adapter that vLLM applies (its task
 checker passes), streaming and a client that goes away, proxy tuning through vLLM's logits
-processor equal to the torch engine's, and what vLLM cannot do answered with a 400."""
+processor equal to the torch engine's, response_format and a forced tool call through vLLM's
+guided decoding, n > 1 with a seed, a steering vector through the hooks in vLLM's workers, and
+what vLLM cannot do answered with a 400."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -133,14 +136,64 @@ def test_proxy_tuning_through_the_logits_processor_equals_the_torch_engine(clien
     assert got.choices[0].text != plain
 
 
+def test_structured_output_and_a_forced_tool_call_through_vllm(client):
+    from pydantic import BaseModel, Field
+
+    class Place(BaseModel):
+        who: str = Field(max_length=12)
+        where: str = Field(max_length=12)
+
+    messages = [{"role": "user", "content": "Where is Mia?"}]
+    r = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Place,
+                                      max_tokens=48, temperature=1.0, seed=1)
+    assert isinstance(r.choices[0].message.parsed, Place)
+    tool = {"type": "function", "function": {"name": "find_person", "parameters": {
+        "type": "object", "properties": {"who": {"enum": ["Mia", "Tom"]}}, "required": ["who"]}}}
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[tool], max_tokens=96, stream=True,
+        tool_choice={"type": "function", "function": {"name": "find_person"}})  # fmt: skip
+    calls = [tc for c in stream if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert calls[0].function.name == "find_person"
+    assert json.loads(calls[0].function.arguments)["who"] in ("Mia", "Tom")
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32,
+                                       response_format={"type": "json_object"})  # fmt: skip
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_n_choices_with_a_seed_are_reproducible(client):
+    def texts():
+        r = client.completions.create(model=MODEL, prompt="Mia", max_tokens=12, n=3, seed=5,
+                                      temperature=1.0, extra_body={"ignore_eos": True})
+        return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    first = texts()
+    assert len(first) == 3 and len(set(first)) > 1 and texts() == first
+
+
+def test_a_steering_vector_steers_through_the_hooks(base_url):
+    def text(steering: dict | None) -> str:
+        body = {"model": MODEL, "prompt": "Mia is", "max_tokens": 12, "temperature": 0,
+                "ignore_eos": True, **({"steering": steering} if steering else {})}
+        r = httpx.post(f"{base_url}/v1/completions", timeout=60, json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    plain = text(None)
+    steered = text({"vectors": [{"name": "positive", "coeff": 8.0}]})
+    assert steered != plain and text(None) == plain
+
+
 def test_what_vllm_cannot_do_is_a_400_naming_engine_and_capability(base_url):
     r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
-        "model": MODEL, "prompt": "Mia", "max_tokens": 4,
-        "steering": {"vectors": [{"name": "positive", "coeff": 4.0}]}})  # fmt: skip
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert "engine 'vllm'" in error["message"] and "hidden_state_steering" in error["message"]
-    assert error["code"] == "unsupported_by_engine"
-    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
         "model": MODEL, "prompt": "Mia", "max_tokens": 4, "steering": {"policy": "guard"}})
-    assert r.status_code == 400 and "token_events" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.status_code == 400 and "engine 'vllm'" in error["message"], r.text
+    assert "token_events" in error["message"] and error["code"] == "unsupported_by_engine"
+    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "Mia", "max_tokens": 4,
+        "tandem": {"activations": {"layers": [1]}}})  # fmt: skip
+    assert r.status_code == 400 and "hidden_state_capture" in r.json()["error"]["message"]
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Mia"}], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Lora
 from exllamav2.attn import ExLlamaV2Attention
+from exllamav2.compat import safe_move_tensor
+from exllamav2.device import set_device_streams
 from exllamav2.mlp import ExLlamaV2MLP
 from exllamav2.parallel_decoder import ExLlamaV2ParallelDecoder
 
@@ -33,8 +35,9 @@ from models.engine.admission import check_generation
 from models.engine.config import EngineConfig
 from models.engine.llm_engine import eos_token_ids, load_tokenizer
 from models.engine.sampler import sample
+from models.engines.vectors import check_vectors, vector_deltas
 from models.protocol.engine import Engine, EngineCapabilities, check_capabilities
-from models.protocol.errors import AdapterNotFoundError, EngineError, VectorNotFoundError
+from models.protocol.errors import AdapterNotFoundError
 from models.protocol.outputs import EngineStats, RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import StepObserver
@@ -61,10 +64,15 @@ class SteeredForward:
         batch, length = ids.shape
         past = cache.current_seq_len
         params = ExLlamaV2Attention.Params(batch, length, past, None, None)
+        set_device_streams()  # per thread, as ExLlamaV2.forward_chunk (this runs in to_thread)
+        first = model.modules[0].device_idx  # the embedding: -1 (CPU) after load_autosplit
         x = ids
         for idx, module in enumerate(model.modules):
             if idx == model.head_layer_idx:
                 x = x.narrow(-2, -1, 1)
+            if module.device_idx is not None and module.device_idx != first and (
+                    module.device_idx >= 0):  # fmt: skip
+                x = safe_move_tensor(x, module.device_idx, non_blocking=True)
             x = module.forward(x, cache=cache, attn_params=params, past_len=past, loras=loras)
             layer = self.after_layer.get(idx)
             if deltas and layer in deltas:
@@ -107,24 +115,13 @@ class ExLlamaV2Engine(Engine):
     def check_request(self, request: GenerationRequest) -> None:
         check_capabilities(self, request)  # also when used without a Generator
         check_generation(request, self.vocab_size, self.max_model_len)
-        for spec in request.steer_vectors:
-            if spec.name not in self.vectors:
-                raise VectorNotFoundError.naming(spec.name, self.vectors, "steering.vectors")
-            bad = [x for x in spec.layers or [] if not 0 <= x < self.forward.num_layers]
-            if bad:
-                raise EngineError(f"steering vector '{spec.name}': layers {bad} outside "
-                                  f"[0, {self.forward.num_layers})")  # fmt: skip
+        check_vectors(request, self.vectors, self.forward.num_layers)
         if request.adapter is not None and request.adapter not in self.loras:
             raise AdapterNotFoundError.naming(request.adapter, self.loras, param="model")
 
     def deltas(self, request: GenerationRequest) -> dict[int, torch.Tensor]:
         """layer -> sum of c * v_l over the request's steering vectors."""
-        out: dict[int, torch.Tensor] = {}
-        for spec in request.steer_vectors:
-            vector = self.vectors[spec.name]
-            for layer in spec.layers if spec.layers is not None else range(vector.shape[0]):
-                delta = spec.coeff * vector[layer].to(torch.float32)
-                out[layer] = out[layer] + delta if layer in out else delta
+        out = vector_deltas(request, self.vectors)
         # on the GPU the layers run on (exllamav2 may keep the embedding table in CPU memory)
         device = self.model.modules[self.model.head_layer_idx].device()
         return {layer: d.to(device, torch.float16) for layer, d in out.items()}

@@ -12,6 +12,13 @@ steering mode behaves like `colocated` here: the step waits for its adjustment.
 Only AdjustedLogits (and Noop) can be applied here; the engine's capabilities refuse policies
 that need more. A runtime error leaves the row unsteered, logged (vLLM gives a logits processor
 no way to report on a request).
+
+It also closes constrained output in time, as the torch engine does (models.engine.constraints):
+vLLM applies its grammar bitmask before the logits processors, so in the last CLOSE_WITHIN
+tokens of a constrained row's budget (or the second half of a shorter one), among the tokens
+the grammar left it keeps the first non-empty tier of CLOSING_TIERS (tokens that end a string,
+then `}]`, then the shortest values). A toy model that would fill a string up to max_tokens
+then still ends with JSON that parses.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from models.engine.constraints import CLOSE_WITHIN, CLOSING_TIERS
+from models.engine.llm_engine import load_tokenizer
 from models.engine.steering_hooks import apply_adjustments
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import AdjustedLogits, ForwardPass, Noop, Prefilled, RowEvents
@@ -42,6 +51,13 @@ def steering_args(request: GenerationRequest) -> dict | None:
         return None
     return {ARGS_KEY: {"request_id": request.request_id, "policy": s.policy,
                        "params": dict(s.params)}}  # fmt: skip
+
+
+def _constrained_row(params, prompt_ids, output_ids: list[int]):
+    """A constrained row's budget and vLLM's live list of its output ids (None: not one)."""
+    if params.structured_outputs is None or params.max_tokens is None:
+        return None
+    return params.max_tokens, output_ids
 
 
 @dataclass
@@ -67,6 +83,9 @@ class SteeringLogitsProcessor(LogitsProcessor):
             SteeringRuntime.from_setup(SteeringSetup.model_validate(setup)) if setup else None
         )
         self.rows: dict[int, SteeredRow] = {}
+        self.closing: dict[int, tuple[int, list[int]]] = {}  # constrained: (max_tokens, output)
+        self.tokenizer_path = vllm_config.model_config.tokenizer
+        self.tiers: torch.Tensor | None = None  # [len(CLOSING_TIERS), vocab] bool
 
     def is_argmax_invariant(self) -> bool:
         return False  # it changes which token greedy decoding picks
@@ -77,6 +96,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
             if gone:
                 self.runtime.release(gone)
         process_dict_updates(self.rows, batch_update, self._new_row)
+        process_dict_updates(self.closing, batch_update, _constrained_row)
 
     def _new_row(self, params, prompt_ids: list[int] | None, output_ids: list[int]):
         args = (params.extra_args or {}).get(ARGS_KEY)
@@ -86,6 +106,36 @@ class SteeringLogitsProcessor(LogitsProcessor):
                           list(prompt_ids or []), output_ids)  # fmt: skip
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._close(self._steer(logits))
+
+    def _close(self, logits: torch.Tensor) -> torch.Tensor:
+        """Constrained rows near the end of their budget keep only closing tokens (if any)."""
+        due = [i for i, (max_tokens, output) in self.closing.items()
+               if max_tokens - len(output) <= min(CLOSE_WITHIN, max_tokens // 2)]  # fmt: skip
+        if not due:
+            return logits
+        tiers = self._tiers(logits.shape[-1], logits.device)
+        for i in due:
+            allowed = logits[i] > float("-inf")
+            for tier in tiers:
+                closing = allowed & tier
+                if bool(closing.any()):
+                    logits[i] = logits[i].masked_fill(~closing, float("-inf"))
+                    break
+        return logits
+
+    def _tiers(self, vocab: int, device: torch.device) -> torch.Tensor:
+        if self.tiers is None or self.tiers.shape[-1] != vocab or self.tiers.device != device:
+            tokenizer = load_tokenizer(self.tokenizer_path)
+            count = min(vocab, len(tokenizer))
+            texts = tokenizer.batch_decode([[i] for i in range(count)])
+            self.tiers = torch.zeros(len(CLOSING_TIERS), vocab, dtype=torch.bool)
+            for t, tier in enumerate(CLOSING_TIERS):
+                self.tiers[t, :count] = torch.tensor([bool(x) and tier(x) for x in texts])
+            self.tiers = self.tiers.to(device)
+        return self.tiers
+
+    def _steer(self, logits: torch.Tensor) -> torch.Tensor:
         live = [(i, row) for i, row in self.rows.items() if row.enabled]
         if not live:
             return logits
