@@ -6,8 +6,8 @@
 # $OUT. One command may run 10 minutes at most there, so the work comes in three steps, run
 # right after each other on the same warm machine (/tmp and the extension cache stay):
 #
-#   here, once (needs PyPI):   bash bench/gpu_exllamav2.sh pack     -> .gpu/extra/*.whl (8 MB)
-#   there, carry [".gpu/extra"]:
+#   here, once (needs PyPI):   bash bench/gpu_exllamav2.sh pack     -> .gpu/exl/*.whl (8 MB)
+#   there, carry [".gpu/exl"]:
 #     1. bash bench/gpu_exllamav2.sh test      install, JIT, tests/gpu/test_exllamav2_engine.py,
 #                                              bench/engines_gpu.py --skip-exl2 (torch vs FP16)
 #     2. bash bench/gpu_exllamav2.sh convert   the EXL2 checkpoint (exllamav2's converter,
@@ -30,7 +30,7 @@ export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 install() {
     mkdir -p "$OUT"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .gpu/extra/*.whl
+        --target /tmp/site .gpu/exl/*.whl
     python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
     local start=$SECONDS
     python3 -c 'import exllamav2, exllamav2.ext' 2>&1 | tail -5
@@ -39,12 +39,12 @@ install() {
 
 case "${1:-}" in
 pack)
-    mkdir -p .gpu/extra
+    mkdir -p .gpu/exl
     grep -qx '/.gpu/' "$(git rev-parse --git-common-dir)/info/exclude" ||
         echo '/.gpu/' >> "$(git rev-parse --git-common-dir)/info/exclude"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp "${PLATFORMS[@]}" -d .gpu/extra "${WHEELS[@]}"
-    ls .gpu/extra && du -sh .gpu/extra
+        --implementation cp "${PLATFORMS[@]}" -d .gpu/exl "${WHEELS[@]}"
+    ls .gpu/exl && du -sh .gpu/exl
     ;;
 test)
     install 2>&1 | tee "$OUT/install.log"

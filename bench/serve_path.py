@@ -323,10 +323,12 @@ def replica_config(path: str, replicas: int, port: int, ingress_replicas: int = 
 # Ways to serve, combinable with "+": Ray's throughput-optimized mode (user code and the
 # handle's router on the replica's own event loop, gRPC between replicas, the garbage collector
 # frozen after start; its direct ingress also opens an HTTP port on the Ingress replica itself,
-# RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT = 30000), `direct` (clients at that port: no proxy
-# hop), `ingressN` (N Ingress replicas behind the proxy).
-VARIANTS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
-DIRECT_PORT = 30000
+# DIRECT_PORT), `direct` (that mode, clients at that port: no proxy hop), `ingressN` (N Ingress
+# replicas behind the proxy).
+DIRECT_PORT = 8100  # as monitoring/serve.sh sets it
+VARIANTS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_PORT),
+                           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_PORT + 99)}}
 
 
 def variant_settings(variant: str) -> tuple[dict, int, bool]:
