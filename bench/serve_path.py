@@ -327,6 +327,7 @@ def replica_config(path: str, replicas: int, port: int, ingress_replicas: int = 
 # replicas behind the proxy).
 DIRECT_PORT = 8100  # as monitoring/serve.sh sets it
 VARIANTS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                           "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_PORT),
                            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_PORT + 99)}}
 

@@ -37,6 +37,8 @@ fi
 # CPU). Port 8000 (Ray's proxy) serves the same app. THROUGHPUT=0 turns it off.
 if [ "${THROUGHPUT:-1}" = "1" ]; then
     export RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    # ...which buffers 1,000 log lines per replica by default: write each as it comes
+    export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=${RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE:-1}
     export RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=${DIRECT_PORT:-8100}
     export RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=$(( ${DIRECT_PORT:-8100} + 99 ))
 fi
