@@ -23,6 +23,7 @@ from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.routing.registry import adapter_paths, load_adapters
 from models.steering.config import SteeringSetup
+from models.steering.drafter import attach_drafter
 from models.steering.observer import CircuitBreaker, ReplicaObserver
 from models.steering.policies import policy_needs
 from models.steering.runtime import SteeringRuntime
@@ -52,8 +53,7 @@ class Generator:
         self.telemetry = GeneratorTelemetry(c)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._requests_served = 0
-        self._started = False
-        self._start_lock = asyncio.Lock()
+        self._started, self._start_lock = False, asyncio.Lock()
 
     async def _ensure_started(self) -> None:
         async with self._start_lock:
@@ -62,6 +62,7 @@ class Generator:
             await self.engine.start()
             self.vectors.sync(self.engine)
             await load_adapters(self.engine, self.adapter_paths, self.config.adapters)
+            await attach_drafter(self.engine, self.setup, self.config.engine.speculative)
             if self.config.steering.policies:
                 self.engine.set_step_observer(self.telemetry.observer(self.observer))
             self._metrics_task = asyncio.create_task(self.telemetry.export(self.engine))

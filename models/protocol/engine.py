@@ -32,7 +32,8 @@ class EngineCapabilities:
     (proxy_tuning, contrastive). per_row_lora: one batch mixes LoRA adapters. adapter_mix: one
     row mixes several adapters by weight (the router's top-k). backtrack: generated tokens can
     be taken back (Backtrack, steering.params.max_backtrack). structured_output: grammar-exact
-    output (response_format).
+    output (response_format). speculative_decoding: a drafter proposes tokens the big model
+    verifies (GenerationRequest.speculative_k).
     """
 
     token_events: bool = False
@@ -42,6 +43,7 @@ class EngineCapabilities:
     adapter_mix: bool = False
     backtrack: bool = False
     structured_output: bool = False
+    speculative_decoding: bool = False
 
     @classmethod
     def all(cls) -> EngineCapabilities:
@@ -72,6 +74,8 @@ def request_needs(
         needs["adapter_mix"] = "adapter"
     if request.constraint is not None:
         needs["structured_output"] = "response_format"
+    if request.speculative_k:
+        needs["speculative_decoding"] = "tandem.speculative"
     steering = request.steering
     if steering is not None:
         for name in (policy_needs or {}).get(steering.policy, ["token_events"]):

@@ -5,6 +5,8 @@ distribution (chi-square on a small vocabulary)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -15,6 +17,7 @@ from models.engine.sequence import Sequence
 from models.engine.speculative import Speculator
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
 from models.protocol.drafter import Draft
+from models.protocol.outputs import SpeculationStats
 from models.protocol.requests import GenerationRequest, SamplingParams
 from models.protocol.steering import SteeringRequest, StepObserver
 from models.steering.drafter import SmallModelDrafter
@@ -34,7 +37,7 @@ def other(tmp_path_factory):
 
 
 def make_engine(path, drafter_path=None, k: int = 4, **config) -> LLMEngine:
-    config = {"num_kv_blocks": 128, "block_size": 4, "speculative_k": k, **config}
+    config = {"num_kv_blocks": 128, "block_size": 4, "speculative": {"k": k}, **config}
     eng = LLMEngine(EngineConfig(**config), path)
     if drafter_path is not None:
         small = PagedSmallModel(str(drafter_path), device="cpu", kv_cache_gib=0.01, block_size=4)
@@ -60,7 +63,8 @@ def test_greedy_is_identical_with_speculation(big, other, drafter):
     reqs[1].params.logit_bias = {7: 5.0}  # applied to every verified position too
     reqs[2].speculative_k = 0  # this row alone decodes one token per step
     reqs[3].speculative_k = 2
-    expected = run(make_engine(big), reqs, join_every=2)
+    plain = [replace(r, speculative_k=None) for r in reqs]  # no drafter: no k may be asked
+    expected = run(make_engine(big), plain, join_every=2)
     eng = make_engine(big, big if drafter == "same" else other)
     assert run(eng, reqs, join_every=2) == expected
     spec = eng.speculator
@@ -133,9 +137,10 @@ def test_rejection_sampling_keeps_the_big_models_distribution(temperature, top_k
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 8, generator=g) * 1.5  # big model: positions 0..2 (k = 2)
     q = torch.softmax(torch.randn(2, 8, generator=g) * 2, -1)  # drafter
-    spec = Speculator(FixedDrafter(), 2, 8)
+    spec = Speculator(FixedDrafter(), 2, 8, max_model_len=64)
     params = SamplingParams(max_tokens=4, temperature=temperature, top_k=top_k)
     seq = Sequence(GenerationRequest("c", [1, 2, 3], params), torch.Generator().manual_seed(1), 0)
+    seq.speculation = SpeculationStats(2)
     trials, counts, kept = 3000, torch.zeros(8), 0
     for _ in range(trials):
         drafts = torch.multinomial(q, 1, generator=g).flatten().tolist()
