@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
 
 from models.builtin import resolve_source
@@ -18,6 +19,7 @@ from models.openai.errors import OpenAIError
 from models.openai.serving import Backends, OpenAIServing, ServingLimits
 from models.steering.config import SteeringSetup
 from models.steering.drafter import attach_drafter
+from tests.openai.test_activations import vectors
 
 PROMPTS = ["Mia is in the park. Tom", "Rewrite in a positive tone: the old dog is sad.",
            "Question: who has the red ball? Mia"]  # fmt: skip
@@ -52,7 +54,7 @@ def serving():
 
 
 def body(prompt: str, **kw) -> dict:
-    return {"model": "tandem", "prompt": prompt, "max_tokens": 24, "temperature": 0,
+    return {"model": "tandem", "prompt": prompt, "max_tokens": 16, "temperature": 0,
             "ignore_eos": True, **kw}  # fmt: skip
 
 
@@ -69,35 +71,31 @@ async def streamed(serving, request: dict) -> tuple[str, list[int], dict]:
     return text, sizes, tandem
 
 
-def test_greedy_text_is_identical_with_and_without_speculation(serving):
+def test_greedy_text_is_identical_with_and_without_speculation_streamed(serving):
+    """Two rows at once each way; the speculated ones stream several tokens per chunk."""
+    ask = {"speculative": {"k": 4}}
+
     async def run():
-        plain = [serving.completions(body(p)) for p in PROMPTS]
-        spec = [serving.completions(body(p, tandem={"speculative": {"k": 4}})) for p in PROMPTS]
-        return await asyncio.gather(*plain), await asyncio.gather(*spec)
+        plain = await asyncio.gather(*(serving.completions(body(p)) for p in PROMPTS[:2]))
+        spec = await asyncio.gather(*(streamed(serving, body(p, tandem=ask)) for p in PROMPTS[:2]))
+        return plain, spec
 
     plain, spec = asyncio.run(run())
-    for a, b in zip(plain, spec, strict=True):
-        assert b["choices"][0]["text"] == a["choices"][0]["text"]
+    for a, (text, _sizes, tandem) in zip(plain, spec, strict=True):
+        assert text == a["choices"][0]["text"]
         assert "speculative" not in a["tandem"]
-        report = b["tandem"]["speculative"]
+        report = tandem["speculative"]
         assert report["k"] == 4 and 0 < report["proposed"]
         assert 0 <= report["accepted"] <= report["proposed"]
-    assert sum(b["tandem"]["speculative"]["accepted"] for b in spec) > 0  # the pair agrees some
-
-
-def test_streaming_sends_several_tokens_per_step_and_the_same_text(serving):
-    request = body(PROMPTS[0], tandem={"speculative": {"k": 4}})
-    expected = asyncio.run(serving.completions(body(PROMPTS[0])))["choices"][0]["text"]
-    text, sizes, tandem = asyncio.run(streamed(serving, request))
-    assert text == expected
-    assert tandem["speculative"]["accepted"] > 0 and max(sizes) > 1
+    assert any(t["speculative"]["accepted"] for _, _, t in spec)  # the pair agrees at times
+    assert max(n for _, sizes, _ in spec for n in sizes) > 1
 
 
 def test_rows_that_cannot_be_speculated_say_why_and_the_others_still_are(serving):
     async def run():
         return await asyncio.gather(
-            serving.completions(body(PROMPTS[0], tandem={"speculative": {"k": 3}})),
-            serving.completions(body(PROMPTS[1], presence_penalty=0.5,
+            serving.completions(body(PROMPTS[0], max_tokens=8, tandem={"speculative": {"k": 3}})),
+            serving.completions(body(PROMPTS[1], max_tokens=4, presence_penalty=0.5,
                                      tandem={"speculative": {"k": 3}})),
             serving.completions(body(PROMPTS[2], max_tokens=8, tandem={
                 "speculative": {"k": 3}, "activations": {"layers": [0]}})),
@@ -112,7 +110,10 @@ def test_rows_that_cannot_be_speculated_say_why_and_the_others_still_are(serving
         (off,) = response["tandem"]["unspeculated_because"]
         assert off["index"] == 0 and why in off["reason"]
     assert captured["choices"][0]["text"] == captured_plain["choices"][0]["text"]
-    assert captured["tandem"]["activations"] == captured_plain["tandem"]["activations"]
+    # the same states, up to rounding: beside verify rows the step runs another kernel path
+    (got,), (want,) = captured["tandem"]["activations"], captured_plain["tandem"]["activations"]
+    assert len(got["tokens"]) == len(want["tokens"]) == 8
+    assert np.allclose(vectors(got), vectors(want), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("tandem,param", [
