@@ -58,9 +58,9 @@ class Speculator:
 
     def k_for(self, seq: Sequence) -> int:
         """This step's k for seq: its k, bounded by what it may still generate."""
-        room = min(seq.request.params.max_tokens - seq.num_generated,
-                   self.max_model_len - len(seq.token_ids)) - 1  # the last token is free  # fmt: skip
-        return max(0, min(self.row_k(seq.request), room))
+        left = min(seq.request.params.max_tokens - seq.num_generated,
+                   self.max_model_len - len(seq.token_ids))  # fmt: skip
+        return max(0, min(self.row_k(seq.request), left - 1))  # the last token is free
 
     @staticmethod
     def why_not(seq: Sequence) -> str | None:
