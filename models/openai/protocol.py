@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from models.engine.config import MAX_SPECULATIVE_K
 from models.openai.errors import OpenAIError
 from models.openai.tools import ChatTools, ResponseFormat, ToolCall
 from models.protocol.requests import SteerVectorSpec
@@ -113,15 +114,38 @@ class ActivationOptions(BaseModel):
     probes: list[str] = Field(default_factory=list)
 
 
+class SpeculativeOptions(BaseModel):
+    """`tandem.speculative`: the small model drafts k tokens per step, the big model verifies
+    them (exact: the same output as without). `false` is k = 0: this request not speculated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(ge=0, le=MAX_SPECULATIVE_K)
+
+
 class TandemOptions(BaseModel):
     """`tandem` in a request: Tandem's per-request extras that are not steering or RAG:
     `trace: true` keeps a per-token trace (GET /v1/traces/{id}); `activations` returns the
-    big model's residual stream per token."""
+    big model's residual stream per token; `speculative` sets speculative decoding's k."""
 
     model_config = ConfigDict(extra="forbid")
 
     trace: bool = False
     activations: ActivationOptions | None = None
+    speculative: SpeculativeOptions | None = None
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculative_false_is_k0(cls, v):
+        if v is False:
+            return {"k": 0}
+        if v is True:
+            raise ValueError("give {\"k\": N} to speculate, or false for no speculation")
+        return v
+
+    def speculative_k(self) -> int | None:
+        """The request's k (None: the server's default)."""
+        return None if self.speculative is None else self.speculative.k
 
 
 class SamplingFields(BaseModel):
@@ -442,11 +466,16 @@ class TandemInfo(BaseModel):
     # steered choices that went on unsteered: {"index", "reason", "message"}
     unsteered_because: list[dict[str, Any]] | None = None
     activations: list[dict[str, Any]] | None = None  # per choice, when the request asked
+    # speculated choices: {"k", "proposed", "accepted"} summed; choices that could not be:
+    # {"index", "reason"}
+    speculative: dict[str, int] | None = None
+    unspeculated_because: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _errors_only_when_any(self, handler):
         data = handler(self)
-        for key in ("errors", "unsteered_because", "activations"):
+        for key in ("errors", "unsteered_because", "activations", "speculative",
+                    "unspeculated_because"):  # fmt: skip
             if getattr(self, key) is None:
                 del data[key]
         return data

@@ -113,6 +113,7 @@ class PreparedRequest:
     constraint: OutputConstraint | None = None  # response_format or a forced tool call
     tools: bool = False  # chat with tools offered: `<tool_call>` output becomes tool_calls
     hidden_layers: list[int] = field(default_factory=list)  # tandem.activations.layers
+    speculative_k: int | None = None  # tandem.speculative.k (None: the server's default)
 
 
 class OpenAIServing:
@@ -261,6 +262,7 @@ class OpenAIServing:
             n=req.n,
             trace=self.limits.trace_all or bool(req.tandem and req.tandem.trace),
             hidden_layers=activation_layers(req, params[0].max_tokens),
+            speculative_k=req.tandem.speculative_k() if req.tandem else None,
         )
 
     async def _adapter_request(self, req: SamplingFields) -> str | None:
@@ -412,6 +414,7 @@ class OpenAIServing:
                         trace_id=prep.tandem.request_id if prep.trace else None,
                         constraint=prep.constraint,
                         hidden_layers=list(prep.hidden_layers),
+                        speculative_k=prep.speculative_k,
                     )
                 )
         return reqs

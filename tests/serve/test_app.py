@@ -54,6 +54,7 @@ def base_url(serve_url, tmp_path_factory, adapter_root, trace_dir):  # noqa: F81
     args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
     args.setdefault("router", {})["adapter_roots"] = [str(adapter_root)]
     args.setdefault("server", {})["state_dir"] = str(tmp_path_factory.mktemp("state"))
+    args.setdefault("engine", {})["speculative"] = {"drafter": "small_model"}  # requests opt in
     APP_ARGS.update(telemetry_args(args, trace_dir))
     started = time.monotonic()
     # as serve_config.yaml's logging_config: replica logs as JSON lines
@@ -412,6 +413,23 @@ def test_rag_filters_reach_the_retriever(client):
     assert sources({"vector_store_ids": ["world"]})
     assert sources({"vector_store_ids": ["world"],
                     "filters": {"type": "eq", "key": "team", "value": "none"}}) == []
+
+
+def test_speculative_decoding_through_serve(client):
+    """The small model drafts inside the Generator replica: greedy text identical with and
+    without, streamed several tokens per step; a bad k is a 400 naming the field (the
+    schema's bound in the Ingress, the engine's max_k in the Generator)."""
+    plain = chat(client, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+    ask = {"ignore_eos": True, "tandem": {"speculative": {"k": 4}}}
+    chunks = list(chat(client, temperature=0, max_tokens=12, stream=True, extra_body=ask))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(contents) == plain.choices[0].message.content
+    report = chunks[-1].model_extra["tandem"]["speculative"]
+    assert report["k"] == 4 and report["proposed"] > 0
+    assert len(contents) <= 12 - report["accepted"]  # a step's kept drafts travel together
+    for k, param in ((99, "tandem.speculative.k"), (12, "tandem.speculative.k")):
+        with pytest.raises(openai.BadRequestError, match=param.replace(".", r"\.")):
+            chat(client, max_tokens=4, extra_body={"tandem": {"speculative": {"k": k}}})
 
 
 def test_api_keys_are_enforced_when_configured(base_url):
