@@ -128,6 +128,11 @@ class Retriever:
     async def search_vector_store(self, vector_store_id: str, **params: Any) -> dict:
         return await asyncio.to_thread(self.service.search_vector_store, vector_store_id, **params)
 
+    async def file_batch(self, operation: str, vector_store_id: str, *args: Any, **kw: Any) -> dict:
+        """create / retrieve / cancel / list_files of vector store file batches."""
+        return await asyncio.to_thread(self.service.file_batch, operation, vector_store_id,
+                                       *args, **kw)  # fmt: skip
+
     def check_health(self) -> None:
         """Ray Serve's health probe: the database answers."""
         self.service.store.list_vector_stores()

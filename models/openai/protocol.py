@@ -364,6 +364,43 @@ class VectorStoreFileCreate(BaseModel):
     attributes: dict[str, str | float | bool] | None = None
 
 
+class FileBatchFile(BaseModel):
+    """One file of a file batch, with its own attributes and chunking strategy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_id: str
+    chunking_strategy: dict[str, Any] | None = None
+    attributes: dict[str, str | float | bool] | None = None
+
+
+class VectorStoreFileBatchCreate(BaseModel):
+    """Body of POST /v1/vector_stores/{id}/file_batches: `file_ids` (sharing `attributes` and
+    `chunking_strategy`) or `files` (each its own), not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_ids: list[str] | None = Field(None, min_length=1, max_length=500)
+    files: list[FileBatchFile] | None = Field(None, min_length=1, max_length=500)
+    chunking_strategy: dict[str, Any] | None = None
+    attributes: dict[str, str | float | bool] | None = None
+
+    @model_validator(mode="after")
+    def _one_list(self):
+        if (self.file_ids is None) == (self.files is None):
+            raise ValueError("give file_ids or files, not both")
+        if self.files is not None and (self.attributes or self.chunking_strategy):
+            raise ValueError("with files, attributes and chunking_strategy go in each file")
+        return self
+
+    def file_list(self) -> list[dict[str, Any]]:
+        """Each file with its attributes and chunking strategy."""
+        if self.files is not None:
+            return [f.model_dump() for f in self.files]
+        return [{"file_id": f, "attributes": self.attributes,
+                 "chunking_strategy": self.chunking_strategy} for f in self.file_ids or []]  # fmt: skip
+
+
 class RankingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
