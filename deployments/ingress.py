@@ -132,8 +132,8 @@ class Ingress:
     async def embeddings(self, request: Request):
         """all-MiniLM-L6-v2 embeddings (384 dims, normalised) of `input` (string or strings)."""
         body = await read_request(request, EmbeddingRequest, self.limit)
-        vectors = await self._retriever().embed.remote(body.input)
-        return body.respond(vectors).model_dump()
+        vectors, tokens = await self._retriever().embed_counted.remote(body.input)
+        return body.respond(vectors, tokens).model_dump()
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self):

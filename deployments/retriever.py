@@ -76,6 +76,10 @@ class Retriever:
         """all-MiniLM-L6-v2 embeddings (normalised, 384 floats each), for POST /v1/embeddings."""
         return await asyncio.to_thread(self.service.embed, texts)
 
+    async def embed_counted(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """`embed` and the tokens read, for POST /v1/embeddings' usage."""
+        return await asyncio.to_thread(self.service.embed_counted, texts)
+
     async def create_file(self, filename: str, data: bytes, purpose: str = "assistants") -> dict:
         record_upload(len(data))
         return await asyncio.to_thread(self.service.create_file, filename, data, purpose)

@@ -111,6 +111,10 @@ class RetrieverService:
             raise InvalidRequest("give at least one text to embed", param="input")
         return self.store.embedder.embed(list(texts)).tolist()
 
+    def embed_counted(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """`embed`, and the tokens the embedder read (the response's usage)."""
+        return self.embed(texts), self.store.embedder.count_tokens(list(texts))
+
     # Files
 
     def create_file(self, filename: str, data: bytes, purpose: str = "assistants") -> dict:

@@ -162,6 +162,8 @@ def test_embed_for_the_embeddings_route(service):
     similar = sum(a * b for a, b in zip(vectors[0], vectors[1], strict=True))
     unrelated = sum(a * b for a, b in zip(vectors[0], vectors[2], strict=True))
     assert similar > unrelated
+    counted, tokens = service.embed_counted(["a red kite", "x " * 400])
+    assert counted[0] == pytest.approx(vectors[0], abs=1e-5) and tokens == 5 + 256  # [CLS] a red kite [SEP]; cut at 256
 
 
 def test_builtin_store_is_created_once_and_persists(tmp_path):
