@@ -80,8 +80,10 @@ class ResponsesRequest(BaseModel):
             "top_logprobs": (self.top_logprobs, "top_logprobs is not supported here"),
             "service_tier": (self.service_tier not in (None, "auto", "default"),
                              "only service_tier 'auto' or 'default'"),
-            "stream_options": (any(self.stream_options or {}), "stream_options are not "
-                               "supported (include_obfuscation must be false)"),
+            "stream_options": (any((self.stream_options or {}).values()), "stream_options "
+                               "are not supported (include_obfuscation must be false)"),
+            "text": (set(self.text or {}) - {"format"} or not isinstance(
+                (self.text or {}).get("format", {}), dict), "text takes only a format object"),
         }  # fmt: skip
         for name, (bad, why) in refused.items():
             if bad:
@@ -159,7 +161,7 @@ def file_search_options(tool: dict, where: str) -> dict:
         raise OpenAIError("file_search needs vector_store_ids: a non-empty list of ids",
                           param=f"{where}.vector_store_ids")  # fmt: skip
     ranking = tool.get("ranking_options") or {}
-    if set(ranking) - {"ranker", "score_threshold"} or ranking.get("ranker") not in (
+    if not isinstance(ranking, dict) or set(ranking) - {"ranker", "score_threshold"} or ranking.get("ranker") not in (
             None, "auto", "default-2024-11-15"):  # fmt: skip
         raise OpenAIError("ranking_options: only score_threshold (and ranker 'auto') are "
                           "supported", param=f"{where}.ranking_options")  # fmt: skip

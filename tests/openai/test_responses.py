@@ -162,3 +162,15 @@ def test_a_plain_answer_is_the_object_the_sdk_parses():
     assert response.status == "incomplete" and response.output_text == "Mia is in"
     assert response.incomplete_details.reason == "max_output_tokens"
     assert response.usage.total_tokens == 7 and response.output[0].status == "incomplete"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"text": {"verbosity": "low"}}, "text"),
+    ({"text": {"format": "json"}}, "text"),
+    ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
+    ({"tools": [{"type": "file_search", "vector_store_ids": ["v"], "ranking_options": [1]}]},
+     "tools[0].ranking_options"),
+])  # fmt: skip
+def test_malformed_options_are_400s_not_crashes(body, param):
+    test_what_cannot_be_honoured_is_a_400_naming_it(body, param)
+    chat_body(input="hi", stream_options={"include_obfuscation": False})  # false is honoured
