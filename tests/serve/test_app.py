@@ -167,6 +167,10 @@ def test_rag_answers_cite_uploaded_documents(client, tmp_path):
 def test_embeddings_route(client):
     r = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a red kite", "a blue kite"])
     assert len(r.data) == 2 and len(r.data[0].embedding) == 384
+    assert r.usage.prompt_tokens == r.usage.total_tokens == 10  # [CLS] a red kite [SEP], twice
+    short = client.embeddings.create(model="all-MiniLM-L6-v2", input="a red kite", dimensions=64)
+    assert len(short.data[0].embedding) == 64
+    assert sum(x * x for x in short.data[0].embedding) == pytest.approx(1.0, abs=1e-4)
 
 
 # ---- steering --------------------------------------------------------------------------------
