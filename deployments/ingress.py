@@ -58,7 +58,7 @@ class Ingress:
             search=self._search if retriever else None, adapters=self._adapters,
             vectors=self._vectors,
         ))  # fmt: skip
-        self.responses = ResponsesServing(self.serving.chat)
+        self.responses = ResponsesServing(self.serving)
         self._adapter_cache: tuple[float, list[str]] = (0.0, [])
         app.include_router(build_files_router(
             self._retriever, self.config.retrieval.max_file_bytes, self.limit))

@@ -14,7 +14,7 @@ field or value Tandem cannot honour are a 400 naming the field.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -264,18 +264,22 @@ def _field(item: dict, name: str, i: int) -> str:
 
 
 class ResponsesServing:
-    """POST /v1/responses over a chat completion entry point (OpenAIServing.chat)."""
+    """POST /v1/responses over the chat completions of an OpenAIServing."""
 
-    def __init__(self, chat: Callable[[Any], Awaitable[dict | AsyncIterator[str]]]):
-        self.chat = chat
+    def __init__(self, serving: Any):
+        self.serving = serving
 
     async def create(self, body: Any) -> dict | AsyncIterator[str]:
         """A Response object, or an async iterator of its server-sent events when streamed."""
         req = parse_request(ResponsesRequest, body)
         req.refuse_unserved()
         body = req.chat_body()
+        if "rag" in body and self.serving.backends.search is None:
+            raise OpenAIError("file_search needs retrieval, which is off in this deployment "
+                              "(retrieval.enabled: false)", 400, param="tools",
+                              code="retrieval_disabled")  # fmt: skip
         try:
-            answer = await self.chat(body)
+            answer = await self.serving.chat(body)
         except OpenAIError as exc:
             head, dot, rest = (exc.param or "").partition(".")
             if head in PARAMS:  # the client named it otherwise

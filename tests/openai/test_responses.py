@@ -71,7 +71,7 @@ def test_input_items_become_the_chat_conversation():
     ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice"),
 ])  # fmt: skip
 def test_what_cannot_be_honoured_is_a_400_naming_it(body, param):
-    serving = ResponsesServing(chat=None)  # refused before any chat call
+    serving = ResponsesServing(serving=None)  # refused before any chat call
     with pytest.raises(OpenAIError) as err:
         asyncio.run(serving.create({"model": "tandem", "input": "hi", **body}))
     assert err.value.status_code == 400 and err.value.param == param
@@ -172,5 +172,16 @@ def test_a_plain_answer_is_the_object_the_sdk_parses():
      "tools[0].ranking_options"),
 ])  # fmt: skip
 def test_malformed_options_are_400s_not_crashes(body, param):
+    """Each a 400 naming its field, as the refusals above."""
     test_what_cannot_be_honoured_is_a_400_naming_it(body, param)
     chat_body(input="hi", stream_options={"include_obfuscation": False})  # false is honoured
+
+
+def test_file_search_without_retrieval_is_a_400_not_silence():
+    from types import SimpleNamespace
+
+    serving = ResponsesServing(SimpleNamespace(backends=SimpleNamespace(search=None)))
+    with pytest.raises(OpenAIError) as err:
+        asyncio.run(serving.create({"model": "tandem", "input": "hi", "tools": [
+            {"type": "file_search", "vector_store_ids": ["vs_1"]}]}))
+    assert err.value.code == "retrieval_disabled" and err.value.param == "tools"
