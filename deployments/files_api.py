@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
+from deployments.file_batches_api import build_file_batches_router
 from deployments.http import OpenAIErrorRoute, body_schema, read_request, read_upload
 from models.openai.protocol import VectorStoreCreate, VectorStoreFileCreate, VectorStoreSearch
 
@@ -31,6 +32,7 @@ def build_files_router(
     (RetrievalConfig.max_file_bytes) either way. JSON bodies over `max_json_bytes` are a 413.
     """
     router = APIRouter(route_class=OpenAIErrorRoute)
+    router.include_router(build_file_batches_router(retriever, max_json_bytes))
 
     @router.post("/v1/files")
     async def create_file(

@@ -310,6 +310,11 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
+def _unit(vector: list[float]) -> list[float]:
+    norm = sum(x * x for x in vector) ** 0.5
+    return [x / norm for x in vector] if norm > 0 else vector
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -339,16 +344,24 @@ def parse_request(model: type[M], body: Any) -> M:
 class EmbeddingRequest(BaseModel):
     """Body of POST /v1/embeddings; `input` is a string or strings (token ids are refused)."""
 
-    model_config = ConfigDict(extra="forbid")  # `dimensions` and the like: a 400 naming it
+    model_config = ConfigDict(extra="forbid")  # any other field: a 400 naming it
 
     model: str | None = None
     input: list[str]
     encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1)
     user: str | None = None
 
-    def respond(self, vectors: list[list[float]]) -> EmbeddingResponse:
-        """The response, each vector as floats or as base64 of little-endian float32."""
+    def respond(self, vectors: list[list[float]], tokens: int = 0) -> EmbeddingResponse:
+        """The response, each vector as floats or as base64 of little-endian float32; with
+        `dimensions`, its first that many floats, normalised again (OpenAI's shortening)."""
+        if self.dimensions is not None and vectors and self.dimensions > len(vectors[0]):
+            raise OpenAIError(f"dimensions must be at most {len(vectors[0])} for this model, "
+                              f"got {self.dimensions}", param="dimensions")  # fmt: skip
+        if self.dimensions is not None:
+            vectors = [_unit(v[: self.dimensions]) for v in vectors]
         response = EmbeddingResponse.of(self.model or "all-MiniLM-L6-v2", vectors)
+        response.usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
         if self.encoding_format == "base64":
             for item in response.data:
                 raw = struct.pack(f"<{len(item.embedding)}f", *item.embedding)
@@ -386,6 +399,43 @@ class VectorStoreFileCreate(BaseModel):
     file_id: str
     chunking_strategy: dict[str, Any] | None = None
     attributes: dict[str, str | float | bool] | None = None
+
+
+class FileBatchFile(BaseModel):
+    """One file of a file batch, with its own attributes and chunking strategy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_id: str
+    chunking_strategy: dict[str, Any] | None = None
+    attributes: dict[str, str | float | bool] | None = None
+
+
+class VectorStoreFileBatchCreate(BaseModel):
+    """Body of POST /v1/vector_stores/{id}/file_batches: `file_ids` (sharing `attributes` and
+    `chunking_strategy`) or `files` (each its own), not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_ids: list[str] | None = Field(None, min_length=1, max_length=500)
+    files: list[FileBatchFile] | None = Field(None, min_length=1, max_length=500)
+    chunking_strategy: dict[str, Any] | None = None
+    attributes: dict[str, str | float | bool] | None = None
+
+    @model_validator(mode="after")
+    def _one_list(self):
+        if (self.file_ids is None) == (self.files is None):
+            raise ValueError("give file_ids or files, not both")
+        if self.files is not None and (self.attributes or self.chunking_strategy):
+            raise ValueError("with files, attributes and chunking_strategy go in each file")
+        return self
+
+    def file_list(self) -> list[dict[str, Any]]:
+        """Each file with its attributes and chunking strategy."""
+        if self.files is not None:
+            return [f.model_dump() for f in self.files]
+        return [{"file_id": f, "attributes": self.attributes,
+                 "chunking_strategy": self.chunking_strategy} for f in self.file_ids or []]  # fmt: skip
 
 
 class RankingOptions(BaseModel):

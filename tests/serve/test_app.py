@@ -168,6 +168,10 @@ def test_rag_answers_cite_uploaded_documents(client, tmp_path):
 def test_embeddings_route(client):
     r = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a red kite", "a blue kite"])
     assert len(r.data) == 2 and len(r.data[0].embedding) == 384
+    assert r.usage.prompt_tokens == r.usage.total_tokens == 10  # [CLS] a red kite [SEP], twice
+    short = client.embeddings.create(model="all-MiniLM-L6-v2", input="a red kite", dimensions=64)
+    assert len(short.data[0].embedding) == 64
+    assert sum(x * x for x in short.data[0].embedding) == pytest.approx(1.0, abs=1e-4)
 
 
 # ---- steering --------------------------------------------------------------------------------
@@ -402,6 +406,53 @@ def test_structured_output_and_tool_calls_through_serve(base_url, client):
     assert back["prompt"] == "Mia"
     with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
         client.chat.completions.create(model=MODEL, messages=messages, reasoning_effort="low")
+
+
+def test_responses_api_through_serve(client, tmp_path):
+    """client.responses: plain, streamed, a function tool and its result, file_search citing an
+    uploaded file (attached with a file batch); store: true is a 400 naming it."""
+    plain = client.responses.create(model=MODEL, input="Where is Ivy?", temperature=0,
+                                    instructions="Answer briefly.", max_output_tokens=32)
+    assert plain.status == "completed" and plain.output_text.strip()
+    assert plain.usage.input_tokens > 0 and plain.usage.output_tokens > 0
+    with client.responses.stream(model=MODEL, input="Where is Ivy?", temperature=0,
+                                 instructions="Answer briefly.", max_output_tokens=32) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert deltas == final.output_text == plain.output_text
+    tool = {"type": "function", "name": "find_person", "strict": True, "parameters": {
+        "type": "object", "properties": {"who": {"enum": ["Mia", "Tom"]}}, "required": ["who"],
+        "additionalProperties": False}}
+    called = client.responses.create(model=MODEL, input="Where is Mia?", tools=[tool],
+                                     tool_choice="required", max_output_tokens=96)
+    call = called.output[0]
+    assert call.type == "function_call" and json.loads(call.arguments)["who"] in ("Mia", "Tom")
+    history = [{"role": "user", "content": "Where is Mia?"}, call,
+               {"type": "function_call_output", "call_id": call.call_id, "output": "the bakery"}]
+    answered = client.responses.create(model=MODEL, input=history, tools=[tool],
+                                       max_output_tokens=8)
+    assert answered.usage.input_tokens > called.usage.input_tokens  # the call and its result
+    ids = []
+    for name, text in (("mia.txt", "Mia is in the bakery. Mia has the red ball."),
+                       ("tom.txt", "Tom is in the garden. Tom feels happy.")):
+        (tmp_path / name).write_text(text)
+        ids.append(client.files.create(file=(tmp_path / name).open("rb"), purpose="assistants").id)
+    store = client.vector_stores.create(name="people")
+    batch = client.vector_stores.file_batches.create_and_poll(vector_store_id=store.id,
+                                                              file_ids=ids)  # fmt: skip
+    assert batch.status == "completed" and batch.file_counts.completed == 2
+    f = client.files.retrieve(ids[0])
+    found = client.responses.create(model=MODEL, input="Where is Mia?", temperature=0,
+                                    max_output_tokens=32, include=["file_search_call.results"],
+                                    tools=[{"type": "file_search", "vector_store_ids": [store.id]}])
+    search, message = found.output
+    assert search.type == "file_search_call" and search.results[0].file_id == f.id
+    assert "bakery" in found.output_text
+    cited = message.content[0].annotations
+    assert cited and cited[0].file_id == f.id and cited[0].filename == "mia.txt"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input="hi", store=True)
+    assert err.value.body["param"] == "store"
 
 
 def test_rag_filters_reach_the_retriever(client):
