@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.builtin import TOY_DIR, quality, world  # noqa: E402
+from models.builtin import TOY_DIR, quality  # noqa: E402
 from models.builtin.sae import fve, layer_states  # noqa: E402
 from models.builtin.sae_features import eval_texts, mood_texts, name_features  # noqa: E402
 from models.steering.sae import load_sae  # noqa: E402
