@@ -3,8 +3,9 @@ feature against the extracted steering vector (CPU, a few minutes).
 
 - reconstruction: fraction of variance explained (FVE) of the states at the SAE's layer on
   held-out toy-world texts, and the share of the baseline (mean) error left;
-- named features: per concept the feature models/builtin/sae_features.py named, its precision
-  and recall over tokens of held-out texts (a fresh seed);
+- named features: per concept the feature models/builtin/sae_features.py named (sae.json),
+  its precision and recall over tokens of held-out texts (fresh seeds, not those it was named
+  on);
 - steering: gloomy story openings continued (48 tokens, temperature 0.7) unsteered, with the
   default config's extracted `positive` vector (what the app serves: mean of differences of
   its 12 pairs, middle layers) and with the mood features' decoder directions (`sae:sunny`
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.builtin import TOY_DIR, quality  # noqa: E402
 from models.builtin.sae import fve, layer_states  # noqa: E402
 from models.builtin.sae_features import eval_texts, mood_texts, name_features  # noqa: E402
+from models.steering.policies.probe import block_outputs  # noqa: E402
 from models.steering.sae import load_sae  # noqa: E402
 from models.steering.vectors import extract_vector, transformers_hidden_states  # noqa: E402
 
@@ -76,12 +78,15 @@ def main() -> None:
     sae = load_sae(TOY_DIR / "sae")
     m = quality.load_toy(device="cpu")
     held = layer_states(m.big, m.tok, eval_texts(9001, args.texts), sae.layer)
+    m.tok.padding_side = "right"
+    later = torch.cat([h[1:] for h in block_outputs(m.big, m.tok, eval_texts(9001, args.texts),
+                                                    [sae.layer])])  # fmt: skip
     recon = {"fve_held_out": round(fve(sae, held), 4), "tokens": held.shape[0],
+             "fve_without_first_tokens": round(fve(sae, later), 4),
              "features": sae.n_features, "k": sae.k, "layer": sae.layer,
              "training": sae.meta.get("training", {})}  # fmt: skip
-    m.tok.padding_side = "right"
     named = name_features(sae, m.big, m.tok, eval_texts(9002, args.texts),
-                          mood_texts(9003, args.texts))  # fmt: skip
+                          mood_texts(9003, args.texts), sae.names)  # fmt: skip
     m.tok.padding_side = "left"
     steering = steering_rows(m, sae, quality.negative_prompts(args.prompts),
                              args.vector_coeffs, args.sae_coeffs)  # fmt: skip

@@ -97,8 +97,10 @@ def fired_and_labels(sae, model, tokenizer, texts: list[tuple[str, bool | None]]
     return torch.cat(acts).float(), {c: torch.cat(y).float() for c, y in labels.items()}
 
 
-def best_feature(fired: torch.Tensor, y: torch.Tensor, min_precision: float | None) -> dict:
-    """The feature matching labels y best: by F1, or by recall among the min_precision ones."""
+def best_feature(fired: torch.Tensor, y: torch.Tensor, min_precision: float | None,
+                 feature: int | None = None) -> dict:  # fmt: skip
+    """The feature matching labels y best (by F1, or by recall among the min_precision ones),
+    or the given `feature`, with its precision, recall and firings."""
     n_fired = fired.sum(0)
     hits = y @ fired
     precision, recall = hits / n_fired.clamp_min(1), hits / y.sum().clamp_min(1)
@@ -108,21 +110,25 @@ def best_feature(fired: torch.Tensor, y: torch.Tensor, min_precision: float | No
     else:
         score = torch.where(precision >= min_precision, recall, precision - 1)
     best = int(torch.where(ok, score, torch.full_like(score, -9)).argmax())
+    best = best if feature is None else feature
     return {"feature": best, "precision": round(float(precision[best]), 4),
             "recall": round(float(recall[best]), 4), "firings": int(n_fired[best]),
             "concept_tokens": int(y.sum())}  # fmt: skip
 
 
 def name_features(sae: SparseAutoencoder, model, tokenizer, texts: list[str],
-                  moods: list[tuple[str, bool]]) -> dict:  # fmt: skip
-    """Per concept: the best-matching feature, its precision, recall and firings (words over
-    `texts`; moods over the tokens in mood context of `moods`)."""
+                  moods: list[tuple[str, bool]], named: dict[str, int] | None = None) -> dict:  # fmt: skip
+    """Per concept: the best-matching feature (or the one `named` gives it), its precision,
+    recall and firings (words over `texts`; moods over the tokens in mood context of
+    `moods`)."""
+    named = named or {}
     fired, labels = fired_and_labels(sae, model, tokenizer, [(t, None) for t in texts])
-    out = {c: best_feature(fired, labels[c], None) for c in CONCEPTS}
+    out = {c: best_feature(fired, labels[c], None, named.get(c)) for c in CONCEPTS}
     fired, labels = fired_and_labels(sae, model, tokenizer, moods)
     context = labels["context"].bool()
     for mood in MOODS:
-        out[mood] = best_feature(fired[context], labels[mood][context], MIN_MOOD_PRECISION)
+        out[mood] = best_feature(fired[context], labels[mood][context], MIN_MOOD_PRECISION,
+                                 named.get(mood))  # fmt: skip
     return out
 
 
