@@ -231,13 +231,13 @@ def test_probe_scores_sae_features_and_sae_vectors_through_serve(base_url, clien
         "tandem": {"activations": {"probes": ["nope"]}}})  # fmt: skip
     assert bad.status_code == 400 and "gloom_probe" in bad.json()["error"]["message"]
     got = httpx.post(f"{base_url}/v1/features/extract", timeout=60,
-                     json={"input": ["Mia is in the park."], "top_k": 3}).json()  # fmt: skip
-    first = got["data"][0]["tokens"][0]
-    assert first["token"] == "Mia" and "person" in {f["name"] for f in first["features"]}
+                     json={"input": ["Tom has the red ball. Ben is sad."], "top_k": 3}).json()
+    ben = next(t for t in got["data"][0]["tokens"] if t["token"] == " Ben")
+    assert "person" in {f["name"] for f in ben["features"]}
     too_many = httpx.post(f"{base_url}/v1/features/extract", json={"input": ["a"] * 17})
     assert too_many.status_code == 400
     plain = chat(client, temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
-    for name in ("sae:positive", f"sae:{first['features'][0]['index']}"):
+    for name in ("sae:sunny", f"sae:{ben['features'][0]['index']}"):
         steered = chat(client, temperature=0, max_tokens=10, extra_body={
             "ignore_eos": True, "steering": {"vectors": [{"name": name, "coeff": 8.0}]}})
         assert steered.choices[0].message.content != plain.choices[0].message.content, name
