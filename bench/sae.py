@@ -100,7 +100,8 @@ def main() -> None:
 def table(r: dict) -> str:
     rec = r["reconstruction"]
     lines = [f"SAE: layer {rec['layer']}, {rec['features']} features, k = {rec['k']}; "
-             f"FVE {rec['fve_held_out']:.3f} on {rec['tokens']} held-out tokens", "",
+             f"FVE {rec['fve_held_out']:.3f} on {rec['tokens']} held-out tokens "
+             f"({rec['fve_without_first_tokens']:.3f} without each text's first)", "",
              "| concept | feature | precision | recall | firings |", "|---|---|---|---|---|"]  # fmt: skip
     for concept, n in r["named"].items():
         lines.append(f"| {concept} | {n['feature']} | {n['precision']:.1%} | {n['recall']:.1%} "
