@@ -128,7 +128,10 @@ class ActivationReader:
         if not 1 <= len(texts) <= MAX_TEXTS:
             raise ActivationRequestError(f"input holds 1..{MAX_TEXTS} texts", "input")
         model, tokenizer = self.model()
-        ids = [tokenizer(t).input_ids for t in texts]
+        try:
+            ids = [tokenizer(t).input_ids for t in texts]
+        except (TypeError, ValueError) as exc:  # e.g. a lone surrogate in the JSON string
+            raise ActivationRequestError(f"input cannot be tokenized: {exc}", "input") from None
         if too_long := [i for i, x in enumerate(ids) if not 1 <= len(x) <= MAX_TEXT_TOKENS]:
             raise ActivationRequestError(f"text {too_long[0]} has {len(ids[too_long[0]])} tokens; "
                                          f"each must have 1..{MAX_TEXT_TOKENS}", "input")  # fmt: skip
