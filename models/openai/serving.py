@@ -329,7 +329,8 @@ class OpenAIServing:
         if named:
             known = await self._vector_names()
             for name, param in named:
-                if name not in known and not self._sae_vector(name):
+                sae_index = param == "steering.vectors" and self._sae_vector(name)
+                if name not in known and not sae_index:
                     raise to_openai_error(VectorNotFoundError.naming(name, known, param=param))
         return s.vector_specs(), policy
 
@@ -492,7 +493,8 @@ class OpenAIServing:
 
     def _sae_vector(self, name: str) -> bool:
         """Whether `name` is `sae:<index>` (or a named feature) of the configured SAE: the
-        Generator registers such a vector when a request first names it."""
+        Generator registers such a vector when `steering.vectors` first names it (a policy's
+        `vector` takes the named features, which every replica registers at start)."""
         return self.activations is not None and self.activations.vector_feature(name) is not None
 
     async def _vector_names(self) -> list[str]:
