@@ -66,7 +66,7 @@ class ActivationPlan(list):
                 None if h is None else base64.b64encode(h[rows].half().numpy().tobytes()).decode()
                 for h in hidden])  # fmt: skip
         if self.probes:
-            out["probes"] = {p.name: per_token([round(s, 5) for s in p.scores(states, self)]
+            out["probes"] = {p.name: per_token([round(s, 5) for s in p.scores(states, list(self))]
                                                if states is not None else [])
                              for p in self.probes}  # fmt: skip
         if self.features and self.reader is not None:

@@ -180,3 +180,30 @@ def test_store_without_a_configured_store_is_a_400(setup):
         asyncio.run(serving(setup).completions(
             body("Mia is", tandem={"activations": {"probes": ["gloom"], "store": True}})))
     assert err.value.status_code == 400 and err.value.param == "tandem.activations.store"
+
+
+def test_sae_vector_names_pass_the_edge_as_steering_vectors_only(setup):
+    from models.steering.policies.admission import PolicyAdmission
+
+    steering = SteeringConfig.model_validate({"policies": [
+        {"name": "guard", "kind": "vector_guard", "params": {"vector": "positive"}}]})
+    s = serving(setup)
+
+    async def vectors():
+        return ["positive", "sae:sunny"]  # what a Generator lists: the named features
+
+    s.backends.vectors = vectors
+    s.limits.policies = {p.name: dict(p.params) for p in steering.policies}
+    s.limits.policy_admission = PolicyAdmission.from_config(steering, num_layers=6)
+    index = f"sae:{setup[1].sae.names['gloomy']}"
+    for steer, param in [({"policy": "guard", "params": {"vector": index}}, "steering.params.vector"),
+                         ({"vectors": [{"name": "sae:9999", "coeff": 1.0}]}, "steering.vectors")]:
+        with pytest.raises(OpenAIError) as err:  # an index in a policy; an index out of range
+            asyncio.run(s.completions(body("Mia is", steering=steer)))
+        assert (err.value.status_code, err.value.param) == (404, param), err.value.message
+        assert "sae:sunny" in err.value.message
+    # an index in steering.vectors passes the edge (the Generator registers it; this bare
+    # in-process engine has no SAE vectors, so the engine answers, naming what it has)
+    with pytest.raises(OpenAIError) as err:
+        asyncio.run(s.completions(body("Mia is", steering={"vectors": [{"name": index, "coeff": 1}]})))
+    assert err.value.status_code == 404 and "sae:sunny" not in err.value.message
