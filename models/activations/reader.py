@@ -55,7 +55,7 @@ class ActivationReader:
         self.probe_params, self.vectors, self.sae = probes, vectors, sae
         self._trained: dict[str, ClientProbe] = {}
         self._model: tuple[Any, Any] | None = None
-        self._lock = threading.Lock()
+        self._lock, self._train_lock = threading.Lock(), threading.Lock()
 
     @classmethod
     def from_steering(cls, steering: Any, big_model_path: str, hidden_size: int,
@@ -97,11 +97,15 @@ class ActivationReader:
 
     def _train(self, names: list[str]) -> None:
         model, tokenizer = self.model()
-        for name in names:
-            p = self.probe_params[name]
-            spec = self.vectors.get(p.vector) if p.vector else None
-            self._trained[name] = ClientProbe(name, list(p.hidden_layers),
-                                              fit_probe(name, p, spec, model, tokenizer))  # fmt: skip
+        with self._train_lock:  # requests arriving together train a probe once
+            for name in names:
+                if name not in self._trained:
+                    self._trained[name] = self._fit(name, model, tokenizer)
+
+    def _fit(self, name: str, model: Any, tokenizer: Any) -> ClientProbe:
+        p = self.probe_params[name]
+        spec = self.vectors.get(p.vector) if p.vector else None
+        return ClientProbe(name, list(p.hidden_layers), fit_probe(name, p, spec, model, tokenizer))
 
     def check_features(self, top_k: int, param: str) -> SparseAutoencoder:
         """The SAE, for `top_k` features per token; ActivationRequestError without one."""
