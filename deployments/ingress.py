@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from deployments.admin_api import build_admin_router
+from deployments.features_api import build_features_router
 from deployments.files_api import build_files_router
 from deployments.guard import MULTIPART_SLACK, GuardSettings, RequestGuard
 from deployments.http import body_schema, install_error_handlers, read_json, read_request, streaming
@@ -65,6 +66,7 @@ class Ingress:
         app.include_router(build_admin_router(generator, router, self.config,
                                               self._forget_adapters))  # fmt: skip
         app.include_router(build_traces_router(generator))
+        app.include_router(build_features_router(self.serving.activations, self.limit))
 
     def _retriever(self) -> Any:
         if self.retriever is None:

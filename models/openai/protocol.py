@@ -106,12 +106,23 @@ class SteeringOptions(BaseModel):
 
 
 class ActivationOptions(BaseModel):
-    """`tandem.activations`: the big model's residual stream after these blocks, per token."""
+    """`tandem.activations`, per generated token: the big model's residual stream after these
+    blocks (`layers`), the scores of named probes (`probes`), its top `features` SAE features;
+    `store: true` also writes them to the activation store (when the server has one)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: list[int] = Field(min_length=1, max_length=8)
-    probes: list[str] = Field(default_factory=list)
+    layers: list[int] = Field(default_factory=list, max_length=8)
+    probes: list[str] = Field(default_factory=list, max_length=8)
+    features: int = Field(0, ge=0, le=32)
+    store: bool = False
+
+    @model_validator(mode="after")
+    def _asks_something(self) -> ActivationOptions:
+        if not (self.layers or self.probes or self.features):
+            raise ValueError("tandem.activations asks for nothing: give layers, probes or "
+                             "features")  # fmt: skip
+        return self
 
 
 class SpeculativeOptions(BaseModel):

@@ -224,6 +224,30 @@ def test_policies_run_in_every_mode(client, mode):
         assert "AdjustedLogits" in kinds
 
 
+def test_probe_scores_sae_features_and_sae_vectors_through_serve(base_url, client):
+    gloomy = "Continue the story: Omar feels gloomy. The park is awful. Ben is sad."
+    r = chat(client, gloomy, temperature=0, max_tokens=6, extra_body={"ignore_eos": True,
+             "tandem": {"activations": {"probes": ["gloom_probe"], "features": 2}}})  # fmt: skip
+    (acts,) = r.model_extra["tandem"]["activations"]
+    assert len(acts["probes"]["gloom_probe"]) == 6 and len(acts["features"]) == 6
+    assert all(0 <= p <= 1 for p in acts["probes"]["gloom_probe"])
+    bad = httpx.post(f"{base_url}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+        "tandem": {"activations": {"probes": ["nope"]}}})  # fmt: skip
+    assert bad.status_code == 400 and "gloom_probe" in bad.json()["error"]["message"]
+    got = httpx.post(f"{base_url}/v1/features/extract", timeout=60,
+                     json={"input": ["Tom has the red ball. Ben is sad."], "top_k": 3}).json()
+    ben = next(t for t in got["data"][0]["tokens"] if t["token"] == " Ben")
+    assert "person" in {f["name"] for f in ben["features"]}
+    too_many = httpx.post(f"{base_url}/v1/features/extract", json={"input": ["a"] * 17})
+    assert too_many.status_code == 400
+    plain = chat(client, temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
+    for name in ("sae:sunny", f"sae:{ben['features'][0]['index']}"):
+        steered = chat(client, temperature=0, max_tokens=10, extra_body={
+            "ignore_eos": True, "steering": {"vectors": [{"name": name, "coeff": 8.0}]}})
+        assert steered.choices[0].message.content != plain.choices[0].message.content, name
+
+
 def test_sync_proxy_tuning_differs_from_plain(client):
     plain = chat(client, temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
     proxied = chat(client, temperature=0, max_tokens=10, extra_body={
