@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from deployments.http import OpenAIErrorRoute, body_schema, read_request
-from models.openai.protocol import VectorStoreFileBatchCreate
+from models.openai.vector_stores import VectorStoreFileBatchCreate
 
 
 def build_file_batches_router(retriever: Callable[[], Any], max_json_bytes: int) -> APIRouter:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from deployments.file_batches_api import build_file_batches_router
 from deployments.http import OpenAIErrorRoute, body_schema, read_request, read_upload
-from models.openai.protocol import VectorStoreCreate, VectorStoreFileCreate, VectorStoreSearch
+from models.openai.vector_stores import VectorStoreCreate, VectorStoreFileCreate, VectorStoreSearch
 
 
 def build_files_router(
