@@ -6,13 +6,24 @@ create_and_poll / upload_and_poll). Each route forwards to the Retriever's `file
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from deployments.http import OpenAIErrorRoute, body_schema, read_request
 from models.openai.vector_stores import VectorStoreFileBatchCreate
+
+FileStatus = Literal["in_progress", "completed", "failed", "cancelled"]
+
+
+def file_page(limit: int = 20, order: Literal["asc", "desc"] = "desc", after: str | None = None,
+              filter: FileStatus | None = None) -> dict[str, Any]:  # fmt: skip
+    """The query of a file listing (a vector store's or a batch's): a page, by status."""
+    return {"limit": limit, "order": order, "after": after, "status": filter}
+
+
+FilePage = Annotated[dict[str, Any], Depends(file_page)]
 
 
 def build_file_batches_router(retriever: Callable[[], Any], max_json_bytes: int) -> APIRouter:
@@ -36,15 +47,7 @@ def build_file_batches_router(retriever: Callable[[], Any], max_json_bytes: int)
         return JSONResponse(await pending)
 
     @router.get(prefix + "/{batch_id}/files")
-    async def list_file_batch_files(
-        vector_store_id: str,
-        batch_id: str,
-        limit: int = 20,
-        order: Literal["asc", "desc"] = "desc",
-        after: str | None = None,
-        filter: Literal["in_progress", "completed", "failed", "cancelled"] | None = None,
-    ) -> Response:
-        page = {"limit": limit, "order": order, "after": after, "status": filter}
+    async def list_file_batch_files(vector_store_id: str, batch_id: str, page: FilePage) -> Response:
         pending = retriever().file_batch.remote("list_files", vector_store_id, batch_id, **page)
         return JSONResponse(await pending)
 
