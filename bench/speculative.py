@@ -84,7 +84,7 @@ def bench_cpu(args) -> dict:
     base_tok_s, base_tokens = generate(big, prompts, args.max_tokens)
     rows = [{"k": 0, "tok_s": round(base_tok_s, 1), "acceptance": None, "speedup": 1.0}]
     for k in args.ks:
-        big.config.speculative_k = k
+        big.config.speculative.k = k
         big.set_drafter(SmallModelDrafter(small))
         tok_s, tokens = generate(big, prompts, args.max_tokens)
         spec = big.speculator
@@ -206,7 +206,7 @@ def bench_gpu(args) -> dict:
         base_tok_s, ref = generate(big, [prompt], args.max_tokens)
         sims = []
         for k in (2, 4, 6):
-            big.config.speculative_k = k
+            big.config.speculative.k = k
             big.set_drafter(OracleDrafter(SmallModelDrafter(small), ref[0], len(prompt), acc))
             tok_s, got = generate(big, [prompt], args.max_tokens)
             big.set_drafter(None)

@@ -3,9 +3,10 @@
 Implements what the `openai` SDK calls: files.create/list/retrieve/delete/content and
 vector_stores.create/list/retrieve/delete/search, vector_stores.files.create/list/retrieve/
 delete. Every route forwards to the Retriever through `retriever()` (a Ray Serve handle, or
-models.retrieval.service.InProcessHandle without Ray). Bodies are the protocol module's models;
-errors answer in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with their
-status, in any app that includes the router (OpenAIErrorRoute).
+models.retrieval.service.InProcessHandle without Ray). Bodies are the models of
+models/openai/vector_stores.py; errors answer in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` with their status, in any app that includes
+the router (OpenAIErrorRoute).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
+from deployments.file_batches_api import FilePage, build_file_batches_router
 from deployments.http import OpenAIErrorRoute, body_schema, read_request, read_upload
-from models.openai.protocol import VectorStoreCreate, VectorStoreFileCreate, VectorStoreSearch
+from models.openai.vector_stores import VectorStoreCreate, VectorStoreFileCreate, VectorStoreSearch
 
 
 def build_files_router(
@@ -31,6 +33,7 @@ def build_files_router(
     (RetrievalConfig.max_file_bytes) either way. JSON bodies over `max_json_bytes` are a 413.
     """
     router = APIRouter(route_class=OpenAIErrorRoute)
+    router.include_router(build_file_batches_router(retriever, max_json_bytes))
 
     @router.post("/v1/files")
     async def create_file(
@@ -95,14 +98,7 @@ def build_files_router(
         ))
 
     @router.get("/v1/vector_stores/{vector_store_id}/files")
-    async def list_vector_store_files(
-        vector_store_id: str,
-        limit: int = 20,
-        order: Literal["asc", "desc"] = "desc",
-        after: str | None = None,
-        filter: Literal["in_progress", "completed", "failed", "cancelled"] | None = None,
-    ) -> Response:
-        page = {"limit": limit, "order": order, "after": after, "status": filter}
+    async def list_vector_store_files(vector_store_id: str, page: FilePage) -> Response:
         pending = retriever().list_vector_store_files.remote(vector_store_id, **page)
         return JSONResponse(await pending)
 

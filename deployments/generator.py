@@ -23,6 +23,7 @@ from models.protocol.outputs import RequestOutput
 from models.protocol.requests import GenerationRequest
 from models.routing.registry import adapter_paths, load_adapters
 from models.steering.config import SteeringSetup
+from models.steering.drafter import attach_drafter
 from models.steering.observer import CircuitBreaker, ReplicaObserver
 from models.steering.policies import policy_needs
 from models.steering.runtime import SteeringRuntime
@@ -62,6 +63,7 @@ class Generator(GeneratorAdmin):
             await self.engine.start()
             self.vectors.sync(self.engine)
             await load_adapters(self.engine, self.adapter_paths, self.config.adapters)
+            await attach_drafter(self.engine, self.setup, self.config.engine.speculative)
             if self.config.steering.policies:
                 self.engine.set_step_observer(self.telemetry.observer(self.observer))
             self._metrics_task = asyncio.create_task(self.telemetry.export(self.engine))

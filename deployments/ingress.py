@@ -16,25 +16,17 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from deployments.admin_api import build_admin_router
+from deployments.features_api import build_features_router
 from deployments.files_api import build_files_router
 from deployments.guard import MULTIPART_SLACK, GuardSettings, RequestGuard
-from deployments.http import (
-    body_schema,
-    install_error_handlers,
-    read_json,
-    read_request,
-    streaming,
-)
+from deployments.http import body_schema, install_error_handlers, read_json, read_request, streaming
 from deployments.streams import GeneratorStreams
 from deployments.telemetry import begin_request, metered
 from deployments.traces_api import build_traces_router
 from models.config import TandemConfig
 from models.openai.errors import OpenAIError
-from models.openai.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-)
+from models.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from models.openai.responses import ResponsesRequest, ResponsesServing
 from models.openai.serving import Backends, OpenAIServing
 
 app = FastAPI(title="Tandem", description="OpenAI-compatible API of Tandem")
@@ -67,12 +59,14 @@ class Ingress:
             search=self._search if retriever else None, adapters=self._adapters,
             vectors=self._vectors,
         ))  # fmt: skip
+        self.responses = ResponsesServing(self.serving)
         self._adapter_cache: tuple[float, list[str]] = (0.0, [])
         app.include_router(build_files_router(
             self._retriever, self.config.retrieval.max_file_bytes, self.limit))
         app.include_router(build_admin_router(generator, router, self.config,
                                               self._forget_adapters))  # fmt: skip
         app.include_router(build_traces_router(generator))
+        app.include_router(build_features_router(self.serving.activations, self.limit))
 
     def _retriever(self) -> Any:
         if self.retriever is None:
@@ -116,6 +110,10 @@ class Ingress:
     async def completions(self, request: Request):
         return await self._answer(request, self.serving.completions)
 
+    @app.post("/v1/responses", openapi_extra=body_schema(ResponsesRequest))
+    async def responses(self, request: Request):
+        return await self._answer(request, self.responses.create)
+
     @app.get("/v1/models")
     async def models(self):
         return JSONResponse(await self.serving.list_models())
@@ -136,8 +134,8 @@ class Ingress:
     async def embeddings(self, request: Request):
         """all-MiniLM-L6-v2 embeddings (384 dims, normalised) of `input` (string or strings)."""
         body = await read_request(request, EmbeddingRequest, self.limit)
-        vectors = await self._retriever().embed.remote(body.input)
-        return body.respond(vectors).model_dump()
+        vectors, tokens = await self._retriever().embed_counted.remote(body.input)
+        return body.respond(vectors, tokens).model_dump()
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self):

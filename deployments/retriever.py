@@ -76,6 +76,10 @@ class Retriever:
         """all-MiniLM-L6-v2 embeddings (normalised, 384 floats each), for POST /v1/embeddings."""
         return await asyncio.to_thread(self.service.embed, texts)
 
+    async def embed_counted(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """`embed` and the tokens read, for POST /v1/embeddings' usage."""
+        return await asyncio.to_thread(self.service.embed_counted, texts)
+
     async def create_file(self, filename: str, data: bytes, purpose: str = "assistants") -> dict:
         record_upload(len(data))
         return await asyncio.to_thread(self.service.create_file, filename, data, purpose)
@@ -127,6 +131,11 @@ class Retriever:
 
     async def search_vector_store(self, vector_store_id: str, **params: Any) -> dict:
         return await asyncio.to_thread(self.service.search_vector_store, vector_store_id, **params)
+
+    async def file_batch(self, operation: str, vector_store_id: str, *args: Any, **kw: Any) -> dict:
+        """create / retrieve / cancel / list_files of vector store file batches."""
+        return await asyncio.to_thread(self.service.file_batch, operation, vector_store_id,
+                                       *args, **kw)  # fmt: skip
 
     def check_health(self) -> None:
         """Ray Serve's health probe: the database answers."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from models.activations.store import ActivationStoreConfig
 from models.engine.config import EngineConfig
 from models.retrieval.config import RetrievalConfig
 from models.routing.config import AdapterConfig, RouterConfig
@@ -160,6 +161,7 @@ class TandemConfig(BaseModel):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    activation_store: ActivationStoreConfig = Field(default_factory=ActivationStoreConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
 

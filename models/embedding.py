@@ -51,6 +51,13 @@ class Embedder:
             )
         return np.ascontiguousarray(out, dtype=np.float32)
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for `texts`: word pieces with its special tokens, each text cut
+        at the model's max_seq_length (256 for all-MiniLM-L6-v2), as `embed` cuts it."""
+        limit = self.model.max_seq_length
+        ids = self.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]
+        return sum(len(i) for i in ids)
+
     def count_word_pieces(self, text: str) -> int:
         """Word pieces the embedder would see for `text` (without special tokens)."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

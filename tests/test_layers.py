@@ -23,6 +23,8 @@ FORBIDDEN = {
     "models.engines": ["models.openai", "models.routing", "models.retrieval", "deployments",
                        "ray"],
     "models.openai": ["deployments", "ray"],
+    "models.activations": ["models.openai", "models.engine", "models.routing",
+                           "models.retrieval", "deployments", "ray"],
     "models.structured": ["models.engine", "models.steering", "models.openai", "models.routing",
                           "models.retrieval", "models.builtin", "models.config", "deployments",
                           "ray"],

@@ -53,3 +53,19 @@ def check_sampling(params: SamplingParams, vocab_size: int, max_logprobs: int) -
             and 0 < params.repetition_penalty <= 10 and params.min_tokens >= 0):
         raise EngineError("penalties must lie in [-2, 2] (presence, frequency) and (0, 10] "
                           "(repetition); min_tokens >= 0", "presence_penalty")  # fmt: skip
+
+
+def check_speculative(request: GenerationRequest, has_drafter: bool, max_k: int) -> None:
+    """A request's speculative k: 0..max_k, and above 0 only where a drafter is loaded."""
+    k = request.speculative_k
+    if k is None or k == 0:
+        return
+    if not 0 <= k <= max_k:
+        raise EngineError(f"tandem.speculative.k must lie in [0, {max_k}] "
+                          f"(engine.speculative.max_k), got {k}", "tandem.speculative.k")  # fmt: skip
+    if not has_drafter:
+        raise EngineError(
+            "speculative decoding was asked for, but this server has no drafter loaded: set "
+            "engine.speculative.drafter to small_model (or engine.speculative.k > 0), or leave "
+            "tandem.speculative out", "tandem.speculative",
+        )  # fmt: skip

@@ -4,7 +4,45 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SPECULATIVE_K = 16
+
+
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding: the small model drafts k tokens per step and row inside the
+    Generator replica, the big model verifies them in the step's one forward (exact: the
+    output is what the big model alone would give). Off by default: on the CPU's built-in
+    pair it does not pay (both toy models are launch-bound; README, bench/speculative.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(
+        0, ge=0, le=MAX_SPECULATIVE_K,
+        description="Tokens drafted per step and row for requests that name no k; 0 = only "
+        "requests that ask (tandem.speculative.k) speculate.",
+    )  # fmt: skip
+    max_k: int = Field(
+        8, ge=1, le=MAX_SPECULATIVE_K, description="Largest k a request may ask for (400 above)."
+    )
+    drafter: Literal["auto", "small_model", "none"] = Field(
+        "auto",
+        description="small_model: load the small model (steering.small_model_source, or the "
+        "builtin source's) as the drafter in each Generator replica, on the steering device; "
+        "auto: only when k > 0; none: never (requests asking for speculation get a 400).",
+    )
+
+    @model_validator(mode="after")
+    def _k_needs_a_drafter(self) -> SpeculativeConfig:
+        if self.k > 0 and self.drafter == "none":
+            raise ValueError("k > 0 needs a drafter: set drafter to auto or small_model")
+        if self.k > self.max_k:
+            raise ValueError(f"k ({self.k}) is above max_k ({self.max_k})")
+        return self
+
+    @property
+    def wants_drafter(self) -> bool:
+        return self.drafter == "small_model" or (self.drafter == "auto" and self.k > 0)
 
 
 class EngineConfig(BaseModel):
@@ -39,14 +77,9 @@ class EngineConfig(BaseModel):
         description="Share the KV blocks of a repeated prompt prefix (system prompts, chat "
         "history, n > 1) between requests instead of prefilling it again.",
     )
-    speculative_k: int = Field(
-        0,
-        ge=0,
-        le=16,
-        description="Speculative decoding: tokens the drafter (the colocated small model) "
-        "proposes per step and row, verified by the big model in one forward; 0 = off. A "
-        "request may ask for another k or none. Needs a drafter (LLMEngine.set_drafter; not "
-        "wired into the Serve app yet).",
+    speculative: SpeculativeConfig = Field(
+        default_factory=SpeculativeConfig,
+        description="Speculative decoding with the colocated small model as drafter.",
     )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in the running batch.")
     max_num_batched_tokens: int = Field(

@@ -17,7 +17,12 @@ from typing import Any
 import torch
 
 from models.engine.adapters import LoRAAdapters
-from models.engine.admission import check_context, check_generation, check_token_ids
+from models.engine.admission import (
+    check_context,
+    check_generation,
+    check_speculative,
+    check_token_ids,
+)
 from models.engine.block_manager import BlockManager
 from models.engine.config import EngineConfig
 from models.engine.constraints import RowConstraints
@@ -43,7 +48,7 @@ from models.protocol.errors import (
     PromptTooLongError,
     VectorNotFoundError,
 )
-from models.protocol.outputs import EngineStats, RequestOutput
+from models.protocol.outputs import EngineStats, RequestOutput, SpeculationStats
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import (
     MAX_STEER_COEFF,
@@ -133,6 +138,7 @@ class LLMEngine(SequenceEditor):
         if request.steering is not None and self.steering.observer is None:
             raise EngineError("steering policy requested but no step observer is set")
         self._check_hidden_layers(request)
+        check_speculative(request, self.speculator is not None, self.config.speculative.max_k)
         self.adapters.check(request)
         self.constraints.check(request)
 
@@ -176,6 +182,8 @@ class LLMEngine(SequenceEditor):
         if request.steering is not None:
             seq.steering = RowSteering(request.steering)
         self.constraints.start(seq)
+        if self.speculator is not None and (k := self.speculator.row_k(request)):
+            seq.speculation = SpeculationStats(k)
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -302,11 +310,12 @@ class LLMEngine(SequenceEditor):
             finish(seq, "error", f"{what} failed for this request: {exc!r}")
 
     def set_drafter(self, drafter: Drafter | None) -> None:
-        """Speculative decoding with `drafter` (None: off); k from config.speculative_k and
-        each request's speculative_k."""
+        """Speculative decoding with `drafter` (None: off) for requests admitted from now on;
+        k from config.speculative.k and each request's speculative_k."""
         self.speculator = None
         if drafter is not None:
-            self.speculator = Speculator(drafter, self.config.speculative_k, self.args.vocab_size)
+            self.speculator = Speculator(drafter, self.config.speculative.k, self.args.vocab_size,
+                                         self.max_model_len)  # fmt: skip
 
     def _accept_drafts(self, verified: dict[Sequence, torch.Tensor]) -> None:
         for seq, logits in verified.items():
@@ -341,6 +350,9 @@ class LLMEngine(SequenceEditor):
         s.preemptions = self.scheduler.num_preemptions
         s.observer_calls = self.steering.num_calls
         s.prefix_cache_hit_rate = self.blocks.hit_rate
+        if self.speculator is not None:
+            s.speculative_proposed = self.speculator.num_proposed
+            s.speculative_accepted = self.speculator.num_accepted
 
     def stats(self) -> EngineStats:
         return EngineStats(**self._stats.__dict__)

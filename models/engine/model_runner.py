@@ -216,9 +216,9 @@ class ModelRunner:
         None)."""
         self.hidden = None
         capture_layers = plan.layers if plan is not None else None
-        if logit_counts is not None:  # the verify step captures nothing
+        if logit_counts is not None:  # a verify step: capturing rows are not speculated
             input_ids, positions, batch = self.prepare(scheduled, steer_deltas, lora_weights)
-            hidden = self.model(input_ids, positions, batch)
+            hidden = self.model(input_ids, positions, batch, self._capture(batch, plan))
             ends, picked = 0, []
             for item, n in zip(scheduled, logit_counts, strict=True):
                 ends += item.num_tokens
@@ -238,19 +238,23 @@ class ModelRunner:
                     self.hidden = self.graphs.hidden_rows(capture_layers, len(scheduled))
                 return logits
         input_ids, positions, batch = self.prepare(scheduled, steer_deltas, lora_weights)
-        capture = None
-        if capture_layers is not None:
-            out = torch.empty(
-                len(capture_layers), sum(plan.counts or [len(scheduled)]), self.args.hidden_size,
-                dtype=self.dtype, device=self.device,
-            )  # fmt: skip
-            capture = LayerCapture(capture_layers, out, self._capture_index(batch, plan))
-            self.hidden = out
+        capture = self._capture(batch, plan)
         if batch.is_decode:
             return self.decode(input_ids, positions, batch, capture)
         hidden = self.model(input_ids, positions, batch, capture)
         last = batch.cu_seqlens_q[1:].long() - 1  # each row's last new token
         return self.model.compute_logits(hidden[last]).float()
+
+    def _capture(self, batch: ForwardBatch, plan: CapturePlan | None) -> LayerCapture | None:
+        """Where an eager forward copies the plan's layers (None: no capture); sets self.hidden."""
+        if plan is None:
+            return None
+        out = torch.empty(
+            len(plan.layers), sum(plan.counts or [len(batch.query_lens)]), self.args.hidden_size,
+            dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+        self.hidden = out
+        return LayerCapture(plan.layers, out, self._capture_index(batch, plan))
 
     def _capture_index(self, batch: ForwardBatch, plan: CapturePlan) -> torch.Tensor | None:
         """The tokens a prefill step captures: each row's last, or its last plan.counts."""

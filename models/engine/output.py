@@ -130,6 +130,7 @@ class OutputBuilder:
             interventions=seq.interventions,
             error=seq.error,
             hidden=hidden,
+            speculation=seq.speculation if done else None,
         )
         seq.interventions = []
         seq.num_sent_tokens, seq.num_sent_chars = token_end, text_end

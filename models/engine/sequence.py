@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from models.engine.hidden_capture import row_layers, row_prompt_positions
-from models.protocol.outputs import Intervention, TokenLogprob
+from models.protocol.outputs import Intervention, SpeculationStats, TokenLogprob
 from models.protocol.requests import GenerationRequest
 
 
@@ -62,6 +62,7 @@ class Sequence:
     num_committed: int = 0
     cache_epoch: int = -1
     speculation_off: bool = False  # reported once: this row is not speculated (and why)
+    speculation: SpeculationStats | None = None  # a speculating row's k and draft counters
     hidden_layers: tuple[int, ...] = ()  # big-model layers this row reads (request + policy)
     hidden: torch.Tensor | None = None  # their residual stream [layers, hidden] at the last step
     hidden_prompt_positions: int = 1  # last prompt tokens captured at the end of the prefill

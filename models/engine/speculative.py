@@ -9,8 +9,12 @@ max(0, p_i - q_i) normalized, and after k acceptances from p_k, so every token i
 as the big model's own sampling distribution p (logit bias, temperature, top-k, top-p). The
 rejected drafts' K/V is rewound like a backtrack (the blocks past the kept tokens go back).
 
-Rows with a steering policy (logit-level: proxy tuning, contrastive, grammar masks, backtracks)
-are not speculated; each such row gets one "speculation_off" intervention saying why.
+Rows whose next token depends on more than the big model's logits and the sampling settings
+verified here are not speculated, and each gets one "speculation_off" intervention saying why:
+a steering policy (proxy tuning, contrastive, backtracks: logit-level or token-level actions),
+a grammar mask, penalties (presence / frequency / repetition, min_tokens), or hidden-state
+capture (a verify position is no sampled-from state). Static steering vectors compose: they
+apply to every position of the verify forward as to a prefill.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class Speculator:
     """Drafts before the forward (`draft`), says which logits the forward must return
     (`logit_counts`), and turns a verified row's logits into its new tokens (`accept`)."""
 
-    def __init__(self, drafter: Drafter, default_k: int, vocab_size: int):
+    def __init__(self, drafter: Drafter, default_k: int, vocab_size: int, max_model_len: int):
         if drafter.vocab_size != vocab_size:
             raise ValueError(
                 f"the drafter's vocabulary ({drafter.vocab_size}) is not the big model's "
@@ -41,36 +45,52 @@ class Speculator:
             )
         self.drafter = drafter
         self.default_k = default_k
+        self.max_model_len = max_model_len
         self.pending: dict[Sequence, Draft] = {}  # rows whose drafts this step verifies
         self.num_proposed = 0  # drafted tokens verified
         self.num_accepted = 0  # of those, kept
         self.num_verified = 0  # rows verified
         self.num_rejections = 0  # of those, with a draft rejected
 
+    def row_k(self, request) -> int:
+        """The k a request speculates with: its own, else the engine's default."""
+        return self.default_k if request.speculative_k is None else request.speculative_k
+
     def k_for(self, seq: Sequence) -> int:
-        k = seq.request.speculative_k
-        k = self.default_k if k is None else k
-        room = seq.request.params.max_tokens - seq.num_generated - 1  # the last token is free
-        return max(0, min(k, room))
+        """This step's k for seq: its k, bounded by what it may still generate."""
+        left = min(seq.request.params.max_tokens - seq.num_generated,
+                   self.max_model_len - len(seq.token_ids))  # fmt: skip
+        return max(0, min(self.row_k(seq.request), left - 1))  # the last token is free
+
+    @staticmethod
+    def why_not(seq: Sequence) -> str | None:
+        """Why seq cannot be speculated exactly here (None: it can)."""
+        request = seq.request
+        if seq.steering is not None:
+            return "the row has a steering policy (its actions act on each token)"
+        if request.constraint is not None:
+            return "the row's output follows a grammar"
+        if request.params.penalized():
+            return "the row's sampling has penalties or min_tokens"
+        if seq.hidden_layers:
+            return "the row reads the big model's hidden states"
+        return None
 
     def draft(self, scheduled: list[ScheduledSequence], blocks, budget: int) -> None:
         """Append drafts to the scheduled decode rows that speculate (as many as `budget`
         tokens and free blocks allow), and run them in this step."""
         self.pending = {}
-        if any(item.seq.hidden_layers for item in scheduled):
-            return  # a verify step captures no hidden states: this step is not speculated
         rows: list[tuple[ScheduledSequence, int]] = []
         for item in scheduled:
             seq = item.seq
-            if item.num_tokens != 1 or not item.samples or self.k_for(seq) == 0:
+            if seq.speculation is None or item.num_tokens != 1 or not item.samples:
                 continue
-            if seq.steering is not None:
-                self._switch_off(seq, "the row has a steering policy (logit-level)")
+            why = self.why_not(seq)
+            if why is not None:
+                self._switch_off(seq, why)
                 continue
-            if seq.request.constraint is not None:
-                self._switch_off(seq, "the row's output follows a grammar")
-                continue
-            rows.append((item, self.k_for(seq)))
+            if k := self.k_for(seq):
+                rows.append((item, k))
         if not rows:
             return
         k = max(k for _, k in rows)
@@ -100,6 +120,7 @@ class Speculator:
             item.num_tokens += n
             budget -= n
             self.num_proposed += n
+            seq.speculation.proposed += n
 
     def logit_counts(self, scheduled: list[ScheduledSequence]) -> list[int] | None:
         """Positions per row whose logits the forward returns (None: the last of each)."""
@@ -138,6 +159,7 @@ class Speculator:
             tokens = self._rejection_sample(seq, biased, draft)
             kept = len(tokens) - 1
         self.num_accepted += kept
+        seq.speculation.accepted += kept
         self.num_verified += 1
         self.num_rejections += kept < m
         seq.num_computed = len(seq.token_ids) + kept  # the kept drafts' K/V stays
@@ -173,6 +195,7 @@ class Speculator:
     def _switch_off(self, seq: Sequence, why: str) -> None:
         if not seq.speculation_off:
             seq.speculation_off = True
+            seq.speculation = None
             seq.interventions.append(Intervention(
                 step=seq.num_generated, action="speculation_off",
                 detail={"reason": f"{why}: not speculated"},

@@ -131,8 +131,9 @@ class TorchEngine(Engine):
         self.core.set_step_observer(observer)
 
     def set_drafter(self, drafter: Drafter | None) -> None:
-        """See LLMEngine.set_drafter. Call before start: the drafter then runs on the engine
-        thread only (a small model shared with a Steerer that runs elsewhere is not safe)."""
+        """See LLMEngine.set_drafter. Call before start or on the engine thread
+        (run_in_engine_thread): the drafter then runs on the engine thread only (a small model
+        shared with a Steerer that runs elsewhere is not safe)."""
         self.core.set_drafter(drafter)
 
     def stats(self) -> EngineStats:

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from models.engine.config import MAX_SPECULATIVE_K
 from models.openai.errors import OpenAIError
 from models.openai.tools import ChatTools, ResponseFormat, ToolCall
 from models.protocol.requests import SteerVectorSpec
@@ -105,23 +106,57 @@ class SteeringOptions(BaseModel):
 
 
 class ActivationOptions(BaseModel):
-    """`tandem.activations`: the big model's residual stream after these blocks, per token."""
+    """`tandem.activations`, per generated token: the big model's residual stream after these
+    blocks (`layers`), the scores of named probes (`probes`), its top `features` SAE features;
+    `store: true` also writes them to the activation store (when the server has one)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: list[int] = Field(min_length=1, max_length=8)
-    probes: list[str] = Field(default_factory=list)
+    layers: list[int] = Field(default_factory=list, max_length=8)
+    probes: list[str] = Field(default_factory=list, max_length=8)
+    features: int = Field(0, ge=0, le=32)
+    store: bool = False
+
+    @model_validator(mode="after")
+    def _asks_something(self) -> ActivationOptions:
+        if not (self.layers or self.probes or self.features):
+            raise ValueError("tandem.activations asks for nothing: give layers, probes or "
+                             "features")  # fmt: skip
+        return self
+
+
+class SpeculativeOptions(BaseModel):
+    """`tandem.speculative`: the small model drafts k tokens per step, the big model verifies
+    them (exact: the same output as without). `false` is k = 0: this request not speculated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(ge=0, le=MAX_SPECULATIVE_K)
 
 
 class TandemOptions(BaseModel):
     """`tandem` in a request: Tandem's per-request extras that are not steering or RAG:
     `trace: true` keeps a per-token trace (GET /v1/traces/{id}); `activations` returns the
-    big model's residual stream per token."""
+    big model's residual stream per token; `speculative` sets speculative decoding's k."""
 
     model_config = ConfigDict(extra="forbid")
 
     trace: bool = False
     activations: ActivationOptions | None = None
+    speculative: SpeculativeOptions | None = None
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculative_false_is_k0(cls, v):
+        if v is False:
+            return {"k": 0}
+        if v is True:
+            raise ValueError("give {\"k\": N} to speculate, or false for no speculation")
+        return v
+
+    def speculative_k(self) -> int | None:
+        """The request's k (None: the server's default)."""
+        return None if self.speculative is None else self.speculative.k
 
 
 class SamplingFields(BaseModel):
@@ -286,6 +321,11 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
+def _unit(vector: list[float]) -> list[float]:
+    norm = sum(x * x for x in vector) ** 0.5
+    return [x / norm for x in vector] if norm > 0 else vector
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -315,16 +355,24 @@ def parse_request(model: type[M], body: Any) -> M:
 class EmbeddingRequest(BaseModel):
     """Body of POST /v1/embeddings; `input` is a string or strings (token ids are refused)."""
 
-    model_config = ConfigDict(extra="forbid")  # `dimensions` and the like: a 400 naming it
+    model_config = ConfigDict(extra="forbid")  # any other field: a 400 naming it
 
     model: str | None = None
     input: list[str]
     encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1)
     user: str | None = None
 
-    def respond(self, vectors: list[list[float]]) -> EmbeddingResponse:
-        """The response, each vector as floats or as base64 of little-endian float32."""
+    def respond(self, vectors: list[list[float]], tokens: int = 0) -> EmbeddingResponse:
+        """The response, each vector as floats or as base64 of little-endian float32; with
+        `dimensions`, its first that many floats, normalised again (OpenAI's shortening)."""
+        if self.dimensions is not None and vectors and self.dimensions > len(vectors[0]):
+            raise OpenAIError(f"dimensions must be at most {len(vectors[0])} for this model, "
+                              f"got {self.dimensions}", param="dimensions")  # fmt: skip
+        if self.dimensions is not None:
+            vectors = [_unit(v[: self.dimensions]) for v in vectors]
         response = EmbeddingResponse.of(self.model or "all-MiniLM-L6-v2", vectors)
+        response.usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
         if self.encoding_format == "base64":
             for item in response.data:
                 raw = struct.pack(f"<{len(item.embedding)}f", *item.embedding)
@@ -340,56 +388,6 @@ class EmbeddingRequest(BaseModel):
         if len(texts) > MAX_EMBEDDING_INPUTS:
             raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
         return texts
-
-
-class VectorStoreCreate(BaseModel):
-    """Body of POST /v1/vector_stores."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = None
-    file_ids: list[str] = Field(default_factory=list)
-    chunking_strategy: dict[str, Any] | None = None
-    metadata: dict[str, str] | None = None
-    description: str | None = None
-
-
-class VectorStoreFileCreate(BaseModel):
-    """Body of POST /v1/vector_stores/{id}/files."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    file_id: str
-    chunking_strategy: dict[str, Any] | None = None
-    attributes: dict[str, str | float | bool] | None = None
-
-
-class RankingOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ranker: str | None = None
-    score_threshold: float = Field(0.0, ge=0.0, le=1.0)
-
-
-class VectorStoreSearch(BaseModel):
-    """Body of POST /v1/vector_stores/{id}/search (query rewriting is not served; filters are
-    checked where they are applied, models.retrieval.filters)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: str | list[str]
-    max_num_results: int = Field(10, ge=1, le=50)
-    ranking_options: RankingOptions = Field(default_factory=RankingOptions)
-    rewrite_query: bool = False
-    filters: dict[str, Any] | None = None
-
-    def refuse_unserved_options(self) -> None:
-        """400 for the options this server accepts in the schema but cannot honour."""
-        if self.rewrite_query:
-            raise OpenAIError(
-                "query rewriting is not supported by this server; set rewrite_query to false",
-                400, param="rewrite_query", code="unsupported_parameter",
-            )
 
 
 class UsageInfo(BaseModel):
@@ -442,11 +440,16 @@ class TandemInfo(BaseModel):
     # steered choices that went on unsteered: {"index", "reason", "message"}
     unsteered_because: list[dict[str, Any]] | None = None
     activations: list[dict[str, Any]] | None = None  # per choice, when the request asked
+    # speculated choices: {"k", "proposed", "accepted"} summed; choices that could not be:
+    # {"index", "reason"}
+    speculative: dict[str, int] | None = None
+    unspeculated_because: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _errors_only_when_any(self, handler):
         data = handler(self)
-        for key in ("errors", "unsteered_because", "activations"):
+        for key in ("errors", "unsteered_because", "activations", "speculative",
+                    "unspeculated_because"):  # fmt: skip
             if getattr(self, key) is None:
                 del data[key]
         return data

@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from models.openai.activations import activation_layers
+from models.activations.reader import ActivationReader
+from models.activations.store import ActivationStore
+from models.openai.activations import ActivationPlan, StoreRecorder, activation_plan
 from models.openai.chat_output import ChoiceStream as ChatParser
 from models.openai.chat_output import message_fields, reasons
 from models.openai.chat_template import chat_prompt_ids
@@ -112,17 +114,22 @@ class PreparedRequest:
     trace: bool = False  # keep a per-token trace under tandem.request_id
     constraint: OutputConstraint | None = None  # response_format or a forced tool call
     tools: bool = False  # chat with tools offered: `<tool_call>` output becomes tool_calls
-    hidden_layers: list[int] = field(default_factory=list)  # tandem.activations.layers
+    hidden_layers: ActivationPlan = field(default_factory=lambda: ActivationPlan([], []))
+    speculative_k: int | None = None  # tandem.speculative.k (None: the server's default)
 
 
 class OpenAIServing:
     """Chat and text completions over an engine, with routing and retrieval."""
 
-    def __init__(self, *, model_name: str, tokenizer: Any, backends: Backends, limits: ServingLimits):
+    def __init__(self, *, model_name: str, tokenizer: Any, backends: Backends, limits: ServingLimits,
+                 activations: ActivationReader | None = None,
+                 store: ActivationStore | None = None):  # fmt: skip
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.backends = backends
         self.limits = limits
+        self.activations = activations  # probes and SAE features for tandem.activations
+        self.store = store  # where tandem.activations.store rows go
         self.reasoning = reasons(tokenizer)  # parse `<think>` into reasoning_content
 
     @classmethod
@@ -148,8 +155,11 @@ class OpenAIServing:
                 config.steering, getattr(model_cfg, "num_hidden_layers", None)),
             trace_all=config.telemetry.trace_all,
         )
+        reader = ActivationReader.from_steering(config.steering, big, model_cfg.hidden_size,
+                                                model_cfg.num_hidden_layers)  # fmt: skip
+        store = ActivationStore(config.activation_store) if config.activation_store.dir else None
         return cls(model_name=config.model.name, tokenizer=AutoTokenizer.from_pretrained(big),
-                   backends=backends, limits=limits)
+                   backends=backends, limits=limits, activations=reader, store=store)
 
     # ---- public entry points ------------------------------------------------------------
 
@@ -260,7 +270,9 @@ class OpenAIServing:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             n=req.n,
             trace=self.limits.trace_all or bool(req.tandem and req.tandem.trace),
-            hidden_layers=activation_layers(req, params[0].max_tokens),
+            hidden_layers=await activation_plan(req, params[0].max_tokens, self.activations,
+                                                self.store),
+            speculative_k=req.tandem.speculative_k() if req.tandem else None,
         )
 
     async def _adapter_request(self, req: SamplingFields) -> str | None:
@@ -319,7 +331,8 @@ class OpenAIServing:
         if named:
             known = await self._vector_names()
             for name, param in named:
-                if name not in known:
+                sae_index = param == "steering.vectors" and self._sae_vector(name)
+                if name not in known and not sae_index:
                     raise to_openai_error(VectorNotFoundError.naming(name, known, param=param))
         return s.vector_specs(), policy
 
@@ -412,13 +425,19 @@ class OpenAIServing:
                         trace_id=prep.tandem.request_id if prep.trace else None,
                         constraint=prep.constraint,
                         hidden_layers=list(prep.hidden_layers),
+                        speculative_k=prep.speculative_k,
                     )
                 )
         return reqs
 
     async def _respond(self, prep: PreparedRequest, chat: bool) -> dict | AsyncIterator[str]:
         reqs = self._engine_requests(prep)
-        streams = [ChoiceStream(self.backends.generate(r)) for r in reqs]
+        outputs = [self.backends.generate(r) for r in reqs]
+        if prep.hidden_layers.store and self.store is not None:
+            recorder = StoreRecorder(self.store, prep.tandem.request_id, prep.hidden_layers,
+                                     self.tokenizer, len(reqs))  # fmt: skip
+            outputs = [recorder.wrap(i, it) for i, it in enumerate(outputs)]
+        streams = [ChoiceStream(it) for it in outputs]
         # The first output of every choice arrives before we answer, so errors found at admission
         # (adapter unknown, prompt too long, queue full) become proper HTTP errors, not broken SSE.
         try:
@@ -474,6 +493,12 @@ class OpenAIServing:
 
     async def _adapter_names(self) -> list[str]:
         return list(await self.backends.adapters()) if self.backends.adapters else []
+
+    def _sae_vector(self, name: str) -> bool:
+        """Whether `name` is `sae:<index>` (or a named feature) of the configured SAE: the
+        Generator registers such a vector when `steering.vectors` first names it (a policy's
+        `vector` takes the named features, which every replica registers at start)."""
+        return self.activations is not None and self.activations.vector_feature(name) is not None
 
     async def _vector_names(self) -> list[str]:
         return list(await self.backends.vectors()) if self.backends.vectors else []

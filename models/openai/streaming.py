@@ -21,6 +21,7 @@ from typing import Any
 from models.openai.activations import all_activations, choice_activations
 from models.openai.errors import OpenAIError, to_openai_error
 from models.openai.protocol import ChoiceError, TandemInfo, UsageInfo, now
+from models.openai.speculative import speculation_fields
 from models.protocol.outputs import RequestOutput
 
 logger = logging.getLogger("tandem.serving")
@@ -45,6 +46,7 @@ class ChoiceStream:
         self.interventions: list = []
         self.error: str | None = None
         self.hidden: list = []  # per token (tandem.activations)
+        self.speculation = None  # SpeculationStats of a speculated choice, once finished
 
     async def prime(self) -> None:
         try:
@@ -63,6 +65,7 @@ class ChoiceStream:
         if out.finished:
             self.finish_reason = out.finish_reason
             self.error = out.error
+            self.speculation = out.speculation
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         if self.first is not None:
@@ -150,7 +153,8 @@ def final_tandem(
     ]  # fmt: skip
     return tandem.model_copy(update={"interventions": interventions, "errors": errors or None,
                                      "unsteered_because": unsteered or None,
-                                     "activations": all_activations(hidden_layers, choices)})  # fmt: skip
+                                     "activations": all_activations(hidden_layers, choices),
+                                     **speculation_fields(choices)})  # fmt: skip
 
 
 @dataclass

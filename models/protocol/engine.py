@@ -33,7 +33,8 @@ class EngineCapabilities:
     row mixes several adapters by weight (the router's top-k). backtrack: generated tokens can
     be taken back (Backtrack, steering.params.max_backtrack). structured_output: grammar-exact
     output (response_format). hidden_state_capture: the residual stream of chosen layers comes
-    back with each token (tandem.activations).
+    back with each token (tandem.activations). speculative_decoding: a drafter proposes tokens
+    the big model verifies (GenerationRequest.speculative_k).
     """
 
     token_events: bool = False
@@ -44,6 +45,7 @@ class EngineCapabilities:
     backtrack: bool = False
     structured_output: bool = False
     hidden_state_capture: bool = False
+    speculative_decoding: bool = False
 
     @classmethod
     def all(cls) -> EngineCapabilities:
@@ -76,6 +78,8 @@ def request_needs(
         needs["structured_output"] = "response_format"
     if request.hidden_layers:
         needs["hidden_state_capture"] = "tandem.activations"
+    if request.speculative_k:
+        needs["speculative_decoding"] = "tandem.speculative"
     steering = request.steering
     if steering is not None:
         for name in (policy_needs or {}).get(steering.policy, ["token_events"]):

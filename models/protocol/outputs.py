@@ -26,6 +26,15 @@ class Intervention:
 
 
 @dataclass
+class SpeculationStats:
+    """How a speculated request went: k drafted per step, drafts verified, drafts kept."""
+
+    k: int
+    proposed: int = 0
+    accepted: int = 0
+
+
+@dataclass
 class RequestOutput:
     """What one engine step produced for one request: new tokens and text since the last one.
 
@@ -48,6 +57,7 @@ class RequestOutput:
     # it was sampled from (host, float16/bfloat16; None for a forced token), when the request
     # asked for GenerationRequest.hidden_layers
     hidden: list[Any] | None = None
+    speculation: SpeculationStats | None = None  # on the last output of a speculated request
 
     @classmethod
     def merged(cls, outputs: list[RequestOutput]) -> RequestOutput:
@@ -76,6 +86,7 @@ class RequestOutput:
             error=last.error,
             engine_s=last.engine_s,
             hidden=hidden,
+            speculation=last.speculation,
         )
 
 
@@ -94,6 +105,8 @@ class EngineStats:
     observer_calls: int = 0  # step-observer calls: one per engine step with due steered rows
     failed_rows: int = 0  # rows finished with an error because stepping them alone raised
     prefix_cache_hit_rate: float = 0.0  # share of admitted prompt tokens found in the cache
+    speculative_proposed: int = 0  # drafted tokens the big model verified
+    speculative_accepted: int = 0  # of those, kept
 
 
 class OutputBuffer:

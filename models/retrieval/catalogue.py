@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL, embedding BLOB NOT NULL,
     FOREIGN KEY (vector_store_id, file_id)
         REFERENCES vector_store_files(vector_store_id, file_id) ON DELETE CASCADE);
+CREATE TABLE IF NOT EXISTS file_batches (
+    id TEXT PRIMARY KEY,
+    vector_store_id TEXT NOT NULL REFERENCES vector_stores(id) ON DELETE CASCADE,
+    created_at INTEGER NOT NULL, file_ids TEXT NOT NULL, failed TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_by_store ON chunks(vector_store_id);
 CREATE INDEX IF NOT EXISTS chunks_by_attachment ON chunks(vector_store_id, file_id);
 CREATE INDEX IF NOT EXISTS attachments_by_file ON vector_store_files(file_id);
@@ -287,6 +291,24 @@ class Catalogue:
                 (store_id, file_id),
             )
         return removed, version
+
+    # File batches: the files asked for, and those that failed (file id -> error message)
+
+    def add_batch(self, batch_id: str, store_id: str, file_ids: list[str],
+                  failed: dict[str, str]) -> None:  # fmt: skip
+        with self._transaction() as db:
+            db.execute("INSERT INTO file_batches (id, vector_store_id, created_at, file_ids, "
+                       "failed) VALUES (?, ?, ?, ?, ?)", (batch_id, store_id, int(time.time()),
+                       json.dumps(file_ids), json.dumps(failed)))  # fmt: skip
+
+    def batch(self, store_id: str, batch_id: str) -> tuple[int, list[str], dict[str, str]]:
+        """(created_at, file ids, failed: file id -> message) of a store's batch; 404 if none."""
+        rows = self._query("SELECT created_at, file_ids, failed FROM file_batches WHERE id = ? "
+                           "AND vector_store_id = ?", (batch_id, store_id))  # fmt: skip
+        if not rows:
+            raise NotFoundError(f"no file batch '{batch_id}' in vector store '{store_id}'",
+                                param="batch_id")  # fmt: skip
+        return rows[0][0], json.loads(rows[0][1]), json.loads(rows[0][2])
 
     # Chunks
 

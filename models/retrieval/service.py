@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from models.retrieval import batches
 from models.retrieval.config import RetrievalConfig
 from models.retrieval.errors import InvalidRequest, RetrievalError
 from models.retrieval.records import SearchHit
@@ -110,6 +111,10 @@ class RetrieverService:
             raise InvalidRequest("give at least one text to embed", param="input")
         return self.store.embedder.embed(list(texts)).tolist()
 
+    def embed_counted(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """`embed`, and the tokens the embedder read (the response's usage)."""
+        return self.embed(texts), self.store.embedder.count_tokens(list(texts))
+
     # Files
 
     def create_file(self, filename: str, data: bytes, purpose: str = "assistants") -> dict:
@@ -192,6 +197,27 @@ class RetrieverService:
     def detach_file(self, vector_store_id: str, file_id: str) -> dict:
         self.store.detach_file(vector_store_id, file_id)
         return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
+
+    def file_batch(self, operation: str, vector_store_id: str, *args: Any, **kw: Any) -> dict:
+        """One call for the batch routes: create / retrieve / cancel / list_files."""
+        method = {"create": self.create_file_batch, "retrieve": self.retrieve_file_batch,
+                  "cancel": self.cancel_file_batch, "list_files": self.list_file_batch_files}  # fmt: skip
+        return method[operation](vector_store_id, *args, **kw)
+
+    def create_file_batch(self, vector_store_id: str, files: list[dict[str, Any]]) -> dict:
+        return batches.create_file_batch(self.store, vector_store_id, files)
+
+    def retrieve_file_batch(self, vector_store_id: str, batch_id: str) -> dict:
+        return batches.retrieve_file_batch(self.store, vector_store_id, batch_id)
+
+    def cancel_file_batch(self, vector_store_id: str, batch_id: str) -> dict:
+        return batches.cancel_file_batch(self.store, vector_store_id, batch_id)
+
+    def list_file_batch_files(self, vector_store_id: str, batch_id: str, limit: int = 20,
+                              order: str = "desc", after: str | None = None,
+                              status: str | None = None) -> dict:  # fmt: skip
+        records = batches.file_batch_files(self.store, vector_store_id, batch_id, status)
+        return _page(records, limit, order, after)
 
     def search_vector_store(
         self,

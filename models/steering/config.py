@@ -71,6 +71,12 @@ class SteeringConfig(BaseModel):
         description="Directory of the steering-vector library (extracted vectors are cached "
         "there); None = $TANDEM_CACHE/vectors/<big model>.",
     )
+    sae: str | None = Field(
+        None, description="Sparse autoencoder of the big model's residual stream at one layer "
+        "(models/steering/sae.py): a directory, or `builtin` for the one shipped with "
+        "builtin:toy. Its features are steering vectors `sae:<name|index>` and are read per "
+        "token by /v1/features/extract and tandem.activations.features. None = no SAE.",
+    )  # fmt: skip
     max_live_requests: int = Field(
         4096, ge=1, description="Requests whose state (small-model KV) the Steerer keeps; the "
         "least recently seen beyond this are dropped and resync if they come back.",

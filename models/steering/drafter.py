@@ -7,14 +7,23 @@ variant of the same name drafts with it, else with the base model. Greedy rows p
 argmax; sampled rows draw from softmax(logits / temperature) with the row's generator and
 hand over those distributions for rejection sampling. The request's logit bias applies to the
 drafts too (it would reject them otherwise).
+
+In Serve, `attach_drafter` loads it inside the Generator replica, where a colocated Steerer's
+small model runs (same checkpoint, adapters, device and dtype: the `steering:` block), as its
+own instance on the engine thread, so the drafter never races another thread for it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from models.engine.config import SpeculativeConfig
 from models.protocol.drafter import Draft, DraftRow
 from models.protocol.small_model import SmallModel
+from models.steering.config import SteeringSetup
+from models.steering.runtime import load_small_model, small_model_source
 from models.steering.state import BASE, RequestState, stack_logits
 
 
@@ -71,3 +80,29 @@ class SmallModelDrafter:
             state = self.states.pop(rid, None)
             if state is not None:
                 self.small.free(state)
+
+
+def build_drafter(setup: SteeringSetup) -> SmallModelDrafter:
+    """The small model of a Tandem config (SteeringSetup: the `steering:` block and the big
+    model's source) as a drafter."""
+    path, adapters = small_model_source(setup.steering, setup.model_source)
+    if path is None:
+        raise ValueError(
+            "engine.speculative needs a small model to draft with: set "
+            "steering.small_model_source or use a builtin model source"
+        )
+    max_len = setup.steering.max_model_len or setup.max_model_len
+    return SmallModelDrafter(load_small_model(setup.steering, path, adapters, max_len))
+
+
+async def attach_drafter(engine: Any, setup: SteeringSetup, config: SpeculativeConfig) -> bool:
+    """Give `engine` the small model as its drafter when `config` asks for one, built on the
+    engine's own thread between steps. Returns whether a drafter is attached; raises for an
+    engine that cannot verify drafts."""
+    if not config.wants_drafter:
+        return False
+    if not engine.capabilities.speculative_decoding or not hasattr(engine, "set_drafter"):
+        raise ValueError(f"engine '{engine.name}' cannot verify drafts: engine.speculative "
+                         "(k > 0 or drafter: small_model) needs engine.kind torch")  # fmt: skip
+    await engine.run_in_engine_thread(lambda: engine.set_drafter(build_drafter(setup)))
+    return True

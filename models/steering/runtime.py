@@ -111,12 +111,8 @@ class SteeringRuntime(StepObserver):
         max_model_len: the big model's context (engine.max_model_len), if set."""
         from models.builtin import resolve_source
 
-        paths = resolve_source(model_source)
-        small, adapters = paths.small, paths.small_adapters
-        if config.small_model_source:
-            own = resolve_source(config.small_model_source)
-            small, adapters = own.big, own.adapters
-        return cls(config, paths.big, small, adapters, max_model_len)
+        small, adapters = small_model_source(config, model_source)
+        return cls(config, resolve_source(model_source).big, small, adapters, max_model_len)
 
     @classmethod
     def from_setup(cls, setup: SteeringSetup) -> SteeringRuntime:
@@ -409,6 +405,18 @@ def _adapters_to_load(
 
 
 ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what the torch engine loads
+
+
+def small_model_source(config: SteeringConfig, model_source: str) -> tuple[str | None, dict]:
+    """The small model's checkpoint and its LoRA adapters by name: steering.small_model_source,
+    else the small model of a builtin `model.source` (None: there is none)."""
+    from models.builtin import resolve_source
+
+    if config.small_model_source:
+        own = resolve_source(config.small_model_source)
+        return own.big, own.adapters
+    paths = resolve_source(model_source)
+    return paths.small, paths.small_adapters
 
 
 def load_small_model(

@@ -17,6 +17,7 @@ from typing import Any
 from models.protocol.engine import Engine
 from models.protocol.errors import TandemError
 from models.steering.config import SteeringConfig
+from models.steering.sae import SAE_PREFIX, load_configured_sae, sae_feature, sae_steering_tensor
 from models.steering.vectors import (
     SteeringVector,
     VectorLibrary,
@@ -54,10 +55,13 @@ class VectorService:
         root = config.vector_dir or default_vector_dir(big_model_path)
         self.library = VectorLibrary(root, shape["num_hidden_layers"], shape["hidden_size"])
         ensure_default_vectors(config, big_model_path, self.library)
+        self.sae = load_configured_sae(config.sae, big_model_path, shape["hidden_size"],
+                                       shape["num_hidden_layers"])  # fmt: skip
+        self._sae_wanted = {SAE_PREFIX + n for n in self.sae.names} if self.sae else set()
         self._registered: set[str] = set()
 
     def names(self) -> list[str]:
-        return self.library.list()
+        return self.library.list() + sorted(SAE_PREFIX + n for n in getattr(self.sae, "names", {}))
 
     def sync(self, engine: Engine) -> None:
         """Register with the engine every library vector it does not have yet (one that no
@@ -66,6 +70,10 @@ class VectorService:
             if name not in self._registered and (vector := self._get(name)) is not None:
                 engine.register_vector(name, vector.as_tensor(self.library.num_layers))
                 self._registered.add(name)
+        for name in self._sae_wanted - self._registered:  # SAE features: `sae:<name|index>`
+            index = sae_feature(self.sae, name)
+            engine.register_vector(name, sae_steering_tensor(self.sae, index, self.library.num_layers))
+            self._registered.add(name)
 
     def _get(self, name: str) -> SteeringVector | None:
         try:
@@ -76,13 +84,20 @@ class VectorService:
             return None
 
     def registered(self, names: list[str]) -> bool:
-        """Whether the engine already has every one of these vectors."""
+        """Whether the engine already has every one of these vectors (an SAE feature not yet
+        registered is noted: the next sync registers it)."""
+        self._sae_wanted |= {n for n in names if sae_feature(self.sae, n) is not None}
         return all(name in self._registered for name in names)
 
     def describe(self, name: str | None = None) -> list[dict[str, Any]]:
         """The vectors (or the one named) as OpenAI-list style objects."""
         out = []
-        for vector_name in [name] if name else self.library.list():
+        for vector_name in [name] if name else self.names():
+            if (index := sae_feature(self.sae, vector_name)) is not None:
+                out.append({"id": vector_name, "object": "steering.vector", "name": vector_name,
+                            "layers": [self.sae.layer], "hidden_size": self.sae.d_model,
+                            "model_hint": "sae", "metadata": {"sae_feature": index}})
+                continue
             if (v := self._get(vector_name)) is None:
                 continue
             out.append({"id": vector_name, "object": "steering.vector", "name": vector_name,
@@ -113,6 +128,9 @@ class VectorService:
     def remove(self, name: str) -> None:
         """Delete a vector from the library (and so from the list requests are checked
         against); the engine keeps its copy until the name is registered again."""
+        if name.startswith(SAE_PREFIX):
+            raise VectorUploadError(f"'{name}' is a feature of the configured SAE "
+                                    "(steering.sae); it cannot be deleted")  # fmt: skip
         self.library.remove(name, missing_ok=True)  # replicas sharing the directory
         self._registered.discard(name)
 

@@ -5,6 +5,8 @@ distribution (chi-square on a small vocabulary)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -15,10 +17,12 @@ from models.engine.sequence import Sequence
 from models.engine.speculative import Speculator
 from models.engine.tiny_checkpoint import build_tiny_checkpoint
 from models.protocol.drafter import Draft
-from models.protocol.requests import GenerationRequest, SamplingParams
+from models.protocol.outputs import SpeculationStats
+from models.protocol.requests import GenerationRequest, SamplingParams, SteerVectorSpec
 from models.protocol.steering import SteeringRequest, StepObserver
 from models.steering.drafter import SmallModelDrafter
 from models.steering.paged_small_model import PagedSmallModel
+from tests.engine.test_lora import make_adapter
 from tests.engine.test_prefix_cache import run
 
 
@@ -34,7 +38,7 @@ def other(tmp_path_factory):
 
 
 def make_engine(path, drafter_path=None, k: int = 4, **config) -> LLMEngine:
-    config = {"num_kv_blocks": 128, "block_size": 4, "speculative_k": k, **config}
+    config = {"num_kv_blocks": 128, "block_size": 4, "speculative": {"k": k}, **config}
     eng = LLMEngine(EngineConfig(**config), path)
     if drafter_path is not None:
         small = PagedSmallModel(str(drafter_path), device="cpu", kv_cache_gib=0.01, block_size=4)
@@ -60,7 +64,8 @@ def test_greedy_is_identical_with_speculation(big, other, drafter):
     reqs[1].params.logit_bias = {7: 5.0}  # applied to every verified position too
     reqs[2].speculative_k = 0  # this row alone decodes one token per step
     reqs[3].speculative_k = 2
-    expected = run(make_engine(big), reqs, join_every=2)
+    plain = [replace(r, speculative_k=None) for r in reqs]  # no drafter: no k may be asked
+    expected = run(make_engine(big), plain, join_every=2)
     eng = make_engine(big, big if drafter == "same" else other)
     assert run(eng, reqs, join_every=2) == expected
     spec = eng.speculator
@@ -77,6 +82,44 @@ def test_speculation_with_prefix_cache_and_preemption_is_identical(big):
     eng = make_engine(big, big, **small)
     assert run(eng, reqs, join_every=1) == expected
     assert eng.stats().preemptions > 0 and eng.speculator.num_accepted > 0
+
+
+def test_lora_rows_draft_with_the_small_models_adapter_of_the_same_name(big, tmp_path):
+    """The drafter is the big checkpoint itself: with the row's adapter it proposes what the
+    big model picks; without one (no adapter of that name) it drafts with the base and is
+    mostly wrong. The text is the adapter's either way."""
+    lora = str(make_adapter(big, tmp_path / "alpha", seed=10))
+    reqs = greedy_requests(2, max_tokens=12, adapter="alpha")
+    plain = make_engine(big)
+    plain.adapters.load("alpha", lora)
+    expected = run(plain, reqs)
+    rates = []
+    for small_adapters in ({"alpha": lora}, {}):
+        eng = make_engine(big)
+        eng.adapters.load("alpha", lora)
+        small = PagedSmallModel(str(big), small_adapters, device="cpu", kv_cache_gib=0.01,
+                                block_size=4)  # fmt: skip
+        eng.set_drafter(SmallModelDrafter(small))
+        assert run(eng, reqs) == expected
+        rates.append(eng.speculator.num_accepted / eng.speculator.num_proposed)
+    assert rates[0] > 0.8 > rates[1], rates
+
+
+def test_rows_with_static_steering_vectors_are_speculated_and_identical(big):
+    """A steering vector applies at every verified position, as at a decoded one."""
+    reqs = greedy_requests(3, max_tokens=10)
+    for r in reqs[:2]:
+        r.steer_vectors = [SteerVectorSpec("v", 4.0)]
+    plain, spec = make_engine(big), make_engine(big, big)
+    shape = (plain.args.num_layers, plain.args.hidden_size)
+    vector = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for eng in (plain, spec):
+        eng.register_vector("v", vector)
+    expected = run(plain, reqs)
+    unsteered = run(make_engine(big), [replace(r, steer_vectors=[]) for r in reqs[:1]])
+    assert expected["g0"] != unsteered["g0"]  # the vector matters
+    assert run(spec, reqs) == expected
+    assert spec.speculator.num_accepted > 0
 
 
 class Quiet(StepObserver):
@@ -133,9 +176,10 @@ def test_rejection_sampling_keeps_the_big_models_distribution(temperature, top_k
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 8, generator=g) * 1.5  # big model: positions 0..2 (k = 2)
     q = torch.softmax(torch.randn(2, 8, generator=g) * 2, -1)  # drafter
-    spec = Speculator(FixedDrafter(), 2, 8)
+    spec = Speculator(FixedDrafter(), 2, 8, max_model_len=64)
     params = SamplingParams(max_tokens=4, temperature=temperature, top_k=top_k)
     seq = Sequence(GenerationRequest("c", [1, 2, 3], params), torch.Generator().manual_seed(1), 0)
+    seq.speculation = SpeculationStats(2)
     trials, counts, kept = 3000, torch.zeros(8), 0
     for _ in range(trials):
         drafts = torch.multinomial(q, 1, generator=g).flatten().tolist()

@@ -70,7 +70,7 @@ def test_each_token_comes_back_with_its_vectors_in_response_and_stream(engine):
 
 
 @pytest.mark.parametrize("ask, param", [
-    ({"activations": {"layers": [0], "probes": ["gloom"]}}, "tandem.activations.probes"),
+    ({"activations": {"layers": [0], "probes": ["gloom"]}}, "tandem.activations"),  # no reader
     ({"activations": {"layers": [0, 1]}}, "tandem.activations"),  # 2 x 200 x n=4 > 100
     ({"activations": {"layers": list(range(9))}}, None),
     ({"activations": {"layers": [7]}}, "hidden_layers"),

@@ -162,6 +162,8 @@ def test_embed_for_the_embeddings_route(service):
     similar = sum(a * b for a, b in zip(vectors[0], vectors[1], strict=True))
     unrelated = sum(a * b for a, b in zip(vectors[0], vectors[2], strict=True))
     assert similar > unrelated
+    counted, tokens = service.embed_counted(["a red kite", "x " * 400])
+    assert counted[0] == pytest.approx(vectors[0], abs=1e-5) and tokens == 5 + 256  # [CLS] a red kite [SEP]; cut at 256
 
 
 def test_builtin_store_is_created_once_and_persists(tmp_path):
@@ -209,3 +211,40 @@ def test_search_filters_keep_only_matching_files(client):
                                              {"type": "ne", "key": "year", "value": 2021}]}) == set()
     with pytest.raises(openai.BadRequestError, match="filter"):
         found({"type": "like", "key": "topic", "value": "k"})
+
+
+def test_file_batch_attaches_several_files_with_attributes(client):
+    store = client.vector_stores.create(name="batched")
+    bees = client.files.create(file=("bees.txt", BEES), purpose="assistants").id
+    oven = client.files.create(file=("oven.md", OVEN), purpose="assistants").id
+    batch = client.vector_stores.file_batches.create_and_poll(
+        vector_store_id=store.id, file_ids=[bees, oven], attributes={"shelf": "a"})
+    assert batch.status == "completed" and batch.file_counts.completed == 2
+    assert batch.file_counts.total == 2 and batch.file_counts.failed == 0
+    assert client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id) == batch
+    listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id)
+    assert {f.id for f in listed} == {bees, oven}
+    assert all(f.attributes == {"shelf": "a"} for f in listed)
+    page = client.vector_stores.search(vector_store_id=store.id, query="oven paste",
+                                       filters={"type": "eq", "key": "shelf", "value": "a"})
+    assert {r.file_id for r in page} == {bees, oven}
+    per_file = client.vector_stores.file_batches.create(vector_store_id=store.id, files=[
+        {"file_id": oven, "attributes": {"shelf": "b"}}])  # already attached: kept as it was
+    assert per_file.file_counts.completed == 1
+    other = client.vector_stores.create(name="half-failed")
+    overlap = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 90}}
+    mixed = client.vector_stores.file_batches.create(vector_store_id=other.id, files=[
+        {"file_id": bees}, {"file_id": oven, "chunking_strategy": overlap}])
+    assert (mixed.status, mixed.file_counts.completed, mixed.file_counts.failed) == ("completed", 1, 1)
+    failed = client.vector_stores.file_batches.list_files(mixed.id, vector_store_id=other.id,
+                                                          filter="failed").data
+    assert [f.id for f in failed] == [oven] and "overlap" in failed[0].last_error.message
+    with pytest.raises(openai.NotFoundError, match="file-nope"):
+        client.vector_stores.file_batches.create(vector_store_id=store.id, file_ids=["file-nope"])
+    with pytest.raises(openai.BadRequestError, match="not both"):
+        client.vector_stores.file_batches.create(vector_store_id=store.id, file_ids=[bees],
+                                                 files=[{"file_id": bees}])
+    with pytest.raises(openai.BadRequestError, match="nothing to cancel"):
+        client.vector_stores.file_batches.cancel(batch.id, vector_store_id=store.id)
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.file_batches.retrieve("vsfb_nope", vector_store_id=store.id)

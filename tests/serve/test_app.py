@@ -54,6 +54,7 @@ def base_url(serve_url, tmp_path_factory, adapter_root, trace_dir):  # noqa: F81
     args.setdefault("steering", {})["vector_dir"] = str(tmp_path_factory.mktemp("vectors"))
     args.setdefault("router", {})["adapter_roots"] = [str(adapter_root)]
     args.setdefault("server", {})["state_dir"] = str(tmp_path_factory.mktemp("state"))
+    args.setdefault("engine", {})["speculative"] = {"drafter": "small_model"}  # requests opt in
     APP_ARGS.update(telemetry_args(args, trace_dir))
     started = time.monotonic()
     # as serve_config.yaml's logging_config: replica logs as JSON lines
@@ -167,6 +168,10 @@ def test_rag_answers_cite_uploaded_documents(client, tmp_path):
 def test_embeddings_route(client):
     r = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a red kite", "a blue kite"])
     assert len(r.data) == 2 and len(r.data[0].embedding) == 384
+    assert r.usage.prompt_tokens == r.usage.total_tokens == 10  # [CLS] a red kite [SEP], twice
+    short = client.embeddings.create(model="all-MiniLM-L6-v2", input="a red kite", dimensions=64)
+    assert len(short.data[0].embedding) == 64
+    assert sum(x * x for x in short.data[0].embedding) == pytest.approx(1.0, abs=1e-4)
 
 
 # ---- steering --------------------------------------------------------------------------------
@@ -217,6 +222,30 @@ def test_policies_run_in_every_mode(client, mode):
     if mode != "async":
         kinds = {i["action"] for i in r.model_extra["tandem"]["interventions"]}
         assert "AdjustedLogits" in kinds
+
+
+def test_probe_scores_sae_features_and_sae_vectors_through_serve(base_url, client):
+    gloomy = "Continue the story: Omar feels gloomy. The park is awful. Ben is sad."
+    r = chat(client, gloomy, temperature=0, max_tokens=6, extra_body={"ignore_eos": True,
+             "tandem": {"activations": {"probes": ["gloom_probe"], "features": 2}}})  # fmt: skip
+    (acts,) = r.model_extra["tandem"]["activations"]
+    assert len(acts["probes"]["gloom_probe"]) == 6 and len(acts["features"]) == 6
+    assert all(0 <= p <= 1 for p in acts["probes"]["gloom_probe"])
+    bad = httpx.post(f"{base_url}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+        "tandem": {"activations": {"probes": ["nope"]}}})  # fmt: skip
+    assert bad.status_code == 400 and "gloom_probe" in bad.json()["error"]["message"]
+    got = httpx.post(f"{base_url}/v1/features/extract", timeout=60,
+                     json={"input": ["Tom has the red ball. Ben is sad."], "top_k": 3}).json()
+    ben = next(t for t in got["data"][0]["tokens"] if t["token"] == " Ben")
+    assert "person" in {f["name"] for f in ben["features"]}
+    too_many = httpx.post(f"{base_url}/v1/features/extract", json={"input": ["a"] * 17})
+    assert too_many.status_code == 400
+    plain = chat(client, temperature=0, max_tokens=10, extra_body={"ignore_eos": True})
+    for name in ("sae:sunny", f"sae:{ben['features'][0]['index']}"):
+        steered = chat(client, temperature=0, max_tokens=10, extra_body={
+            "ignore_eos": True, "steering": {"vectors": [{"name": name, "coeff": 8.0}]}})
+        assert steered.choices[0].message.content != plain.choices[0].message.content, name
 
 
 def test_sync_proxy_tuning_differs_from_plain(client):
@@ -403,6 +432,53 @@ def test_structured_output_and_tool_calls_through_serve(base_url, client):
         client.chat.completions.create(model=MODEL, messages=messages, reasoning_effort="low")
 
 
+def test_responses_api_through_serve(client, tmp_path):
+    """client.responses: plain, streamed, a function tool and its result, file_search citing an
+    uploaded file (attached with a file batch); store: true is a 400 naming it."""
+    plain = client.responses.create(model=MODEL, input="Where is Ivy?", temperature=0,
+                                    instructions="Answer briefly.", max_output_tokens=32)
+    assert plain.status == "completed" and plain.output_text.strip()
+    assert plain.usage.input_tokens > 0 and plain.usage.output_tokens > 0
+    with client.responses.stream(model=MODEL, input="Where is Ivy?", temperature=0,
+                                 instructions="Answer briefly.", max_output_tokens=32) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert deltas == final.output_text == plain.output_text
+    tool = {"type": "function", "name": "find_person", "strict": True, "parameters": {
+        "type": "object", "properties": {"who": {"enum": ["Mia", "Tom"]}}, "required": ["who"],
+        "additionalProperties": False}}
+    called = client.responses.create(model=MODEL, input="Where is Mia?", tools=[tool],
+                                     tool_choice="required", max_output_tokens=96)
+    call = called.output[0]
+    assert call.type == "function_call" and json.loads(call.arguments)["who"] in ("Mia", "Tom")
+    history = [{"role": "user", "content": "Where is Mia?"}, call,
+               {"type": "function_call_output", "call_id": call.call_id, "output": "the bakery"}]
+    answered = client.responses.create(model=MODEL, input=history, tools=[tool],
+                                       max_output_tokens=8)
+    assert answered.usage.input_tokens > called.usage.input_tokens  # the call and its result
+    ids = []
+    for name, text in (("mia.txt", "Mia is in the bakery. Mia has the red ball."),
+                       ("tom.txt", "Tom is in the garden. Tom feels happy.")):
+        (tmp_path / name).write_text(text)
+        ids.append(client.files.create(file=(tmp_path / name).open("rb"), purpose="assistants").id)
+    store = client.vector_stores.create(name="people")
+    batch = client.vector_stores.file_batches.create_and_poll(vector_store_id=store.id,
+                                                              file_ids=ids)  # fmt: skip
+    assert batch.status == "completed" and batch.file_counts.completed == 2
+    f = client.files.retrieve(ids[0])
+    found = client.responses.create(model=MODEL, input="Where is Mia?", temperature=0,
+                                    max_output_tokens=32, include=["file_search_call.results"],
+                                    tools=[{"type": "file_search", "vector_store_ids": [store.id]}])
+    search, message = found.output
+    assert search.type == "file_search_call" and search.results[0].file_id == f.id
+    assert "bakery" in found.output_text
+    cited = message.content[0].annotations
+    assert cited and cited[0].file_id == f.id and cited[0].filename == "mia.txt"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input="hi", store=True)
+    assert err.value.body["param"] == "store"
+
+
 def test_rag_filters_reach_the_retriever(client):
     def sources(rag: dict) -> list:
         r = client.chat.completions.create(model=MODEL, max_tokens=4, extra_body={"rag": rag},
@@ -412,6 +488,23 @@ def test_rag_filters_reach_the_retriever(client):
     assert sources({"vector_store_ids": ["world"]})
     assert sources({"vector_store_ids": ["world"],
                     "filters": {"type": "eq", "key": "team", "value": "none"}}) == []
+
+
+def test_speculative_decoding_through_serve(client):
+    """The small model drafts inside the Generator replica: greedy text identical with and
+    without, streamed several tokens per step; a bad k is a 400 naming the field (the
+    schema's bound in the Ingress, the engine's max_k in the Generator)."""
+    plain = chat(client, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+    ask = {"ignore_eos": True, "tandem": {"speculative": {"k": 4}}}
+    chunks = list(chat(client, temperature=0, max_tokens=12, stream=True, extra_body=ask))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(contents) == plain.choices[0].message.content
+    report = chunks[-1].model_extra["tandem"]["speculative"]
+    assert report["k"] == 4 and report["proposed"] > 0
+    assert len(contents) <= 12 - report["accepted"]  # a step's kept drafts travel together
+    for k, param in ((99, "tandem.speculative.k"), (12, "tandem.speculative.k")):
+        with pytest.raises(openai.BadRequestError, match=param.replace(".", r"\.")):
+            chat(client, max_tokens=4, extra_body={"tandem": {"speculative": {"k": k}}})
 
 
 def test_api_keys_are_enforced_when_configured(base_url):

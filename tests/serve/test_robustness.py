@@ -328,7 +328,8 @@ def test_fuzz_every_route_from_the_schema(base_url):
     @given(strategy)
     def fuzz(case):
         if isinstance(case.body, dict):  # long generations would only test the timeout
-            for key, most in (("max_tokens", 16), ("max_completion_tokens", 16), ("n", 2)):
+            for key, most in (("max_tokens", 16), ("max_completion_tokens", 16),
+                              ("max_output_tokens", 16), ("n", 2)):
                 if isinstance(case.body.get(key), int) and case.body[key] > most:
                     case.body[key] = most
             # half the generation requests name the served model, so they get past its lookup

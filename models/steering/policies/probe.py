@@ -147,6 +147,26 @@ def block_outputs(model: Any, tokenizer: Any, texts: list[str], layers: list[int
     return out
 
 
+def fit_probe(name: str, p: ProbeParams, spec: Any, model: Any, tokenizer: Any) -> LinearProbe:
+    """The probe of policy `name` trained on a transformers big model: on `p.positive` /
+    `p.negative`, or else on the pairs of steering vector `spec` (a VectorConfig or None; its
+    negative prompts are the concept watched for)."""
+    positive = p.positive or (spec.negative if spec else [])
+    negative = p.negative or (spec.positive if spec else [])
+    if not positive or not negative:
+        raise ValueError(
+            f"policy '{name}' needs labelled prompts: give params.positive and "
+            f"params.negative, or pairs on steering vector '{p.vector}'"
+        )
+    features, labels = [], []
+    for label, texts in ((1.0, positive), (0.0, negative)):
+        for states in block_outputs(model, tokenizer, list(texts), p.hidden_layers):
+            tail = states[-p.train_positions :]
+            features.append(tail)
+            labels += [label] * tail.shape[0]
+    return train_probe(torch.cat(features), torch.tensor(labels), p.l2)
+
+
 class Probe(Policy):
     """Reads ForwardPass.hidden (the big model's residual stream at `hidden_layers`), scores
     P(concept) with a linear probe trained at start, and above `threshold` acts once."""
@@ -158,13 +178,6 @@ class Probe(Policy):
         spec = self.context.vectors.get(p.vector) if p.vector else None
         if p.action in ("steer", "backtrack") and p.vector is None:
             raise ValueError(f"policy '{self.name}': action '{p.action}' needs params.vector")
-        positive = p.positive or (spec.negative if spec else [])
-        negative = p.negative or (spec.positive if spec else [])
-        if not positive or not negative:
-            raise ValueError(
-                f"policy '{self.name}' needs labelled prompts: give params.positive and "
-                f"params.negative, or pairs on steering vector '{p.vector}'"
-            )
         if self.context.big_model_path is None:
             raise ValueError(f"policy '{self.name}' trains on the big model; none is known")
         from models.steering.vectors import load_transformers_model
@@ -173,13 +186,7 @@ class Probe(Policy):
         self.force_ids: list[int] = tokenizer(p.force_text).input_ids if p.force_text else []
         if p.action == "force" and not self.force_ids:
             raise ValueError(f"policy '{self.name}': action 'force' needs params.force_text")
-        features, labels = [], []
-        for label, texts in ((1.0, positive), (0.0, negative)):
-            for states in block_outputs(model, tokenizer, list(texts), p.hidden_layers):
-                tail = states[-p.train_positions :]
-                features.append(tail)
-                labels += [label] * tail.shape[0]
-        self.probe = train_probe(torch.cat(features), torch.tensor(labels), p.l2)
+        self.probe = fit_probe(self.name, p, spec, model, tokenizer)
 
     def decide(self, rows: list[tuple[RequestState, list[Event]]]) -> list[list[Action]]:
         """One probe matmul for every hidden state of the step's rows (the prompt's last

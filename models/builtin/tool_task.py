@@ -1,0 +1,126 @@
+"""The toy world's tool-use task: a `find_person` tool, so that `tool_choice: "auto"` can mean
+something on the built-in model, through a `tools` LoRA adapter trained on it (`main`). Not
+shipped yet: on two CPU cores a step costs about 9 s of CPU, so the adapter is to be trained on
+a GPU (seconds there) and then listed in serve_config.yaml's adapters.
+
+Conversations are rendered as the serving layer renders them for the toy tokenizer (Hermes
+style, models/openai/chat_template.hermes_messages): the tool list in the system message, calls
+as `<tool_call>` blocks, results as `<tool_response>` turns. Three kinds, all with the tool
+offered: asked where someone is, the model calls `find_person` with the person's name under the
+argument the tool's schema names; given the tool's result, it answers from it ("Mia is in the
+park."); asked anything else (a story), it answers without a call.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from models.builtin import world
+from models.openai.chat_template import hermes_messages
+
+WHERE_PHRASINGS = ["Where is {p}?", "Where can I find {p}?", "Do you know where {p} is?",
+                   "Find {p} for me.", "Where is {p} right now?", "Which place is {p} in?"]  # fmt: skip
+ARGUMENT_NAMES = ["who", "name", "person"]
+DESCRIPTIONS = [None, "Find where a person is.", "Look up the place of a person by name."]
+RESULT_STYLES = ["{p} is in the {place}.", '{{"who": "{p}", "place": "{place}"}}', "the {place}"]
+
+
+def find_person_tool(rng: random.Random) -> tuple[dict, str]:
+    """A find_person tool as a client sends it, and the name of its one argument."""
+    arg = rng.choice(ARGUMENT_NAMES)
+    fn: dict = {"name": "find_person"}
+    if (description := rng.choice(DESCRIPTIONS)) is not None:
+        fn["description"] = description
+    fn["parameters"] = {"type": "object", "properties": {arg: {"type": "string"}},
+                        "required": [arg]}  # fmt: skip
+    return {"type": "function", "function": fn}, arg
+
+
+def call_text(person: str, arg: str) -> str:
+    """The assistant turn that calls find_person (what chat_template writes for a call)."""
+    body = {"name": "find_person", "arguments": {arg: person}}
+    return "<tool_call>\n" + json.dumps(body) + "\n</tool_call>"
+
+
+def tool_example(rng: random.Random) -> tuple[list[world.Message], str]:
+    """(the conversation so far as plain chat messages, the assistant's answer)."""
+    tool, arg = find_person_tool(rng)
+    person, place = rng.choice(world.PEOPLE), rng.choice(world.PLACES)
+    ask = {"role": "user", "content": rng.choice(WHERE_PHRASINGS).format(p=person)}
+    kind = rng.random()
+    if kind < 0.4:
+        return hermes_messages([ask], [tool]), call_text(person, arg)
+    if kind < 0.8:
+        call = {"id": "call_1", "type": "function", "function": {
+            "name": "find_person", "arguments": json.dumps({arg: person})}}
+        result = rng.choice(RESULT_STYLES).format(p=person, place=place)
+        history = [ask, {"role": "assistant", "content": "", "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": result}]  # fmt: skip
+        return hermes_messages(history, [tool]), f"{person} is in the {place}."
+    messages, answer = world.story_chat(rng, rng.random() < 0.5)
+    return hermes_messages(messages, [tool]), answer
+
+
+def tool_training_example(enc, rng: random.Random):
+    """tool_example as token ids and loss mask (train.ChatEncoder)."""
+    return enc.chat(*tool_example(rng))
+
+
+def evaluate(model, tokenizer, n: int = 48, seed: int = 99) -> dict[str, float]:
+    """Greedy answers to held-out conversations of each kind: the share that calls
+    find_person with the right person (ask), answers with the result's place (result), or
+    answers without a call (story)."""
+    import torch
+
+    rng, right, seen = random.Random(seed), {}, {}
+    for _ in range(n):
+        messages, answer = tool_example(rng)
+        kind = ("ask" if answer.startswith("<tool_call>") else
+                "result" if "<tool_response>" in messages[-1]["content"] else "story")  # fmt: skip
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=48, do_sample=False)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        ok = (text == answer if kind != "story"
+              else "<tool_call>" not in text and bool(text))  # fmt: skip
+        seen[kind], right[kind] = seen.get(kind, 0) + 1, right.get(kind, 0) + ok
+    return {k: round(right[k] / seen[k], 3) for k in sorted(seen)}
+
+
+def main() -> None:
+    """Train the `tools` adapter on a trained big model and measure it:
+    `python -m models.builtin.tool_task --init models/builtin/weights/toy --device cuda`
+    (on two CPU cores one step of 16 conversations of ~450 tokens takes about 9 s of CPU)."""
+    import argparse
+    from pathlib import Path
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from models.builtin.train import Phase, load_base, train_lora
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--init", type=Path, required=True, help="A trained toy model dir.")
+    parser.add_argument("--out", type=Path, default=None, help="Default: INIT/adapters/tools.")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=0, help="Data worker processes.")
+    args = parser.parse_args()
+    out = args.out or args.init / "adapters" / "tools"
+    device = torch.device(args.device)
+    log = train_lora(load_base(args.init / "big").to(device), tool_training_example,
+                     Phase(args.steps, args.batch, 3e-3), args.rank, seed=40, device=device,
+                     out=out, workers=args.workers)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(str(args.init / "big"))
+    model = PeftModel.from_pretrained(load_base(args.init / "big"), str(out)).eval()
+    log["held_out"] = evaluate(model, tokenizer)
+    print(json.dumps(log))
+
+
+if __name__ == "__main__":
+    main()
