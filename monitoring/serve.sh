@@ -13,7 +13,7 @@
 #   METRICS_HOST=0.0.0.0 monitoring/serve.sh       metrics (and Ray) on every interface, for a
 #                                                  Prometheus on another machine or more nodes
 #   DIRECT_PORT=9000 monitoring/serve.sh           the Ingress replicas' own ports (default 8100)
-#   THROUGHPUT=0 monitoring/serve.sh               only Ray's proxy (port 8000), Serve's defaults
+#   THROUGHPUT=1 monitoring/serve.sh               Ray Serve's throughput mode (see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:-serve_config.yaml}
@@ -34,8 +34,9 @@ fi
 # itself, on DIRECT_PORT and up, one port per replica: no proxy hop, and no Ray message per SSE
 # chunk), user code and the handle's router on each replica's own event loop, gRPC between
 # replicas (bench/serve_path.py: 1.6x the tokens/s through the proxy at 64 streams on a 2-core
-# CPU). Port 8000 (Ray's proxy) serves the same app. THROUGHPUT=0 turns it off.
-if [ "${THROUGHPUT:-1}" = "1" ]; then
+# CPU). Port 8000 (Ray's proxy) serves the same app. Opt-in with THROUGHPUT=1: the tests run
+# Serve's default mode.
+if [ "${THROUGHPUT:-0}" = "1" ]; then
     export RAY_SERVE_THROUGHPUT_OPTIMIZED=1
     # ...which buffers 1,000 log lines per replica by default: write each as it comes
     export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=${RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE:-1}
@@ -46,5 +47,5 @@ fi
     --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats ${RAY_START_ARGS:-}
 trap '"$BIN/serve" shutdown -y >/dev/null 2>&1 || true; "$BIN/ray" stop >/dev/null' EXIT
 echo "Prometheus endpoint: http://$METRICS_HOST:$METRICS_PORT/metrics   dashboard: http://127.0.0.1:$DASHBOARD_PORT"
-[ "${THROUGHPUT:-1}" = "1" ] && echo "API: http://127.0.0.1:${DIRECT_PORT:-8100}/v1 (the Ingress replica itself), or :8000 through Ray's proxy"
+[ "${THROUGHPUT:-0}" = "1" ] && echo "API: http://127.0.0.1:${DIRECT_PORT:-8100}/v1 (the Ingress replica itself), or :8000 through Ray's proxy"
 "$BIN/serve" run "$CONFIG" ${SERVE_RUN_ARGS:-}
