@@ -81,7 +81,12 @@ class Generator(GeneratorAdmin):
                 admitted.append((request.request_id, self._outputs(request)))
             except Exception as exc:  # noqa: BLE001 - it refuses that request alone
                 refused[request.request_id] = exc
-        firsts = iter(await self.sessions.submit(session, admitted))
+        try:
+            firsts = iter(await self.sessions.submit(session, admitted))
+        except asyncio.CancelledError:  # the call was withdrawn: its callers left
+            for request_id, _ in admitted:
+                self.sessions.abort(request_id)
+            raise
         return self.replica, [refused.get(r.request_id) or next(firsts) for r in requests]
 
     async def _admit(self, request: GenerationRequest) -> None:
