@@ -37,12 +37,22 @@ async def bare(n: int, _request: GenerationRequest):
     return [o async for o in outputs(n)]
 
 
+async def watched(request: GenerationRequest, telemetry: GeneratorTelemetry, n: int):
+    watch = telemetry.watch(request)  # as the Generator calls it on each engine output
+    async for out in outputs(n):
+        if watch is not None:
+            watch(out)
+        yield out
+    if watch is not None:
+        watch.close()
+
+
 async def generator_side(n: int, request: GenerationRequest, telemetry: GeneratorTelemetry):
-    return [o async for o in telemetry.watch(request, outputs(n))]
+    return [o async for o in watched(request, telemetry, n)]
 
 
 async def both_sides(n: int, request: GenerationRequest, telemetry: GeneratorTelemetry):
-    generate = metered(lambda r: telemetry.watch(r, outputs(n)), "tandem")
+    generate = metered(lambda r: watched(r, telemetry, n), "tandem")
     return [o async for o in generate(request)]
 
 

@@ -6,20 +6,20 @@ and hands the engine a step observer (models/steering/observer.py)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.generator_admin import GeneratorAdmin
-from deployments.streams import PinnedRouter, Sessions
+from deployments.streams import Listen, PinnedRouter, Sessions
 from deployments.telemetry import GeneratorTelemetry
 from models.builtin import resolve_source
 from models.config import TandemConfig
 from models.engine import build_engine
 from models.protocol.engine import check_capabilities
-from models.protocol.outputs import RequestOutput
+from models.protocol.outputs import RequestOutput, Sink
 from models.protocol.requests import GenerationRequest
 from models.routing.registry import adapter_paths, load_adapters
 from models.steering.config import SteeringSetup
@@ -78,7 +78,7 @@ class Generator(GeneratorAdmin):
         for request in requests:
             try:
                 await self._admit(request)
-                admitted.append((request.request_id, self._outputs(request)))
+                admitted.append((request.request_id, self._listen(request)))
             except Exception as exc:  # noqa: BLE001 - it refuses that request alone
                 refused[request.request_id] = exc
         try:
@@ -98,17 +98,36 @@ class Generator(GeneratorAdmin):
         self.engine.check_request(request)
         self._requests_served += 1
 
-    async def _outputs(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            async for out in self.telemetry.watch(request, self.engine.generate(request)):
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                await self.engine.abort(request.request_id)
-            if request.steering is not None:
-                await self.observer.release([request.request_id])
+    def _listen(self, request: GenerationRequest) -> Listen:
+        """`request` into the engine, outputs timed on their way; its steering state freed at the end."""
+
+        def listen(sink: Sink) -> Callable[[], None]:
+            watch, ended = self.telemetry.watch(request), []
+
+            def end() -> None:
+                if not ended:
+                    ended.append(True)
+                    if watch is not None:
+                        watch.close()
+                    if request.steering is not None:
+                        asyncio.create_task(self.observer.release([request.request_id]))
+
+            def on_output(item: RequestOutput | BaseException) -> None:
+                if watch is not None and isinstance(item, RequestOutput):
+                    watch(item)
+                if isinstance(item, BaseException) or item.finished:
+                    end()
+                sink(item)
+
+            stop_engine = self.engine.listen(request, on_output)
+
+            def stop() -> None:
+                stop_engine()
+                end()
+
+            return stop
+
+        return listen
 
     async def stream(self, session: str, replica: str) -> AsyncIterator[list]:
         """The session's outputs, one item per engine step with output (pinned here)."""

@@ -19,7 +19,7 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +28,11 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 from models.protocol.errors import TandemError
-from models.protocol.outputs import OutputBuffer, RequestOutput
+from models.protocol.outputs import OutputBuffer, RequestOutput, Sink
 from models.protocol.requests import GenerationRequest
 
 logger = logging.getLogger("ray.serve")
+Listen = Callable[[Sink], Callable[[], None]]  # starts a request's outputs into a sink; -> stop
 UNCLAIMED_SESSION_S = 60.0  # a session nobody streams from this long is dropped
 IDLE_STREAM_S = 1.0  # a session's stream with nothing to carry this long ends (and reopens)
 FIRST_OUTPUT_WAIT_S = 0.05  # how long a submit call waits to carry its requests' first outputs
@@ -79,13 +80,18 @@ class RequestFailure:
 class _Session:
     batch: list[RequestOutput | RequestFailure] = field(default_factory=list)
     waiter: asyncio.Future | None = None
-    pumps: dict[str, asyncio.Task] = field(default_factory=dict)
+    running: dict[str, Callable[[], None]] = field(default_factory=dict)  # request id -> stop
     claimed: bool = False
 
     def publish(self, item: RequestOutput | RequestFailure) -> None:
         self.batch.append(item)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def stop_all(self) -> None:
+        running, self.running = self.running, {}
+        for stop in running.values():
+            stop()
 
     async def take(self, idle_s: float) -> list[RequestOutput | RequestFailure] | None:
         """The outputs published since the last take; None once the session had no request
@@ -95,7 +101,7 @@ class _Session:
             try:
                 await asyncio.wait_for(self.waiter, idle_s)
             except TimeoutError:
-                if not self.pumps and not self.batch:
+                if not self.running and not self.batch:
                     return None
         batch, self.batch = self.batch, []
         return batch
@@ -125,55 +131,56 @@ class Sessions:
         self.interval_s = interval_s
 
     async def submit(
-        self, session: str, admitted: list[tuple[str, AsyncIterator[RequestOutput]]],
-        wait_s: float = FIRST_OUTPUT_WAIT_S,
+        self, session: str, admitted: list[tuple[str, Listen]], wait_s: float = FIRST_OUTPUT_WAIT_S,
     ) -> list[RequestOutput | BaseException | None]:
-        """Pump admitted requests' outputs into their session and return, request for request,
-        its first output if it comes within `wait_s` (it rides on the submit call's reply: no
-        stream hop before the first token), else None (it goes to the session's stream). A
-        call never waits longer, so a request queued in a full engine holds up no other."""
+        """Start admitted requests' outputs into their session and return, request for
+        request, its first output (or error) if it comes within `wait_s` (it rides on the
+        submit call's reply: no stream hop before the first token), else None (it goes to the
+        session's stream). A call never waits longer, so a request queued in a full engine
+        holds up no other."""
         loop = asyncio.get_running_loop()
         firsts = [loop.create_future() for _ in admitted]
-        for (request_id, outputs), first in zip(admitted, firsts, strict=True):
-            self.start(session, request_id, outputs, first)
+        for (request_id, listen), first in zip(admitted, firsts, strict=True):
+            self.start(session, request_id, listen, first)
         if firsts:
             await asyncio.wait(firsts, timeout=wait_s)
         for first in firsts:
-            first.cancel()  # not come yet: the pump sends it to the session (no-op if done)
+            first.cancel()  # not come yet: it goes to the session (no-op if done)
         return [f.result() if not f.cancelled() else None for f in firsts]
 
-    def start(self, session: str, request_id: str, outputs: AsyncIterator[RequestOutput],
+    def start(self, session: str, request_id: str, listen: Listen,
               first: asyncio.Future | None = None) -> None:  # fmt: skip
-        """Pump one admitted request's outputs into its session's batches (its first output
-        into `first` while that is still awaited)."""
+        """Start one admitted request's outputs into its session's batches (its first output
+        into `first` while that is still awaited): one call per output, no task."""
         s = self._sessions.get(session)
         if s is None:
             s = self._sessions[session] = _Session()
             asyncio.get_running_loop().call_later(UNCLAIMED_SESSION_S, self._drop_unclaimed, session)
-        s.pumps[request_id] = asyncio.create_task(self._pump(s, request_id, outputs, first))
+        waiting = [first] if first is not None else []
 
-    @staticmethod
-    async def _pump(s: _Session, request_id: str, outputs: AsyncIterator[RequestOutput],
-                    first: asyncio.Future | None) -> None:  # fmt: skip
-        try:
-            async for out in outputs:
-                if first is not None and not first.done():
-                    first.set_result(out)
-                else:
-                    s.publish(out)
-                first = None
-        except Exception as exc:  # noqa: BLE001 - the request fails, its session goes on
-            if first is not None and not first.done():
-                first.set_result(exc)
+        def sink(item: RequestOutput | BaseException) -> None:
+            if isinstance(item, BaseException) or item.finished:
+                s.running.pop(request_id, None)
+            if waiting and not (f := waiting.pop()).done():
+                f.set_result(item)
+            elif isinstance(item, RequestOutput):
+                s.publish(item)
             else:
-                s.publish(RequestFailure(request_id, exc))
-        finally:
-            s.pumps.pop(request_id, None)
+                s.publish(RequestFailure(request_id, item))
+
+        s.running[request_id] = lambda: None  # listen may deliver before it returns its stop
+        try:
+            stop = listen(sink)
+        except Exception as exc:  # noqa: BLE001 - refused when it started: that request fails
+            sink(exc)
+            return
+        if request_id in s.running:
+            s.running[request_id] = stop
 
     def abort(self, request_id: str) -> None:
         for s in self._sessions.values():
-            if (task := s.pumps.get(request_id)) is not None:
-                task.cancel()  # the engine stream's finally aborts the request there
+            if (stop := s.running.pop(request_id, None)) is not None:
+                stop()  # the engine aborts the request
 
     async def stream(self, session: str) -> AsyncIterator[list]:
         """Every batch of the session until it has been idle for IDLE_STREAM_S (the reader
@@ -193,9 +200,8 @@ class Sessions:
             idle = True
         finally:
             if not idle:  # the reader went away: its requests stop
-                for task in list(s.pumps.values()):
-                    task.cancel()
-            if self._sessions.get(session) is s and (not idle or not s.pumps):
+                s.stop_all()
+            if self._sessions.get(session) is s and (not idle or not s.running):
                 del self._sessions[session]
             else:  # a request came in as the stream ended idle: the reader reopens it
                 s.claimed = False
@@ -203,8 +209,7 @@ class Sessions:
     def _drop_unclaimed(self, session: str) -> None:
         s = self._sessions.get(session)
         if s is not None and not s.claimed:
-            for task in list(s.pumps.values()):
-                task.cancel()
+            s.stop_all()
             del self._sessions[session]
 
     def __len__(self) -> int:

@@ -224,6 +224,30 @@ async def _metered(outputs: AsyncIterator[RequestOutput], request: GenerationReq
 # ---- engine and steering (Generator) --------------------------------------------------------
 
 
+class RequestWatch:
+    """One request's engine outputs, timed and counted as they pass (GeneratorTelemetry.watch)."""
+
+    def __init__(self, telemetry: GeneratorTelemetry, request: GenerationRequest, traced: bool):
+        self.traces = telemetry.traces if traced else None
+        self.request_id = request.request_id
+        self.tags = _tags(telemetry.model, request)
+        self.policy = {"policy": request.steering.policy if request.steering else "static"}
+        self.admitted = time.perf_counter()
+
+    def __call__(self, out: RequestOutput) -> None:
+        for iv in out.interventions:
+            _count_intervention(iv.action, iv.detail, self.policy)
+        if out.finished:
+            out.engine_s = time.perf_counter() - self.admitted
+            metric("tandem_request_engine_seconds").observe(out.engine_s, self.tags)
+        if self.traces is not None:
+            self.traces.on_output(out)
+
+    def close(self) -> None:
+        if self.traces is not None:
+            self.traces.close(self.request_id)
+
+
 class GeneratorTelemetry:
     """The Generator replica's recorders: each request's engine outputs (`watch`), the step
     observer (`observer`), the engine's counters (`export`) and the replica's traces."""
@@ -232,33 +256,14 @@ class GeneratorTelemetry:
         self.model = config.model.name
         self.traces = TraceBook(config.telemetry)
 
-    def watch(self, request: GenerationRequest,
-              outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        """The request's engine outputs, timed (inter-token, time in the engine), its
-        interventions counted and, when it asked for one, its trace kept."""
+    def watch(self, request: GenerationRequest) -> RequestWatch | None:
+        """A request's watch (time in the engine, interventions counted, its trace kept when
+        it asked for one): call it with each engine output, close it once; None when there
+        is nothing to record."""
         traced = self.traces.start(request)
         if not ENABLED and not traced:
-            return outputs
-        return self._watch(request, outputs, traced)
-
-    async def _watch(self, request: GenerationRequest, outputs: AsyncIterator[RequestOutput],
-                     traced: bool) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        tags = _tags(self.model, request)
-        policy = {"policy": request.steering.policy if request.steering else "static"}
-        admitted = time.perf_counter()
-        try:
-            async for out in outputs:
-                for iv in out.interventions:
-                    _count_intervention(iv.action, iv.detail, policy)
-                if out.finished:
-                    out.engine_s = time.perf_counter() - admitted
-                    metric("tandem_request_engine_seconds").observe(out.engine_s, tags)
-                if traced:
-                    self.traces.on_output(out)
-                yield out
-        finally:
-            if traced:
-                self.traces.close(request.request_id)
+            return None
+        return RequestWatch(self, request, traced)
 
     def observer(self, inner: StepObserver) -> StepObserver:
         return _TimedObserver(inner, self.traces)

@@ -34,7 +34,7 @@ from models.engine.llm_engine import LLMEngine
 from models.protocol.drafter import Drafter
 from models.protocol.engine import Engine, EngineCapabilities
 from models.protocol.errors import EngineError, EngineFailedError
-from models.protocol.outputs import EngineStats, OutputBuffer, RequestOutput
+from models.protocol.outputs import EngineStats, OutputBuffer, RequestOutput, Sink
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import StepObserver
 
@@ -49,7 +49,7 @@ class TorchEngine(Engine):
 
     def __init__(self, config: EngineConfig, model_path: str | Path, tokenizer: Any = "auto"):
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._streams: dict[str, OutputBuffer] = {}
+        self._streams: dict[str, OutputBuffer | _Listener] = {}
         self._stopping = False
         self._failure: BaseException | None = None
         self._started = False
@@ -101,6 +101,22 @@ class TorchEngine(Engine):
             self._streams.pop(request.request_id, None)
             if not finished:
                 self._inbox.put(lambda: self.core.abort(request.request_id))
+
+    def listen(self, request: GenerationRequest, sink: Sink) -> Callable[[], None]:
+        """Each step's output straight to `sink` on the caller's loop: one call per output,
+        no task per request (what `generate` costs per token: a buffer, a task wake-up and
+        its generator frames, on the loop the engine thread shares the GIL with)."""
+        self._raise_if_failed()
+        self.core.check_request(request)
+        rid = request.request_id
+        self._streams[rid] = _Listener(asyncio.get_running_loop(), sink, self._streams, rid)
+        self._inbox.put(lambda: self._add(request))
+
+        def stop() -> None:
+            if self._streams.pop(rid, None) is not None:  # not finished yet
+                self._inbox.put(lambda: self.core.abort(rid))
+
+        return stop
 
     def check_request(self, request: GenerationRequest) -> None:
         self.core.check_request(request)  # reads only: safe beside the engine thread
@@ -217,6 +233,23 @@ class TorchEngine(Engine):
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
             raise EngineFailedError(f"the engine failed: {self._failure!r}")
+
+
+class _Listener:
+    """A listened request's place in TorchEngine._streams: `put` hands an output to the sink
+    (and forgets the request once it ended)."""
+
+    __slots__ = ("loop", "sink", "streams", "request_id")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sink: Sink, streams: dict, request_id: str):
+        self.loop, self.sink, self.streams, self.request_id = loop, sink, streams, request_id
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if self.streams.get(self.request_id) is not self:  # stopped meanwhile
+            return
+        if isinstance(item, BaseException) or item.finished:
+            del self.streams[self.request_id]
+        self.sink(item)
 
 
 def _put_all(batch: list[tuple[OutputBuffer, RequestOutput | tuple[str, BaseException]]]) -> None:

@@ -10,14 +10,14 @@ capability (`check_capabilities`), never a silent no-op.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from models.protocol.errors import EngineError
-from models.protocol.outputs import EngineStats, RequestOutput
+from models.protocol.outputs import EngineStats, RequestOutput, Sink, pump_into
 from models.protocol.requests import GenerationRequest
 from models.protocol.steering import StepObserver
 
@@ -127,6 +127,13 @@ class Engine(ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs step by step; the last one has finished=True.
         Leaving the iterator early aborts the request."""
+
+    def listen(self, request: GenerationRequest, sink: Sink) -> Callable[[], None]:
+        """Hand each of the request's outputs (or the error it fails with) to `sink` on the
+        caller's event loop, the last with finished=True; returns a function that stops it.
+        This default runs `generate` in a task; an engine with a cheaper path (one callback
+        per output, no task wake-up) overrides it."""
+        return pump_into(self.generate(request), sink)
 
     @abstractmethod
     async def abort(self, request_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,24 @@ class EngineStats:
     prefix_cache_hit_rate: float = 0.0  # share of admitted prompt tokens found in the cache
     speculative_proposed: int = 0  # drafted tokens the big model verified
     speculative_accepted: int = 0  # of those, kept
+
+
+Sink = Callable[["RequestOutput | BaseException"], None]  # called on its event loop
+
+
+def pump_into(outputs: AsyncIterator[RequestOutput], sink: Sink) -> Callable[[], None]:
+    """Hand every output of `outputs` (or the error it raises) to `sink`, from a task on the
+    running event loop; returns a function that stops it (leaving `outputs` early: an
+    engine's generate then aborts the request)."""
+
+    async def pump() -> None:
+        try:
+            async for out in outputs:
+                sink(out)
+        except Exception as exc:  # noqa: BLE001 - the sink learns it
+            sink(exc)
+
+    return asyncio.get_running_loop().create_task(pump()).cancel
 
 
 class OutputBuffer:

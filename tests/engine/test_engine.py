@@ -439,3 +439,40 @@ def test_loader_keeps_one_tensor_for_tied_embeddings(checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.layers[0].self_attn.rotary.cos.dtype == torch.float32
     torch.testing.assert_close(model.lm_head.float(), hf.lm_head.weight.detach().bfloat16().float())
+
+
+def test_listen_gives_what_generate_gives_and_stop_aborts(qwen3):
+    """TorchEngine.listen (one call per output on the caller's loop, what the Generator uses)
+    hands over the same outputs as generate; stopping a request aborts it in the engine."""
+
+    async def main():
+        eng = build_engine(EngineConfig(num_kv_blocks=64, block_size=4), str(qwen3))
+        try:
+            req = lambda rid, n: GenerationRequest(rid, [1, 2, 3], greedy(n))  # noqa: E731
+            streamed = [o async for o in eng.generate(req("g", 12))]
+            heard, done = [], asyncio.Event()
+
+            def sink(item):
+                heard.append(item)
+                if item.finished:
+                    done.set()
+
+            eng.listen(req("l", 12), sink)
+            await asyncio.wait_for(done.wait(), 60)
+            long_heard = []
+            stop = eng.listen(req("long", 200), long_heard.append)
+            while not long_heard:
+                await asyncio.sleep(0.01)
+            stop()
+            await asyncio.sleep(0.2)
+            after = len(long_heard)
+            await asyncio.sleep(0.2)
+            return streamed, heard, long_heard, after, eng.stats().num_running
+        finally:
+            eng.shutdown()
+
+    streamed, heard, long_heard, after, running = asyncio.run(main())
+    assert [o.token_ids for o in heard] == [o.token_ids for o in streamed]
+    assert "".join(o.text for o in heard) == "".join(o.text for o in streamed)
+    assert len(long_heard) == after and running == 0  # nothing more after stop; aborted
+    assert len(long_heard) < 200 and not any(o.finished for o in long_heard)

@@ -7,13 +7,18 @@ import asyncio
 
 from deployments import streams
 from deployments.streams import Sessions
-from models.protocol.outputs import RequestOutput
+from models.protocol.outputs import RequestOutput, pump_into
 
 
-async def outputs(rid: str, n: int, gate: asyncio.Event) -> None:
+async def outputs_of(rid: str, n: int, gate: asyncio.Event) -> None:
     for i in range(n):
         await gate.wait()
         yield RequestOutput(rid, [i], f"t{i}", finished=i == n - 1, finish_reason="length")
+
+
+def outputs(rid: str, n: int, gate: asyncio.Event):
+    """A request's listen function (Engine.listen's default path) over n outputs."""
+    return lambda sink: pump_into(outputs_of(rid, n, gate), sink)
 
 
 def test_a_session_gets_one_batch_per_step_and_its_stream_ends_when_idle(monkeypatch):
