@@ -4,6 +4,7 @@ deployments/admin_api.py, call them on every replica)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from models.protocol.errors import AdapterNotFoundError
@@ -17,8 +18,7 @@ class GeneratorAdmin:
     vectors: Any
     _started: bool
 
-    async def _ensure_started(self) -> None:
-        raise NotImplementedError  # the Generator's own
+    _ensure_started: Callable[[], Awaitable[None]]  # the Generator's own
 
     async def adapters(self) -> list[str]:
         return sorted(self.adapter_paths)
