@@ -27,6 +27,7 @@ from models.protocol.steering import SteeringRequest  # noqa: E402
 from models.steering.config import SteeringConfig  # noqa: E402
 from models.steering.runtime import SteeringRuntime  # noqa: E402
 from tests.conftest import default_app_args  # noqa: E402
+from tests.openai_scenarios import structured_output_and_a_forced_tool_call  # noqa: E402
 from tests.serve.conftest import deploy, serve_url  # noqa: E402, F401
 
 pytestmark = pytest.mark.serve
@@ -137,24 +138,7 @@ def test_proxy_tuning_through_the_logits_processor_equals_the_torch_engine(clien
 
 
 def test_structured_output_and_a_forced_tool_call_through_vllm(client):
-    from pydantic import BaseModel, Field
-
-    class Place(BaseModel):
-        who: str = Field(max_length=12)
-        where: str = Field(max_length=12)
-
-    messages = [{"role": "user", "content": "Where is Mia?"}]
-    r = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Place,
-                                      max_tokens=48, temperature=1.0, seed=1)
-    assert isinstance(r.choices[0].message.parsed, Place)
-    tool = {"type": "function", "function": {"name": "find_person", "parameters": {
-        "type": "object", "properties": {"who": {"enum": ["Mia", "Tom"]}}, "required": ["who"]}}}
-    stream = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[tool], max_tokens=96, stream=True,
-        tool_choice={"type": "function", "function": {"name": "find_person"}})  # fmt: skip
-    calls = [tc for c in stream if c.choices for tc in c.choices[0].delta.tool_calls or []]
-    assert calls[0].function.name == "find_person"
-    assert json.loads(calls[0].function.arguments)["who"] in ("Mia", "Tom")
+    messages = structured_output_and_a_forced_tool_call(client, MODEL)
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32,
                                        response_format={"type": "json_object"})  # fmt: skip
     assert isinstance(json.loads(r.choices[0].message.content), dict)

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import default_app_args
+from tests.openai_scenarios import structured_output_and_a_forced_tool_call
 from tests.serve.telemetry_checks import (  # noqa: F401 - run here, on this module's app, first
     telemetry_args,
     test_every_family_is_scraped_with_counts,
@@ -406,24 +407,7 @@ def test_uploads_survive_an_app_restart(base_url, client, tmp_path):
 
 
 def test_structured_output_and_tool_calls_through_serve(base_url, client):
-    from pydantic import BaseModel, Field
-
-    class Place(BaseModel):
-        who: str = Field(max_length=12)
-        where: str = Field(max_length=12)
-
-    messages = [{"role": "user", "content": "Where is Mia?"}]
-    r = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Place,
-                                      max_tokens=48, temperature=1.0, seed=1)
-    assert isinstance(r.choices[0].message.parsed, Place)
-    tool = {"type": "function", "function": {"name": "find_person", "parameters": {
-        "type": "object", "properties": {"who": {"enum": ["Mia", "Tom"]}}, "required": ["who"]}}}
-    stream = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[tool], max_tokens=96, stream=True,
-        tool_choice={"type": "function", "function": {"name": "find_person"}})
-    calls = [tc for c in stream if c.choices for tc in c.choices[0].delta.tool_calls or []]
-    assert calls[0].function.name == "find_person"
-    assert json.loads(calls[0].function.arguments)["who"] in ("Mia", "Tom")
+    messages = structured_output_and_a_forced_tool_call(client, MODEL)
     assert client.models.retrieve(f"{MODEL}:auto").id == f"{MODEL}:auto"
     ids = httpx.post(f"{base_url}/tokenize", json={"model": MODEL, "prompt": "Mia"}).json()["tokens"]
     back = httpx.post(f"{base_url}/detokenize", json={"model": MODEL, "tokens": ids}).json()
