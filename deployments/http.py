@@ -147,7 +147,8 @@ async def read_upload(file: UploadFile, limit: int | None) -> bytes:
 async def ended_honestly(events: AsyncIterator[str], deadline: float) -> AsyncIterator[str]:
     """SSE events that always end with `data: [DONE]`: past `deadline` (the event loop's
     clock) the response stops with a timeout error event (504), and a failure of `events`
-    (a Generator replica gone, say) sends its OpenAI error event first."""
+    (a Generator replica gone, say) sends its OpenAI error event first. Events that say how
+    they end when cut short (`failure(error) -> events`, a Responses stream) end that way."""
     last, error = "", None
     try:
         while True:
@@ -164,6 +165,11 @@ async def ended_honestly(events: AsyncIterator[str], deadline: float) -> AsyncIt
         logger.warning("stream failed: %s", error.message)
     finally:
         await events.aclose()  # stops the request's work when the client went away too
+    failure = getattr(events, "failure", None)
+    if failure is not None:
+        for event in failure(error.to_dict()["error"]) if error is not None else []:
+            yield event
+        return
     if error is not None:
         yield f"data: {json.dumps(error.to_dict())}\n\n"
     if not last.startswith("data: [DONE]"):

@@ -262,3 +262,25 @@ class ResponseWriter:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+class ResponseEvents:
+    """A streamed Response's SSE events, and how the stream ends when cut short (the request's
+    deadline, a replica gone): `failure` gives the `error` event and `response.failed` the SDK
+    expects, where a chat stream would end with an error chunk and `[DONE]`."""
+
+    def __init__(self, writer: ResponseWriter, chunks: AsyncIterator[str]):
+        self.writer, self._events = writer, writer.events(chunks)
+
+    def __aiter__(self) -> ResponseEvents:
+        return self
+
+    async def __anext__(self) -> str:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    def failure(self, error: dict) -> list[str]:
+        """The closing events for an OpenAI error body's `error` object."""
+        return self.writer.fail(error)

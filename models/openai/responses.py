@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.openai.errors import OpenAIError
 from models.openai.protocol import parse_request
-from models.openai.response_events import ResponseWriter
+from models.openai.response_events import ResponseEvents, ResponseWriter
 
 # chat fields (Tandem's extensions and samplers the Responses API lacks) passed through as sent
 PASSTHROUGH = ("seed", "top_k", "stop", "presence_penalty", "frequency_penalty",
@@ -290,4 +290,4 @@ class ResponsesServing:
                                 bool(req.include), query)  # fmt: skip
         if isinstance(answer, dict):
             return writer.from_chat(answer)
-        return writer.events(answer)
+        return ResponseEvents(writer, answer)

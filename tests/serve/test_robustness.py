@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import default_app_args
@@ -204,6 +205,22 @@ def test_a_request_past_its_timeout_answers_504(base_url):
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "timeout"
     assert len(events) > 3  # tokens came before the timeout
+
+
+def test_a_responses_stream_past_its_timeout_ends_as_the_sdk_expects(base_url):
+    """A Responses stream cut by the deadline ends with `error` and `response.failed` (no
+    chat chunk, no [DONE]), and the SDK reads it to the end."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=USE, max_retries=0)
+    started = time.monotonic()
+    events = list(client.responses.create(model="tandem", input="Tell me a long story.",
+                                          max_output_tokens=400, temperature=0, stream=True))
+    assert time.monotonic() - started < TIMEOUT_S + 3
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and "response.output_text.delta" in kinds
+    assert kinds[-2:] == ["error", "response.failed"]
+    assert events[-2].code == "timeout"
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.code == "timeout"
 
 
 def test_a_full_generator_queue_answers_429(base_url):
