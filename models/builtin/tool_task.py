@@ -23,6 +23,7 @@ WHERE_PHRASINGS = ["Where is {p}?", "Where can I find {p}?", "Do you know where 
                    "Find {p} for me.", "Where is {p} right now?", "Which place is {p} in?"]  # fmt: skip
 ARGUMENT_NAMES = ["who", "name", "person"]
 DESCRIPTIONS = [None, "Find where a person is.", "Look up the place of a person by name."]
+EVAL_MAX_TOKENS = 96  # a call is about 60 of the toy tokenizer's tokens (JSON is spelled out)
 RESULT_STYLES = ["{p} is in the {place}.", '{{"who": "{p}", "place": "{place}"}}', "the {place}"]
 
 
@@ -81,7 +82,7 @@ def evaluate(model, tokenizer, n: int = 48, seed: int = 99) -> dict[str, float]:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=48, do_sample=False)
+            out = model.generate(ids, max_new_tokens=EVAL_MAX_TOKENS, do_sample=False)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         ok = (text == answer if kind != "story"
               else "<tool_call>" not in text and bool(text))  # fmt: skip

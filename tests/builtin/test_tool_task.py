@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import random
 
-from models.builtin.tool_task import call_text, find_person_tool
+from models.builtin import world
+from models.builtin.tool_task import ARGUMENT_NAMES, EVAL_MAX_TOKENS, call_text, find_person_tool
 from models.builtin.train import ChatEncoder
 from models.openai.chat_template import chat_prompt_ids, hermes_messages
 from models.openai.tools import parse_tool_calls
@@ -28,3 +29,12 @@ def test_training_prompts_are_the_serving_prompts_and_calls_parse():
     content, calls = parse_tool_calls(call_text("Mia", arg))
     assert content is None and calls[0]["function"]["name"] == "find_person"
     assert json.loads(calls[0]["function"]["arguments"]) == {arg: "Mia"}
+
+
+def test_the_evaluation_gives_every_answer_room_to_finish():
+    """The held-out check generates at most EVAL_MAX_TOKENS: the longest answer (a call with
+    the longest person and argument names) must fit, or a perfect model would score 0."""
+    enc = ChatEncoder()
+    longest = max((call_text(p, a) for p in world.PEOPLE for a in ARGUMENT_NAMES),
+                  key=lambda text: len(enc.tok(text)["input_ids"]))  # fmt: skip
+    assert len(enc.tok(longest)["input_ids"]) + 1 <= EVAL_MAX_TOKENS  # the answer and EOS
