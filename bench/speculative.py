@@ -202,6 +202,7 @@ def bench_gpu(args) -> dict:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         costs = step_costs(big, args.context, [1, 2, 4, 6]) if device.type == "cuda" else {}
         prompt = list(range(3, 3 + args.context))
+        generate(big, [prompt], 2)  # warm-up: the prefill kernels' JIT compile is not timed
         sync()
         base_tok_s, ref = generate(big, [prompt], args.max_tokens)
         sims = []

@@ -3,7 +3,8 @@
 The compiler (a models.protocol ConstraintCompiler) is named by import path in the engine config
 (`structured_output`) and built on the first constrained request, so the engine never imports
 models.structured. Each step the matchers of the sampling rows fill one CPU bitmask (llguidance
-does it on its own threads), one copy takes it to the device, and one masked_fill applies it to
+does it on its own threads) while the step's forward runs on the device (`prepare`, called
+right after the launch), one copy takes it to the device, and one masked_fill applies it to
 the logits after steering adjustments, before sampling: outside the decode CUDA graph, which
 stays the same. A row the grammar has completed finishes at once ("stop"); its end-of-sequence
 token is the only one the mask would allow.
@@ -59,6 +60,9 @@ class RowConstraints:
         self.device = device
         self._compiler: ConstraintCompiler | None = None
         self._bitmask = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)
+        self._ahead = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)
+        # rows filled by `prepare`: id(seq) -> (row of _ahead, the row's grammar moves then)
+        self._prepared: dict[int, tuple[int, int]] = {}
         self._closers: list[torch.Tensor] | None = None  # a bitmask [words] per closing tier
         self.mask_rows = 0  # rows masked so far (for stats and benches)
 
@@ -80,6 +84,22 @@ class RowConstraints:
         if seq.request.constraint is not None:
             seq.matcher = self.compiler().matcher(seq.request.constraint)
 
+    def prepare(self, seqs: list[Sequence]) -> None:
+        """Fill the masks of the step's constrained rows now, while the step's forward runs
+        on the device (a row's mask depends only on the tokens it already has): on a GPU the
+        host work overlaps the forward instead of following it. `apply` takes a prepared row
+        unless its grammar moved since (a backtrack, forced tokens)."""
+        rows = [s for s in seqs if s.matcher is not None]
+        self._prepared = {}
+        if not rows:
+            return
+        if self._ahead.shape[0] < len(rows):
+            self._ahead = torch.empty(len(rows), self._ahead.shape[1], dtype=torch.int32)
+        ahead = self._ahead[: len(rows)]
+        ahead.fill_(-1)
+        self.compiler().fill_bitmask([(s.matcher, i) for i, s in enumerate(rows)], ahead)
+        self._prepared = {id(s): (i, s.grammar_moves) for i, s in enumerate(rows)}
+
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The step's logits [rows, vocab] with each constrained row's disallowed tokens -inf."""
         rows = [(s.matcher, i) for i, s in enumerate(seqs) if s.matcher is not None]
@@ -89,7 +109,16 @@ class RowConstraints:
             self._bitmask = torch.empty(len(seqs), self._bitmask.shape[1], dtype=torch.int32)
         bitmask = self._bitmask[: len(seqs)]
         bitmask.fill_(-1)
-        self.compiler().fill_bitmask(rows, bitmask)
+        stale = []
+        for matcher, i in rows:
+            ready = self._prepared.get(id(seqs[i]))
+            if ready is not None and ready[1] == seqs[i].grammar_moves:
+                bitmask[i] = self._ahead[ready[0]]
+            else:
+                stale.append((matcher, i))
+        if stale:
+            self.compiler().fill_bitmask(stale, bitmask)
+        self._prepared = {}
         self.mask_rows += len(rows)
         for _, i in rows:
             params = seqs[i].request.params
@@ -121,6 +150,7 @@ class RowConstraints:
         matcher = seq.matcher
         if matcher is None or not token_ids:
             return
+        seq.grammar_moves += 1
         if not matcher.consume(token_ids):
             if not seq.is_finished or seq.finish_reason != "stop":
                 finish(seq, "error", f"the output left its grammar: {matcher.error}")
@@ -129,4 +159,5 @@ class RowConstraints:
 
     def rollback(self, seq: Sequence, num_tokens: int) -> None:
         if seq.matcher is not None:
+            seq.grammar_moves += 1
             seq.matcher.rollback(num_tokens)

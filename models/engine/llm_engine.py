@@ -240,6 +240,8 @@ class LLMEngine(SequenceEditor):
         plan = self.hidden.plan(scheduled)
         logits = self.runner.run(scheduled, self._steer_deltas(seqs), self.adapters.weights(seqs),
                                  counts, plan)  # fmt: skip
+        # grammar masks on the host while the forward runs on the device (not for drafts)
+        self.constraints.prepare([it.seq for it in scheduled if it.samples] if counts is None else [])
         self.hidden.distribute(seqs, self.runner.hidden, plan)
         samples = [item.samples for item in scheduled]  # (before num_computed moves)
         for item in scheduled:

@@ -45,6 +45,7 @@ class Sequence:
     steer_version: int = 0  # which computation of steer_delta it is (engine-wide counter)
     steering: Any = None  # models.engine.steering.RowSteering when request.steering is set
     matcher: Any = None  # a protocol TokenMatcher when request.constraint is set
+    grammar_moves: int = 0  # tokens taken or rolled back by the matcher (stale prepared masks)
     logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per generated token
     interventions: list[Intervention] = field(default_factory=list)  # not yet reported
     num_sent_tokens: int = 0

@@ -95,3 +95,31 @@ def test_forced_tokens_outside_the_grammar_end_the_row_with_an_error(toy):
     while toy.has_unfinished():
         outs += toy.step()
     assert outs[-1].finish_reason == "error" and "grammar" in outs[-1].error
+
+
+def test_a_mask_filled_during_the_forward_is_used_unless_the_grammar_moved(toy, monkeypatch):
+    """`prepare` fills a row's mask while the forward runs; `apply` takes it as is, and fills
+    the row again when its grammar moved in between (a backtrack)."""
+    toy.add_request(GenerationRequest("p", toy.tokenizer.encode("Where is Mia?"),
+                                      SamplingParams(max_tokens=40, temperature=0),
+                                      constraint=SCHEMA))  # fmt: skip
+    seq = toy.seqs["p"]
+    while seq.num_generated < 4:
+        toy.step()
+    rows = toy.constraints
+    compiler = rows.compiler()
+    fills = []
+    fill = compiler.fill_bitmask
+    monkeypatch.setattr(compiler, "fill_bitmask", lambda r, bm: (fills.append(len(r)), fill(r, bm)))
+    logits = torch.zeros(1, toy.args.vocab_size)
+    fresh = rows.apply(logits, [seq])
+    rows.prepare([seq])
+    assert torch.equal(rows.apply(logits, [seq]), fresh) and fills == [1, 1]  # no third fill
+    rows.prepare([seq])
+    rows.rollback(seq, 3)
+    moved = rows.apply(logits, [seq])
+    assert fills == [1, 1, 1, 1]  # filled again after the backtrack
+    assert torch.equal(moved, rows.apply(logits, [seq]))  # as a fill without prepare
+    toy.abort("p")
+    while toy.has_unfinished():
+        toy.step()
