@@ -1,7 +1,11 @@
 """The toy world's tool-use task: a `find_person` tool, so that `tool_choice: "auto"` can mean
 something on the built-in model, through a `tools` LoRA adapter trained on it (`main`). Not
-shipped yet: on two CPU cores a step costs about 9 s of CPU, so the adapter is to be trained on
-a GPU (seconds there) and then listed in serve_config.yaml's adapters.
+shipped yet: trained so far (400 steps x 64 on an H200, loss 8.2 -> 1.32; 150 x 16 on this CPU,
+281 s, -> 2.10) it answers from a tool result (89 % of held-out cases) and leaves stories
+alone (100 %), but it never writes a call (0 %): the toy tokenizer spells the call's JSON out
+one character at a time (~60 tokens), characters the base model never saw in pretraining, and
+the output stays a scramble of quotes. What is left to try: more steps and a higher rank, or
+training those tokens' embeddings too (which the engine's LoRA would then have to load).
 
 Conversations are rendered as the serving layer renders them for the toy tokenizer (Hermes
 style, models/openai/chat_template.hermes_messages): the tool list in the system message, calls
