@@ -249,6 +249,13 @@ def bench_engine(args, model_path: Path, tokenizer, device: str) -> dict:
         mask_s[0] += time.perf_counter() - t
         return out
 
+    prepare = eng.constraints.prepare
+
+    def timed_prepare(seqs):  # no sync: on a GPU it runs while the forward does
+        t = time.perf_counter()
+        prepare(seqs)
+        mask_s[0] += time.perf_counter() - t
+
     advance = eng.constraints.advance
 
     def timed_advance(seq, token_ids):
@@ -268,6 +275,7 @@ def bench_engine(args, model_path: Path, tokenizer, device: str) -> dict:
         eng.step()  # prefill
         eng.constraints.apply = timed_apply if time_mask else apply
         eng.constraints.advance = timed_advance if time_mask else advance
+        eng.constraints.prepare = timed_prepare if time_mask else prepare
         mask_s[0] = 0.0
         if device == "cuda":
             torch.cuda.synchronize()

@@ -63,6 +63,7 @@ class RowConstraints:
         self._ahead = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)
         # rows filled by `prepare`: id(seq) -> (row of _ahead, the row's grammar moves then)
         self._prepared: dict[int, tuple[int, int]] = {}
+        self.prepare_on_cpu = False  # tests turn it on to check the prepared path there
         self._closers: list[torch.Tensor] | None = None  # a bitmask [words] per closing tier
         self.mask_rows = 0  # rows masked so far (for stats and benches)
 
@@ -91,8 +92,8 @@ class RowConstraints:
         unless its grammar moved since (a backtrack, forced tokens)."""
         rows = [s for s in seqs if s.matcher is not None]
         self._prepared = {}
-        if not rows:
-            return
+        if not rows or (self.device.type == "cpu" and not self.prepare_on_cpu):
+            return  # a CPU forward has finished by now: nothing to overlap
         if self._ahead.shape[0] < len(rows):
             self._ahead = torch.empty(len(rows), self._ahead.shape[1], dtype=torch.int32)
         ahead = self._ahead[: len(rows)]
@@ -109,13 +110,16 @@ class RowConstraints:
             self._bitmask = torch.empty(len(seqs), self._bitmask.shape[1], dtype=torch.int32)
         bitmask = self._bitmask[: len(seqs)]
         bitmask.fill_(-1)
-        stale = []
+        stale, dst, src = [], [], []
         for matcher, i in rows:
             ready = self._prepared.get(id(seqs[i]))
             if ready is not None and ready[1] == seqs[i].grammar_moves:
-                bitmask[i] = self._ahead[ready[0]]
+                dst.append(i)
+                src.append(ready[0])
             else:
                 stale.append((matcher, i))
+        if dst:  # one gather for the prepared rows
+            bitmask[torch.tensor(dst)] = self._ahead[torch.tensor(src)]
         if stale:
             self.compiler().fill_bitmask(stale, bitmask)
         self._prepared = {}
