@@ -341,6 +341,7 @@ VARIANTS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_PORT),
                            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_PORT + 99)}}
 VARIANTS["haproxy"] = {**VARIANTS["throughput"], "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+VARIANTS["submits1"] = {"TANDEM_SUBMITS_IN_FLIGHT": "1"}  # one submit call out at a time
 
 
 def variant_settings(variant: str) -> tuple[dict, int, bool]:

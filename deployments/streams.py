@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,10 @@ Listen = Callable[[Sink], Callable[[], None]]  # starts a request's outputs into
 UNCLAIMED_SESSION_S = 60.0  # a session nobody streams from this long is dropped
 IDLE_STREAM_S = 1.0  # a session's stream with nothing to carry this long ends (and reopens)
 FIRST_OUTPUT_WAIT_S = 0.05  # how long a submit call waits to carry its requests' first outputs
+# submit calls out at once per Ingress replica: requests that arrive while one call waits for
+# its first outputs go out in a second one meanwhile, so a burst's later requests are admitted
+# into the engine's next step rather than after the first call's reply
+SUBMITS_IN_FLIGHT = int(os.environ.get("TANDEM_SUBMITS_IN_FLIGHT", "2"))  # 1: one at a time
 
 
 class GeneratorGoneError(TandemError):
@@ -235,8 +240,8 @@ class GeneratorStreams:
         self.early: dict[str, list] = {}  # stream items that overtook their submit's reply
         self.readers: dict[str, asyncio.Task] = {}
         self.queue: list[tuple[GenerationRequest, asyncio.Future]] = []  # waiting to submit
-        self.submitter: asyncio.Task | None = None
-        self.inflight: tuple[Any, list] | None = None  # the submit call out and its batch
+        self.submitters: set[asyncio.Task] = set()
+        self.inflight: dict[int, tuple[Any, list]] = {}  # submit calls out: id -> (call, batch)
         self.messages = 0
         self.submit_calls = 0
 
@@ -273,25 +278,27 @@ class GeneratorStreams:
 
     async def _submit(self, request: GenerationRequest) -> tuple[str, Any]:
         """Admit `request` on a Generator replica: (replica, its first output or None); raises
-        what refused it. Requests that arrive while a submit call is out go together in the
+        what refused it. Requests that arrive while SUBMITS_IN_FLIGHT calls are out go together in the
         next one: one Ray call per burst, not per request."""
         future = asyncio.get_running_loop().create_future()
         self.queue.append((request, future))
-        if self.submitter is None or self.submitter.done():
-            self.submitter = asyncio.create_task(self._submit_queued(),
-                                                 context=contextvars.Context())  # fmt: skip
+        self.submitters = {task for task in self.submitters if not task.done()}
+        if len(self.submitters) < SUBMITS_IN_FLIGHT:
+            self.submitters.add(asyncio.create_task(self._submit_queued(),
+                                                    context=contextvars.Context()))  # fmt: skip
         try:
             return await future
         finally:  # a caller that left: a call none of whose callers wait is withdrawn
-            if self.inflight is not None and all(f.done() for _, f in self.inflight[1]):
-                self.inflight[0].cancel()
+            for call, batch in list(self.inflight.values()):
+                if all(f.done() for _, f in batch):
+                    call.cancel()
 
     async def _submit_queued(self) -> None:
         while batch := [(r, f) for r, f in self.queue if not f.done()]:
             self.queue = []
             self.submit_calls += 1
             call = self.handle.submit.remote([request for request, _ in batch], self.session)
-            self.inflight = (call, batch)
+            self.inflight[id(call)] = (call, batch)
             try:
                 replica, results = await call
             except BackPressureError:
@@ -304,7 +311,7 @@ class GeneratorStreams:
                         raise
                 results, replica = [exc] * len(batch), None
             finally:
-                self.inflight = None
+                self.inflight.pop(id(call), None)
             for (request, future), result in zip(batch, results, strict=True):
                 if future.done():  # its caller went away meanwhile: stop it there too
                     if replica is not None and not isinstance(result, BaseException):
