@@ -278,8 +278,8 @@ class GeneratorStreams:
 
     async def _submit(self, request: GenerationRequest) -> tuple[str, Any]:
         """Admit `request` on a Generator replica: (replica, its first output or None); raises
-        what refused it. Requests that arrive while SUBMITS_IN_FLIGHT calls are out go together in the
-        next one: one Ray call per burst, not per request."""
+        what refused it. Requests that arrive while SUBMITS_IN_FLIGHT calls are out go
+        together in the next one: one Ray call per burst, not per request."""
         future = asyncio.get_running_loop().create_future()
         self.queue.append((request, future))
         self.submitters = {task for task in self.submitters if not task.done()}

@@ -63,7 +63,9 @@ class RowConstraints:
         self._ahead = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)
         # rows filled by `prepare`: id(seq) -> (row of _ahead, the row's grammar moves then)
         self._prepared: dict[int, tuple[int, int]] = {}
-        self.prepare_on_cpu = False  # tests turn it on to check the prepared path there
+        # the forward runs asynchronously on an accelerator: masks are filled meanwhile (a CPU
+        # forward has finished before `prepare` is called; tests turn it on there)
+        self.fill_during_forward = device.type != "cpu"
         self._closers: list[torch.Tensor] | None = None  # a bitmask [words] per closing tier
         self.mask_rows = 0  # rows masked so far (for stats and benches)
 
@@ -92,8 +94,8 @@ class RowConstraints:
         unless its grammar moved since (a backtrack, forced tokens)."""
         rows = [s for s in seqs if s.matcher is not None]
         self._prepared = {}
-        if not rows or (self.device.type == "cpu" and not self.prepare_on_cpu):
-            return  # a CPU forward has finished by now: nothing to overlap
+        if not rows or not self.fill_during_forward:
+            return
         if self._ahead.shape[0] < len(rows):
             self._ahead = torch.empty(len(rows), self._ahead.shape[1], dtype=torch.int32)
         ahead = self._ahead[: len(rows)]

@@ -107,7 +107,7 @@ def test_a_mask_filled_during_the_forward_is_used_unless_the_grammar_moved(toy, 
     while seq.num_generated < 4:
         toy.step()
     rows = toy.constraints
-    monkeypatch.setattr(rows, "prepare_on_cpu", True)
+    monkeypatch.setattr(rows, "fill_during_forward", True)
     compiler = rows.compiler()
     fills = []
     fill = compiler.fill_bitmask

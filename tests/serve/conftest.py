@@ -37,7 +37,9 @@ def serve_url():
     from ray import serve
 
     folder = tempfile.mkdtemp(prefix="hap")  # short: HAProxy's socket paths end ≤ 97 bytes
-    os.environ.update(serve_mode_env(folder))
+    mode = serve_mode_env(folder)
+    before = {name: os.environ.get(name) for name in mode}
+    os.environ.update(mode)  # Ray's processes inherit them at ray.init
     # metrics reach Ray's Prometheus endpoint within a second (default: every 10 s)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 1000})
@@ -47,6 +49,11 @@ def serve_url():
     serve.shutdown()
     ray.shutdown()
     shutil.rmtree(folder, ignore_errors=True)
+    for name, value in before.items():  # later subprocesses don't inherit a gone cluster's
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def deploy(app, name: str, route_prefix: str | None):
