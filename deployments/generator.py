@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.generator_admin import GeneratorAdmin
-from deployments.streams import Listen, PinnedRouter, Sessions
+from deployments.streams import FIRST_OUTPUT_WAIT_S, Listen, PinnedRouter, Sessions
 from deployments.telemetry import GeneratorTelemetry
 from models.builtin import resolve_source
 from models.config import TandemConfig
@@ -69,9 +69,11 @@ class Generator(GeneratorAdmin):
             self._metrics_task = asyncio.create_task(self.telemetry.export(self.engine))
             self._started = True
 
-    async def submit(self, requests: list[GenerationRequest], session: str) -> tuple[str, list]:
+    async def submit(self, requests: list[GenerationRequest], session: str,
+                     wait_s: float = FIRST_OUTPUT_WAIT_S) -> tuple[str, list]:  # fmt: skip
         """Admit a burst of an Ingress session's requests: this replica's id and per request
-        the error that refused it, its first output, or None (then it streams)."""
+        the error that refused it, its first output if it came within `wait_s`, or None (then
+        it streams)."""
         if not self._started:
             await self._ensure_started()
         admitted, refused = [], {}
@@ -82,7 +84,7 @@ class Generator(GeneratorAdmin):
             except Exception as exc:  # noqa: BLE001 - it refuses that request alone
                 refused[request.request_id] = exc
         try:
-            firsts = iter(await self.sessions.submit(session, admitted))
+            firsts = iter(await self.sessions.submit(session, admitted, wait_s))
         except asyncio.CancelledError:  # the call was withdrawn: its callers left
             for request_id, _ in admitted:
                 self.sessions.abort(request_id)

@@ -36,7 +36,11 @@ logger = logging.getLogger("ray.serve")
 Listen = Callable[[Sink], Callable[[], None]]  # starts a request's outputs into a sink; -> stop
 UNCLAIMED_SESSION_S = 60.0  # a session nobody streams from this long is dropped
 IDLE_STREAM_S = 1.0  # a session's stream with nothing to carry this long ends (and reopens)
-FIRST_OUTPUT_WAIT_S = 0.05  # how long a submit call waits to carry its requests' first outputs
+# how long a submit call waits to carry its requests' first outputs: only a call that goes out
+# alone waits; one sent while another is out (a burst) returns once its requests are admitted,
+# so that the burst's next requests are not held behind a wait for first tokens
+FIRST_OUTPUT_WAIT_S = 0.05
+BURST_OUTPUT_WAIT_S = float(os.environ.get("TANDEM_BURST_OUTPUT_WAIT_S", "0"))  # for comparison
 # submit calls out at once per Ingress replica: requests that arrive while one call waits for
 # its first outputs go out in a second one meanwhile, so a burst's later requests are admitted
 # into the engine's next step rather than after the first call's reply
@@ -279,7 +283,8 @@ class GeneratorStreams:
     async def _submit(self, request: GenerationRequest) -> tuple[str, Any]:
         """Admit `request` on a Generator replica: (replica, its first output or None); raises
         what refused it. Requests that arrive while SUBMITS_IN_FLIGHT calls are out go
-        together in the next one: one Ray call per burst, not per request."""
+        together in the next one: one Ray call per burst, not per request. Only a call sent
+        while no other is out waits for its requests' first outputs (FIRST_OUTPUT_WAIT_S)."""
         future = asyncio.get_running_loop().create_future()
         self.queue.append((request, future))
         self.submitters = {task for task in self.submitters if not task.done()}
@@ -297,7 +302,9 @@ class GeneratorStreams:
         while batch := [(r, f) for r, f in self.queue if not f.done()]:
             self.queue = []
             self.submit_calls += 1
-            call = self.handle.submit.remote([request for request, _ in batch], self.session)
+            wait_s = BURST_OUTPUT_WAIT_S if self.inflight else FIRST_OUTPUT_WAIT_S
+            call = self.handle.submit.remote([request for request, _ in batch], self.session,
+                                             wait_s)  # fmt: skip
             self.inflight[id(call)] = (call, batch)
             try:
                 replica, results = await call

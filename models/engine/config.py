@@ -77,6 +77,13 @@ class EngineConfig(BaseModel):
         description="Share the KV blocks of a repeated prompt prefix (system prompts, chat "
         "history, n > 1) between requests instead of prefilling it again.",
     )
+    gil_switch_interval_ms: float | None = Field(
+        None, gt=0, le=100,
+        description="Python's thread switch interval (sys.setswitchinterval) in the engine's "
+        "process, in ms; unset leaves Python's 5 ms. The engine's thread shares the "
+        "interpreter lock with the replica's event loop: a shorter interval hands it back to "
+        "the step loop sooner while the loop is busy (process-wide; torch engine).",
+    )  # fmt: skip
     speculative: SpeculativeConfig = Field(
         default_factory=SpeculativeConfig,
         description="Speculative decoding with the colocated small model as drafter.",

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -55,6 +56,8 @@ class TorchEngine(Engine):
         self._started = False
         self.failed_steps = 0
         self._step_times: deque[float] = deque(maxlen=8192)  # for metrics; deque: thread-safe
+        if config.gil_switch_interval_ms:  # process-wide: the replica's event loop gets it too
+            sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
         built: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._run, args=(built, config, model_path, tokenizer), name="torch-engine",

@@ -217,6 +217,23 @@ def test_torch_engine_streams_concurrent_requests(qwen3):
     assert stats.max_running_seen > 1
 
 
+def test_gil_switch_interval_is_set_for_the_engines_process(qwen3):
+    """engine.gil_switch_interval_ms sets Python's thread switch interval where the engine
+    runs (unset leaves it as it was)."""
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        build_engine(EngineConfig(num_kv_blocks=16, block_size=4), str(qwen3)).shutdown()
+        assert sys.getswitchinterval() == before
+        eng = build_engine(EngineConfig(num_kv_blocks=16, block_size=4,
+                                        gil_switch_interval_ms=0.5), str(qwen3))  # fmt: skip
+        eng.shutdown()
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_build_engine_names_the_missing_extra(qwen3):
     with pytest.raises(EngineUnavailableError, match="optional extra 'vllm"):
         build_engine(EngineConfig(kind="vllm"), str(qwen3))

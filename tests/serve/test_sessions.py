@@ -93,3 +93,57 @@ def test_the_chunk_rate_limit_stretches_each_streams_interval():
     for n, expected in ((1, 0.05), (10, 0.05), (64, 64 / 500), (256, 256 / 500)):
         limited.buffers = free.buffers = {f"r{i}": (None, None) for i in range(n)}
         assert limited.interval() == expected and free.interval() == 0.05
+
+
+def test_only_a_submit_call_that_goes_out_alone_waits_for_first_outputs():
+    """A burst: the first request's call goes out alone and may wait for its first output;
+    the requests that come while it is out go in calls that return once they are admitted
+    (wait 0), so they are not held behind a wait for first tokens; a later lone request
+    waits again."""
+    from deployments.streams import FIRST_OUTPUT_WAIT_S, GeneratorStreams
+    from models.protocol.requests import GenerationRequest, SamplingParams
+
+    calls: list[tuple[list[str], float, asyncio.Future]] = []
+
+    class Submit:  # a plumbing fake of the Generator handle's `submit` (no Ray, no engine)
+        def remote(self, requests, session, wait_s):
+            reply = asyncio.get_running_loop().create_future()
+            calls.append(([r.request_id for r in requests], wait_s, reply))
+            return reply
+
+    class Handle:
+        submit = Submit()
+
+    def answer(i: int) -> None:
+        ids, _, reply = calls[i]
+        reply.set_result(("replica-1", [None] * len(ids)))
+
+    async def main():
+        s = GeneratorStreams(Handle())
+
+        def submit(rid: str) -> asyncio.Task:
+            return asyncio.create_task(s._submit(GenerationRequest(rid, [1], SamplingParams())))
+
+        first = [submit("r0")]
+        await asyncio.sleep(0.01)  # r0's call is out, waiting for its first output
+        burst = [submit("r1")]
+        await asyncio.sleep(0.01)  # r1 goes in a second call
+        burst += [submit("r2"), submit("r3")]
+        await asyncio.sleep(0.01)  # two calls are out: r2 and r3 wait for one to return
+        assert len(calls) == 2
+        answer(1)
+        await asyncio.sleep(0.01)  # r2 and r3 go together, r0's call still out
+        answer(2)
+        answer(0)
+        results = await asyncio.gather(*first, *burst)
+        alone = submit("r4")
+        await asyncio.sleep(0.01)
+        answer(3)
+        return results, await alone
+
+    results, alone = asyncio.run(main())
+    assert [(ids, wait) for ids, wait, _ in calls] == [
+        (["r0"], FIRST_OUTPUT_WAIT_S), (["r1"], 0.0), (["r2", "r3"], 0.0),
+        (["r4"], FIRST_OUTPUT_WAIT_S),
+    ]  # fmt: skip
+    assert results == [("replica-1", None)] * 4 and alone == ("replica-1", None)
