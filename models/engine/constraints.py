@@ -79,12 +79,19 @@ class RowConstraints:
             self._compiler = cls(self.tokenizer, self.vocab_size, self.eos_token_ids)
         return self._compiler
 
+    def applies(self, request: GenerationRequest) -> bool:
+        """The request's output is constrained here: it has a constraint, and this engine can
+        constrain output or the constraint is not optional (then compiling it fails)."""
+        constraint = request.constraint
+        return constraint is not None and (
+            not constraint.optional or (bool(self.compiler_path) and self.tokenizer is not None))
+
     def check(self, request: GenerationRequest) -> None:
-        if request.constraint is not None:
+        if self.applies(request):
             self.compiler().check(request.constraint)
 
     def start(self, seq: Sequence) -> None:
-        if seq.request.constraint is not None:
+        if self.applies(seq.request):
             seq.matcher = self.compiler().matcher(seq.request.constraint)
 
     def prepare(self, seqs: list[Sequence]) -> None:
@@ -127,7 +134,10 @@ class RowConstraints:
         self._prepared = {}
         self.mask_rows += len(rows)
         for _, i in rows:
-            params = seqs[i].request.params
+            request = seqs[i].request
+            if request.constraint.optional:  # free text around optional calls: never closed
+                continue
+            params = request.params
             window = min(CLOSE_WITHIN, params.max_tokens // 2)
             if params.max_tokens - seqs[i].num_generated <= window:
                 for tier in self.closers():

@@ -68,7 +68,7 @@ class Speculator:
         request = seq.request
         if seq.steering is not None:
             return "the row has a steering policy (its actions act on each token)"
-        if request.constraint is not None:
+        if seq.matcher is not None:
             return "the row's output follows a grammar"
         if request.params.penalized():
             return "the row's sampling has penalties or min_tokens"

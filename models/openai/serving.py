@@ -173,10 +173,11 @@ class OpenAIServing:
         prep = await self._prepare(
             req, query, lambda ctx: [chat_prompt_ids(self.tokenizer, messages, tools, ctx)])
         formatted = req.response_format.constraint() if req.response_format else None
-        if formatted and req.constraint():
+        calls = req.constraint()  # tool_choice auto: optional (response_format goes first)
+        if formatted and calls and not calls.optional:
             raise OpenAIError("response_format cannot be combined with a required or named "
                               "tool_choice", param="response_format")  # fmt: skip
-        prep.constraint, prep.tools = formatted or req.constraint(), req.active
+        prep.constraint, prep.tools = formatted or calls, req.active
         if req.logprobs:
             for p in prep.params:
                 p.logprobs = req.top_logprobs or 0

@@ -5,7 +5,8 @@ Tool calls use the Hermes / Qwen convention the built-in and Qwen-family templat
 assistant writes `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`. `required` and a
 named `tool_choice` constrain the output to exactly that, with arguments that match the
 function's parameter schema (a Lark grammar embedding the JSON schema); `auto` leaves the model
-free and parses whatever calls it wrote.
+free to write text or call, but a call it begins is held to the same grammar (a lazy trigger
+on `<tool_call>`), and the calls it wrote are parsed.
 """
 
 from __future__ import annotations
@@ -131,8 +132,12 @@ class ChatTools(BaseModel):
         return bool(self.tools) and self.tool_choice != "none"
 
     def constraint(self) -> OutputConstraint | None:
-        """The grammar of `required` / a named choice: tool calls only, arguments by schema."""
-        if not self.active or self.tool_choice in (None, "auto"):
+        """The grammar of the tool calls. `required` / a named choice: tool calls only. `auto`:
+        free text, but from the moment the model writes `<tool_call>` the call must be one of
+        the tools with arguments by its schema (a lazy trigger, as llguidance's structural
+        tags: the text before it is free, the model decides whether to call); optional, so an
+        engine that cannot constrain output serves `auto` unconstrained."""
+        if not self.active:
             return None
         functions = [t.function for t in self.tools or []]
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -142,9 +147,17 @@ class ChatTools(BaseModel):
                  for f in functions]  # fmt: skip
         schema = {"anyOf": calls, "x-guidance": COMPACT} if len(calls) > 1 else {
             **calls[0], "x-guidance": COMPACT}
+        body = f'"\\n" %json {json.dumps(schema)} "\\n</tool_call>"'
+        if self.tool_choice in (None, "auto"):
+            lark = ("%llguidance {}\n"
+                    f'start: call{"*" if self.parallel_tool_calls else "?"} tail\n'
+                    "tail: TEXT\n"
+                    "TEXT: /(.|\\n)*/\n"
+                    'opening[lazy]: TEXT "<tool_call>"\n'
+                    f"call: opening {body}\n")  # fmt: skip
+            return OutputConstraint("lark", lark, optional=True)
         many = self.parallel_tool_calls and not isinstance(self.tool_choice, NamedToolChoice)
-        lark = (f'start: call{"+" if many else ""}\n'
-                f'call: "<tool_call>\\n" %json {json.dumps(schema)} "\\n</tool_call>"\n')  # fmt: skip
+        lark = f'start: call{"+" if many else ""}\ncall: "<tool_call>" {body}\n'
         return OutputConstraint("lark", lark)
 
 

@@ -21,10 +21,15 @@ ConstraintKind = Literal["json_object", "json_schema", "lark", "regex"]
 @dataclass(frozen=True)
 class OutputConstraint:
     """The generated text must match this. `spec` is the JSON schema as JSON text (json_schema),
-    a Lark grammar (lark), a regex (regex), or "" (json_object: any JSON object)."""
+    a Lark grammar (lark), a regex (regex), or "" (json_object: any JSON object).
+
+    `optional`: a guard on free text rather than a format (the tool calls of `tool_choice:
+    auto`, which the model may or may not write): an engine that cannot constrain output serves
+    the request without it, and free text is never steered to a close near max_tokens."""
 
     kind: ConstraintKind
     spec: str = ""
+    optional: bool = False
 
 
 class TokenMatcher(ABC):

@@ -74,7 +74,7 @@ def request_needs(
         needs["hidden_state_steering"] = "steer_vectors"
     if request.adapter_weights and len(request.adapter_weights) > 1:
         needs["adapter_mix"] = "adapter"
-    if request.constraint is not None:
+    if request.constraint is not None and not request.constraint.optional:
         needs["structured_output"] = "response_format"
     if request.hidden_layers:
         needs["hidden_state_capture"] = "tandem.activations"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from models.engine.torch_engine import TorchEngine
+from models.protocol.constraints import OutputConstraint
 from models.protocol.engine import (
     EngineCapabilities,
     UnsupportedByEngineError,
@@ -58,6 +59,10 @@ def test_a_request_needs_what_its_fields_ask_for():
         "logit_steering": "steering.policy", "backtrack": "steering.params.max_backtrack"}
     assert request_needs(req(steering=SteeringRequest("unknown")), needs) == {
         "token_events": "steering.policy"}
+    grammar = OutputConstraint("lark", 'start: "x"')
+    assert request_needs(req(constraint=grammar)) == {"structured_output": "response_format"}
+    # the lazy tool-call grammar of tool_choice auto: served unconstrained where none can be
+    assert request_needs(req(constraint=OutputConstraint("lark", 'start: "x"', optional=True))) == {}
 
 
 def test_what_the_engine_lacks_is_a_400_naming_engine_and_capability():

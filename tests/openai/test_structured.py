@@ -36,8 +36,12 @@ FIND_PERSON = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def serving():
-    eng = build_engine(EngineConfig(kv_cache_cpu_gib=0.1), resolve_source("builtin:toy").big)
+def eng():
+    return build_engine(EngineConfig(kv_cache_cpu_gib=0.1), resolve_source("builtin:toy").big)
+
+
+@pytest.fixture(scope="module")
+def serving(eng):
     return OpenAIServing(
         model_name="tandem", tokenizer=eng.tokenizer, backends=Backends(generate=eng.generate),
         limits=ServingLimits(max_model_len=1024, vocab_size=len(eng.tokenizer), max_n=64))
@@ -119,6 +123,44 @@ def test_required_and_named_tool_calls_have_valid_arguments(serving):
     streamed = [tc for d in deltas for tc in d.tool_calls or []]
     assert streamed and streamed[0].function.name == "find_person"
     assert json.loads(streamed[0].function.arguments)["who"] in ("Mia", "Tom", "Ava")
+
+
+def test_auto_leaves_free_text_alone_and_holds_a_started_call_to_the_schema(eng):
+    """tool_choice auto: the grammar is optional and lazy. A reply without a call comes out
+    token for token as it does unconstrained (to its last token: free text is not closed
+    early near max_tokens); once `<tool_call>` is written, only a call of an offered tool with
+    arguments valid for its schema may follow."""
+    from models.openai.chat_template import chat_prompt_ids
+    from models.openai.protocol import ChatCompletionRequest
+    from models.protocol.requests import GenerationRequest, SamplingParams
+    from models.structured.llguidance_compiler import LLGuidanceCompiler
+
+    messages = [{"role": "user", "content": "Tell me a story about Tom."}]
+    body = {"model": "tandem", "messages": messages, "tools": [FIND_PERSON]}
+    auto = ChatCompletionRequest.model_validate(body).constraint()
+    assert auto is not None and auto.optional
+    ids = chat_prompt_ids(eng.tokenizer, messages, [FIND_PERSON], "")
+
+    async def tokens(constraint) -> list[int]:
+        request = GenerationRequest(f"auto-{constraint is None}", list(ids),
+                                    SamplingParams(max_tokens=40, temperature=0),
+                                    constraint=constraint)  # fmt: skip
+        return [t async for out in eng.generate(request) for t in out.token_ids]
+
+    free, guarded = asyncio.run(tokens(None)), asyncio.run(tokens(auto))
+    assert len(free) == 40 and guarded == free
+    assert "<tool_call>" not in eng.tokenizer.decode(free)
+
+    matcher = LLGuidanceCompiler(eng.tokenizer, len(eng.tokenizer), set()).matcher(auto)
+
+    def feed(text: str) -> bool:
+        return matcher.consume(eng.tokenizer.encode(text, add_special_tokens=False))
+
+    assert feed("Let me look that up.\n<tool_call>\n")  # free text, then a call begins
+    assert not feed('{"name":"find_person","arguments":{"who":"Bob"}}')  # not in its enum
+    matcher = LLGuidanceCompiler(eng.tokenizer, len(eng.tokenizer), set()).matcher(auto)
+    assert feed('<tool_call>\n{"name":"find_person","arguments":{"who":"Mia"}}\n</tool_call>')
+    assert not feed('<tool_call>\n{"name":"lookup"')  # a second call names an offered tool too
 
 
 def test_tool_history_is_rendered_and_answered(serving):
