@@ -23,7 +23,9 @@ from models.protocol.constraints import OutputConstraint
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 TOOL_CALL_OPEN = "<tool_call>"
-COMPACT = {"whitespace_flexible": False}
+# a call's JSON exactly as the Hermes / Qwen templates write calls (json.dumps: ", " and ": "),
+# the way models are trained to write them; no other whitespace, so none can pad a call
+CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class JsonSchemaFormat(BaseModel):
@@ -145,8 +147,8 @@ class ChatTools(BaseModel):
         calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                   "properties": {"name": {"const": f.name}, "arguments": f.parameters}}
                  for f in functions]  # fmt: skip
-        schema = {"anyOf": calls, "x-guidance": COMPACT} if len(calls) > 1 else {
-            **calls[0], "x-guidance": COMPACT}
+        schema = {"anyOf": calls, "x-guidance": CALL_JSON} if len(calls) > 1 else {
+            **calls[0], "x-guidance": CALL_JSON}
         body = f'"\\n" %json {json.dumps(schema)} "\\n</tool_call>"'
         if self.tool_choice in (None, "auto"):
             lark = ("%llguidance {}\n"

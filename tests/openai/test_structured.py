@@ -157,10 +157,44 @@ def test_auto_leaves_free_text_alone_and_holds_a_started_call_to_the_schema(eng)
         return matcher.consume(eng.tokenizer.encode(text, add_special_tokens=False))
 
     assert feed("Let me look that up.\n<tool_call>\n")  # free text, then a call begins
-    assert not feed('{"name":"find_person","arguments":{"who":"Bob"}}')  # not in its enum
+    assert not feed('{"name": "find_person", "arguments": {"who": "Bob"}}')  # not in its enum
     matcher = LLGuidanceCompiler(eng.tokenizer, len(eng.tokenizer), set()).matcher(auto)
-    assert feed('<tool_call>\n{"name":"find_person","arguments":{"who":"Mia"}}\n</tool_call>')
-    assert not feed('<tool_call>\n{"name":"lookup"')  # a second call names an offered tool too
+    assert feed('<tool_call>\n{"name": "find_person", "arguments": {"who": "Mia"}}\n</tool_call>')
+    assert not feed('<tool_call>\n{"name": "lookup"')  # a second call names an offered tool too
+
+
+def test_the_tools_adapter_calls_when_asked_where_someone_is(eng):
+    """The shipped `tools` adapter with tool_choice auto (the default when tools are sent):
+    asked where someone is, it calls find_person with that person; asked for a story, it
+    answers without a call."""
+    from models.builtin import resolve_adapter
+
+    asyncio.run(eng.load_adapter("tools", resolve_adapter("builtin:tools",
+                                                          resolve_source("builtin:toy"))))
+
+    async def adapters() -> list[str]:
+        return ["tools"]
+
+    client = sdk(OpenAIServing(
+        model_name="tandem", tokenizer=eng.tokenizer,
+        backends=Backends(generate=eng.generate, adapters=adapters),
+        limits=ServingLimits(max_model_len=1024, vocab_size=len(eng.tokenizer))))  # fmt: skip
+    tool = {"type": "function", "function": {"name": "find_person", "parameters": {
+        "type": "object", "properties": {"who": {"type": "string"}}, "required": ["who"]}}}
+
+    async def ask(content: str):
+        return await client.chat.completions.create(
+            model="tandem:tools", messages=[{"role": "user", "content": content}],
+            tools=[tool], max_tokens=96, temperature=0)  # fmt: skip
+
+    async def both():
+        return await asyncio.gather(ask("Where is Tom?"), ask("Tell me a story about Mia."))
+
+    where, story = asyncio.run(both())
+    assert where.choices[0].finish_reason == "tool_calls", where.choices[0].message
+    call = where.choices[0].message.tool_calls[0].function
+    assert (call.name, json.loads(call.arguments)) == ("find_person", {"who": "Tom"})
+    assert story.choices[0].message.tool_calls is None and story.choices[0].message.content
 
 
 def test_tool_history_is_rendered_and_answered(serving):
