@@ -106,7 +106,7 @@ def test_toy_is_shipped_small_and_shares_the_tokenizer():
     import json
 
     paths = resolve_source("builtin:toy")
-    assert set(paths.adapters) == {"rewrite", "qa", "list"}
+    assert set(paths.adapters) == {"rewrite", "qa", "list", "tools"}  # tools: tool_task.py
     assert set(paths.small_adapters) == {"positive"}
     big = AutoModelForCausalLM.from_pretrained(paths.big, dtype=torch.float32)
     small = AutoModelForCausalLM.from_pretrained(paths.small, dtype=torch.float32)
