@@ -72,8 +72,7 @@ class Generator(GeneratorAdmin):
     async def submit(self, requests: list[GenerationRequest], session: str,
                      wait_s: float = FIRST_OUTPUT_WAIT_S) -> tuple[str, list]:  # fmt: skip
         """Admit a burst of an Ingress session's requests: this replica's id and per request
-        the error that refused it, its first output if it came within `wait_s`, or None (then
-        it streams)."""
+        the error that refused it, its first output if it came in `wait_s`, or None (streams)."""
         if not self._started:
             await self._ensure_started()
         admitted, refused = [], {}
@@ -136,8 +135,7 @@ class Generator(GeneratorAdmin):
         async for batch in self.sessions.stream(session):
             yield batch
 
-    async def abort(self, request_id: str, replica: str) -> None:
-        """Stop a request of this replica whose caller went away (pinned here)."""
+    async def abort(self, request_id: str, replica: str) -> None:  # its caller left (pinned)
         self.sessions.abort(request_id)
 
     async def trace(self, request_id: str) -> dict | None:
