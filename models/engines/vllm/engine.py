@@ -54,7 +54,7 @@ from models.engine.constraints import RowConstraints
 from models.engine.llm_engine import eos_token_ids, load_tokenizer
 from models.engines.vectors import check_vectors, vector_deltas
 from models.engines.vllm.hooks import EXTENSION, VECTORS_KEY
-from models.engines.vllm.logits import OPEN_KEY, PROCESSOR, SETUP_KEY, steering_args
+from models.engines.vllm.logits import PROCESSOR, SETUP_KEY, steering_args
 from models.protocol.constraints import OutputConstraint
 from models.protocol.engine import Engine, EngineCapabilities, check_capabilities
 from models.protocol.errors import (
@@ -184,10 +184,9 @@ class VllmEngine(Engine):
     def sampling_params(self, request: GenerationRequest) -> vllm.SamplingParams:
         """The request's sampling as vLLM's SamplingParams (deltas: new tokens per output)."""
         p = request.params
-        constraint = request.constraint
-        if constraint is not None and constraint.optional and not self.capabilities.structured_output:
-            constraint = None  # tool calls under `auto` go unconstrained here
-        open_ended = {OPEN_KEY: True} if constraint is not None and constraint.optional else {}
+        # tool calls under `auto` (an optional grammar) go free here: vLLM's guided decoding
+        # does not end free text where the torch engine's grammar and the model would
+        constraint = None if request.constraint and request.constraint.optional else request.constraint
         return vllm.SamplingParams(
             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids),
@@ -196,8 +195,7 @@ class VllmEngine(Engine):
             repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens,
             structured_outputs=structured_outputs(constraint),
             output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
-            extra_args={**(steering_args(request) or {}), **self.vector_args(request),
-                        **open_ended} or None,  # fmt: skip
+            extra_args={**(steering_args(request) or {}), **self.vector_args(request)} or None,
         )  # fmt: skip
 
     def vector_args(self, request: GenerationRequest) -> dict:

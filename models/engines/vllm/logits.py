@@ -41,7 +41,6 @@ from models.steering.runtime import SteeringRuntime
 log = logging.getLogger(__name__)
 SETUP_KEY = "tandem_steering"  # additional_config: SteeringSetup as JSON
 ARGS_KEY = "tandem_steering"  # SamplingParams.extra_args: {request_id, policy, params}
-OPEN_KEY = "tandem_open_ended"  # SamplingParams.extra_args: True when the grammar is optional
 PROCESSOR = "models.engines.vllm.logits:SteeringLogitsProcessor"
 
 
@@ -57,8 +56,6 @@ def steering_args(request: GenerationRequest) -> dict | None:
 def _constrained_row(params, prompt_ids, output_ids: list[int]):
     """A constrained row's budget and vLLM's live list of its output ids (None: not one)."""
     if params.structured_outputs is None or params.max_tokens is None:
-        return None
-    if (params.extra_args or {}).get(OPEN_KEY):  # free text around optional calls: not closed
         return None
     return params.max_tokens, output_ids
 
