@@ -138,7 +138,7 @@ class ChatTools(BaseModel):
         free text, but from the moment the model writes `<tool_call>` the call must be one of
         the tools with arguments by its schema (a lazy trigger, as llguidance's structural
         tags: the text before it is free, the model decides whether to call); optional, so an
-        engine that cannot constrain output serves `auto` unconstrained."""
+        engine that cannot constrain output (and the vLLM engine) serves `auto` unconstrained."""
         if not self.active:
             return None
         functions = [t.function for t in self.tools or []]
