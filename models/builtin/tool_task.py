@@ -74,6 +74,13 @@ def tool_case(rng: random.Random) -> tuple[dict, list[world.Message], str]:
     return tool, hermes_messages(messages, [tool]), answer
 
 
+def case_kind(messages: list[world.Message], answer: str) -> str:
+    """ask (the answer is a call), result (answer from a tool's result) or story."""
+    if answer.startswith("<tool_call>"):
+        return "ask"
+    return "result" if "<tool_response>" in messages[-1]["content"] else "story"
+
+
 def tool_training_example(enc, rng: random.Random):
     """tool_example as token ids and loss mask (train.ChatEncoder)."""
     return enc.chat(*tool_example(rng))
@@ -88,8 +95,7 @@ def evaluate(model, tokenizer, n: int = 48, seed: int = 99) -> dict[str, float]:
     rng, right, seen = random.Random(seed), {}, {}
     for _ in range(n):
         messages, answer = tool_example(rng)
-        kind = ("ask" if answer.startswith("<tool_call>") else
-                "result" if "<tool_response>" in messages[-1]["content"] else "story")  # fmt: skip
+        kind = case_kind(messages, answer)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
         with torch.no_grad():
@@ -105,7 +111,7 @@ def evaluate_served(big: str, adapter: str, n: int = 48, seed: int = 99) -> dict
     """`evaluate` as a client gets it: Tandem's engine with the adapter loaded, greedy, and
     `tool_choice: auto`'s grammar (a call the model begins must be a valid find_person call).
     A call counts when it parses to find_person with the right person under the tool's
-    argument name (the grammar writes JSON compactly, so the text is not compared)."""
+    argument name (parsed, not compared as text: the call's id and layout are not the point)."""
     from models.engine.config import EngineConfig
     from models.engine.llm_engine import LLMEngine
     from models.openai.tools import ChatTools, parse_tool_calls
@@ -116,8 +122,7 @@ def evaluate_served(big: str, adapter: str, n: int = 48, seed: int = 99) -> dict
     rng, cases = random.Random(seed), {}
     for i in range(n):
         tool, messages, answer = tool_case(rng)
-        kind = ("ask" if answer.startswith("<tool_call>") else
-                "result" if "<tool_response>" in messages[-1]["content"] else "story")  # fmt: skip
+        kind = case_kind(messages, answer)
         ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                    tokenize=True, return_dict=False)  # fmt: skip
         constraint = ChatTools.model_validate({"tools": [tool], "tool_choice": "auto"}).constraint()

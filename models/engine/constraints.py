@@ -69,9 +69,14 @@ class RowConstraints:
         self._closers: list[torch.Tensor] | None = None  # a bitmask [words] per closing tier
         self.mask_rows = 0  # rows masked so far (for stats and benches)
 
+    @property
+    def can_constrain(self) -> bool:
+        """A compiler is configured and there is a tokenizer for it."""
+        return bool(self.compiler_path) and self.tokenizer is not None
+
     def compiler(self) -> ConstraintCompiler:
         if self._compiler is None:
-            if not self.compiler_path or self.tokenizer is None:
+            if not self.can_constrain:
                 why = "no tokenizer" if self.tokenizer is None else "structured_output is off"
                 raise EngineError(f"this engine cannot constrain output ({why})",
                                   param="response_format")  # fmt: skip
@@ -83,8 +88,7 @@ class RowConstraints:
         """The request's output is constrained here: it has a constraint, and this engine can
         constrain output or the constraint is not optional (then compiling it fails)."""
         constraint = request.constraint
-        return constraint is not None and (
-            not constraint.optional or (bool(self.compiler_path) and self.tokenizer is not None))
+        return constraint is not None and (not constraint.optional or self.can_constrain)
 
     def check(self, request: GenerationRequest) -> None:
         if self.applies(request):

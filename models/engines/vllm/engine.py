@@ -161,7 +161,8 @@ class VllmEngine(Engine):
         check_capabilities(self, request, self.policy_needs)  # also when used without a Generator
         max_logprobs = self.args.get("max_logprobs", MAX_LOGPROBS)
         check_generation(request, self.vocab_size, self.max_model_len, max_logprobs)
-        self.constraints.check(request)
+        if guided(request) is not None:
+            self.constraints.check(request)
         check_vectors(request, self.vectors, self.num_layers)
         if request.request_id in self._live:
             raise EngineError(f"request id '{request.request_id}' is already running")
@@ -184,16 +185,13 @@ class VllmEngine(Engine):
     def sampling_params(self, request: GenerationRequest) -> vllm.SamplingParams:
         """The request's sampling as vLLM's SamplingParams (deltas: new tokens per output)."""
         p = request.params
-        # tool calls under `auto` (an optional grammar) go free here: vLLM's guided decoding
-        # does not end free text where the torch engine's grammar and the model would
-        constraint = None if request.constraint and request.constraint.optional else request.constraint
         return vllm.SamplingParams(
             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids),
             ignore_eos=p.ignore_eos, logprobs=p.logprobs, logit_bias=dict(p.logit_bias) or None,
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens,
-            structured_outputs=structured_outputs(constraint),
+            structured_outputs=structured_outputs(guided(request)),
             output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
             extra_args={**(steering_args(request) or {}), **self.vector_args(request)} or None,
         )  # fmt: skip
@@ -287,6 +285,14 @@ class VllmEngine(Engine):
         s = self._stats
         return EngineStats(num_running=len(self._live), max_running_seen=s.max_running_seen,
                            generated_tokens=s.generated_tokens)  # fmt: skip
+
+
+def guided(request: GenerationRequest) -> OutputConstraint | None:
+    """The constraint vLLM's guided decoding applies: tool calls under `auto` (an optional
+    grammar) go free here, as vLLM's guided decoding did not end free text where the torch
+    engine's grammar and the model do."""
+    constraint = request.constraint
+    return None if constraint is not None and constraint.optional else constraint
 
 
 def structured_outputs(constraint: OutputConstraint | None) -> StructuredOutputsParams | None:
