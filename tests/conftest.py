@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,27 @@ def default_app_args() -> dict:
     return copy.deepcopy(cfg["applications"][0]["args"])
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now that nothing else will be handed before its user binds it.
+
+    A port from bind(0) comes from the kernel's ephemeral range (32768-60999 here), the range
+    every process Ray starts at ray.init draws its own ports from, so one picked before can be
+    taken before HAProxy binds it (CI once: "cannot bind socket (Address already in use)"). Ray's
+    workers take 10002-19999; what lies between is left to ports chosen by hand like these.
+    """
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # HAProxy binds its stats port on every address
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32767")
