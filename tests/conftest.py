@@ -45,11 +45,12 @@ def free_port() -> int:
     A port from bind(0) comes from the kernel's ephemeral range (32768-60999 here), the range
     every process Ray starts at ray.init draws its own ports from, so one picked before can be
     taken before HAProxy binds it (CI once: "cannot bind socket (Address already in use)"). Ray's
-    workers take 10002-19999; what lies between is left to ports chosen by hand like these.
+    workers take 10002-19999 and Serve's replicas their HTTP ports from 30000 (throughput mode):
+    20000-29999 is left to ports chosen by hand like these.
     """
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(200):
-        port = rng.randrange(20000, 32768)
+        port = rng.randrange(20000, 30000)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
@@ -59,4 +60,4 @@ def free_port() -> int:
                 continue
         _HANDED_OUT.add(port)
         return port
-    raise RuntimeError("no free port in 20000-32767")
+    raise RuntimeError("no free port in 20000-29999")
