@@ -29,9 +29,16 @@ METRICS_PORT ?= 8080
 serve: setup
 	METRICS_PORT=$(METRICS_PORT) BIN=$(VENV)/bin monitoring/serve.sh serve_config.yaml
 
+# `make serve` ends as on Ctrl-C (SIGINT to its `serve run`, whose exit stops Ray); then the
+# app and Ray are stopped anyway, and a `serve run` that ignored SIGINT (one started with `&`)
+# is ended: left alone, it spins on a CPU once its Ray node is gone.
+SERVE_RUN := bin/[s]erve run#  the brackets: the pattern doesn't match the shell running it
 stop:
+	-@pkill -INT -f "$(SERVE_RUN)" && for i in $$(seq 20); do \
+		pgrep -f "$(SERVE_RUN)" >/dev/null || break; sleep 0.5; done
 	-RAY_AUTH_MODE=token $(VENV)/bin/serve shutdown -y
 	RAY_AUTH_MODE=token $(VENV)/bin/ray stop
+	-@pkill -f "$(SERVE_RUN)" || true
 
 status:
 	RAY_AUTH_MODE=token $(VENV)/bin/serve status

@@ -47,6 +47,10 @@ haproxy | direct)
     export RAY_SERVE_THROUGHPUT_OPTIMIZED=1
     # ...which buffers 1,000 log lines per replica by default: write each as it comes
     export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=${RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE:-1}
+    # ...and keeps a stopping Ingress replica reachable for 30 s so that load balancers can
+    # take it out: HAProxy here is told at once (a reload on this node), so 5 s do, and Ctrl-C
+    # or a redeploy isn't held half a minute. Raise it behind a load balancer of your own.
+    export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-5}
     if [ "$INGRESS" = haproxy ]; then
         export RAY_SERVE_ENABLE_HA_PROXY=1
     else

@@ -20,6 +20,8 @@ from tests.conftest import free_port
 def serve_mode_env(folder: str) -> dict[str, str]:
     return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+            # a deleted app's Ingress stays reachable this long (default 30 s: every delete)
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
