@@ -85,17 +85,43 @@ class RequestFailure:
     error: BaseException
 
 
+def ends(item: RequestOutput | RequestFailure) -> bool:
+    """Whether `item` is its request's last: its final output, or its failure."""
+    return isinstance(item, RequestFailure) or item.finished
+
+
 @dataclass
 class _Session:
     batch: list[RequestOutput | RequestFailure] = field(default_factory=list)
     waiter: asyncio.Future | None = None
     running: dict[str, Callable[[], None]] = field(default_factory=dict)  # request id -> stop
     claimed: bool = False
+    holding: bool = False  # the stream waits for its interval: only a request's end wakes it
 
     def publish(self, item: RequestOutput | RequestFailure) -> None:
         self.batch.append(item)
-        if self.waiter is not None and not self.waiter.done():
+        if self.waiter is not None and not self.waiter.done() and (not self.holding or ends(item)):
             self.waiter.set_result(None)
+
+    async def hold(self, wait_s: float) -> None:
+        """Sleep `wait_s`, or less if a request's end is published meanwhile."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.holding = True
+        try:
+            await asyncio.wait_for(self.waiter, wait_s)
+        except TimeoutError:
+            pass
+        finally:
+            self.holding = False
+
+    def take_ended(self) -> list[RequestOutput | RequestFailure]:
+        """The batch's items of requests that ended (the rest stay for their interval)."""
+        ended = {item.request_id for item in self.batch if ends(item)}
+        if not ended:
+            return []
+        out = [item for item in self.batch if item.request_id in ended]
+        self.batch = [item for item in self.batch if item.request_id not in ended]
+        return out
 
     def stop_all(self) -> None:
         running, self.running = self.running, {}
@@ -133,7 +159,9 @@ def merge_by_request(batch: list) -> list:
 
 class Sessions:
     """The Generator's side: each session's outputs, gathered per engine step and sent at
-    most every `interval_s` (what was made meanwhile goes merged in one message)."""
+    most every `interval_s` (what was made meanwhile goes merged in one message), except that
+    a request's end (its last output, or its failure) goes at once: pacing never delays the
+    end of a response."""
 
     def __init__(self, interval_s: float = 0.0) -> None:
         self._sessions: dict[str, _Session] = {}
@@ -200,11 +228,13 @@ class Sessions:
         due, idle = 0.0, False
         try:
             while (batch := await s.take(IDLE_STREAM_S)) is not None:
-                if (wait := due - time.monotonic()) > 0:
-                    await asyncio.sleep(wait)
-                    batch += s.batch
-                    s.batch = []
-                due = time.monotonic() + self.interval_s
+                if (wait := due - time.monotonic()) > 0:  # within the interval: only ends go
+                    s.batch[:0] = batch
+                    if not (batch := s.take_ended()):
+                        await s.hold(wait)
+                        continue
+                else:
+                    due = time.monotonic() + self.interval_s
                 yield merge_by_request(batch)
             idle = True
         finally:
@@ -229,7 +259,8 @@ class GeneratorStreams:
     """The Ingress's side: submit to any Generator replica, read one stream per replica.
 
     handle: the Generator deployment's handle. interval_s: least time between two outputs
-    handed to one caller (what was made meanwhile comes merged). max_rate: outputs per second
+    handed to one caller (what was made meanwhile comes merged; the last output comes at
+    once). max_rate: outputs per second
     handed to all callers together, at most (0: no limit): with N requests streaming, each
     one's interval is at least N / max_rate. `messages` counts the stream items received (one
     per engine step with output for this session, whatever the number of requests).
@@ -264,14 +295,15 @@ class GeneratorStreams:
                 buffer.put(item)
             if not (isinstance(first, RequestOutput) and first.finished):
                 self._read_from(replica)
-            due = 0.0  # when the next output may go (the first goes at once)
+            loop = asyncio.get_running_loop()
+            due = 0.0  # when the next output may go (the first goes at once; the last too)
             while not finished:
                 out = await buffer.take()
-                if (wait := due - time.monotonic()) > 0 and not out.finished:
-                    await asyncio.sleep(wait)
+                if due > loop.time() and not out.finished:
+                    await buffer.hold(due)
                     if (more := buffer.take_ready()) is not None:
                         out = RequestOutput.merged([out, more])
-                due = time.monotonic() + self.interval()
+                due = loop.time() + self.interval()
                 finished = out.finished
                 yield out
         finally:

@@ -137,19 +137,38 @@ class OutputBuffer:
     them one step at a time.
     """
 
-    __slots__ = ("loop", "merge", "items", "waiter")
+    __slots__ = ("loop", "merge", "items", "waiter", "ended", "holding")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, merge: bool = True):
         self.loop = loop
         self.merge = merge
         self.items: list[RequestOutput | BaseException] = []
         self.waiter: asyncio.Future | None = None
+        self.ended = False  # the request's last output (or an error) has been put
+        self.holding = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Called on the buffer's event loop."""
         self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
+        ends = isinstance(item, BaseException) or item.finished
+        self.ended = self.ended or ends
+        if self.waiter is not None and not self.waiter.done() and (ends or not self.holding):
             self.waiter.set_result(None)
+
+    async def hold(self, deadline: float) -> None:
+        """Wait until `deadline` (the loop's time) so that outputs gather for one merged take,
+        but no longer than until the request's end (its last output or an error) arrives: a
+        paced stream never holds back its end."""
+        if self.ended or deadline <= self.loop.time():
+            return
+        self.waiter = self.loop.create_future()
+        timer = self.loop.call_at(deadline, _resolve, self.waiter)
+        self.holding = True
+        try:
+            await self.waiter
+        finally:
+            self.holding = False
+            timer.cancel()
 
     def take_ready(self) -> RequestOutput | None:
         """What arrived since the last take (merged, or the next one), without waiting
@@ -171,3 +190,8 @@ class OutputBuffer:
         if out is None:
             raise self.items.pop(0)
         return out
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -147,3 +147,60 @@ def test_only_a_submit_call_that_goes_out_alone_waits_for_first_outputs():
         (["r4"], FIRST_OUTPUT_WAIT_S),
     ]  # fmt: skip
     assert results == [("replica-1", None)] * 4 and alone == ("replica-1", None)
+
+
+def test_pacing_never_holds_back_a_requests_end():
+    """stream_interval_s paces a session's messages, but a request's last output goes at
+    once (its response ends as the engine ends it), while the session's other requests keep
+    their interval; on the Ingress's side, a held output is let go as its last one arrives."""
+    from models.protocol.outputs import OutputBuffer
+
+    interval = 0.5
+
+    async def main():
+        sessions, sinks, loop = Sessions(interval_s=interval), {}, asyncio.get_running_loop()
+
+        def listen(rid: str):  # the test plays the engine: it calls each request's sink
+            return lambda sink: (sinks.setdefault(rid, sink), lambda: None)[1]
+
+        for rid in ("long", "short"):
+            sessions.start("s1", rid, listen(rid))
+
+        def step(i: int, short_ends: bool) -> None:
+            sinks["long"](RequestOutput("long", [i], f"l{i}"))
+            sinks["short"](RequestOutput("short", [i], f"s{i}", finished=short_ends,
+                                         finish_reason="stop" if short_ends else None))
+
+        stream, started = sessions.stream("s1"), loop.time()
+
+        def message():  # the stream's next message (a test that fails doesn't hang)
+            return asyncio.wait_for(anext(stream), 2 * interval)
+
+        step(0, short_ends=False)
+        first = await message()  # the stream's first message goes at once
+        step(1, short_ends=False)
+        step(2, short_ends=True)
+        ended = await message()
+        ended_at = loop.time() - started
+        paced = await message()
+        paced_at = loop.time() - started
+
+        buffer = OutputBuffer(loop)
+        buffer.put(RequestOutput("r", [0], "a"))
+        loop.call_later(0.05, buffer.put, RequestOutput("r", [1], "b"))  # does not wake it
+        loop.call_later(0.1, buffer.put, RequestOutput("r", [2], "c", finished=True,
+                                                       finish_reason="stop"))  # fmt: skip
+        held = loop.time()
+        await buffer.hold(loop.time() + interval)
+        held = loop.time() - held
+        await stream.aclose()
+        return first, ended, ended_at, paced, paced_at, held, buffer.take_ready()
+
+    first, ended, ended_at, paced, paced_at, held, rest = asyncio.run(main())
+    assert {o.request_id for o in first} == {"long", "short"}
+    assert [(o.request_id, o.token_ids, o.finished) for o in ended] == [("short", [1, 2], True)]
+    assert ended_at < interval / 2  # not held to the interval
+    assert [(o.request_id, o.token_ids) for o in paced] == [("long", [1, 2])]
+    assert paced_at >= interval * 0.9  # the running request keeps its pace
+    assert 0.08 < held < interval / 2
+    assert (rest.token_ids, rest.finished) == ([0, 1, 2], True)
