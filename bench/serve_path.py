@@ -1,8 +1,9 @@
 """What a client gets next to what the engine makes: three levels, same model, same run.
 
 1. `engine`: LLMEngine stepped in a loop in this process (the ceiling).
-2. `async`:  the engine behind its async wrapper (TorchEngine), N concurrent consumers, as the
-             Generator replica drives it.
+2. `async`:  the engine behind its async wrapper (TorchEngine), N concurrent consumers of
+             `generate`; `session`: the same engine as the Generator replica drives it, each
+             request's outputs by `listen` into an Ingress session read one batch per step.
 3. `served`: `serve run <config>` in a subprocess, N streaming clients over HTTP with the
              official openai client; tokens counted from `usage`, not from chunks.
 
@@ -122,6 +123,40 @@ async def async_wrapper(engine: TorchEngine, prompt_ids: list[int], n: int, max_
     streams = [Stream(start) for _ in reqs]
     await asyncio.gather(*(consume(r, s) for r, s in zip(reqs, streams, strict=True)))
     return summary(streams, time.perf_counter() - start)
+
+
+async def as_the_generator(engine: TorchEngine, prompt_ids: list[int], n: int, max_tokens: int):
+    """Level 2 as the Generator replica drives the engine: each request's outputs by
+    `Engine.listen` into an Ingress session (`deployments/streams.Sessions`, stream interval
+    0), read as one batch per step from the session's stream, as the Ingress reads it; no Ray."""
+    from deployments.streams import RequestFailure, Sessions
+
+    await engine.start()
+    sessions = Sessions()
+    start = time.perf_counter()
+    reqs = requests(prompt_ids, n, max_tokens, f"session{time.perf_counter_ns()}")
+    streams = {r.request_id: Stream(start) for r in reqs}
+    left = set(streams)
+
+    def mark(out) -> None:
+        if isinstance(out, RequestFailure | BaseException):
+            raise RuntimeError(f"a request failed: {out!r}")
+        if out.token_ids:
+            streams[out.request_id].mark(time.perf_counter(), len(out.token_ids))
+        if out.finished:
+            left.discard(out.request_id)
+
+    session = sessions.stream("bench")
+    firsts = await sessions.submit("bench", [(r.request_id, lambda sink, r=r: engine.listen(r, sink))
+                                             for r in reqs], wait_s=0)  # fmt: skip
+    for first in firsts:
+        if first is not None:
+            mark(first)
+    while left:
+        for out in await anext(session):
+            mark(out)
+    await session.aclose()
+    return summary(list(streams.values()), time.perf_counter() - start)
 
 
 async def served(
@@ -309,6 +344,11 @@ def in_process(args, app: dict) -> tuple[dict, dict, str]:
             wrapped.setdefault(level, {})[n] = best = max(runs, key=lambda r: r["tokens_per_s"])
             print(f"{n} streams: loop {loop[n]} {level} {best}", flush=True)
     sys.setswitchinterval(default_switch)
+    for n in args.streams:  # the path the Generator takes: listen into a session
+        runs = [asyncio.run(as_the_generator(async_engine, prompt_ids, n, args.max_tokens))
+                for _ in range(2)]
+        wrapped.setdefault("session", {})[n] = best = max(runs, key=lambda r: r["tokens_per_s"])
+        print(f"{n} streams: loop {loop[n]} session {best}", flush=True)
     async_engine.shutdown()
     return loop, wrapped, prompt
 
