@@ -29,7 +29,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 from models.protocol.errors import TandemError
-from models.protocol.outputs import OutputBuffer, RequestOutput, Sink
+from models.protocol.outputs import OutputBuffer, RequestOutput, Sink, wake
 from models.protocol.requests import GenerationRequest
 
 logger = logging.getLogger("ray.serve")
@@ -105,14 +105,15 @@ class _Session:
 
     async def hold(self, wait_s: float) -> None:
         """Sleep `wait_s`, or less if a request's end is published meanwhile."""
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        timer = loop.call_later(wait_s, wake, self.waiter)  # as OutputBuffer.hold: no task
         self.holding = True
         try:
-            await asyncio.wait_for(self.waiter, wait_s)
-        except TimeoutError:
-            pass
+            await self.waiter
         finally:
             self.holding = False
+            timer.cancel()
 
     def take_ended(self) -> list[RequestOutput | RequestFailure]:
         """The batch's items of requests that ended (the rest stay for their interval)."""

@@ -162,7 +162,7 @@ class OutputBuffer:
         if self.ended or deadline <= self.loop.time():
             return
         self.waiter = self.loop.create_future()
-        timer = self.loop.call_at(deadline, _resolve, self.waiter)
+        timer = self.loop.call_at(deadline, wake, self.waiter)
         self.holding = True
         try:
             await self.waiter
@@ -192,6 +192,7 @@ class OutputBuffer:
         return out
 
 
-def _resolve(future: asyncio.Future) -> None:
+def wake(future: asyncio.Future) -> None:
+    """Resolve a waiter future unless it is done (a timer's callback)."""
     if not future.done():
         future.set_result(None)
